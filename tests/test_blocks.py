@@ -1,0 +1,141 @@
+"""Gated decoder layers: exactness when dense, real skipping, and KV-cache consistency under masks."""
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model
+
+from igprune.blocks import ATTN, FFN, patch, unpatch
+from igprune.files import IGPruneError
+
+L = 4
+B = 2 * L
+
+
+def ids(batch=2, length=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (batch, length), generator=g)
+
+
+def some_mask(first_attn_off: bool = True) -> torch.Tensor:
+    mask = torch.ones(B, dtype=torch.bool)
+    mask[2 * 0 + ATTN] = not first_attn_off  # layer 0 attention: the cache's length is read from layer 0
+    mask[2 * 2 + FFN] = False
+    mask[2 * 1 + ATTN] = False
+    return mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_patched_model_equals_original(arch):
+    model = tiny_model(arch)
+    x = ids()
+    expected = model(x).logits
+    control = patch(model)
+    assert torch.equal(model(x).logits, expected)  # no mask set
+    with control.masked(torch.ones(B)):
+        assert torch.allclose(model(x).logits, expected, atol=1e-6)
+    with control.gated(torch.ones(2, B)):
+        assert torch.allclose(model(x).logits, expected, atol=1e-6)
+    unpatch(model)
+    assert torch.equal(model(x).logits, expected)
+
+
+def greedy_without_cache(model, prompt, steps):
+    seq = prompt
+    for _ in range(steps):
+        logits = model(seq, use_cache=False).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def greedy_with_cache(model, prompt, steps):
+    """Plain incremental decoding: positions come from the cache's own length (layer 0)."""
+    out = model(prompt, use_cache=True)
+    seq, cache = prompt, out.past_key_values
+    for _ in range(steps):
+        seq = torch.cat([seq, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out = model(seq[:, -1:], past_key_values=cache, use_cache=True)
+    return seq
+
+
+@pytest.mark.parametrize("kv_policy", ["keep", "drop"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_generation_equals_full_recomputation_under_mask(arch, kv_policy):
+    model = tiny_model(arch)
+    control = patch(model)
+    prompt = ids(batch=2, length=5)
+    steps = 10  # past gemma3's sliding window of 6
+    with control.masked(some_mask(), kv_policy):
+        reference = greedy_without_cache(model, prompt, steps)
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                                   min_new_tokens=steps, do_sample=False, pad_token_id=0)
+        incremental = greedy_with_cache(model, prompt, steps)
+    assert torch.equal(generated, reference)
+    assert torch.equal(incremental, reference)
+    dense = greedy_without_cache(model, prompt, steps)
+    assert not torch.equal(dense, reference), "the mask should change what this tiny model generates"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keep_policy_writes_the_same_keys_and_values_as_a_running_attention(arch):
+    model = tiny_model(arch)
+    control = patch(model)
+    x = ids()
+    dense = model(x, use_cache=True).past_key_values
+    mask = torch.ones(B, dtype=torch.bool)
+    mask[2 * 2 + ATTN] = False  # layers 0-1 identical, so layer 2's input is identical
+    with control.masked(mask, "keep"):
+        skipped = model(x, use_cache=True).past_key_values
+    assert torch.allclose(skipped.layers[2].keys, dense.layers[2].keys, atol=1e-6)
+    assert torch.allclose(skipped.layers[2].values, dense.layers[2].values, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_skipped_blocks_are_not_executed(arch):
+    model = tiny_model(arch)
+    control = patch(model)
+    calls = {"attn": [0] * L, "ffn": [0] * L}
+    for i, gated in enumerate(model.model.layers):
+        gated.layer.self_attn.register_forward_hook(lambda *_, i=i: calls["attn"].__setitem__(i, calls["attn"][i] + 1))
+        gated.layer.mlp.register_forward_hook(lambda *_, i=i: calls["ffn"].__setitem__(i, calls["ffn"][i] + 1))
+    mask = some_mask()
+    with control.masked(mask, "keep"):
+        model(ids(), use_cache=True)
+    assert calls["attn"] == [int(mask[2 * i + ATTN]) for i in range(L)]
+    assert calls["ffn"] == [int(mask[2 * i + FFN]) for i in range(L)]
+
+
+def test_gradient_reaches_gates_and_no_weight():
+    model = tiny_model("llama")
+    control = patch(model)
+    gates = torch.full((2, B), 0.7, requires_grad=True)
+    with control.gated(gates):
+        loss = model(ids(), labels=ids()).loss
+    loss.backward()
+    assert gates.grad is not None and gates.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_soft_gates_scale_each_sample_independently():
+    model = tiny_model("qwen2")
+    control = patch(model)
+    x = ids(batch=2)
+    gates = torch.ones(2, B)
+    gates[1, 3] = 0.0
+    with control.gated(gates):
+        both = model(x).logits
+    with control.masked(None):
+        dense_first = model(x[:1]).logits
+    mask = torch.ones(B, dtype=torch.bool)
+    mask[3] = False
+    with control.masked(mask):
+        masked_second = model(x[1:]).logits
+    assert torch.allclose(both[0], dense_first[0], atol=1e-5)
+    assert torch.allclose(both[1], masked_second[0], atol=1e-5)
+
+
+def test_wrong_mask_size_is_a_clear_error():
+    control = patch(tiny_model("llama"))
+    with pytest.raises(IGPruneError, match="blocks"):
+        control.set_mask(torch.ones(B + 1))
+    with pytest.raises(IGPruneError, match="kv_policy"):
+        control.set_mask(torch.ones(B), kv_policy="sometimes")

@@ -1,0 +1,46 @@
+"""Tiny randomly initialised decoder models of each supported architecture, built in the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"]
+VOCAB = 97
+
+
+def tiny_config(arch: str, layers: int = 4):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=8)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "gemma3_text":
+        # alternate sliding (window 6) and full attention so the sliding cache layer is exercised
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        return Gemma3TextConfig(**common, head_dim=8, sliding_window=6, layer_types=types)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers), attn_implementation="eager")
+    # random init leaves near-uniform logits; scale up so greedy choices are decisive
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model.eval().requires_grad_(False)
