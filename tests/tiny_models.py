@@ -44,3 +44,29 @@ def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0):
             if p.dim() > 1:
                 p.mul_(4.0)
     return model.eval().requires_grad_(False)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer whose 97 ids match the tiny models' vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 126)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+TOPICS = {
+    "cooking": ["Stir the onions in butter until golden, then add garlic.",
+                "Bake the bread at 220 degrees for thirty minutes.",
+                "Season the soup with salt, pepper and fresh thyme."],
+    "code": ["def add(a, b):\n    return a + b",
+             "for i in range(10):\n    print(i * i)",
+             "import numpy as np\nx = np.zeros((3, 3))"],
+    "sport": ["The striker scored twice in the second half of the match.",
+              "She won the marathon in under two hours and thirty minutes.",
+              "The team lost the final on penalties after extra time."],
+}

@@ -1,0 +1,133 @@
+"""DynamicPrunedModel: an HF causal LM that routes every input to its cluster's mask (paper stage 2).
+
+Each input is routed once, by its prompt, and its mask stays fixed for the whole generation. A batch
+whose inputs route to different clusters is split into one group per mask, each group runs under its
+mask, and the results are put back in the original order. Static bundles (one cluster) skip routing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from igprune.blocks import KVPolicy, patch
+from igprune.bundle import Bundle
+from igprune.encoder import SentenceEncoder
+from igprune.files import IGPruneError
+from igprune.stage2.router import Route, Router
+
+
+class DynamicPrunedModel:
+    """Wraps a (patched) HF model, a tokenizer, a router and one binary mask per cluster."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, router: Router,
+                 masks: torch.Tensor, kv_policy: KVPolicy = "keep", bundle: Bundle | None = None):
+        self.model, self.tokenizer, self.router = model, tokenizer, router
+        self.control = patch(model)
+        if masks.shape != (router.n_clusters, self.control.n_blocks):
+            raise IGPruneError(f"masks of shape {tuple(masks.shape)} do not fit {router.n_clusters} clusters x "
+                               f"{self.control.n_blocks} blocks")
+        self.masks = masks.to(torch.bool)
+        self.kv_policy = kv_policy
+        self.bundle = bundle
+
+    @classmethod
+    def from_bundle(cls, model: PreTrainedModel, bundle: str | Path | Bundle,
+                    tokenizer: PreTrainedTokenizerBase | None = None, kv_policy: KVPolicy = "keep",
+                    route_tokens: int | None = None, encoder_device: str | torch.device = "cpu") -> DynamicPrunedModel:
+        """Attach a bundle to its model; `route_tokens` caps how much of a prompt the encoder reads."""
+        where = str(bundle)
+        bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        bundle.check_model(model, where)
+        encoder = None
+        if not bundle.static:
+            encoder = SentenceEncoder(bundle.config["encoder"], device=encoder_device,
+                                      max_tokens=route_tokens or bundle.config.get("route_tokens"))
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        return cls(model, tokenizer, Router(bundle.centroids, encoder), bundle.masks, kv_policy, bundle)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def route(self, texts: list[str]) -> list[Route]:
+        return self.router.route(texts)
+
+    def mask_for(self, cluster: int) -> torch.Tensor:
+        return self.masks[cluster]
+
+    def groups(self, texts: list[str]) -> dict[int, list[int]]:
+        """Row indices per cluster, for inputs given as text."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, route in enumerate(self.route(texts)):
+            groups[route.cluster].append(i)
+        return dict(groups)
+
+    def _texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
+        rows = input_ids if attention_mask is None else [r[m.bool()] for r, m in zip(input_ids, attention_mask, strict=True)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, texts: list[str] | None = None) -> CausalLMOutputWithPast:
+        """Logits (and mean token loss if labels are given), each row under its routed mask.
+
+        Rows are routed by `texts` when given, else by decoding `input_ids`.
+        """
+        texts = texts if texts is not None else self._texts(input_ids, attention_mask)
+        logits = None
+        for cluster, rows in self.groups(texts).items():
+            with self.control.masked(self.masks[cluster], self.kv_policy):
+                out = self.model(input_ids=input_ids[rows],
+                                 attention_mask=None if attention_mask is None else attention_mask[rows])
+            if logits is None:
+                logits = out.logits.new_empty((input_ids.shape[0], *out.logits.shape[1:]))
+            logits[rows] = out.logits
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 texts: list[str] | None = None, **generate_kwargs) -> torch.Tensor:
+        """Like HF generate; each row routed by its prompt, mask fixed for the whole generation.
+
+        Prompts must be left-padded when batched. Outputs are right-padded to a common length.
+        """
+        if input_ids.shape[1] == 0:
+            raise IGPruneError("empty prompt: give at least one token to generate from")
+        texts = texts if texts is not None else self._texts(input_ids, attention_mask)
+        pad = self.tokenizer.pad_token_id
+        generate_kwargs.setdefault("pad_token_id", pad)
+        outputs: dict[int, torch.Tensor] = {}
+        for cluster, rows in self.groups(texts).items():
+            with self.control.masked(self.masks[cluster], self.kv_policy):
+                out = self.model.generate(input_ids=input_ids[rows],
+                                          attention_mask=None if attention_mask is None else attention_mask[rows],
+                                          **generate_kwargs)
+            outputs.update(zip(rows, out, strict=True))
+        width = max(o.shape[0] for o in outputs.values())
+        return torch.stack([F.pad(outputs[i], (0, width - outputs[i].shape[0]), value=pad)
+                            for i in range(input_ids.shape[0])])
+
+    def generate_text(self, prompts: list[str], max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
+        """Convenience: prompts in, continuations out (greedy unless told otherwise)."""
+        if any(not p.strip() for p in prompts):
+            raise IGPruneError("empty prompt: give some text to generate from")
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.generate(batch.input_ids, batch.attention_mask, texts=prompts, max_new_tokens=max_new_tokens,
+                            **generate_kwargs)
+        return self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)

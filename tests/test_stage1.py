@@ -1,0 +1,109 @@
+"""Stage 1: hard-concrete gates, the Lagrangian, and the batched multi-cluster mask trainer."""
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from igprune.files import IGPruneError
+from igprune.stage1.gates import HardConcreteGates
+from igprune.stage1.train import MaskTrainer, TrainConfig
+
+
+def test_hard_concrete_samples_lie_in_unit_interval_with_expected_share_of_exact_zeros():
+    gates = HardConcreteGates(3, 1000)
+    with torch.no_grad():
+        gates.log_alpha[0].fill_(gates.log_alpha_for(0.3))
+        gates.log_alpha[1].fill_(-4.0)
+        gates.log_alpha[2].fill_(4.0)
+    z = torch.cat([gates.sample(torch.tensor([0, 1, 2]), torch.Generator().manual_seed(i)) for i in range(20)])
+    assert z.min() >= 0 and z.max() <= 1
+    zero_share = (z == 0).float().view(20, 3, 1000).mean(dim=(0, 2))
+    assert torch.allclose(zero_share, gates.prob_zero().mean(1), atol=0.01)
+    assert abs(zero_share[0].item() - 0.3) < 0.01
+    # exact ones happen too (the stretch beyond 1), more often when log_alpha is high
+    one_share = (z == 1).float().view(20, 3, 1000).mean(dim=(0, 2))
+    assert one_share[2] > 0.5 > one_share[1]
+
+
+def test_binarize_switches_off_exactly_k_lowest_log_alpha_blocks():
+    gates = HardConcreteGates(2, 10)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([[5, 1, 3, -2, 0, 4, 2, 6, -1, 7.0], [0.0] * 10]))
+    masks = gates.binarize(3)
+    assert (~masks).sum(1).tolist() == [3, 3]
+    assert (~masks[0]).nonzero().flatten().tolist() == [3, 4, 8]
+    assert (~masks[1]).nonzero().flatten().tolist() == [0, 1, 2]  # ties broken by block index
+
+
+def samples(n=24, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n, length), generator=g)
+    return ids, torch.ones_like(ids), torch.arange(n) % 3
+
+
+def small_config(**overrides):
+    base = TrainConfig(sparsity=0.5, shared_steps=15, cluster_steps=25, batch_size=6, seq_len=12,
+                       loss_positions=6, warmup_fraction=0.3, seed=3)
+    return dataclasses.replace(base, **overrides)
+
+
+def test_lagrangian_drives_expected_sparsity_to_target_for_every_cluster():
+    model = tiny_model("llama", layers=4)
+    ids, mask, labels = samples()
+    trainer = MaskTrainer(model, 3, small_config(shared_steps=40, cluster_steps=60), progress=False).fit(
+        ids, mask, labels)
+    expected = trainer.gates.expected_sparsity()
+    assert torch.all((expected - 0.5).abs() < 0.1), expected
+    assert trainer.lagrangian.lambda2.min() > 0  # ascent moved the multipliers
+    assert all(p.grad is None for p in model.parameters())
+    masks = trainer.masks()
+    assert masks.shape == (3, 8) and (~masks).sum(1).tolist() == [4, 4, 4]
+
+
+def test_layer_granularity_switches_whole_layers():
+    ids, mask, labels = samples()
+    trainer = MaskTrainer(tiny_model("llama", layers=4), 3, small_config(granularity="layer"), progress=False)
+    masks = trainer.fit(ids, mask, labels).masks()
+    assert trainer.gates.log_alpha.shape == (3, 4)
+    assert (~masks).sum(1).tolist() == [4, 4, 4]  # 2 layers of 4 = 4 blocks of 8
+    assert torch.equal(masks[:, 0::2], masks[:, 1::2])
+
+
+def test_same_seed_same_masks_and_resume_equals_uninterrupted(tmp_path):
+    ids, mask, labels = samples()
+    full = MaskTrainer(tiny_model("qwen2"), 3, small_config(), progress=False).fit(ids, mask, labels)
+    again = MaskTrainer(tiny_model("qwen2"), 3, small_config(), progress=False).fit(ids, mask, labels)
+    assert torch.equal(full.gates.log_alpha, again.gates.log_alpha)
+
+    for stop in (7, 22):  # interrupt once in each phase
+        ckpt = tmp_path / f"ckpt{stop}"
+        MaskTrainer(tiny_model("qwen2"), 3, small_config(), checkpoint_dir=ckpt, progress=False).fit(
+            ids, mask, labels, until=stop)
+        resumed = MaskTrainer(tiny_model("qwen2"), 3, small_config(), checkpoint_dir=ckpt, progress=False)
+        resumed.fit(ids, mask, labels)
+        assert torch.allclose(resumed.gates.log_alpha, full.gates.log_alpha, atol=1e-6)
+        assert resumed.log.loss == pytest.approx(full.log.loss, abs=1e-5)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    ids, mask, labels = samples()
+    trainer = MaskTrainer(tiny_model(), 3, small_config(), checkpoint_dir=tmp_path, progress=False)
+    trainer.fit(ids, mask, labels, until=3)
+    with pytest.raises(IGPruneError, match="other settings"):
+        MaskTrainer(tiny_model(), 3, small_config(sparsity=0.25), checkpoint_dir=tmp_path,
+                    progress=False).fit(ids, mask, labels)
+
+
+def test_kl_loss_trains_too():
+    ids, mask, labels = samples()
+    trainer = MaskTrainer(tiny_model(), 3, small_config(loss="kl", cluster_steps=5), progress=False)
+    trainer.fit(ids, mask, labels)
+    assert all(v >= 0 for v in trainer.log.loss)  # KL is non-negative
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 0.99])
+def test_sparsity_out_of_range_is_a_clear_error(sparsity):
+    with pytest.raises(IGPruneError, match="sparsity"):
+        MaskTrainer(tiny_model(), 1, small_config(sparsity=sparsity), progress=False)

@@ -1,0 +1,131 @@
+"""Stage 2 and the bundle: clustering, routing, bundle round trips, grouped dynamic inference."""
+
+import warnings
+
+import pytest
+import torch
+from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+
+from igprune.blocks import patch
+from igprune.bundle import Bundle
+from igprune.encoder import SentenceEncoder
+from igprune.files import IGPruneError
+from igprune.stage1.clustering import cluster
+from igprune.stage1.pruner import IGPruner
+from igprune.stage1.train import TrainConfig
+from igprune.stage2.dynamic import DynamicPrunedModel
+from igprune.stage2.router import Router
+
+TEXTS = [t for texts in TOPICS.values() for t in texts]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SentenceEncoder()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny 3-cluster IG-Pruning bundle, fitted once for the module."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    config = TrainConfig(shared_steps=4, cluster_steps=6, batch_size=3, seq_len=24, loss_positions=8)
+    pruner = IGPruner(model, tokenizer, n_clusters=3, sparsity=0.25, train=config, min_cluster_size=1,
+                      progress=False).fit(TEXTS)
+    path = pruner.save(tmp_path_factory.mktemp("bundle") / "b")
+    return model, tokenizer, pruner, path
+
+
+def test_kmeans_finds_the_topics_and_is_seeded(encoder):
+    embeddings = encoder.encode(TEXTS)
+    first = cluster(embeddings, 3, seed=0, min_size=1)
+    again = cluster(embeddings, 3, seed=0, min_size=1)
+    assert torch.equal(first.labels, again.labels)
+    groups = first.labels.view(3, 3)  # texts come in topic order, three per topic
+    assert all(len(set(row.tolist())) == 1 for row in groups) and len(set(groups[:, 0].tolist())) == 3
+
+
+def test_small_clusters_merge_into_their_nearest_with_a_warning(encoder):
+    embeddings = encoder.encode(TEXTS)
+    with pytest.warns(UserWarning, match="merged"):
+        result = cluster(embeddings, 5, seed=0, min_size=3)
+    assert min(result.sizes) >= 3 and len(result.centroids) < 5
+    assert sum(result.sizes) == len(TEXTS)
+    assert torch.allclose(result.centroids[0], embeddings[result.labels == 0].mean(0), atol=1e-5)
+
+
+def test_more_clusters_than_texts_is_a_clear_error(encoder):
+    with pytest.raises(IGPruneError, match="only 9 calibration texts"):
+        cluster(encoder.encode(TEXTS), 10)
+
+
+def test_each_centroid_routes_to_itself():
+    centroids = torch.randn(5, 16)
+    clusters, distances = Router(centroids).route_embeddings(centroids)
+    assert clusters.tolist() == [0, 1, 2, 3, 4] and torch.all(distances < 1e-5)
+
+
+def test_bundle_round_trips_bit_exactly(fitted, tmp_path):
+    _, _, pruner, path = fitted
+    bundle = Bundle.load(path)
+    assert torch.equal(bundle.masks, pruner.masks_)
+    assert torch.equal(bundle.centroids, pruner.clustering_.centroids)
+    assert torch.equal(bundle.log_alpha, pruner.log_alpha_)
+    assert bundle.config["n_clusters"] == 3 and bundle.config["blocks_skipped"] == 2
+    again = Bundle.load(bundle.save(tmp_path / "copy"))
+    assert again.config == bundle.config and torch.equal(again.masks, bundle.masks)
+    assert (tmp_path / "copy" / "tensors.safetensors").read_bytes() == (path / "tensors.safetensors").read_bytes()
+
+
+def test_bundle_refuses_another_model(fitted):
+    _, tokenizer, _, path = fitted
+    with pytest.raises(IGPruneError, match="another model"):
+        DynamicPrunedModel.from_bundle(tiny_model("qwen2"), path, tokenizer)
+    with pytest.raises(IGPruneError, match="other weights"):
+        DynamicPrunedModel.from_bundle(tiny_model("llama", seed=7), path, tokenizer)
+
+
+def test_not_a_bundle_is_a_clear_error(tmp_path):
+    with pytest.raises(IGPruneError, match="not an igprune bundle"):
+        Bundle.load(tmp_path)
+
+
+def test_mixed_batch_is_split_by_mask_and_put_back_in_order(fitted):
+    model, tokenizer, _, path = fitted
+    dynamic = DynamicPrunedModel.from_bundle(model, path, tokenizer)
+    dynamic.masks = torch.ones_like(dynamic.masks)
+    for k in range(3):  # give every cluster a visibly different mask
+        dynamic.masks[k, 2 * k + 1] = False
+    texts = [TEXTS[0], TEXTS[3], TEXTS[6], TEXTS[1]]
+    routes = [r.cluster for r in dynamic.route(texts)]
+    assert len(set(routes)) == 3
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    together = dynamic(batch.input_ids, batch.attention_mask).logits
+    control = patch(model)
+    for i, text in enumerate(texts):
+        one = tokenizer([text], return_tensors="pt")
+        with control.masked(dynamic.masks[routes[i]]):
+            alone = model(**one).logits[0]
+        n = one.input_ids.shape[1]
+        assert torch.allclose(together[i, :n], alone, atol=1e-4)
+
+
+def test_generate_routes_each_prompt_and_keeps_order(fitted):
+    model, tokenizer, _, path = fitted
+    dynamic = DynamicPrunedModel.from_bundle(model, path, tokenizer, kv_policy="drop")
+    prompts = [TEXTS[6], TEXTS[0], TEXTS[3]]
+    together = dynamic.generate_text(prompts, max_new_tokens=6)
+    alone = [dynamic.generate_text([p], max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+    with pytest.raises(IGPruneError, match="empty prompt"):
+        dynamic.generate_text([""])
+
+
+def test_fit_rejects_bad_input():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    with pytest.raises(IGPruneError, match="no calibration texts"):
+        IGPruner(model, tokenizer, n_clusters=2, progress=False).fit(["", "  "])
+    with pytest.raises(IGPruneError, match="sparsity"):
+        IGPruner(model, tokenizer, n_clusters=2, sparsity=1.0, progress=False).fit(TEXTS)
+    with warnings.catch_warnings(), pytest.raises(IGPruneError, match="clusters but only"):
+        warnings.simplefilter("ignore")
+        IGPruner(model, tokenizer, n_clusters=20, progress=False).fit(TEXTS + [""])
