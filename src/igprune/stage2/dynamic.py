@@ -72,7 +72,9 @@ class DynamicPrunedModel:
         return dict(groups)
 
     def _texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
-        rows = input_ids if attention_mask is None else [r[m.bool()] for r, m in zip(input_ids, attention_mask, strict=True)]
+        if attention_mask is None:
+            return self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        rows = [r[m.bool()] for r, m in zip(input_ids, attention_mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     @torch.no_grad()
