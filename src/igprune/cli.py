@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -52,27 +53,158 @@ def prepare(
             console.print(line)
 
 
+BundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="bundle folder made by fit or baseline")]
+SparsityOpt = Annotated[float, typer.Option(help="share of the 2L blocks to skip, in [0, 1)")]
+BlocksOpt = Annotated[int | None, typer.Option("--blocks", help="skip exactly this many blocks (overrides --sparsity)")]
+GranularityOpt = Annotated[str, typer.Option(help="block (attention and FFN separately) or layer")]
+SeedOpt = Annotated[int, typer.Option(help="seed for every random choice (recorded in the bundle)")]
+KVOpt = Annotated[str, typer.Option(help="skipped attention: keep (write K/V, paper) or drop (faster)")]
+
+
+def _sparsity(sparsity: float, blocks: int | None, model) -> float:
+    from igprune.blocks import num_blocks
+    from igprune.masks import blocks_off_to_sparsity
+
+    return blocks_off_to_sparsity(blocks, num_blocks(model)) if blocks is not None else sparsity
+
+
+def _bundle_model(bundle: Path, model: str | None, device: str, dtype: str):
+    """Load the model a bundle names (or the one given) and the bundle itself."""
+    from igprune.bundle import Bundle
+    from igprune.models import load_model
+
+    loaded = Bundle.load(bundle)
+    lm, tokenizer = load_model(model or loaded.config["model"], device=device, dtype=dtype)
+    return loaded, lm, tokenizer
+
+
 @app.command()
-def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to continue")],
+def fit(
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")],
     model: ModelOpt = "smollm2-135m",
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
+    clusters: Annotated[int, typer.Option("--clusters", "-n", help="number of clusters N")] = 16,
+    sparsity: SparsityOpt = 0.25,
+    blocks: BlocksOpt = None,
+    data: Annotated[str, typer.Option(help="calibration source (see igprune.data.CALIBRATION_SOURCES)")] = "mixed",
+    samples: Annotated[int | None, typer.Option(help="calibration passages to use (default: all)")] = None,
+    granularity: GranularityOpt = "block",
+    shared_steps: Annotated[int, typer.Option(help="steps of the shared warm-start mask")] = 100,
+    cluster_steps: Annotated[int, typer.Option(help="steps of the per-cluster phase")] = 200,
+    batch_size: Annotated[int, typer.Option(help="samples per step")] = 16,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 128,
+    loss: Annotated[str, typer.Option(help="lm (paper eq. 8) or kl (to the dense model)")] = "lm",
+    seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """Greedy generation with the unpruned model."""
+    """Stage 1: cluster calibration texts and train one mask per cluster; resumable if interrupted."""
+    import shutil
+
+    from igprune.data import load_calibration
+    from igprune.masks import mask_row
     from igprune.models import load_model
+    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.train import TrainConfig
 
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    inputs = tokenizer(prompt, return_tensors="pt").to(lm.device)
-    out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    console.print(tokenizer.decode(out[0], skip_special_tokens=True), markup=False, highlight=False)
+    texts = load_calibration(data, split="train", limit=samples, seed=seed)
+    config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
+                         seq_len=seq_len, loss=loss, granularity=granularity)
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    console.print(f"fitting {clusters} clusters on {len(texts)} {data} passages (checkpoints in {checkpoint})")
+    pruner = IGPruner(lm, tokenizer, n_clusters=clusters, sparsity=_sparsity(sparsity, blocks, lm), seed=seed,
+                      train=config, checkpoint_dir=checkpoint).fit(texts)
+    bundle = pruner.to_bundle()
+    bundle.config["calibration"] = {"source": data, "passages": len(texts), "seq_len": seq_len}
+    bundle.save(out)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
+                  f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "
+                  f"{bundle.config['fit_seconds']:.0f} s")
+    for k, mask in enumerate(bundle.masks):
+        console.print(f"  cluster {k:2d}: {mask_row(mask)}", highlight=False)
+
+
+@app.command()
+def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> None:
+    """Show what a bundle is: method, model, sparsity, clusters and every mask."""
+    from igprune.bundle import Bundle
+    from igprune.masks import mask_row, skipped_blocks
+
+    loaded = Bundle.load(bundle)
+    cfg = loaded.config
+    keys = ["method", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total", "seed",
+            "encoder", "calibration", "final_loss", "fit_seconds"]
+    for key in keys:
+        if key in cfg:
+            console.print(f"{key:>16}: {cfg[key]}", highlight=False)
+    sizes = cfg.get("cluster_sizes", [None] * loaded.n_clusters)
+    table = Table("cluster", "texts", "attn off", "ffn off", "mask (per layer: A/F run, . skipped)")
+    for k, mask in enumerate(loaded.masks):
+        off = skipped_blocks(mask)
+        table.add_row(str(k), str(sizes[k]), str(off["attn"]), str(off["ffn"]), mask_row(mask))
+    console.print(table)
+
+
+@app.command()
+def route(
+    texts: Annotated[list[str], typer.Argument(help="texts to route")],
+    bundle: BundleOpt,
+    route_tokens: Annotated[int | None, typer.Option(help="encoder reads at most this many tokens")] = None,
+) -> None:
+    """Stage 2 routing: which cluster and mask each text gets."""
+    from igprune.bundle import Bundle
+    from igprune.encoder import SentenceEncoder
+    from igprune.masks import mask_row
+    from igprune.stage2.router import Router
+
+    loaded = Bundle.load(bundle)
+    encoder = None if loaded.static else SentenceEncoder(loaded.config["encoder"], max_tokens=route_tokens)
+    table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
+    for text, r in zip(texts, Router(loaded.centroids, encoder).route(texts), strict=True):
+        table.add_row(text if len(text) <= 40 else text[:37] + "...", str(r.cluster), f"{r.distance:.3f}",
+                      mask_row(loaded.masks[r.cluster]))
+    console.print(table)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to continue")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
+    bundle: Annotated[Path | None, typer.Option("--bundle", "-b", help="run pruned with this bundle")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
+    kv_policy: KVOpt = "keep",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Greedy generation: unpruned with --model, or routed and pruned with --bundle."""
+    from igprune.models import DEFAULT_MODEL, load_model
+
+    if bundle is None:
+        lm, tokenizer = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+        inputs = tokenizer(prompt, return_tensors="pt").to(lm.device)
+        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        console.print(tokenizer.decode(out[0], skip_special_tokens=True), markup=False, highlight=False)
+        return
+    from igprune.masks import mask_row
+    from igprune.stage2.dynamic import DynamicPrunedModel
+
+    loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
+    dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)
+    cluster = dynamic.route([prompt])[0].cluster
+    console.print(f"[dim]cluster {cluster}: {mask_row(dynamic.masks[cluster])}[/dim]", highlight=False)
+    text = dynamic.generate_text([prompt], max_new_tokens=max_new_tokens)[0]
+    console.print(prompt + text, markup=False, highlight=False)
 
 
 def main() -> None:
     """Entry point: run the app and turn IGPruneError into one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars; igprune shows its own progress
     try:
         app(standalone_mode=False)
     except IGPruneError as err:

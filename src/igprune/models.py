@@ -206,12 +206,17 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(convert(ZOO[name_or_path]), **kwargs)
         else:
             raise IGPruneError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.name_or_path = model.config.name_or_path = name_or_path  # the zoo name, recorded in bundles
+    model.requires_grad_(False)
+    return model.to(device).eval(), load_tokenizer(name_or_path)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of a zoo model, local folder or hub id, with a pad token set."""
+    tokenizer = AutoTokenizer.from_pretrained(model_source(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.name_or_path = name_or_path
-    model.requires_grad_(False)
-    return model.to(device).eval(), tokenizer
+    return tokenizer
 
 
 def install(entry: ZooModel) -> None:

@@ -49,9 +49,9 @@ class DynamicPrunedModel:
             encoder = SentenceEncoder(bundle.config["encoder"], device=encoder_device,
                                       max_tokens=route_tokens or bundle.config.get("route_tokens"))
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from igprune.models import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+            tokenizer = load_tokenizer(model.name_or_path)
         return cls(model, tokenizer, Router(bundle.centroids, encoder), bundle.masks, kv_policy, bundle)
 
     @property
