@@ -52,10 +52,10 @@ def small_config(**overrides):
 def test_lagrangian_drives_expected_sparsity_to_target_for_every_cluster():
     model = tiny_model("llama", layers=4)
     ids, mask, labels = samples()
-    trainer = MaskTrainer(model, 3, small_config(shared_steps=40, cluster_steps=60), progress=False).fit(
-        ids, mask, labels)
+    config = small_config(shared_steps=100, cluster_steps=200, warmup_fraction=0.5)
+    trainer = MaskTrainer(model, 3, config, progress=False).fit(ids, mask, labels)
     expected = trainer.gates.expected_sparsity()
-    assert torch.all((expected - 0.5).abs() < 0.1), expected
+    assert torch.all((expected - 0.5).abs() < 0.05), expected
     assert trainer.lagrangian.lambda2.min() > 0  # ascent moved the multipliers
     assert all(p.grad is None for p in model.parameters())
     masks = trainer.masks()

@@ -154,14 +154,12 @@ def route(
 ) -> None:
     """Stage 2 routing: which cluster and mask each text gets."""
     from igprune.bundle import Bundle
-    from igprune.encoder import SentenceEncoder
     from igprune.masks import mask_row
     from igprune.stage2.router import Router
 
     loaded = Bundle.load(bundle)
-    encoder = None if loaded.static else SentenceEncoder(loaded.config["encoder"], max_tokens=route_tokens)
     table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
-    for text, r in zip(texts, Router(loaded.centroids, encoder).route(texts), strict=True):
+    for text, r in zip(texts, Router.from_bundle(loaded, route_tokens).route(texts), strict=True):
         table.add_row(text if len(text) <= 40 else text[:37] + "...", str(r.cluster), f"{r.distance:.3f}",
                       mask_row(loaded.masks[r.cluster]))
     console.print(table)

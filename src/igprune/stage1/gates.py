@@ -25,7 +25,7 @@ BETA, LEFT, RIGHT, EPS = 2.0 / 3.0, -0.1, 1.1, 1e-6
 class HardConcreteGates(nn.Module):
     """`n_masks` independent hard-concrete masks over `n_blocks` blocks."""
 
-    def __init__(self, n_masks: int, n_blocks: int, init_keep: float = 0.9, beta: float = BETA,
+    def __init__(self, n_masks: int, n_blocks: int, init_keep: float = 0.99, beta: float = BETA,
                  left: float = LEFT, right: float = RIGHT, eps: float = EPS):
         super().__init__()
         self.beta, self.left, self.right, self.eps = beta, left, right, eps

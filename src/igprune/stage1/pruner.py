@@ -52,11 +52,13 @@ class IGPruner:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clusters: int = 16,
                  sparsity: float = 0.25, encoder: str = DEFAULT_ENCODER, seed: int = 0, min_cluster_size: int = 4,
-                 train: TrainConfig | None = None, encoder_tokens: int = 256, route_tokens: int | None = None,
+                 train: TrainConfig | None = None, encoder_tokens: int = 128,
                  checkpoint_dir: str | Path | None = None, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.n_clusters, self.sparsity, self.seed = n_clusters, sparsity, seed
-        self.encoder_name, self.encoder_tokens, self.route_tokens = encoder, encoder_tokens, route_tokens
+        # Texts are embedded from their first `encoder_tokens` tokens, here and when routing: a prefix
+        # places a text well enough and keeps routing cheap next to the LLM's own prefill.
+        self.encoder_name, self.encoder_tokens = encoder, encoder_tokens
         self.min_cluster_size = min_cluster_size
         self.train_config = dataclasses.replace(train or TrainConfig(), sparsity=sparsity, seed=seed)
         self.checkpoint_dir = checkpoint_dir
@@ -89,7 +91,6 @@ class IGPruner:
             "fingerprint": fingerprint(self.model),
             "encoder": self.encoder_name,
             "encoder_tokens": self.encoder_tokens,
-            "route_tokens": self.route_tokens,
             "n_clusters": len(self.clustering_.centroids),
             "n_clusters_requested": self.clustering_.requested,
             "cluster_sizes": self.clustering_.sizes,

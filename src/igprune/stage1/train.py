@@ -7,8 +7,8 @@ taken on a random subset of positions so the large output layer does not dominat
 
 Training runs in two phases. A shared phase fits one mask on all samples (this is also the
 "static L0" baseline when there is one cluster); its log_alpha then warm-starts every cluster's mask
-for the cluster phase, where each cluster specialises on its own texts. Both phases ramp the target
-sparsity up linearly during their warm-up, and the Lagrange multipliers are learnt by gradient ascent.
+for the cluster phase, where each cluster specialises on its own texts. The target sparsity ramps up
+linearly during the first phase's warm-up, and the Lagrange multipliers are learnt by gradient ascent.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class TrainConfig:
     granularity: Granularity = "block"  # "layer": one gate per layer covers its attention and FFN
     lr: float = 0.1  # log_alpha (paper Table 5)
     lagrangian_lr: float = 0.1  # lambda1, lambda2 (paper Table 5)
-    warmup_fraction: float = 0.5  # share of each phase over which the target sparsity ramps up
-    init_keep: float = 0.9
+    warmup_fraction: float = 0.5  # share of the first phase over which the target sparsity ramps up
+    init_keep: float = 0.99  # start near dense: P(z=0)=1%, most gates exactly 1
     seed: int = 0
 
     def validate(self, n_blocks: int) -> None:
@@ -117,9 +117,7 @@ class MaskTrainer:
             shared = self.step < cfg.shared_steps
             if not shared and self.step == cfg.shared_steps:
                 self._warm_start_clusters()
-            phase_step = self.step if shared else self.step - cfg.shared_steps
-            phase_len = cfg.shared_steps if shared else cfg.cluster_steps
-            target = cfg.sparsity * min(1.0, (phase_step + 1) / max(1.0, cfg.warmup_fraction * phase_len))
+            target = self._target()
             rows = self._batch_rows(labels, shared)
             loss, expected, seconds = self._train_step(input_ids[rows], attention_mask[rows],
                                                        None if shared else labels[rows], target)
@@ -136,6 +134,13 @@ class MaskTrainer:
         if cfg.cluster_steps == 0 and self.step == total:
             self._warm_start_clusters()  # every cluster gets the shared mask
         return self
+
+    def _target(self) -> float:
+        """Target sparsity now: ramps up linearly over the warm-up of the first phase, then stays."""
+        cfg = self.config
+        first = cfg.shared_steps if cfg.shared_steps > 0 else cfg.cluster_steps
+        step = self.step if cfg.shared_steps > 0 else self.step - cfg.shared_steps
+        return cfg.sparsity * min(1.0, (step + 1) / max(1.0, cfg.warmup_fraction * first))
 
     def masks(self) -> torch.Tensor:
         """Binary block masks (n_masks, B), True = run, with exactly round(s * units) units off each."""

@@ -17,7 +17,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from igprune.blocks import KVPolicy, patch
 from igprune.bundle import Bundle
-from igprune.encoder import SentenceEncoder
 from igprune.files import IGPruneError
 from igprune.stage2.router import Route, Router
 
@@ -40,19 +39,16 @@ class DynamicPrunedModel:
     def from_bundle(cls, model: PreTrainedModel, bundle: str | Path | Bundle,
                     tokenizer: PreTrainedTokenizerBase | None = None, kv_policy: KVPolicy = "keep",
                     route_tokens: int | None = None, encoder_device: str | torch.device = "cpu") -> DynamicPrunedModel:
-        """Attach a bundle to its model; `route_tokens` caps how much of a prompt the encoder reads."""
+        """Attach a bundle to its model; `route_tokens` overrides how much of a prompt the encoder reads."""
         where = str(bundle)
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         bundle.check_model(model, where)
-        encoder = None
-        if not bundle.static:
-            encoder = SentenceEncoder(bundle.config["encoder"], device=encoder_device,
-                                      max_tokens=route_tokens or bundle.config.get("route_tokens"))
         if tokenizer is None:
             from igprune.models import load_tokenizer
 
             tokenizer = load_tokenizer(model.name_or_path)
-        return cls(model, tokenizer, Router(bundle.centroids, encoder), bundle.masks, kv_policy, bundle)
+        router = Router.from_bundle(bundle, route_tokens, encoder_device)
+        return cls(model, tokenizer, router, bundle.masks, kv_policy, bundle)
 
     @property
     def device(self) -> torch.device:

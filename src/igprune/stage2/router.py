@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from igprune.bundle import Bundle
 from igprune.encoder import SentenceEncoder
 
 
@@ -21,6 +22,17 @@ class Router:
     def __init__(self, centroids: torch.Tensor, encoder: SentenceEncoder | None = None):
         self.centroids = centroids.float()
         self.encoder = encoder
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, route_tokens: int | None = None,
+                    device: str | torch.device = "cpu") -> Router:
+        """The bundle's centroids with its encoder; `route_tokens` overrides how much of an input is read
+        (default: as many tokens as the calibration texts were embedded from)."""
+        if bundle.static:
+            return cls(bundle.centroids)
+        encoder = SentenceEncoder(bundle.config["encoder"], device=device,
+                                  max_tokens=route_tokens or bundle.config.get("encoder_tokens"))
+        return cls(bundle.centroids, encoder)
 
     @property
     def n_clusters(self) -> int:

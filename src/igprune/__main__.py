@@ -1,0 +1,5 @@
+"""`python -m igprune` runs the CLI."""
+
+from igprune.cli import main
+
+main()
