@@ -87,6 +87,7 @@ def fit(
     blocks: BlocksOpt = None,
     data: Annotated[str, typer.Option(help="calibration source (see igprune.data.CALIBRATION_SOURCES)")] = "mixed",
     samples: Annotated[int | None, typer.Option(help="calibration passages to use (default: all)")] = None,
+    max_chars: Annotated[int | None, typer.Option(help="passage length in characters (default: 4 x seq-len)")] = None,
     granularity: GranularityOpt = "block",
     shared_steps: Annotated[int, typer.Option(help="steps of the shared warm-start mask")] = 100,
     cluster_steps: Annotated[int, typer.Option(help="steps of the per-cluster phase")] = 200,
@@ -107,7 +108,8 @@ def fit(
     from igprune.stage1.train import TrainConfig
 
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    texts = load_calibration(data, split="train", limit=samples, seed=seed)
+    # passages about as long as a training sample, so the text that is clustered is the text that is trained on
+    texts = load_calibration(data, split="train", max_chars=max_chars or 4 * seq_len, limit=samples, seed=seed)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          seq_len=seq_len, loss=loss, granularity=granularity)
     checkpoint = out.with_name(out.name + ".checkpoint")
