@@ -86,7 +86,8 @@ def fit(
     sparsity: SparsityOpt = 0.25,
     blocks: BlocksOpt = None,
     data: Annotated[str, typer.Option(help="calibration source (see igprune.data.CALIBRATION_SOURCES)")] = "mixed",
-    samples: Annotated[int | None, typer.Option(help="calibration passages to use (default: all)")] = None,
+    samples: Annotated[int | None, typer.Option(help="calibration passages (balanced per source); training "
+                                                "reads about batch-size x steps of them")] = 4096,
     max_chars: Annotated[int | None, typer.Option(help="passage length in characters (default: 4 x seq-len)")] = None,
     granularity: GranularityOpt = "block",
     shared_steps: Annotated[int, typer.Option(help="steps of the shared warm-start mask")] = 100,
