@@ -198,6 +198,107 @@ def generate(
     console.print(prompt + text, markup=False, highlight=False)
 
 
+def _method_options(pairs: list[str] | None) -> dict:
+    """--option KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, lists, null), else as text."""
+    import json
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise IGPruneError(f"--option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+@app.command()
+def baseline(
+    method: Annotated[str, typer.Argument(help="sleb, shortened-ppl, shortened-taylor, evopress or static-l0")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")],
+    model: ModelOpt = "smollm2-135m",
+    sparsity: SparsityOpt = 0.25,
+    blocks: BlocksOpt = None,
+    granularity: GranularityOpt = None,
+    data: Annotated[str, typer.Option(help="calibration source; wiki stands in for the paper's wikitext-2")] = "wiki",
+    samples: Annotated[int | None, typer.Option(help="calibration sequences (default: the method's)")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per calibration sequence (default: the method's)")] = None,
+    keep_first: Annotated[int | None, typer.Option(help="never skip the first this many layers")] = None,
+    keep_last: Annotated[int | None, typer.Option(help="never skip the last this many layers")] = None,
+    generations: Annotated[int | None, typer.Option(help="evopress: generations")] = None,
+    offspring: Annotated[int | None, typer.Option(help="evopress: children per generation")] = None,
+    fitness: Annotated[str | None, typer.Option(help="evopress: kl (to dense) or ppl")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="other method option KEY=VALUE (repeatable)")]
+    = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Find one static mask with a baseline method (granularity defaults to the method's published one)."""
+    from igprune.baselines import find_mask, get_method
+    from igprune.data import load_calibration
+    from igprune.masks import mask_row
+    from igprune.models import load_model
+
+    entry = get_method(method)
+    given = {"samples": samples, "seq_len": seq_len, "keep_first": keep_first, "keep_last": keep_last,
+             "generations": generations, "offspring": offspring, "fitness": fitness}
+    options = {**{k: v for k, v in given.items() if v is not None}, **_method_options(option)}
+    entry.options(options)  # unknown options fail before the model loads
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    texts = load_calibration(data, split="train", seed=seed)
+    console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}")
+    bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
+                       source=data, **options)
+    bundle.save(out)
+    cfg = bundle.config
+    console.print(f"wrote {out}: {cfg['blocks_skipped']}/{cfg['blocks_total']} blocks off (attention "
+                  f"{cfg['attn_skipped']}, FFN {cfg['ffn_skipped']}) in {cfg['fit_seconds'] / 60:.1f} min, "
+                  f"{bundle.logs['search']['masks_scored']} masks scored", highlight=False)
+    console.print(f"  mask : {mask_row(bundle.masks[0])}", highlight=False)
+    console.print(f"  order: {' '.join(bundle.logs['search']['order'])}", highlight=False)
+
+
+@app.command()
+def export(
+    bundle: BundleOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the pruned HF checkpoint")],
+    cluster: Annotated[int, typer.Option(help="which cluster's mask (static bundles have only 0)")] = 0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Write one mask as a plain, smaller HF checkpoint (from_pretrained, no igprune code), then check it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from igprune.blocks import patch
+    from igprune.export import export_bundle
+
+    loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
+    loaded.check_model(lm, str(bundle))
+    if not 0 <= cluster < loaded.n_clusters:
+        raise IGPruneError(f"cluster must be in [0, {loaded.n_clusters - 1}] for {bundle}, not {cluster}")
+    probe = tokenizer("The pruned model should predict exactly what the masked model predicts.",
+                      return_tensors="pt").input_ids.to(lm.device)
+    with torch.no_grad(), patch(lm).masked(loaded.masks[cluster]):
+        expected = lm(input_ids=probe).logits.float()
+    record = export_bundle(loaded, lm, tokenizer, out, cluster=cluster, inplace=True)  # lm is consumed
+    del lm
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=expected.dtype).to(probe.device).eval()
+    with torch.no_grad():
+        diff = float((plain(input_ids=probe).logits.float() - expected).abs().max())
+    params = record["parameters"]
+    console.print(f"wrote {out}: {record['layers_before']} -> {record['layers_after']} layers, "
+                  f"{params['before'] / 1e6:.1f}M -> {params['after'] / 1e6:.1f}M parameters", highlight=False)
+    console.print(record["note"], highlight=False)
+    verdict = "matches" if diff < 1e-3 else "DOES NOT match"
+    console.print(f"check: plain from_pretrained reload {verdict} the masked model (max |logit diff| {diff:.2g})",
+                  highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app and turn IGPruneError into one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

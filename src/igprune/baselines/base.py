@@ -1,0 +1,91 @@
+"""What every static method works on: a search space of units and the problem it is asked to solve.
+
+A method decides over units: blocks (attention and FFN separately) or layers (both blocks of a layer).
+It returns the units it switches off, in the order it chose or ranked them, and a log; `find_mask`
+turns that into a bundle. Keeping this contract in one place lets every method share the masks,
+the protected layers and the scorer instead of re-deriving them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from igprune.blocks import ATTN, block_name
+from igprune.files import IGPruneError
+from igprune.masks import Granularity, mask_from_off, n_units
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The units a method may switch off; units of `protected_layers` always run."""
+
+    n_blocks: int
+    granularity: Granularity
+    protected_layers: frozenset[int] = frozenset()
+
+    @property
+    def n_units(self) -> int:
+        return n_units(self.n_blocks, self.granularity)
+
+    def blocks(self, unit: int) -> list[int]:
+        return [unit] if self.granularity == "block" else [2 * unit, 2 * unit + 1]
+
+    def layer(self, unit: int) -> int:
+        return unit // 2 if self.granularity == "block" else unit
+
+    def kind(self, unit: int) -> str:
+        """attn or ffn at block granularity; every unit is a layer at layer granularity."""
+        if self.granularity == "layer":
+            return "layer"
+        return "attn" if unit % 2 == ATTN else "ffn"
+
+    def name(self, unit: int) -> str:
+        return block_name(unit) if self.granularity == "block" else f"layer{unit}"
+
+    def candidates(self) -> list[int]:
+        return [u for u in range(self.n_units) if self.layer(u) not in self.protected_layers]
+
+    def mask(self, off: list[int] | tuple[int, ...]) -> torch.Tensor:
+        """The block mask (B,) with the given units switched off."""
+        return mask_from_off([b for u in off for b in self.blocks(u)], self.n_blocks)
+
+    def protect(self, first: int, last: int) -> SearchSpace:
+        """The same space with the first `first` and last `last` layers kept out of the candidates."""
+        if first < 0 or last < 0:
+            raise IGPruneError("keep_first and keep_last must be non-negative layer counts")
+        n_layers = self.n_blocks // 2
+        layers = set(range(min(first, n_layers))) | set(range(max(0, n_layers - last), n_layers))
+        return SearchSpace(self.n_blocks, self.granularity, frozenset(layers))
+
+
+@dataclass
+class Problem:
+    """One search: switch off exactly `k` units of `space` in `model`, judged on the scorer's calibration data."""
+
+    model: PreTrainedModel
+    scorer: Any  # igprune.baselines.scoring.Scorer (typed loosely to keep this module import-light)
+    space: SearchSpace
+    k: int
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        """Enough candidates for k units; raised before any slow step."""
+        available = len(self.space.candidates())
+        if self.k > available:
+            raise IGPruneError(f"asked to skip {self.k} {self.space.granularity}s but only {available} are candidates "
+                               f"({len(self.space.protected_layers)} layers protected); lower the sparsity or "
+                               "protect fewer layers")
+
+
+@dataclass
+class SearchResult:
+    """Units switched off (in the method's order) and the method's search log."""
+
+    off: list[int]
+    log: dict[str, Any] = field(default_factory=dict)
+    log_alpha: torch.Tensor | None = None  # (1, units) for trained masks

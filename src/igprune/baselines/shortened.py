@@ -1,0 +1,107 @@
+"""ShortenedLlama (Kim et al. 2024): score every unit once, remove the k least important in one shot.
+
+Two importance criteria, as published:
+
+* PPL: calibration perplexity with that unit alone removed (low = unimportant). Each unit's score
+  reuses the dense model's layer inputs up to its own layer (see Scorer.prefix).
+* Taylor+: sum over the unit's weights of |w * dL/dw| for the calibration LM loss L, summed over
+  batches (a unit whose weights barely move the loss is unimportant). A unit's weights are its branch
+  (self_attn or mlp) with the norms around it. Gradients are enabled only while this runs, and each
+  weight's gradient is folded into its unit's sum and freed as soon as backward produces it, so at most
+  a few weights' gradients exist at once; activations live for one batch.
+
+The "+" heuristic keeps the first 4 and last 2 layers out of the candidates: the published setting for
+Taylor+, whose scores otherwise favour removing the first layers (on by default there, off for PPL).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from igprune.baselines.base import Problem, SearchResult
+from igprune.blocks import ATTN, FFN, GatedLayer, decoder_layers
+
+
+def search_ppl(problem: Problem) -> SearchResult:
+    space, scorer = problem.space, problem.scorer
+    candidates = space.candidates()
+    with scorer.prefix(space.mask([]), metric="ppl") as dense:
+        scores = {u: scorer.perplexity(space.mask([u]))
+                  for u in tqdm(candidates, desc="shortened-ppl", unit="unit", disable=not problem.progress)}
+    return _one_shot(problem, scores, {"criterion": "ppl", "dense_perplexity": dense})
+
+
+def search_taylor(problem: Problem) -> SearchResult:
+    blocks = taylor_importance(problem)
+    space = problem.space
+    scores = {u: sum(blocks[b] for b in space.blocks(u)) for u in space.candidates()}
+    return _one_shot(problem, scores, {"criterion": "taylor"})
+
+
+def _one_shot(problem: Problem, scores: dict[int, float], log: dict) -> SearchResult:
+    space = problem.space
+    ranked = sorted(scores, key=lambda u: (scores[u], u))
+    log["importance"] = {space.name(u): scores[u] for u in sorted(scores)}
+    log["ranking"] = [space.name(u) for u in ranked]
+    return SearchResult(ranked[: problem.k], log)
+
+
+def _block_parameters(layer: GatedLayer) -> dict[int, list[torch.nn.Parameter]]:
+    """A layer's weights by branch: attention with its norms, FFN with its norms."""
+    inner, layout = layer.layer, layer.layout
+    owners = {ATTN: [inner.self_attn, getattr(inner, layout.attn_norm)],
+              FFN: [inner.mlp, getattr(inner, layout.ffn_norm)]}
+    if layout.attn_post_norm:
+        owners[ATTN].append(getattr(inner, layout.attn_post_norm))
+    if layout.ffn_post_norm:
+        owners[FFN].append(getattr(inner, layout.ffn_post_norm))
+    return {kind: [p for module in modules for p in module.parameters()] for kind, modules in owners.items()}
+
+
+def taylor_importance(problem: Problem) -> list[float]:
+    """sum |w * dL/dw| per block (B,), on the scorer's calibration sequences under the dense model."""
+    model, scorer = problem.model, problem.scorer
+    layers = decoder_layers(model)
+    owner: dict[int, int] = {}
+    params: list[torch.nn.Parameter] = []
+    for i, layer in enumerate(layers):
+        for kind, plist in _block_parameters(layer).items():
+            for p in plist:
+                owner[id(p)] = 2 * i + kind
+                params.append(p)
+    sums = torch.zeros(len(layers) * 2, dtype=torch.float64, device=scorer.device)
+
+    def fold(p: torch.nn.Parameter) -> None:
+        sums[owner[id(p)]] += (p.detach() * p.grad).abs().sum().double()
+        p.grad = None
+
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    hooks = [p.register_post_accumulate_grad_hook(fold) for p in params]
+    batches = scorer.batches(list(range(scorer.calibration.n_sequences)))
+    n_tokens = scorer.ids[:, 1:].numel()
+    try:
+        with torch.enable_grad(), scorer.control.masked(None):
+            for batch in tqdm(batches, desc="shortened-taylor", unit="batch", disable=not problem.progress):
+                ids = scorer.ids[batch]
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                # the loss over the vocabulary is taken a chunk of positions at a time, so its logits never
+                # exist all at once; their gradients are collected on a detached copy of the hidden states
+                detached = hidden.detach().requires_grad_()
+                h = detached[:, :-1].reshape(-1, hidden.shape[-1])
+                targets = ids[:, 1:].reshape(-1)
+                for part in scorer.chunks(len(h)):
+                    loss = F.cross_entropy(scorer.logits(h[part]), targets[part], reduction="sum") / n_tokens
+                    loss.backward(retain_graph=True)
+                hidden.backward(detached.grad)
+                scorer.tokens += 3 * ids.numel()  # forward + backward with weight gradients ~ 3 forwards
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, w in zip(params, was, strict=True):
+            p.requires_grad_(w)
+            p.grad = None
+    return sums.tolist()

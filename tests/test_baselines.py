@@ -1,0 +1,174 @@
+"""Static baselines: exact counts, the identity layer goes first, EvoPress is seeded and elitist, scoring is exact."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+
+from igprune.baselines import METHODS, Scorer, find_mask, make_calibration
+from igprune.baselines.base import SearchSpace
+from igprune.blocks import patch
+from igprune.bundle import Bundle
+from igprune.files import IGPruneError
+from igprune.masks import skipped_blocks
+from igprune.stage2.dynamic import DynamicPrunedModel
+
+TEXTS = [t for texts in TOPICS.values() for t in texts]
+FAST = {  # per method: the smallest settings that still exercise every step
+    "sleb": {},
+    "shortened-ppl": {},
+    "shortened-taylor": {"keep_first": 0, "keep_last": 0},
+    "evopress": {"generations": 3, "offspring": 3, "population": 4, "stages": [[2, 2]]},
+    "static-l0": {"shared_steps": 4, "cluster_steps": 2, "batch_size": 3},
+}
+SMALL = {"samples": 4, "seq_len": 24}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all per-op overhead, which a second thread on a busy machine multiplies many times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", layers=6), tiny_tokenizer()
+
+
+def run(method, model, tokenizer, texts=TEXTS, sparsity=0.25, granularity="block", **options):
+    return find_mask(method, model, tokenizer, texts, sparsity, granularity, progress=False,
+                     **{**SMALL, **FAST[method], **options})
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_skips_exactly_the_requested_units(llama, method, granularity, tmp_path):
+    model, tokenizer = llama
+    bundle = run(method, model, tokenizer, sparsity=0.34, granularity=granularity)
+    mask = bundle.masks[0]
+    assert bundle.masks.shape == (1, 12) and bundle.centroids.shape == (1, 0)
+    # round(0.34 * 12) = 4 blocks, or round(0.34 * 6) = 2 layers = 4 blocks
+    assert skipped_blocks(mask)["total"] == 4 == bundle.config["blocks_skipped"]
+    if granularity == "layer":
+        assert torch.equal(mask[0::2], mask[1::2])  # whole layers only
+    assert len(bundle.logs["search"]["order"]) == (4 if granularity == "block" else 2)
+    cfg = bundle.config
+    assert cfg["method"] == method and cfg["granularity"] == granularity and cfg["seed"] == 0
+    assert cfg["calibration"]["sequences"] == 4 and cfg["fingerprint"]["num_layers"] == 6
+    # the bundle round-trips and runs through the IG-Pruning inference path without an encoder
+    loaded = Bundle.load(bundle.save(tmp_path / "b"))
+    assert loaded.static and torch.equal(loaded.masks, bundle.masks)
+    dynamic = DynamicPrunedModel.from_bundle(model, loaded, tokenizer)
+    assert len(dynamic.generate_text(["Bake the"], max_new_tokens=3)) == 1
+
+
+def test_evopress_keeps_the_requested_split_of_attention_and_ffn(llama):
+    model, tokenizer = llama
+    bundle = run("evopress", model, tokenizer, sparsity=0.34, attn_off=3)
+    assert (bundle.config["attn_skipped"], bundle.config["ffn_skipped"]) == (3, 1)
+    kinds = {g["off"][0][:3] for g in bundle.logs["search"]["generations"]}
+    assert kinds <= {"att", "ffn"}
+
+
+def model_made_text(model, tokenizer, n=6, length=48, seed=0):
+    """Text sampled from the model itself: the dense model is then the best predictor of it (Gibbs)."""
+    torch.manual_seed(seed)
+    start = torch.full((n, 1), tokenizer.bos_token_id)
+    out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length,
+                         min_new_tokens=length, top_k=0, pad_token_id=0)
+    return [t for t in tokenizer.batch_decode(out, skip_special_tokens=True) if t.strip()]
+
+
+@pytest.fixture(scope="module")
+def identity_layer():
+    """A tiny model whose layer 2 adds nothing (o_proj and down_proj zero), with text it wrote itself."""
+    model, tokenizer = tiny_model("llama", layers=5, seed=1), tiny_tokenizer()
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    return model, tokenizer, model_made_text(model, tokenizer)
+
+
+@pytest.mark.parametrize("method", ["sleb", "shortened-ppl", "shortened-taylor"])
+def test_a_layer_that_does_nothing_is_removed_first(identity_layer, method):
+    model, tokenizer, texts = identity_layer
+    options = {"samples": 6, "seq_len": 40}
+    layer = run(method, model, tokenizer, texts, sparsity=0.2, granularity="layer", **options)
+    assert layer.logs["search"]["order"] == ["layer2"]
+    block = run(method, model, tokenizer, texts, sparsity=0.2, granularity="block", **options)
+    assert sorted(block.logs["search"]["order"]) == ["attn2", "ffn2"]
+
+
+def test_evopress_same_seed_same_result_and_best_fitness_never_worsens(llama):
+    model, tokenizer = llama
+    options = {"generations": 6, "offspring": 4, "population": 6}
+    first = run("evopress", model, tokenizer, sparsity=0.34, seed=3, **options)
+    again = run("evopress", model, tokenizer, sparsity=0.34, seed=3, **options)
+    assert torch.equal(first.masks, again.masks)
+    curve = [g["best"] for g in first.logs["search"]["generations"]]
+    assert curve == [g["best"] for g in again.logs["search"]["generations"]]
+    assert len(curve) == 7 and all(b <= a for a, b in zip(curve, curve[1:], strict=False))
+    assert first.logs["search"]["best_fitness"] == curve[-1] >= 0
+
+
+def test_ppl_and_kl_match_a_direct_computation_and_prefix_reuse_changes_nothing():
+    for arch in ("llama", "gemma3_text"):
+        model, tokenizer = tiny_model(arch, layers=4), tiny_tokenizer()
+        calibration = make_calibration(tokenizer, TEXTS, 3, 20)
+        scorer = Scorer(model, calibration, batch_size=2, top_k=97, chunk_tokens=7)
+        space = SearchSpace(8, "block")
+        mask = space.mask([1, 4])
+        with torch.no_grad(), patch(model).masked(mask):
+            logits = model(input_ids=calibration.input_ids).logits.float()
+        with torch.no_grad():
+            dense = model(input_ids=calibration.input_ids).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), calibration.input_ids[:, 1:].flatten())
+        assert math.isclose(scorer.perplexity(mask), math.exp(nll), rel_tol=1e-4)
+        kl = F.kl_div(logits.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        assert math.isclose(scorer.kl(mask), kl.mean().item(), rel_tol=1e-3)  # top_k = vocab: exact
+        assert abs(scorer.kl(space.mask([]))) < 1e-6
+        candidates = [space.mask([1, u]) for u in range(8) if u != 1]
+        plain = [scorer.score(m, metric) for m in candidates for metric in ("ppl", "kl")]
+        with scorer.prefix(space.mask([1]), metric="ppl") as base:
+            reused = [scorer.score(m, metric) for m in candidates for metric in ("ppl", "kl")]
+        assert base == pytest.approx(scorer.perplexity(space.mask([1])), rel=1e-6)
+        assert reused == pytest.approx(plain, rel=1e-5)
+
+
+def test_topk_kl_is_a_lower_bound_of_the_full_kl():
+    model, tokenizer = tiny_model("llama", layers=4), tiny_tokenizer()
+    calibration = make_calibration(tokenizer, TEXTS, 3, 20)
+    mask = SearchSpace(8, "block").mask([2, 3])
+    full, top4 = Scorer(model, calibration, top_k=97).kl(mask), Scorer(model, calibration, top_k=4).kl(mask)
+    assert 0 < top4 <= full + 1e-6
+
+
+def test_taylor_leaves_no_gradients_behind(llama):
+    model, tokenizer = llama
+    run("shortened-taylor", model, tokenizer)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_bad_input_is_a_one_line_error(llama):
+    model, tokenizer = llama
+    with pytest.raises(IGPruneError, match="would skip all"):
+        run("sleb", model, tokenizer, sparsity=0.95, granularity="layer")
+    with pytest.raises(IGPruneError, match="sparsity"):
+        run("sleb", model, tokenizer, sparsity=1.0)
+    with pytest.raises(IGPruneError, match="no calibration texts"):
+        run("shortened-ppl", model, tokenizer, texts=[])
+    with pytest.raises(IGPruneError, match="no calibration texts"), pytest.warns(UserWarning, match="empty"):
+        run("shortened-ppl", model, tokenizer, texts=["", "   "])
+    with pytest.raises(IGPruneError, match="unknown method"):
+        find_mask("magic", model, tokenizer, TEXTS, 0.25)
+    with pytest.raises(IGPruneError, match="no option generations"):
+        run("sleb", model, tokenizer, generations=3)
+    with pytest.raises(IGPruneError, match="candidates"):  # the "+" heuristic protects all 6 layers
+        run("shortened-taylor", model, tokenizer, keep_first=4, keep_last=2)
+    with pytest.raises(IGPruneError, match="attn_off"):
+        run("evopress", model, tokenizer, sparsity=0.34, attn_off=5)
