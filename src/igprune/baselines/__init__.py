@@ -71,7 +71,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
             "cluster_steps": 0}),
 ]}
 
-_SCORER_OPTIONS = ("samples", "seq_len", "batch_size", "top_k", "keep_first", "keep_last")
+# options that shape the problem (data, scorer, candidates); the rest go to the method
+_PROBLEM_OPTIONS = ("samples", "seq_len", "batch_size", "top_k", "keep_first", "keep_last")
 
 
 def get_method(name: str) -> Method:
@@ -91,12 +92,11 @@ def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     k = units_off(sparsity, n_blocks, granularity)  # fails before any slow step
     space = SearchSpace(n_blocks, granularity).protect(opts["keep_first"], opts["keep_last"])
     calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source)
-    torch.manual_seed(seed)
     started = time.perf_counter()
     scorer = Scorer(model, calibration, batch_size=opts["batch_size"], top_k=opts.get("top_k", 64))
     problem = Problem(model, scorer, space, k, seed, progress)
     problem.check()
-    search_options = {key: value for key, value in opts.items() if key not in _SCORER_OPTIONS}
+    search_options = {key: value for key, value in opts.items() if key not in _PROBLEM_OPTIONS}
     result = entry.search(problem, **search_options)
     seconds = time.perf_counter() - started
     return _bundle(entry, model, calibration, space, sparsity, seed, opts, result, scorer, seconds)

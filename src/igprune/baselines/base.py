@@ -9,7 +9,7 @@ the protected layers and the scorer instead of re-deriving them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
@@ -17,6 +17,9 @@ from transformers import PreTrainedModel
 from igprune.blocks import ATTN, block_name
 from igprune.files import IGPruneError
 from igprune.masks import Granularity, mask_from_off, n_units
+
+if TYPE_CHECKING:
+    from igprune.baselines.scoring import Scorer
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Problem:
     """One search: switch off exactly `k` units of `space` in `model`, judged on the scorer's calibration data."""
 
     model: PreTrainedModel
-    scorer: Any  # igprune.baselines.scoring.Scorer (typed loosely to keep this module import-light)
+    scorer: Scorer  # the calibration data and how masks are scored on it
     space: SearchSpace
     k: int
     seed: int = 0

@@ -71,10 +71,10 @@ def taylor_importance(problem: Problem) -> list[float]:
             for p in plist:
                 owner[id(p)] = 2 * i + kind
                 params.append(p)
-    sums = torch.zeros(len(layers) * 2, dtype=torch.float64, device=scorer.device)
+    sums = torch.zeros(len(layers) * 2, dtype=torch.float32, device=scorer.device)
 
     def fold(p: torch.nn.Parameter) -> None:
-        sums[owner[id(p)]] += (p.detach() * p.grad).abs().sum().double()
+        sums[owner[id(p)]] += (p.detach() * p.grad).abs().sum().float()
         p.grad = None
 
     was = [p.requires_grad for p in params]
