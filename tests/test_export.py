@@ -115,5 +115,6 @@ def test_cli_baseline_inspect_and_export(tmp_path, prepared_data):
     result = runner.invoke(app, ["export", "--bundle", str(bundle), "--out", str(tmp_path / "plain")])
     assert result.exit_code == 0, result.output
     assert "matches the masked model" in " ".join(result.output.split()), result.output
+    assert json.loads((tmp_path / "plain" / "igprune-export.json").read_text())["bundle"] == str(bundle)
     model, _ = load_model(str(tmp_path / "plain"))
     assert model.config.num_hidden_layers <= 4

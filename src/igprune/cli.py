@@ -285,7 +285,7 @@ def export(
                       return_tensors="pt").input_ids.to(lm.device)
     with torch.no_grad(), patch(lm).masked(loaded.masks[cluster]):
         expected = lm(input_ids=probe).logits.float()
-    record = export_bundle(loaded, lm, tokenizer, out, cluster=cluster, inplace=True)  # lm is consumed
+    record = export_bundle(bundle, lm, tokenizer, out, cluster=cluster, inplace=True)  # lm is consumed
     del lm
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=expected.dtype).to(probe.device).eval()
     with torch.no_grad():

@@ -122,10 +122,10 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
 
 def export_bundle(bundle: str | Path | Bundle, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
                   out: str | Path, cluster: int = 0, inplace: bool = False) -> dict[str, Any]:
-    """Export cluster `cluster`'s mask of a bundle made for `model`."""
-    where = str(bundle)
+    """Export cluster `cluster`'s mask of a bundle (a folder or a loaded Bundle) made for `model`."""
+    where = None if isinstance(bundle, Bundle) else str(bundle)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    bundle.check_model(model, where)
+    bundle.check_model(model, where or "")
     if not 0 <= cluster < bundle.n_clusters:
         raise IGPruneError(f"cluster must be in [0, {bundle.n_clusters - 1}] for this bundle, not {cluster}")
     source = {"bundle": where, "method": bundle.config.get("method"), "cluster": cluster,
