@@ -299,6 +299,105 @@ def export(
                   highlight=False)
 
 
+ResultsOutOpt = Annotated[Path, typer.Option("--out", "-o", help="results JSON file to write")]
+EvalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder: evaluated dense, or "
+                                                  "with --bundle the model to prune (default: the bundle's)")]
+EvalBundleOpt = Annotated[Path | None, typer.Option("--bundle", "-b", help="bundle folder: evaluate pruned")]
+EvalSeedOpt = Annotated[int, typer.Option(help="seed for lm-eval and data sampling (recorded)")]
+
+
+def _eval_target(model: str | None, bundle: Path | None, device: str, dtype: str):
+    """(model, tokenizer) for --model M (dense) or --bundle DIR (the bundle's model unless --model is given)."""
+    from igprune.models import load_model
+
+    if bundle is not None:
+        _, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
+        return lm, tokenizer
+    if model is None:
+        raise IGPruneError("give --model M to evaluate a dense model or --bundle DIR to evaluate a pruned one")
+    return load_model(model, device=device, dtype=dtype)
+
+
+@app.command("eval")
+def eval_(
+    out: ResultsOutOpt,
+    model: EvalModelOpt = None,
+    bundle: EvalBundleOpt = None,
+    tasks: Annotated[str, typer.Option(help="paper6, or task names with commas (e.g. arc_easy,piqa)")] = "paper6",
+    limit: Annotated[int | None, typer.Option(help="first N documents of each task (default: all)")] = None,
+    batch_size: Annotated[int, typer.Option(help="requests per forward pass")] = 8,
+    kv_policy: KVOpt = "keep",
+    dense: Annotated[Path | None, typer.Option(help="dense results file for the Percentage column (default: a "
+                                                    "cached dense result for the same model, tasks and limit)")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="also print the paper-style table row")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached per-task results")] = True,
+    seed: EvalSeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Zero-shot accuracy on the paper's tasks through lm-eval: dense (--model) or pruned (--bundle).
+
+    Every task's result is cached, so an interrupted run resumes and a repeated one returns at once.
+    """
+    from igprune.evaluation.benchmark import evaluate
+    from igprune.evaluation.results import load_results, results_table, save_results
+
+    reference = load_results(dense) if dense is not None else None
+    lm, tokenizer = _eval_target(model, bundle, device, dtype)
+    results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
+                       dense=reference, use_cache=cache, seed=seed)
+    save_results(out, results)
+    table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
+    for name, task in results["tasks"].items():
+        routing = (results["routing"] or {}).get(name) or {}
+        table.add_row(name, task["metric"], f"{task['value']:.2f}", f"{task['stderr']:.2f}", str(task["n"]),
+                      "cached" if task["cached"] else f"{task['seconds']:.0f}",
+                      " ".join(f"{k}:{v}" for k, v in routing.items()))
+    console.print(table)
+    share = f", {results['percentage']:.2f}% of dense" if results["percentage"] is not None else ""
+    console.print(f"{results['method']} {results['model']}: average {results['average']:.2f}{share}; "
+                  f"{results['provenance']['seconds']['total']:.0f} s; wrote {out}", highlight=False)
+    if markdown:
+        print(results_table([results]))
+
+
+@app.command("table")
+def table_(files: Annotated[list[Path], typer.Argument(help="results files written by igprune eval")]) -> None:
+    """Print results files together as a Markdown table in the layout of the paper's Table 1."""
+    from igprune.evaluation.results import load_results, results_table
+
+    print(results_table([load_results(f) for f in files]))
+
+
+@app.command()
+def ppl(
+    out: ResultsOutOpt,
+    model: EvalModelOpt = None,
+    bundle: EvalBundleOpt = None,
+    data: Annotated[str, typer.Option(help="calibration source; its held-out split is scored")] = "mixed",
+    seq_len: Annotated[int, typer.Option(help="tokens scored per passage (from its start)")] = 512,
+    limit: Annotated[int | None, typer.Option(help="held-out passages to score (default: all)")] = None,
+    batch_size: Annotated[int, typer.Option(help="passages per forward pass (fewer if logits would be large)")] = 8,
+    kv_policy: KVOpt = "keep",
+    seed: EvalSeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Perplexity on held-out calibration passages (never those used for clustering or mask training)."""
+    from igprune.evaluation.perplexity import perplexity
+    from igprune.evaluation.results import save_results
+
+    lm, tokenizer = _eval_target(model, bundle, device, dtype)
+    results = perplexity(lm, tokenizer, bundle, source=data, seq_len=seq_len, limit=limit, batch_size=batch_size,
+                         kv_policy=kv_policy, seed=seed)
+    save_results(out, results)
+    console.print(f"{results['method']} {results['model']}: perplexity {results['perplexity']:.3f} on "
+                  f"{results['passages']} held-out {data} passages ({results['tokens']} tokens, <= {seq_len} per "
+                  f"passage); {results['provenance']['seconds']['total']:.0f} s; wrote {out}", highlight=False)
+    for k, c in (results.get("per_cluster") or {}).items():
+        console.print(f"  cluster {k}: {c['passages']} passages, perplexity {c['perplexity']:.3f}", highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app and turn IGPruneError into one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,170 @@
+"""`evaluate`: one model configuration (dense, static or dynamic) on the paper's zero-shot tasks.
+
+Tasks run one at a time through lm_eval.simple_evaluate (zero-shot, fixed seeds, no sample logs), each
+result cached under a key of everything that decides it: model fingerprint, bundle content (masks,
+centroids, encoder), task definition and data, limit, seed, dtype, device type and package versions. The
+KV policy and batch size do not change log-likelihoods (up to float rounding) and are left out of the key.
+So an interrupted benchmark resumes at the first task it has not finished, and a repeated run returns at
+once. Values are the paper's metric (acc_norm, acc on winogrande) in percent, with lm-eval's standard error
+(analytic for these mean metrics: no bootstrap is run, whatever `bootstrap_iters` says).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from igprune.blocks import KVPolicy
+from igprune.bundle import Bundle, fingerprint
+from igprune.data import eval_dataset_path
+from igprune.evaluation.results import Configuration, ResultCache, config_hash, percentage, provenance, versions
+from igprune.evaluation.tasks import GROUP, PAPER6, PAPER_METRIC, PREFIX, TEMPLATES
+from igprune.files import IGPruneError, sha256_file
+
+BOOTSTRAP_ITERS = 1000  # > 0 so lm-eval reports a stderr; acc/acc_norm use the closed form, not the bootstrap
+
+
+def resolve_tasks(tasks: Sequence[str]) -> list[str]:
+    """lm-eval task names, in the paper's column order, from "paper6", lm-eval names or short names."""
+    wanted: set[str] = set()
+    for name in tasks:
+        for part in (p.strip() for p in name.split(",") if p.strip()):
+            if part == GROUP:
+                wanted.update(PAPER6)
+            elif part in PAPER6 or PREFIX + part in PAPER6:
+                wanted.add(part if part in PAPER6 else PREFIX + part)
+            else:
+                raise IGPruneError(f"unknown task {part!r}; use {GROUP} or some of: "
+                                   f"{', '.join(t.removeprefix(PREFIX) for t in PAPER6)}")
+    if not wanted:
+        raise IGPruneError(f"no tasks given; use {GROUP}")
+    return [t for t in PAPER6 if t in wanted]
+
+
+def _task_key(model: PreTrainedModel, bundle_content: str | None, task: str, limit: int | None,
+              seed: int) -> dict[str, Any]:
+    """Everything that decides one task's result; the results cache is keyed by it."""
+    definition = (TEMPLATES / f"{task}.yaml").read_text()
+    return {"model": model.name_or_path, "fingerprint": fingerprint(model), "bundle": bundle_content,
+            "task": task, "task_sha256": config_hash([definition, sha256_file(eval_dataset_path(
+                task.removeprefix(PREFIX)))]),
+            "limit": limit, "num_fewshot": 0, "seed": seed, "dtype": str(model.dtype),
+            "device": model.device.type, "versions": dict(versions())}
+
+
+def _task_result(output: dict[str, Any], task: str) -> dict[str, Any]:
+    metric = PAPER_METRIC[task]
+    scores = output["results"][task]
+    stderr = scores.get(f"{metric}_stderr,none")
+    return {"metric": metric, "value": 100.0 * float(scores[f"{metric},none"]),
+            "stderr": 100.0 * float(stderr) if isinstance(stderr, (int, float)) else None,
+            "n": int(output["n-samples"][task]["effective"])}
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle: Bundle | str | Path | None = None,
+             tasks: Sequence[str] = (GROUP,), limit: int | None = None, batch_size: int = 8,
+             kv_policy: KVPolicy = "keep", dense: dict[str, Any] | None = None, use_cache: bool = True,
+             cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Zero-shot accuracy of `model` (dense), or of `model` pruned by `bundle`, as a results dict.
+
+    "percentage" is filled in against `dense` (a dense results dict) when given, else against a cached
+    dense result for the same model, tasks and limit if there is one. `cache_dir` defaults to <cache>/results;
+    use_cache=False recomputes every task (and refreshes the cache).
+    """
+    from tqdm import tqdm
+
+    config = Configuration.load(model, bundle)
+    names = resolve_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise IGPruneError("limit must be a positive number of documents per task")
+    cache = ResultCache(cache_dir)
+    started = time.perf_counter()
+    runner: _Runner | None = None
+    results: dict[str, Any] = {"kind": "accuracy", **config.describe(), "limit": limit, "kv_policy": kv_policy,
+                               "batch_size": batch_size, "tasks": {}, "routing": {} if config.dynamic else None}
+    for task in tqdm(names, desc="tasks", unit="task", disable=not progress or None):
+        key = _task_key(model, config.content_sha256, task, limit, seed)
+        entry = cache.get(key) if use_cache else None
+        if entry is not None:
+            entry["cached"] = True
+        else:
+            runner = runner or _Runner(config, tokenizer, batch_size, kv_policy, seed)
+            entry = runner.run(task, limit)
+            cache.put(key, entry)
+            entry["cached"] = False
+        short = task.removeprefix(PREFIX)
+        routing = entry.pop("routing", None)
+        if config.dynamic:
+            results["routing"][short] = routing
+        results["tasks"][short] = entry
+    values = [t["value"] for t in results["tasks"].values()]
+    results["average"] = sum(values) / len(values)
+    errors = [t["stderr"] for t in results["tasks"].values()]
+    # the mean's stderr with tasks taken as independent
+    results["average_stderr"] = None if None in errors else sum(e * e for e in errors) ** 0.5 / len(errors)
+    results["dense_average"], results["percentage"] = _compare(results, dense, model, names, limit, seed, cache)
+    results["provenance"] = {**provenance(seed, str(model.device), str(model.dtype).removeprefix("torch.")),
+                             "bundle": config.identity(), "bootstrap_iters": BOOTSTRAP_ITERS,
+                             "seconds": {"total": round(time.perf_counter() - started, 1),
+                                         "routing": round(runner.lm.routing_seconds, 1) if runner else 0.0}}
+    return results
+
+
+def _compare(results: dict[str, Any], dense: dict[str, Any] | None, model: PreTrainedModel, names: list[str],
+             limit: int | None, seed: int, cache: ResultCache) -> tuple[float | None, float | None]:
+    """(dense average, percentage of it) from `dense`, the result itself if dense, or the cache; else Nones."""
+    if results["method"] == "dense":
+        return results["average"], 100.0
+    if dense is None:
+        entries = [cache.get(_task_key(model, None, task, limit, seed)) for task in names]
+        if any(e is None for e in entries):
+            return None, None
+        dense = {"method": "dense", "model": results["model"], "limit": limit,
+                 "tasks": {t.removeprefix(PREFIX): e for t, e in zip(names, entries, strict=True)},
+                 "average": sum(e["value"] for e in entries) / len(entries)}
+    return dense["average"], percentage(results, dense)
+
+
+class _Runner:
+    """The lm-eval side, built only when some task is not cached (importing lm-eval takes seconds)."""
+
+    def __init__(self, config: Configuration, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 kv_policy: KVPolicy, seed: int):
+        from igprune.evaluation.harness import IGPruneLM
+        from igprune.evaluation.tasks import task_manager
+        from igprune.stage2.dynamic import DynamicPrunedModel
+
+        pruned = None
+        if config.bundle is not None:
+            pruned = DynamicPrunedModel.from_bundle(config.model, config.bundle, tokenizer, kv_policy=kv_policy)
+        self.lm = IGPruneLM(config.model, tokenizer, pruned, batch_size=batch_size)
+        self.manager = task_manager()
+        self.seed = seed
+
+    def run(self, task: str, limit: int | None) -> dict[str, Any]:
+        import lm_eval
+
+        self.lm.reset_routing()
+        started, cpu = time.perf_counter(), time.process_time()
+        lm_logger = logging.getLogger("lm_eval")
+        level = lm_logger.level
+        lm_logger.setLevel(logging.ERROR)  # per-task INFO/WARNING chatter (seeds, fewshot overrides)
+        try:
+            output = lm_eval.simple_evaluate(
+                model=self.lm, tasks=[task], task_manager=self.manager, limit=limit, num_fewshot=0,
+                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, random_seed=self.seed,
+                numpy_random_seed=self.seed, torch_random_seed=self.seed, fewshot_random_seed=self.seed)
+        finally:
+            lm_logger.setLevel(level)
+        entry = _task_result(output, task)
+        # CPU seconds as well as wall: on a shared machine wall time depends on the neighbours' load
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        entry["cpu_seconds"] = round(time.process_time() - cpu, 1)
+        routing = self.lm.routing.get(task)
+        entry["routing"] = {str(k): v for k, v in routing.items()} if routing else None
+        return entry

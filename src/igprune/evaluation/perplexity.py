@@ -1,0 +1,128 @@
+"""Perplexity on held-out calibration text, for dense, static and dynamic models.
+
+Texts: `load_calibration(source, split="heldout")`, passages of documents that no clustering or mask-training
+passage comes from. Each passage is scored on its own, from its start and truncated to its first `seq_len`
+tokens (passages are cut at up to CHARS_PER_TOKEN * seq_len characters, so most fill the window; the mean
+length is reported). Perplexity is exp of the mean NLL over all predicted tokens of all passages
+(token-weighted). A dynamic model routes each passage by exactly the text it scores, all passages in one
+batched encoder call, and runs each cluster's passages under its mask. Rows per batch are capped so the
+logits of one batch stay within LOGITS_BUDGET bytes, whatever the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from igprune.blocks import KVPolicy
+from igprune.bundle import Bundle
+from igprune.evaluation.results import Configuration, provenance
+from igprune.files import IGPruneError
+from igprune.stage2.dynamic import DynamicPrunedModel
+
+CHARS_PER_TOKEN = 8  # generous: most text is 3-5 characters per token, so passages fill seq_len
+LOGITS_BUDGET = 512 * 2**20  # bytes of float32 logits (and their log-softmax) per batch
+
+
+def rows_per_batch(batch_size: int, seq_len: int, vocab: int) -> int:
+    """`batch_size`, or fewer rows when (rows, seq_len, vocab) logits and their log-softmax exceed the budget."""
+    return max(1, min(batch_size, LOGITS_BUDGET // (2 * 4 * seq_len * vocab)))
+
+
+@torch.no_grad()
+def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int) -> list[tuple[float, int]]:
+    """(summed NLL, predicted tokens) per sequence, under whatever mask is active; longest sequences first."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    rows = rows_per_batch(batch_size, max((len(x) for x in ids), default=1), model.config.vocab_size)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(ids)
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        width = len(ids[chunk[0]])
+        batch = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            batch[r, :len(ids[i])] = torch.tensor(ids[i])
+            mask[r, :len(ids[i])] = 1
+        logits = model(input_ids=batch.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+        logits = logits[:, :-1]
+        labels = batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        for r, i in enumerate(chunk):
+            out[i] = (float(nll[r].sum()), len(ids[i]) - 1)
+        del logits, nll
+    return out
+
+
+def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int,
+                batch_size: int = 8, pruned: DynamicPrunedModel | None = None,
+                progress: bool = False) -> tuple[list[tuple[float, int]], list[int]]:
+    """(summed NLL, predicted tokens) per text, each truncated to `seq_len` tokens, and its cluster (0 if not
+    routed). With `pruned`, texts are routed by their truncated text and grouped per cluster."""
+    from tqdm import tqdm
+
+    if seq_len < 2:
+        raise IGPruneError("seq_len must be at least 2 tokens")
+    ids = [x[:seq_len] for x in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    if any(len(x) < 2 for x in ids):
+        raise IGPruneError("every text needs at least 2 tokens to score")
+    clusters = [0] * len(texts)
+    if pruned is not None:
+        scored = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        clusters = [r.cluster for r in pruned.route(scored)]
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
+    groups = sorted(set(clusters))
+    for cluster in tqdm(groups, desc="perplexity", unit="cluster", disable=not progress or len(groups) == 1 or None):
+        rows = [i for i, c in enumerate(clusters) if c == cluster]
+        if pruned is None:
+            results = token_nll(model, [ids[i] for i in rows], batch_size)
+        else:
+            with pruned.control.masked(pruned.mask_for(cluster), pruned.kv_policy):
+                results = token_nll(model, [ids[i] for i in rows], batch_size)
+        for i, result in zip(rows, results, strict=True):
+            scores[i] = result
+    return scores, clusters
+
+
+def _ppl(scores: list[tuple[float, int]]) -> float:
+    return math.exp(sum(s for s, _ in scores) / sum(n for _, n in scores))
+
+
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle: Bundle | str | Path | None = None,
+               source: str = "mixed", seq_len: int = 512, limit: int | None = None, batch_size: int = 8,
+               kv_policy: KVPolicy = "keep", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Held-out perplexity of `model`, dense or pruned by `bundle`, as a results dict (kind "perplexity")."""
+    from igprune.data import load_calibration
+
+    config = Configuration.load(model, bundle)
+    started = time.perf_counter()
+    texts = load_calibration(source, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=seed)
+    if not texts:
+        raise IGPruneError(f"no held-out {source} passages; run `igprune prepare`")
+    pruned = None
+    if config.bundle is not None:
+        pruned = DynamicPrunedModel.from_bundle(model, config.bundle, tokenizer, kv_policy=kv_policy)
+    scores, clusters = score_texts(model, tokenizer, texts, seq_len, batch_size, pruned, progress)
+    tokens = sum(n for _, n in scores)
+    results: dict[str, Any] = {
+        "kind": "perplexity", **config.describe(), "data": source, "split": "heldout", "seq_len": seq_len,
+        "limit": limit, "kv_policy": kv_policy, "batch_size": batch_size, "passages": len(texts),
+        "tokens": tokens, "mean_tokens_per_passage": round(tokens / len(texts) + 1, 1),
+        "nll": sum(s for s, _ in scores) / tokens, "perplexity": _ppl(scores),
+    }
+    if config.dynamic:
+        by_cluster: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for score, cluster in zip(scores, clusters, strict=True):
+            by_cluster[cluster].append(score)
+        results["per_cluster"] = {str(k): {"passages": len(v), "tokens": sum(n for _, n in v), "perplexity": _ppl(v)}
+                                  for k, v in sorted(by_cluster.items())}
+    results["provenance"] = {**provenance(seed, str(model.device), str(model.dtype).removeprefix("torch.")),
+                             "bundle": config.identity(),
+                             "seconds": {"total": round(time.perf_counter() - started, 1)}}
+    return results

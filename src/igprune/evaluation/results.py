@@ -1,0 +1,248 @@
+"""Results as files: what every results file records, where results are cached, and the paper's table.
+
+A results file is one JSON object (format FORMAT) for one model configuration: "kind" is "accuracy"
+(`igprune eval`) or "perplexity" (`igprune ppl`), plus what was evaluated (model, method, sparsity,
+n_clusters), the numbers, and provenance (versions, seed, machine, date, wall time). Files are written
+atomically. The cache (<cache>/results/) keeps one small JSON file per configuration and task, named by a
+hash of everything that decides the result, so a second identical run, or an interrupted benchmark run
+again, only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from igprune.blocks import num_blocks
+from igprune.bundle import Bundle, fingerprint
+from igprune.files import IGPruneError, cache_root, read_json, write_json
+
+FORMAT = "igprune-results/1"
+
+# The paper's Table 1 columns: task (short name) -> header, in order.
+COLUMNS = {"openbookqa": "OBQA", "winogrande": "WG", "hellaswag": "HS", "piqa": "PIQA", "arc_easy": "ARC-E",
+           "arc_challenge": "ARC-C"}
+METHOD_NAMES = {"dense": "Dense", "sleb": "SLEB", "shortened-ppl": "ShortenedLlama (PPL)",
+                "shortened-taylor": "ShortenedLlama (Taylor)", "evopress": "EvoPress", "static-l0": "Static L0",
+                "ig-pruning": "IG-Pruning"}
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+@cache
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide a result."""
+    out = {}
+    for package in ("igprune", "lm_eval", "transformers", "torch"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _git_commit() -> str | None:
+    """The igprune checkout's commit (with "+dirty" for local changes), or None outside a git checkout."""
+    where = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(seed: int, device: str, dtype: str) -> dict[str, Any]:
+    """Versions, seed, machine and date, for a results file."""
+    return {
+        "versions": dict(versions()),
+        "igprune_git": _git_commit(),
+        "seed": seed,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": device, "dtype": dtype},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def config_hash(data: Any) -> str:
+    """sha256 of a JSON-able value, independent of key order."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class Configuration:
+    """What is evaluated: a model, dense or pruned by a bundle (checked against the model on load)."""
+
+    model: PreTrainedModel
+    bundle: Bundle | None = None
+    bundle_path: str | None = None
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, bundle: Bundle | str | Path | None = None) -> Configuration:
+        path = str(bundle) if isinstance(bundle, (str, Path)) else None
+        if path is not None:
+            bundle = Bundle.load(path)
+        if bundle is not None:
+            bundle.check_model(model, path or "")
+        return cls(model, bundle, path)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.bundle is not None and not self.bundle.static
+
+    @property
+    def content_sha256(self) -> str | None:
+        """Hash of exactly what changes predictions: masks, centroids and encoder; None when dense."""
+        if self.bundle is None:
+            return None
+        b = self.bundle
+        return config_hash({"masks": b.masks.to(torch.bool).tolist(), "centroids": b.centroids.float().tolist(),
+                            "encoder": b.config.get("encoder"), "encoder_tokens": b.config.get("encoder_tokens")})
+
+    def describe(self) -> dict[str, Any]:
+        """model, method, sparsity and n_clusters, as results files record them."""
+        name = self.model.name_or_path or fingerprint(self.model)["architecture"]
+        if self.bundle is None:
+            return {"model": name, "method": "dense", "n_clusters": None,
+                    "sparsity": {"blocks_skipped": 0, "blocks_total": num_blocks(self.model), "granularity": None}}
+        cfg, masks = self.bundle.config, self.bundle.masks
+        return {"model": name, "method": cfg.get("method", "unknown"), "n_clusters": self.bundle.n_clusters,
+                "sparsity": {"blocks_skipped": int((~masks[0]).sum()), "blocks_total": masks.shape[1],
+                             "granularity": cfg.get("granularity"), "target": cfg.get("sparsity")}}
+
+    def identity(self) -> dict[str, Any] | None:
+        """The bundle's path and hashes, for provenance; None when dense."""
+        if self.bundle is None:
+            return None
+        return {"path": self.bundle_path, "config_sha256": config_hash(self.bundle.config),
+                "content_sha256": self.content_sha256}
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def save_results(path: str | Path, results: dict[str, Any]) -> Path:
+    """Write a results file atomically."""
+    path = Path(path)
+    write_json(path, {"format": FORMAT, **{k: v for k, v in results.items() if k != "format"}})
+    return path
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        results = read_json(path)
+    except FileNotFoundError:
+        raise IGPruneError(f"no results file {path}") from None
+    except ValueError as err:
+        raise IGPruneError(f"{path} is not valid JSON ({err}); write it again with `igprune eval`") from None
+    if not isinstance(results, dict) or results.get("format") != FORMAT:
+        raise IGPruneError(f"{path} is not an igprune results file (format {FORMAT})")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+class ResultCache:
+    """One JSON file per key under `folder`; the key itself is stored too, and checked on every read."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder is not None else cache_root() / "results"
+
+    def path(self, key: dict[str, Any]) -> Path:
+        return self.folder / f"{config_hash(key)[:24]}.json"
+
+    def get(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        path = self.path(key)
+        try:
+            stored = read_json(path)
+        except (OSError, ValueError):
+            return None
+        # A different stored key (hash collision or hand edit) is a miss, never a wrong answer.
+        return stored.get("value") if stored.get("key") == json.loads(json.dumps(key, default=str)) else None
+
+    def put(self, key: dict[str, Any], value: dict[str, Any]) -> None:
+        write_json(self.path(key), {"key": key, "value": value})
+
+
+# ------------------------------------------------------------------------------------------- comparison
+
+
+def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float:
+    """The paper's last column: a result's average as a percent of the dense model's, on the same tasks.
+
+    Refuses a dense result for another model, limit or task set, where the ratio would mean nothing.
+    """
+    if dense.get("method") != "dense":
+        raise IGPruneError(f"the reference result is {dense.get('method')!r}, not a dense model")
+    for key in ("model", "limit"):
+        if result.get(key) != dense.get(key):
+            raise IGPruneError(f"the dense result has {key} {dense.get(key)!r} but this one {result.get(key)!r}; "
+                               "evaluate the dense model with the same settings")
+    if set(result["tasks"]) != set(dense["tasks"]):
+        raise IGPruneError(f"the dense result covers tasks {sorted(dense['tasks'])}, this one "
+                           f"{sorted(result['tasks'])}; evaluate both on the same tasks")
+    return 100.0 * result["average"] / dense["average"]
+
+
+def _method_label(result: dict[str, Any]) -> str:
+    label = METHOD_NAMES.get(result["method"], result["method"])
+    if result["method"] == "ig-pruning" and result.get("n_clusters"):
+        label += f" (N={result['n_clusters']})"
+    return label
+
+
+def _sparsity_label(result: dict[str, Any]) -> str:
+    s = result["sparsity"]
+    return f"{100 * s['blocks_skipped'] / s['blocks_total']:.1f}%"
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """A Markdown table in the layout of the paper's Table 1, rows ordered by sparsity (input order within one).
+
+    Task cells are the paper's metric in percent; a sparsity is printed once per group, as in the paper;
+    a Model column is added when the results cover more than one model.
+    """
+    if not results:
+        raise IGPruneError("no results to tabulate")
+    for r in results:
+        if r.get("kind") != "accuracy":
+            raise IGPruneError(f"only accuracy results go in the table, not {r.get('kind')!r} ({r.get('model')})")
+    many_models = len({r["model"] for r in results}) > 1
+    head = (["Model"] if many_models else []) + ["Sparsity", "Method", *COLUMNS.values(), "Average", "Percentage"]
+    rows = sorted(results, key=lambda r: (r["model"], r["sparsity"]["blocks_skipped"] / r["sparsity"]["blocks_total"])
+                  if many_models else r["sparsity"]["blocks_skipped"] / r["sparsity"]["blocks_total"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    previous = None
+    for r in rows:
+        group = (r["model"], _sparsity_label(r))
+        cells = ([r["model"] if previous is None or previous[0] != group[0] else ""] if many_models else [])
+        cells.append(group[1] if group != previous else "")
+        cells.append(_method_label(r))
+        cells += [f"{r['tasks'][t]['value']:.2f}" if t in r["tasks"] else "–" for t in COLUMNS]
+        cells.append(f"{r['average']:.2f}")
+        cells.append(f"{r['percentage']:.2f}%" if r.get("percentage") is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+        previous = group
+    return "\n".join(lines)

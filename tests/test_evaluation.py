@@ -1,0 +1,259 @@
+"""Evaluation: the lm-eval model class, grouped dynamic scoring, perplexity, results files, cache and table."""
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+
+from igprune.bundle import Bundle, fingerprint
+from igprune.evaluation import benchmark
+from igprune.evaluation.harness import IGPruneLM, shared_text
+from igprune.evaluation.perplexity import rows_per_batch, score_texts, token_nll
+from igprune.evaluation.results import (
+    ResultCache,
+    load_results,
+    percentage,
+    results_table,
+    save_results,
+)
+from igprune.files import IGPruneError
+from igprune.stage2.dynamic import DynamicPrunedModel
+from igprune.stage2.router import Router
+
+QUESTIONS = [
+    ("Question: What do you stir in butter?\nAnswer:", [" onions", " bricks", " the sea"]),
+    ("Question: Which loop prints squares?\nAnswer:", [" for i in range(10)", " while False"]),
+    ("Question: Who scored twice?\nAnswer:", [" the striker", " the referee", " nobody", " a goalkeeper"]),
+    ("Question: How long is a marathon race?\nAnswer:", [" 42 km", " 5 km"]),
+    ("Question: Why bake bread?\nAnswer:", [" to eat it", " to wear it"]),
+]
+
+
+class FakeEncoder:
+    """Embeds a text by its length modulo 3 (one-hot), so routing is known and cheap; counts its calls."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        return torch.eye(3)[[len(t) % 3 for t in texts]]
+
+
+def requests(task="tiny"):
+    return [Instance("loglikelihood", {}, (context, choice), i, (task, doc, 1))
+            for doc, (context, choices) in enumerate(QUESTIONS) for i, choice in enumerate(choices)]
+
+
+def dynamic_model(model, tokenizer):
+    """Three clusters with different masks over the tiny model's 8 blocks, routed by FakeEncoder."""
+    masks = torch.ones(3, 8, dtype=torch.bool)
+    masks[0, [2, 5]] = False
+    masks[1, [1, 6]] = False
+    masks[2, [3]] = False
+    return DynamicPrunedModel(model, tokenizer, Router(torch.eye(3), FakeEncoder()), masks)
+
+
+def make_bundle(model, masks, method="sleb"):
+    config = {"method": method, "model": "tiny", "fingerprint": fingerprint(model), "granularity": "block",
+              "sparsity": float((~masks[0]).sum()) / masks.shape[1]}
+    return Bundle(masks, torch.zeros(masks.shape[0], 0), config)
+
+
+def test_dense_and_static_all_on_give_lm_evals_own_loglikelihoods():
+    tokenizer = tiny_tokenizer()
+    reference = HFLM(pretrained=tiny_model(), tokenizer=tokenizer, batch_size=1).loglikelihood(requests())
+    ours = IGPruneLM(tiny_model(), tokenizer, batch_size=4).loglikelihood(requests())
+    model = tiny_model()
+    static = DynamicPrunedModel.from_bundle(model, make_bundle(model, torch.ones(1, 8, dtype=torch.bool)), tokenizer)
+    all_on = IGPruneLM(model, tokenizer, static, batch_size=3).loglikelihood(requests())
+    assert [g for _, g in ours] == [g for _, g in reference] == [g for _, g in all_on]
+    for (a, _), (b, _), (c, _) in zip(ours, reference, all_on, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and c == pytest.approx(b, abs=1e-4)
+
+
+def test_grouped_batching_equals_one_request_at_a_time_under_its_routed_mask():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    pruned = dynamic_model(model, tokenizer)
+    reqs = requests()
+    grouped = IGPruneLM(model, tokenizer, pruned, batch_size=4).loglikelihood(reqs)
+    single = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    clusters = [len(context) % 3 for context, _ in (r.args for r in reqs)]
+    assert len(set(clusters)) == 3  # every mask is used, so a mix-up between groups would show
+    for request, cluster, (value, greedy) in zip(reqs, clusters, grouped, strict=True):
+        with pruned.control.masked(pruned.masks[cluster]):
+            expected, expected_greedy = single.loglikelihood([request], disable_tqdm=True)[0]
+        assert value == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    dense = IGPruneLM(tiny_model(), tokenizer, batch_size=4).loglikelihood(reqs)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(grouped, dense, strict=True)) > 1e-2  # the masks matter
+
+
+def test_documents_are_routed_once_in_one_batch_and_counted_per_task():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    pruned = dynamic_model(model, tokenizer)
+    lm = IGPruneLM(model, tokenizer, pruned, batch_size=4)
+    lm.loglikelihood(requests("a"))
+    lm.loglikelihood(requests("b"))
+    encoder = pruned.router.encoder
+    assert len(encoder.calls) == 1 and sorted(encoder.calls[0]) == sorted(q for q, _ in QUESTIONS)
+    expected = {}
+    for context, _ in QUESTIONS:
+        expected[len(context) % 3] = expected.get(len(context) % 3, 0) + 1
+    assert lm.routing == {"a": dict(sorted(expected.items())), "b": dict(sorted(expected.items()))}
+    lm.reset_routing()
+    assert lm.routing == {}
+
+
+def test_choices_of_one_document_share_a_mask_even_when_contexts_differ():
+    # winogrande: each choice fills the blank, so the contexts differ; the doc is routed by their common prefix
+    assert shared_text(["The trophy fits the suitcase because the trophy", "The trophy fits the suitcase because "
+                        "the suitcase"]) == "The trophy fits the suitcase because the "
+    assert shared_text(["same", "same"]) == "same"
+    assert shared_text(["Anna left", "Bob left"]) == "Anna left"  # nothing shared: the first text
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    lm = IGPruneLM(model, tokenizer, dynamic_model(model, tokenizer), batch_size=2)
+    docs = [Instance("loglikelihood", {}, (ctx, " rest"), i, ("wg", 0, 1)) for i, ctx in enumerate(["ab x", "ab yy"])]
+    assert len(set(lm.clusters(docs))) == 1
+
+
+def test_perplexity_matches_hf_loss_and_does_not_depend_on_batching():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    texts = [t for ts in TOPICS.values() for t in ts]
+    scores, _ = score_texts(model, tokenizer, texts, seq_len=30, batch_size=4)
+    for text, (nll, n) in zip(texts, scores, strict=True):
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :30]
+        assert n == ids.shape[1] - 1
+        assert nll / n == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-4)
+    one_by_one = token_nll(model, [tokenizer(t).input_ids[:30] for t in texts], batch_size=1)
+    assert [n for _, n in one_by_one] == [n for _, n in scores]
+    assert all(a == pytest.approx(b, rel=1e-4) for (a, _), (b, _) in zip(one_by_one, scores, strict=True))
+
+
+def test_dynamic_perplexity_scores_each_text_under_its_routed_mask():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    pruned = dynamic_model(model, tokenizer)
+    texts = [t for ts in TOPICS.values() for t in ts]
+    scores, clusters = score_texts(model, tokenizer, texts, seq_len=20, batch_size=4, pruned=pruned)
+    assert len(set(clusters)) > 1
+    for text, cluster, (nll, _) in zip(texts, clusters, scores, strict=True):
+        truncated = tokenizer.decode(tokenizer(text).input_ids[:20], skip_special_tokens=True)
+        assert cluster == len(truncated) % 3  # routed by what is scored, not the whole text
+        with pruned.control.masked(pruned.masks[cluster]):
+            expected = token_nll(model, [tokenizer(text).input_ids[:20]], 1)[0][0]
+        assert nll == pytest.approx(expected, rel=1e-4)
+
+
+def test_logits_budget_caps_rows_per_batch():
+    assert rows_per_batch(8, 16, 97) == 8
+    assert rows_per_batch(8, 512, 152_000) == 1
+
+
+# ------------------------------------------------------------------------------------ results files
+
+
+def result(method="ig-pruning", average=50.0, model="m", limit=10, skipped=15, n_clusters=4):
+    tasks = {t: {"metric": "acc_norm", "value": average, "stderr": 1.0, "n": limit}
+             for t in ("openbookqa", "winogrande", "hellaswag", "piqa", "arc_easy", "arc_challenge")}
+    return {"kind": "accuracy", "model": model, "method": method, "limit": limit, "n_clusters": n_clusters,
+            "sparsity": {"blocks_skipped": skipped, "blocks_total": 60, "granularity": "block"},
+            "tasks": tasks, "average": average, "percentage": None}
+
+
+def test_results_file_round_trips(tmp_path):
+    original = result()
+    original["routing"] = {"piqa": {"0": 3, "2": 7}}
+    path = save_results(tmp_path / "r.json", original)
+    assert load_results(path) == {"format": "igprune-results/1", **original}
+    (tmp_path / "bad.json").write_text('{"kind": "accuracy"}')
+    with pytest.raises(IGPruneError, match="not an igprune results file"):
+        load_results(tmp_path / "bad.json")
+
+
+def test_percentage_is_relative_to_dense_on_the_same_settings():
+    dense = result("dense", 60.0, skipped=0, n_clusters=None)
+    assert percentage(result(average=45.0), dense) == pytest.approx(75.0)
+    with pytest.raises(IGPruneError, match="limit"):
+        percentage(result(limit=20), dense)
+    with pytest.raises(IGPruneError, match="not a dense"):
+        percentage(result(), result())
+
+
+def test_table_has_the_papers_layout():
+    dense = dict(result("dense", 60.0, skipped=0, n_clusters=None), percentage=100.0)
+    sleb = dict(result("sleb", 40.0, n_clusters=1), percentage=40 / 60 * 100)
+    ours = dict(result("ig-pruning", 45.0), percentage=75.0)
+    lines = results_table([sleb, ours, dense]).splitlines()
+    assert lines[0] == ("| Sparsity | Method | OBQA | WG | HS | PIQA | ARC-E | ARC-C | Average | Percentage |")
+    assert lines[2].startswith("| 0.0% | Dense | 60.00 |") and lines[2].endswith("| 60.00 | 100.00% |")
+    assert lines[3].startswith("| 25.0% | SLEB |") and lines[3].endswith("| 66.67% |")
+    assert lines[4].startswith("|  | IG-Pruning (N=4) | 45.00 |")
+
+
+# ---------------------------------------------------------------------------------- evaluate + cache
+
+
+def test_evaluate_caches_each_task_and_compares_with_cached_dense(prepared_data, tmp_path, monkeypatch):
+    tokenizer = tiny_tokenizer()
+    dense = benchmark.evaluate(tiny_model(), tokenizer, tasks=["arc_easy"], limit=4, cache_dir=tmp_path,
+                               progress=False)
+    assert dense["method"] == "dense" and dense["tasks"]["arc_easy"]["n"] == 4
+    assert dense["tasks"]["arc_easy"]["cached"] is False and dense["percentage"] == 100.0
+    assert 0 <= dense["tasks"]["arc_easy"]["value"] <= 100 and dense["tasks"]["arc_easy"]["stderr"] > 0
+
+    def no_lm_eval(*args, **kwargs):
+        raise AssertionError("lm-eval ran although the result was cached")
+
+    monkeypatch.setattr(benchmark, "_Runner", no_lm_eval)
+    again = benchmark.evaluate(tiny_model(), tokenizer, tasks=["arc_easy"], limit=4, cache_dir=tmp_path,
+                               kv_policy="drop", progress=False)
+    assert again["tasks"]["arc_easy"]["cached"] is True
+    assert again["tasks"]["arc_easy"]["value"] == dense["tasks"]["arc_easy"]["value"]
+    with pytest.raises(AssertionError, match="lm-eval ran"):  # a different limit is another configuration
+        benchmark.evaluate(tiny_model(), tokenizer, tasks=["arc_easy"], limit=3, cache_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+
+    model = tiny_model()
+    masks = torch.ones(1, 8, dtype=torch.bool)
+    masks[0, 3] = False
+    static = benchmark.evaluate(model, tokenizer, make_bundle(model, masks), tasks=["arc_easy"], limit=4,
+                                cache_dir=tmp_path, progress=False)
+    assert static["method"] == "sleb" and static["sparsity"]["blocks_skipped"] == 1 and static["routing"] is None
+    assert static["dense_average"] == dense["average"]
+    if dense["average"]:
+        assert static["percentage"] == pytest.approx(100 * static["average"] / dense["average"])
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(IGPruneError, match="unknown task 'mmlu'"):
+        benchmark.resolve_tasks(["mmlu"])
+    assert benchmark.resolve_tasks(["arc_challenge,igprune_openbookqa"]) == ["igprune_openbookqa",
+                                                                            "igprune_arc_challenge"]
+
+
+def test_cache_treats_another_stored_key_as_a_miss(tmp_path):
+    cache = ResultCache(tmp_path)
+    cache.put({"a": 1}, {"value": 1})
+    assert cache.get({"a": 1}) == {"value": 1} and cache.get({"a": 2}) is None
+    stored = cache.path({"a": 1})
+    stored.write_text(stored.read_text().replace('"a": 1', '"a": 3'))
+    assert cache.get({"a": 1}) is None
+
+
+@pytest.mark.integration
+def test_smollm2_dense_and_dynamic_on_one_task(prepared_data, tmp_path):
+    from igprune.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    dense = benchmark.evaluate(model, tokenizer, tasks=["arc_easy"], limit=20, cache_dir=tmp_path, progress=False)
+    assert 40 <= dense["tasks"]["arc_easy"]["value"] <= 80  # chance is 25
+    masks = torch.ones(2, 60, dtype=torch.bool)
+    masks[0, [41, 43]] = False
+    masks[1, [45, 47]] = False
+    bundle = make_bundle(model, masks, "ig-pruning")
+    bundle.centroids = torch.nn.functional.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(0)))
+    bundle.config["encoder"] = "all-MiniLM-L6-v2"
+    dynamic = benchmark.evaluate(model, tokenizer, bundle, tasks=["arc_easy"], limit=20, cache_dir=tmp_path,
+                                 progress=False)
+    assert sum(dynamic["routing"]["arc_easy"].values()) == 20
+    assert dynamic["n_clusters"] == 2 and dynamic["percentage"] is not None
