@@ -129,3 +129,22 @@ def test_fit_rejects_bad_input():
     with warnings.catch_warnings(), pytest.raises(IGPruneError, match="clusters but only"):
         warnings.simplefilter("ignore")
         IGPruner(model, tokenizer, n_clusters=20, progress=False).fit(TEXTS + [""])
+
+
+def test_resumed_fit_reuses_embeddings_and_finished_masks(tmp_path, monkeypatch):
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    config = TrainConfig(shared_steps=2, cluster_steps=2, batch_size=3, seq_len=24, loss_positions=8)
+
+    def fit():
+        return IGPruner(model, tokenizer, n_clusters=3, train=config, min_cluster_size=1, checkpoint_dir=tmp_path,
+                        progress=False).fit(TEXTS)
+
+    first = fit()
+    assert (tmp_path / "embeddings.safetensors").is_file() and (tmp_path / "masks" / "trainer.json").is_file()
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder should not run again")
+
+    monkeypatch.setattr("igprune.stage1.pruner.SentenceEncoder", no_encoder)
+    again = fit()
+    assert torch.equal(again.masks_, first.masks_)

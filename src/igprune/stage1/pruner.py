@@ -10,17 +10,20 @@ them (each text truncated to `seq_len` tokens) and trains one hard-concrete mask
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import num_blocks
 from igprune.bundle import Bundle, fingerprint
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
-from igprune.files import IGPruneError
+from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
 from igprune.stage1.clustering import Clustering, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
@@ -68,17 +71,32 @@ class IGPruner:
         started = time.perf_counter()
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
-        encoder = SentenceEncoder(self.encoder_name, max_tokens=self.encoder_tokens)
-        embeddings = encoder.encode(texts, progress=self.progress)
+        embeddings = self._embed(texts)
         self.clustering_: Clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
         ids, mask = tokenize(self.tokenizer, texts, self.train_config.seq_len)
         self.trainer_ = MaskTrainer(self.model, len(self.clustering_.centroids), self.train_config,
-                                    checkpoint_dir=self.checkpoint_dir, progress=self.progress)
+                                    checkpoint_dir=self.checkpoint_dir and Path(self.checkpoint_dir) / "masks",
+                                    progress=self.progress)
         self.trainer_.fit(ids, mask, self.clustering_.labels)
         self.masks_ = self.trainer_.masks()
         self.log_alpha_ = self.trainer_.gates.log_alpha.detach().cpu()
         self.seconds_ = time.perf_counter() - started
         return self
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """Sentence embeddings of the texts; kept in the checkpoint folder so a resumed fit skips encoding."""
+        key = hashlib.sha256("\x00".join([self.encoder_name, str(self.encoder_tokens), *texts]).encode()).hexdigest()
+        cached = Path(self.checkpoint_dir) / "embeddings.safetensors" if self.checkpoint_dir else None
+        if cached and cached.is_file():
+            with safe_open(cached, "pt") as f:
+                if f.metadata().get("key") == key:
+                    return f.get_tensor("embeddings")
+        encoder = SentenceEncoder(self.encoder_name, max_tokens=self.encoder_tokens)
+        embeddings = encoder.encode(texts, progress=self.progress)
+        if cached:
+            with atomic_path(cached) as tmp:
+                save_file({"embeddings": embeddings.contiguous()}, tmp, metadata={"key": key})
+        return embeddings
 
     def to_bundle(self) -> Bundle:
         if not hasattr(self, "masks_"):
