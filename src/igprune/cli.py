@@ -198,6 +198,36 @@ def generate(
     console.print(prompt + text, markup=False, highlight=False)
 
 
+@app.command("bench-speed")
+def bench_speed(
+    model: ModelOpt = "smollm2-135m",
+    bundle: Annotated[list[Path] | None, typer.Option("--bundle", "-b", help="time each bundle's routed mask "
+                                                      "(repeatable); without: canonical masks at --blocks")] = None,
+    blocks: Annotated[list[int] | None, typer.Option("--blocks", help="blocks to skip (repeatable)")] = None,
+    kv_policy: Annotated[list[str] | None, typer.Option(help="keep and/or drop (repeatable; default both)")] = None,
+    order: Annotated[str, typer.Option(help="canonical order without bundles: attention-first or ffn-first")]
+    = "attention-first",
+    prompt_tokens: Annotated[int, typer.Option(help="prefill length")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="decode steps")] = 128,
+    batch_size: Annotated[int, typer.Option(help="rows per forward, the same prompt in each")] = 1,
+    repeats: Annotated[int, typer.Option(help="timed rounds (median and spread reported)")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed rounds first")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads (recorded); 1 suits a shared machine")] = 1,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Wall-clock prefill and decode tokens/s, dense against each mask, with FLOPs-ideal speedups."""
+    from igprune.evaluation.speed import SpeedSettings, markdown, run
+
+    settings = SpeedSettings(prompt_tokens, new_tokens, batch_size, repeats, warmup, threads)
+    report = run(model, bundle or [], blocks or [8, 15, 22], kv_policy or ["keep", "drop"], order, settings, out,
+                 device, dtype)
+    console.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
+    if out:
+        console.print(f"wrote {out}")
+
+
 def _method_options(pairs: list[str] | None) -> dict:
     """--option KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, lists, null), else as text."""
     import json
