@@ -329,6 +329,58 @@ def export(
                   highlight=False)
 
 
+plot_app = typer.Typer(no_args_is_help=True, help="Figures as PNG: mask heatmap, accuracy, clusters, curve, speed.")
+app.add_typer(plot_app, name="plot")
+PngOpt = Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")]
+ResultsArg = Annotated[list[Path] | None, typer.Argument(help="results JSON files (one result or a list each)")]
+TitleModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model name for the title "
+                                                   "(default: the results' own)")]
+
+
+@plot_app.command("heatmap")
+def plot_heatmap(bundle: BundleOpt, out: PngOpt) -> None:
+    """Each cluster's mask over the layers, FFN above attention (paper Figure 4)."""
+    from igprune.evaluation.figures import mask_heatmap
+
+    console.print(f"wrote {mask_heatmap(bundle, out)}")
+
+
+@plot_app.command("accuracy")
+def plot_accuracy(out: PngOpt, results: ResultsArg = None, model: TitleModelOpt = None,
+                  per_task: Annotated[bool, typer.Option(help="a panel per task after the average")] = True) -> None:
+    """Accuracy against sparsity, one line per method and granularity (paper Figure 3)."""
+    from igprune.evaluation.figures import accuracy_vs_sparsity, load_results
+
+    console.print(f"wrote {accuracy_vs_sparsity(load_results(results or []), out, model, per_task)}")
+
+
+@plot_app.command("clusters")
+def plot_clusters(out: PngOpt, results: ResultsArg = None, model: TitleModelOpt = None,
+                  method: Annotated[str | None, typer.Option(help="only this method's results")] = None,
+                  granularity: Annotated[str, typer.Option(help="block, layer or all")] = "block") -> None:
+    """Average accuracy per number of clusters, grouped by sparsity (paper Figure 5)."""
+    from igprune.evaluation.figures import accuracy_vs_clusters, load_results
+
+    grain = None if granularity == "all" else granularity
+    console.print(f"wrote {accuracy_vs_clusters(load_results(results or []), out, model, method, grain)}")
+
+
+@plot_app.command("curve")
+def plot_curve(bundle: BundleOpt, out: PngOpt) -> None:
+    """The mask-training learning curve of a bundle: loss, sparsity, seconds per step."""
+    from igprune.evaluation.figures import learning_curve
+
+    console.print(f"wrote {learning_curve(bundle, out)}")
+
+
+@plot_app.command("speed")
+def plot_speed(report: Annotated[Path, typer.Argument(help="JSON written by bench-speed --out")], out: PngOpt) -> None:
+    """Measured speedups over dense beside the FLOPs-ideal ones."""
+    from igprune.evaluation.figures import speed_chart
+
+    console.print(f"wrote {speed_chart(report, out)}")
+
+
 ResultsOutOpt = Annotated[Path, typer.Option("--out", "-o", help="results JSON file to write")]
 EvalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder: evaluated dense, or "
                                                   "with --bundle the model to prune (default: the bundle's)")]
