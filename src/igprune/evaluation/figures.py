@@ -65,7 +65,7 @@ def mask_heatmap(bundle: str | Path | Bundle, out: str | Path) -> Path:
     cfg = loaded.config
     sizes = cfg.get("cluster_sizes")
     labels = [f"{k}  (n={sizes[k]})" if sizes and len(sizes) == n else str(k) for k in range(n)]
-    height = max(1.8, 0.28 * n + 1.0)
+    height = max(1.2, 0.28 * n + 0.9)
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.26 * layers + 2.5), 2 * height + 1.2), sharex=True)
     cmap = ListedColormap([SKIP, RUN])
     for ax, (title, part) in zip(axes, (("FFN blocks", masks[:, 1::2]), ("attention blocks", masks[:, 0::2])),
@@ -82,7 +82,8 @@ def mask_heatmap(bundle: str | Path | Bundle, out: str | Path) -> Path:
         ax.set_ylabel("cluster (calibration texts)" if sizes else "cluster")
     axes[1].set_xlabel("layer")
     total, off = masks.shape[1], cfg.get("blocks_skipped", int((masks[0] == 0).sum()))
-    fig.suptitle(f"{_model_name(cfg.get('model'))}: {cfg.get('method', 'masks')} ({name}), N={n} clusters, "
+    clusters = f"N={n} clusters" if n > 1 else "one static mask"
+    fig.suptitle(f"{_model_name(cfg.get('model'))}: {cfg.get('method', 'masks')} ({name}), {clusters}, "
                  f"{off}/{total} blocks skipped ({100 * off / total:.1f}% sparsity)", fontsize=11)
     fig.legend(handles=[Patch(color=RUN, label="1 = block runs"), Patch(color=SKIP, label="0 = block skipped")],
                loc="lower center", ncol=2, fontsize=9, frameon=False)

@@ -325,6 +325,9 @@ def markdown(report: dict[str, Any]) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     for name, r in report["routers"].items():
-        lines.append(f"\nrouting {name}: {1000 * r['seconds']['median']:.1f} ms median, {r['encoder_tokens']} "
-                     f"encoder tokens, {r['flops'] / 1e9:.2f} GFLOPs")
+        if r["encoder"] is None:
+            lines.append(f"\nrouting {name}: none (a static bundle)")
+            continue
+        lines.append(f"\nrouting {name}: {1000 * r['seconds']['median']:.1f} ms median, encoder reads at most "
+                     f"{r['encoder_tokens']} tokens, {r['flops'] / 1e9:.2f} GFLOPs")
     return "\n".join(lines)
