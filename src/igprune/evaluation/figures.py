@@ -312,8 +312,8 @@ def learning_curve(bundle: str | Path | Bundle, out: str | Path) -> Path:
 
 
 def speed_chart(report: dict[str, Any] | str | Path, out: str | Path) -> Path:
-    """Measured speedup over dense (bars, min-max over repeats) beside the FLOPs-ideal speedup (outlined),
-    per configuration and KV policy, for prefill, decode and end to end (routing included)."""
+    """Measured speedup over dense (bars, min-max over repeats; diamonds: on CPU time) beside the FLOPs-ideal
+    speedup (outlined), per configuration and KV policy, for prefill, decode and end to end (routing included)."""
     if not isinstance(report, dict):
         try:
             report = json.loads(Path(report).read_text())
@@ -342,6 +342,9 @@ def speed_chart(report: dict[str, Any] | str | Path, out: str | Path) -> Path:
                    label=f"measured, kv {policy}")
             ax.bar(xs, [g["flops_speedup"] for g in got], width * 0.9, fill=False, edgecolor="black",
                    linestyle="--", linewidth=1.0, label="FLOPs-ideal (dashed outline)")
+            if all("cpu_speedup" in g for g in got):
+                ax.scatter(xs, [g["cpu_speedup"] for g in got], marker="D", s=14, color="black", zorder=3,
+                           label="measured on CPU time")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(labels)), [lab.replace(" ", "\n", 1) for lab in labels], fontsize=8)
         ax.set_title(title, fontsize=10)

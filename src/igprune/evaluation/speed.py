@@ -12,7 +12,9 @@ What is timed, per configuration (a mask and a KV policy), with the same prompt 
 A shared machine is noisy, so: a fixed thread count (recorded), warm-up rounds, and repeats in which the
 configurations are interleaved (and their order rotated), so load hits all of them alike. A speedup is the
 median over repeats of the ratio to dense *within the same repeat*; times are medians with min and max.
-Each speedup stands beside its FLOPs-ideal value from igprune.evaluation.flops.
+Every time is also read on the process's CPU clock: with one thread, CPU-time speedups do not count time
+slices lost to other processes (shared caches and memory bandwidth still affect them). Each speedup stands
+beside its FLOPs-ideal value from igprune.evaluation.flops.
 """
 
 from __future__ import annotations
@@ -138,23 +140,36 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
             "spread_percent": 100 * (max(seconds) - min(seconds)) / median, "all": seconds}
 
 
-def _time_generation(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one greedy generation under the current mask."""
+Clock = tuple[float, float]  # (wall-clock seconds, CPU seconds of this process)
+
+
+def _clock() -> Clock:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: Clock) -> Clock:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def _time_generation(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> dict[str, Clock]:
+    """Prefill and decode times of one greedy generation under the current mask."""
     cache = DynamicCache(config=model.config)
-    started = time.perf_counter()
+    started = _clock()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    prefilled = time.perf_counter()
+    prefill = _since(started)
+    started = _clock()
     for _ in range(new_tokens):
         out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefilled - started, time.perf_counter() - prefilled
+    return {"prefill": prefill, "decode": _since(started)}
 
 
-def _time_routing(router: Router, texts: list[str]) -> float:
-    started = time.perf_counter()
+def _time_routing(router: Router, texts: list[str]) -> Clock:
+    started = _clock()
     router.route(texts)
-    return time.perf_counter() - started
+    return _since(started)
 
 
 def _routing_flops(router: Router, texts: list[str]) -> int:
@@ -190,8 +205,8 @@ def bench_speed(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_text: s
     if settings.threads:
         torch.set_num_threads(settings.threads)
     machine = machine_info()
-    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(candidates))}
-    route_times: dict[str, list[float]] = {name: [] for name in routers}
+    times: dict[int, list[dict[str, Clock]]] = {i: [] for i in range(len(candidates))}
+    route_times: dict[str, list[Clock]] = {name: [] for name in routers}
     from tqdm import tqdm
 
     rounds = tqdm(range(settings.warmup + settings.repeats), desc=f"timing {len(candidates)} configurations",
@@ -216,13 +231,14 @@ def bench_speed(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_text: s
 
 
 def _report(model: PreTrainedModel, candidates: Sequence[Candidate], routers: dict[str, Router],
-            times: dict[int, list[tuple[float, float]]], route_times: dict[str, list[float]], texts: list[str],
+            times: dict[int, list[dict[str, Clock]]], route_times: dict[str, list[Clock]], texts: list[str],
             settings: SpeedSettings, machine: dict[str, Any]) -> dict[str, Any]:
     s = settings
     dense = next(i for i, c in enumerate(candidates) if c.mask is None)
     routing = {name: {"encoder": router.encoder.name if router.encoder else None,
                       "encoder_tokens": router.encoder.max_tokens if router.encoder else 0,
-                      "n_clusters": router.n_clusters, "seconds": _summary(route_times[name]),
+                      "n_clusters": router.n_clusters, "seconds": _summary([t[0] for t in route_times[name]]),
+                      "cpu_seconds": _summary([t[1] for t in route_times[name]]),
                       "flops": _routing_flops(router, texts) if router.encoder else 0}
                for name, router in routers.items()}
     ideal = {}
@@ -231,27 +247,36 @@ def _report(model: PreTrainedModel, candidates: Sequence[Candidate], routers: di
         decode = decode_flops(model.config, c.mask, s.prompt_tokens, s.new_tokens, c.kv_policy, s.batch_size)
         route = routing[c.router]["flops"] if c.router else 0
         ideal[i] = {"prefill": prefill, "decode": decode, "end_to_end": prefill + decode + route}
+    def seconds(i: int, clock: int) -> dict[str, list[float]]:
+        """Per phase, one time per repeat: wall-clock (clock 0) or CPU (1); end to end includes routing."""
+        c = candidates[i]
+        route = [t[clock] for t in route_times[c.router]] if c.router else [0.0] * s.repeats
+        out = {phase: [t[phase][clock] for t in times[i]] for phase in ("prefill", "decode")}
+        out["end_to_end"] = [r + p + d for r, p, d in zip(route, out["prefill"], out["decode"], strict=True)]
+        return out
+
     results = []
     for i, c in enumerate(candidates):
-        route = route_times[c.router] if c.router else [0.0] * s.repeats
-        phases = {"prefill": [t[0] for t in times[i]], "decode": [t[1] for t in times[i]]}
-        phases["end_to_end"] = [r + p + d for r, (p, d) in zip(route, times[i], strict=True)]
-        dense_phases = {"prefill": [t[0] for t in times[dense]], "decode": [t[1] for t in times[dense]]}
-        dense_phases["end_to_end"] = [p + d for p, d in times[dense]]
+        phases, cpu = seconds(i, 0), seconds(i, 1)
+        dense_phases, dense_cpu = seconds(dense, 0), seconds(dense, 1)
+        route = [t[0] for t in route_times[c.router]] if c.router else [0.0]
         tokens = {"prefill": s.batch_size * s.prompt_tokens, "decode": s.batch_size * s.new_tokens,
                   "end_to_end": s.batch_size * s.new_tokens}
         off = skipped_blocks(c.mask) if c.mask is not None else {"attn": 0, "ffn": 0, "total": 0}
         entry: dict[str, Any] = {"label": c.label, "kv_policy": c.kv_policy, "router": c.router, **c.source,
                                  "blocks_skipped": off["total"], "attn_off": off["attn"], "ffn_off": off["ffn"],
                                  "mask": None if c.mask is None else c.mask.to(torch.int).tolist()}
-        for phase, seconds in phases.items():
-            summary = _summary(seconds)
-            ratios = [d / t for d, t in zip(dense_phases[phase], seconds, strict=True)]
+        for phase, wall in phases.items():
+            summary = _summary(wall)
+            ratios = [d / t for d, t in zip(dense_phases[phase], wall, strict=True)]
+            cpu_ratios = [d / t for d, t in zip(dense_cpu[phase], cpu[phase], strict=True)]
             entry[phase] = {
                 "seconds": summary,
                 "tokens_per_s": tokens[phase] / summary["median"],
                 "speedup": statistics.median(ratios),
                 "speedup_range": [min(ratios), max(ratios)],
+                "cpu_seconds": _summary(cpu[phase]),
+                "cpu_speedup": statistics.median(cpu_ratios),
                 "flops": ideal[i][phase],
                 "flops_speedup": ideal[dense][phase] / ideal[i][phase],
             }
@@ -261,20 +286,23 @@ def _report(model: PreTrainedModel, candidates: Sequence[Candidate], routers: di
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(model.device),
             "settings": asdict(s), "machine": machine, "routers": routing, "results": results,
             "notes": "end_to_end tokens_per_s counts generated tokens over routing + prefill + decode time; "
-                     "speedups are medians of per-repeat ratios to dense; flops_speedup is the FLOPs-ideal ratio"}
+                     "speedups are medians of per-repeat ratios to dense (wall clock); cpu_speedup the same on "
+                     "this process's CPU time, which time slices lost to other processes do not inflate; "
+                     "flops_speedup is the FLOPs-ideal ratio"}
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows for printing a report: tok/s, measured and FLOPs-ideal speedups, spread, routing."""
-    header = ["config", "kv", "off (attn/ffn)", "prefill tok/s", "x dense", "x FLOPs-ideal", "decode tok/s",
-              "x dense", "x FLOPs-ideal", "end-to-end x", "routing % of prefill", "spread % (p/d)"]
+    header = ["config", "kv", "off (attn/ffn)", "prefill tok/s", "x dense", "(CPU)", "x FLOPs-ideal", "decode tok/s",
+              "x dense", "(CPU)", "x FLOPs-ideal", "end-to-end x", "routing % of prefill", "spread % (p/d)"]
     rows = []
     for r in report["results"]:
         p, d, e = r["prefill"], r["decode"], r["end_to_end"]
         rows.append([r["label"], r["kv_policy"] if r["mask"] is not None else "-",
                      f"{r['blocks_skipped']} ({r['attn_off']}/{r['ffn_off']})",
-                     f"{p['tokens_per_s']:.0f}", f"{p['speedup']:.3f}", f"{p['flops_speedup']:.3f}",
-                     f"{d['tokens_per_s']:.1f}", f"{d['speedup']:.3f}", f"{d['flops_speedup']:.3f}",
+                     f"{p['tokens_per_s']:.0f}", f"{p['speedup']:.3f}", f"{p['cpu_speedup']:.3f}",
+                     f"{p['flops_speedup']:.3f}", f"{d['tokens_per_s']:.1f}", f"{d['speedup']:.3f}",
+                     f"{d['cpu_speedup']:.3f}", f"{d['flops_speedup']:.3f}",
                      f"{e['speedup']:.3f}", f"{r['routing_percent_of_prefill']:.1f}",
                      f"{p['seconds']['spread_percent']:.0f}/{d['seconds']['spread_percent']:.0f}"])
     return header, rows
