@@ -25,11 +25,11 @@ BETA, LEFT, RIGHT, EPS = 2.0 / 3.0, -0.1, 1.1, 1e-6
 class HardConcreteGates(nn.Module):
     """`n_masks` independent hard-concrete masks over `n_blocks` blocks."""
 
-    def __init__(self, n_masks: int, n_blocks: int, init_keep: float = 0.99, beta: float = BETA,
+    def __init__(self, n_masks: int, n_blocks: int, init_keep: float = 0.9, beta: float = BETA,
                  left: float = LEFT, right: float = RIGHT, eps: float = EPS):
         super().__init__()
         self.beta, self.left, self.right, self.eps = beta, left, right, eps
-        # Start near "keep everything" (P(z=0) small) so training begins close to the dense model.
+        # Start with P(z=0) = 1 - init_keep for every gate: close to dense, yet where P(z=0) still responds.
         self.log_alpha = nn.Parameter(torch.full((n_masks, n_blocks), self.log_alpha_for(1.0 - init_keep)))
 
     def log_alpha_for(self, p_zero: float) -> float:
@@ -69,13 +69,21 @@ class Lagrangian(nn.Module):
 
     The multipliers are trained by gradient *ascent* (their optimiser uses maximize=True), so any
     persistent gap between expected sparsity t and the target s makes the penalty grow until it closes.
+
+    t and s are measured in units (expected and target numbers of skipped blocks) rather than as shares
+    of B. That is eq. 7 with lambda1 rescaled by B and lambda2 by B^2: the optimum is the same, but with
+    shares the gradient reaching each log_alpha is divided by B, and at the paper's multiplier learning
+    rate (0.1) the multipliers need thousands of steps to outweigh the LM loss; in units they catch up
+    within the few hundred steps a CPU budget allows.
     """
 
-    def __init__(self, n_masks: int):
+    def __init__(self, n_masks: int, n_units: int):
         super().__init__()
+        self.n_units = n_units
         self.lambda1 = nn.Parameter(torch.zeros(n_masks))
         self.lambda2 = nn.Parameter(torch.zeros(n_masks))
 
     def forward(self, expected: torch.Tensor, target: float) -> torch.Tensor:
-        gap = expected - target
+        """expected: expected sparsity per mask, as a share; target: the target share."""
+        gap = (expected - target) * self.n_units
         return self.lambda1 * gap + self.lambda2 * gap.pow(2)
