@@ -20,14 +20,14 @@ from datetime import datetime, timezone
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import PreTrainedModel
-
-from igprune.blocks import num_blocks
-from igprune.bundle import Bundle, fingerprint
 from igprune.files import IGPruneError, cache_root, read_json, write_json
+
+if TYPE_CHECKING:  # torch and transformers load only when a model is involved: `igprune table` stays fast
+    from transformers import PreTrainedModel
+
+    from igprune.bundle import Bundle
 
 FORMAT = "igprune-results/1"
 
@@ -70,6 +70,8 @@ def _git_commit() -> str | None:
 
 def provenance(seed: int, device: str, dtype: str) -> dict[str, Any]:
     """Versions, seed, machine and date, for a results file."""
+    import torch
+
     return {
         "versions": dict(versions()),
         "igprune_git": _git_commit(),
@@ -99,6 +101,8 @@ class Configuration:
 
     @classmethod
     def load(cls, model: PreTrainedModel, bundle: Bundle | str | Path | None = None) -> Configuration:
+        from igprune.bundle import Bundle
+
         path = str(bundle) if isinstance(bundle, (str, Path)) else None
         if path is not None:
             bundle = Bundle.load(path)
@@ -116,11 +120,14 @@ class Configuration:
         if self.bundle is None:
             return None
         b = self.bundle
-        return config_hash({"masks": b.masks.to(torch.bool).tolist(), "centroids": b.centroids.float().tolist(),
+        return config_hash({"masks": b.masks.bool().tolist(), "centroids": b.centroids.float().tolist(),
                             "encoder": b.config.get("encoder"), "encoder_tokens": b.config.get("encoder_tokens")})
 
     def describe(self) -> dict[str, Any]:
         """model, method, sparsity and n_clusters, as results files record them."""
+        from igprune.blocks import num_blocks
+        from igprune.bundle import fingerprint
+
         name = self.model.name_or_path or fingerprint(self.model)["architecture"]
         if self.bundle is None:
             return {"model": name, "method": "dense", "n_clusters": None,
