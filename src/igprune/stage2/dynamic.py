@@ -84,7 +84,8 @@ class DynamicPrunedModel:
         logits = None
         for cluster, rows in self.groups(texts).items():
             with self.control.masked(self.masks[cluster], self.kv_policy):
-                out = self.model(input_ids=input_ids[rows],
+                # no KV cache: nothing reads it, and under "keep" skipped attentions would still fill it
+                out = self.model(input_ids=input_ids[rows], use_cache=False,
                                  attention_mask=None if attention_mask is None else attention_mask[rows])
             if logits is None:
                 logits = out.logits.new_empty((input_ids.shape[0], *out.logits.shape[1:]))
