@@ -257,3 +257,11 @@ def test_smollm2_dense_and_dynamic_on_one_task(prepared_data, tmp_path):
                                  progress=False)
     assert sum(dynamic["routing"]["arc_easy"].values()) == 20
     assert dynamic["n_clusters"] == 2 and dynamic["percentage"] is not None
+
+
+def test_table_shows_standard_errors_when_asked():
+    result = {"kind": "accuracy", "model": "m", "method": "dense", "n_clusters": None, "percentage": 100.0,
+              "sparsity": {"blocks_skipped": 0, "blocks_total": 8, "granularity": "block"},
+              "tasks": {"piqa": {"value": 60.0, "stderr": 1.5}}, "average": 60.0, "average_stderr": 1.5}
+    assert "60.00 ± 1.50" in results_table([result], stderr=True)
+    assert "±" not in results_table([result])

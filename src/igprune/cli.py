@@ -444,11 +444,12 @@ def eval_(
 
 
 @app.command("table")
-def table_(files: Annotated[list[Path], typer.Argument(help="results files written by igprune eval")]) -> None:
+def table_(files: Annotated[list[Path], typer.Argument(help="results files written by igprune eval")],
+           stderr: Annotated[bool, typer.Option(help="show each score's standard error")] = False) -> None:
     """Print results files together as a Markdown table in the layout of the paper's Table 1."""
     from igprune.evaluation.results import load_results, results_table
 
-    print(results_table([load_results(f) for f in files]))
+    print(results_table([load_results(f) for f in files], stderr=stderr))
 
 
 @app.command()

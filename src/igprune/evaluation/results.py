@@ -225,11 +225,17 @@ def _sparsity_label(result: dict[str, Any]) -> str:
     return f"{100 * s['blocks_skipped'] / s['blocks_total']:.1f}%"
 
 
-def results_table(results: list[dict[str, Any]]) -> str:
+def _cell(entry: dict[str, Any], stderr: bool) -> str:
+    if stderr and entry.get("stderr") is not None:
+        return f"{entry['value']:.2f} ± {entry['stderr']:.2f}"
+    return f"{entry['value']:.2f}"
+
+
+def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
     """A Markdown table in the layout of the paper's Table 1, rows ordered by sparsity (input order within one).
 
-    Task cells are the paper's metric in percent; a sparsity is printed once per group, as in the paper;
-    a Model column is added when the results cover more than one model.
+    Task cells are the paper's metric in percent (with its standard error when `stderr`); a sparsity is
+    printed once per group, as in the paper; a Model column is added when the results cover more than one model.
     """
     if not results:
         raise IGPruneError("no results to tabulate")
@@ -247,8 +253,8 @@ def results_table(results: list[dict[str, Any]]) -> str:
         cells = ([r["model"] if previous is None or previous[0] != group[0] else ""] if many_models else [])
         cells.append(group[1] if group != previous else "")
         cells.append(_method_label(r))
-        cells += [f"{r['tasks'][t]['value']:.2f}" if t in r["tasks"] else "–" for t in COLUMNS]
-        cells.append(f"{r['average']:.2f}")
+        cells += [_cell(r["tasks"][t], stderr) if t in r["tasks"] else "–" for t in COLUMNS]
+        cells.append(_cell({"value": r["average"], "stderr": r.get("average_stderr")}, stderr))
         cells.append(f"{r['percentage']:.2f}%" if r.get("percentage") is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
         previous = group
