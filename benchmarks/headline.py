@@ -1,0 +1,170 @@
+"""The headline benchmark (paper Table 1 and its ablations): IG-Pruning against static pruning.
+
+Every configuration is a row of RUNS below (configuration as data). For each one the script makes the
+bundle (IG-Pruning fit, or a static method's search) unless it already exists under
+benchmarks/bundles/<model>/<run>/, then evaluates it on the paper's six tasks with igprune's lm-eval
+harness and writes benchmarks/results/headline/<model>/<run>.json. Each step is cached, so an
+interrupted benchmark resumes where it stopped, across sessions; per-task evaluation results are also
+cached inside igprune's own result cache. Runs are ordered by priority: the 25% comparison first.
+
+    python benchmarks/headline.py                 # everything still missing, in priority order
+    python benchmarks/headline.py --list          # what is done and what is not
+    python benchmarks/headline.py --only ig16-b15,sleb-b15
+    python benchmarks/report.py                   # then write benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).parent
+BUNDLES = HERE / "bundles"
+RESULTS = HERE / "results" / "headline"
+SEED = 0
+
+# IG-Pruning's fit settings for smollm2-135m on two CPU cores (see README "Mask training budget").
+FIT = {"samples": 4096, "shared_steps": 100, "cluster_steps": 200, "batch_size": 16, "seq_len": 128}
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    model: str
+    method: str  # dense, ig-pruning, or a baselines.METHODS name
+    blocks: int = 0  # blocks skipped of 2L
+    limit: int = 500  # documents per task
+    clusters: int = 16  # IG-Pruning only
+    granularity: str = "block"
+    data: str | None = None  # calibration source; default mixed for L0 methods, wiki for the others (paper)
+    options: dict[str, Any] = field(default_factory=dict)  # method or fit options
+    table: str = "table1"  # which table of RESULTS.md shows it
+
+    @property
+    def calibration(self) -> str:
+        return self.data or ("mixed" if self.method in ("ig-pruning", "static-l0") else "wiki")
+
+
+STATIC = ["sleb", "shortened-ppl", "shortened-taylor", "evopress", "static-l0"]
+SMOL, QWEN = "smollm2-135m", "qwen2.5-0.5b"
+
+
+def _table1(model: str, blocks: int, limit: int, methods: list[str]) -> list[Run]:
+    return [Run(f"ig16-b{blocks}", model, "ig-pruning", blocks, limit)] + [
+        Run(f"{m}-b{blocks}", model, m, blocks, limit) for m in methods]
+
+
+RUNS: list[Run] = [
+    Run("dense", SMOL, "dense", limit=500, table="dense"),
+    *_table1(SMOL, 15, 500, STATIC),
+    *_table1(SMOL, 8, 500, STATIC),
+    # ablations at 15 of 60 (paper Figure 5, Figure 3, Tables 3 and 4); percentages against dense at limit 250
+    Run("dense-l250", SMOL, "dense", limit=250, table="dense"),
+    Run("ig4-b15", SMOL, "ig-pruning", 15, 250, clusters=4, table="clusters"),
+    Run("ig8-b15", SMOL, "ig-pruning", 15, 250, clusters=8, table="clusters"),
+    Run("ig16-b15-wiki", SMOL, "ig-pruning", 15, 250, data="wiki", table="calibration"),
+    Run("ig16-b15-instruct", SMOL, "ig-pruning", 15, 250, data="instruct", table="calibration"),
+    Run("sleb-b15-mixed", SMOL, "sleb", 15, 250, data="mixed", table="calibration"),
+    Run("ig16-layer-b15", SMOL, "ig-pruning", 15, 250, granularity="layer", table="granularity"),
+    Run("sleb-layer-b15", SMOL, "sleb", 15, 250, granularity="layer", table="granularity"),
+    *_table1(SMOL, 22, 250, STATIC),
+    Run("dense", QWEN, "dense", limit=200, table="dense"),
+    *_table1(QWEN, 12, 200, ["sleb", "evopress"]),
+]
+
+
+def bundle_dir(run: Run) -> Path:
+    return BUNDLES / run.model / run.name
+
+
+def result_path(run: Run) -> Path:
+    return RESULTS / run.model / f"{run.name}.json"
+
+
+def make_bundle(run: Run, model, tokenizer) -> Path:
+    """Fit or search the run's mask, unless its bundle exists (a fit resumes from its checkpoint)."""
+    from igprune.baselines import find_mask
+    from igprune.data import load_calibration
+    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.train import TrainConfig
+
+    path = bundle_dir(run)
+    if (path / "bundle.json").is_file():
+        return path
+    sparsity = run.blocks / (2 * model.config.num_hidden_layers)
+    started = time.perf_counter()
+    if run.method == "ig-pruning":
+        fit = {**FIT, **run.options}
+        texts = load_calibration(run.calibration, max_chars=4 * fit["seq_len"], limit=fit["samples"], seed=SEED)
+        train = TrainConfig(shared_steps=fit["shared_steps"], cluster_steps=fit["cluster_steps"],
+                            batch_size=fit["batch_size"], seq_len=fit["seq_len"], granularity=run.granularity)
+        checkpoint = path.with_name(path.name + ".checkpoint")
+        pruner = IGPruner(model, tokenizer, n_clusters=run.clusters, sparsity=sparsity, seed=SEED, train=train,
+                          checkpoint_dir=checkpoint).fit(texts)
+        bundle = pruner.to_bundle()
+        bundle.config["calibration"] = {"source": run.calibration, "passages": len(texts), **fit}
+    else:
+        texts = load_calibration(run.calibration, seed=SEED)
+        bundle = find_mask(run.method, model, tokenizer, texts, sparsity, run.granularity, seed=SEED,
+                           source=run.calibration, **run.options)
+    bundle.config["benchmark"] = {"run": run.name, "seconds": round(time.perf_counter() - started, 1),
+                                  "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
+    bundle.save(path)
+    return path
+
+
+def execute(run: Run, loaded: dict) -> None:
+    from igprune import load_model
+    from igprune.evaluation.benchmark import evaluate
+    from igprune.evaluation.results import save_results
+
+    if run.model not in loaded:
+        loaded.clear()  # one model in memory at a time
+        loaded[run.model] = load_model(run.model)
+    model, tokenizer = loaded[run.model]
+    bundle = None if run.method == "dense" else make_bundle(run, model, tokenizer)
+    results = evaluate(model, tokenizer, bundle, tasks=["paper6"], limit=run.limit, seed=SEED)
+    results["benchmark_run"] = dataclasses.asdict(run)
+    save_results(result_path(run), results)
+    pct = results.get("percentage")
+    print(f"{run.model} {run.name}: average {results['average']:.2f}"
+          + (f", {pct:.2f}% of dense" if pct is not None else ""), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated run names (model/name or name)")
+    parser.add_argument("--model", help="only runs of this model")
+    parser.add_argument("--list", action="store_true", help="show each run's state and exit")
+    parser.add_argument("--threads", type=int, help="torch threads (a busy machine may prefer 1)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only.split(",")) if args.only else None
+    runs = [r for r in RUNS if (not only or r.name in only or f"{r.model}/{r.name}" in only)
+            and (not args.model or r.model == args.model)]
+    if args.list:
+        for r in runs:
+            state = "done" if result_path(r).is_file() else (
+                "bundle" if (bundle_dir(r) / "bundle.json").is_file() else "todo")
+            print(f"{state:>6}  {r.model}/{r.name}  ({r.method}, {r.blocks} blocks, limit {r.limit})")
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    loaded: dict = {}
+    for run in runs:
+        if result_path(run).is_file():
+            continue
+        print(f"== {run.model}/{run.name}", flush=True)
+        execute(run, loaded)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Write the generated parts of benchmarks/RESULTS.md from the committed results files and bundles.
+
+RESULTS.md holds hand-written text between generated blocks; each block sits between
+`<!-- begin:NAME -->` and `<!-- end:NAME -->` and is replaced by this script, so the prose stays and the
+numbers always come from the files. Figures are written to benchmarks/figures/.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from headline import RUNS, Run, bundle_dir, result_path
+
+from igprune.evaluation import figures
+from igprune.evaluation.results import load_results, results_table
+
+HERE = Path(__file__).parent
+REPORT = HERE / "RESULTS.md"
+FIGURES = HERE / "figures"
+
+
+def _find(model: str, name: str) -> Run:
+    return next(r for r in RUNS if r.model == model and r.name == name)
+
+
+def _table(runs: list[Run]) -> str:
+    results = [load_results(result_path(r)) for r in runs if result_path(r).is_file()]
+    return results_table(results, stderr=True) if results else "_not run yet_"
+
+
+def table(model: str, dense: str, name: str, blocks: list[int] | None = None) -> str:
+    """The dense row, then every run of that table (at those block counts) in RUNS order."""
+    chosen = [r for r in RUNS if r.model == model and r.table == name and (blocks is None or r.blocks in blocks)]
+    return _table([_find(model, dense), *chosen])
+
+
+def routing(model: str, name: str) -> str:
+    path = result_path(_find(model, name))
+    if not path.is_file():
+        return "_not run yet_"
+    result = load_results(path)
+    n = result["n_clusters"]
+    lines = ["| Task | " + " | ".join(str(k) for k in range(n)) + " | clusters used |", "|" + " --- |" * (n + 2)]
+    for task, counts in result["routing"].items():
+        cells = [str(counts.get(str(k), counts.get(k, 0))) for k in range(n)]
+        used = sum(1 for c in cells if c != "0")
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {used} |")
+    return "\n".join(lines)
+
+
+def costs() -> str:
+    """Wall time of each step that has run: making the bundle, and evaluating it."""
+    lines = ["| Model | Run | Bundle (min) | Eval (min) | Load avg while making the bundle |", "|" + " --- |" * 5]
+    for run in RUNS:
+        if not result_path(run).is_file():
+            continue
+        result = load_results(result_path(run))
+        made = _bundle_seconds(run)
+        evaluated = result["provenance"]["seconds"]["total"]
+        load = _bundle_config(run).get("benchmark", {}).get("load_average")
+        lines.append(f"| {run.model} | {run.name} | {made / 60:.1f} | {evaluated / 60:.1f} | "
+                     + (f"{load:.1f}" if load is not None else "–") + " |")
+    return "\n".join(lines)
+
+
+def _bundle_config(run: Run) -> dict[str, Any]:
+    path = bundle_dir(run) / "bundle.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _bundle_seconds(run: Run) -> float:
+    return _bundle_config(run).get("benchmark", {}).get("seconds", 0.0)
+
+
+def make_figures() -> str:
+    FIGURES.mkdir(exist_ok=True)
+    done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file()]
+    lines = []
+    sweep = [load_results(result_path(r)) for r in done if r.table in ("table1", "dense", "granularity")]
+    if len(sweep) > 1:
+        lines.append(_figure(figures.accuracy_vs_sparsity, sweep, "accuracy_vs_sparsity.png",
+                             "Average accuracy against sparsity for each method and granularity (paper Figure 3)"))
+    clusters = [load_results(result_path(r)) for r in done if r.name in ("ig4-b15", "ig8-b15", "ig16-b15")]
+    if len(clusters) > 1:
+        lines.append(_figure(figures.accuracy_vs_clusters, clusters, "accuracy_vs_clusters.png",
+                             "Average accuracy against the number of clusters at 15 of 60 blocks (paper Figure 5)"))
+    ig16 = bundle_dir(_find("smollm2-135m", "ig16-b15"))
+    if (ig16 / "bundle.json").is_file():
+        lines.append(_figure(figures.mask_heatmap, ig16, "heatmap_ig16_b15.png",
+                             "Masks of the N = 16, 15-of-60-blocks bundle (paper Figure 4)"))
+        lines.append(_figure(figures.learning_curve, ig16, "curve_ig16_b15.png",
+                             "Mask-training learning curve of that bundle"))
+    return "\n\n".join(lines) or "_no figures yet_"
+
+
+def _figure(plot: Callable, data: Any, name: str, caption: str) -> str:
+    plot(data, FIGURES / name)
+    return f"![{caption}](figures/{name})\n\n*{caption}.*"
+
+
+SMOL, QWEN = "smollm2-135m", "qwen2.5-0.5b"
+BLOCKS: dict[str, Callable[[], str]] = {
+    "table1-smollm2": lambda: table(SMOL, "dense", "table1", [8, 15]),
+    "table1-smollm2-b22": lambda: table(SMOL, "dense-l250", "table1", [22]),
+    "table1-qwen": lambda: table(QWEN, "dense", "table1"),
+    "clusters": lambda: table(SMOL, "dense-l250", "clusters"),
+    "granularity": lambda: table(SMOL, "dense-l250", "granularity"),
+    "calibration": lambda: table(SMOL, "dense-l250", "calibration"),
+    "routing": lambda: routing(SMOL, "ig16-b15"),
+    "costs": costs,
+    "figures": make_figures,
+}
+
+
+def main() -> None:
+    text = REPORT.read_text()
+    for name, make in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(\n<!-- end:{name} -->)", re.S)
+        if not pattern.search(text):
+            print(f"RESULTS.md has no block {name}; skipped")
+            continue
+        body = make()
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+    REPORT.write_text(text)
+    print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
