@@ -121,12 +121,12 @@ BLOCKS: dict[str, Callable[[], str]] = {
 def main() -> None:
     text = REPORT.read_text()
     for name, make in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(\n<!-- end:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
         if not pattern.search(text):
             print(f"RESULTS.md has no block {name}; skipped")
             continue
         body = make()
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     REPORT.write_text(text)
     print(f"wrote {REPORT}")
 
