@@ -10,7 +10,10 @@ What is timed, per configuration (a mask and a KV policy), with the same prompt 
               centroid search; timed on its own and added to the pruned configurations' end-to-end time
 
 A shared machine is noisy, so: a fixed thread count (recorded), warm-up rounds, and repeats in which the
-configurations are interleaved (and their order rotated), so load hits all of them alike. A speedup is the
+configurations are interleaved (and their order rotated), so load hits all of them alike. Decoding is
+interleaved finely: every configuration keeps its own cache and they take turns by chunks of a few steps,
+so each one's decode time is spread over the same minutes (the caches of all configurations are held at
+once, a few tens of MB each for a small model at 640 tokens). A speedup is the
 median over repeats of the ratio to dense *within the same repeat*; times are medians with min and max.
 Every time is also read on the process's CPU clock: with one thread, CPU-time speedups do not count time
 slices lost to other processes (shared caches and memory bandwidth still affect them). Each speedup stands
@@ -48,10 +51,13 @@ class SpeedSettings:
     repeats: int = 5
     warmup: int = 1
     threads: int | None = None  # None: keep torch's current setting (recorded either way)
+    decode_chunk: int = 8  # decode steps a configuration runs before the next one takes its turn
 
     def validate(self) -> None:
-        if min(self.prompt_tokens, self.new_tokens, self.batch_size, self.repeats) < 1 or self.warmup < 0:
-            raise IGPruneError("prompt tokens, new tokens, batch size and repeats must be >= 1, warm-up >= 0")
+        if min(self.prompt_tokens, self.new_tokens, self.batch_size, self.repeats, self.decode_chunk) < 1 or \
+                self.warmup < 0:
+            raise IGPruneError("prompt tokens, new tokens, batch size, repeats and decode chunk must be >= 1, "
+                               "warm-up >= 0")
 
 
 @dataclass
@@ -152,18 +158,33 @@ def _since(start: Clock) -> Clock:
     return now[0] - start[0], now[1] - start[1]
 
 
-def _time_generation(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> dict[str, Clock]:
-    """Prefill and decode times of one greedy generation under the current mask."""
+@dataclass
+class _Generation:
+    """One configuration's greedy generation in progress: its cache, next input token and times so far."""
+
+    cache: DynamicCache
+    token: torch.Tensor
+    prefill: Clock
+    decode: Clock = (0.0, 0.0)
+
+
+def _prefill(model: PreTrainedModel, ids: torch.Tensor) -> _Generation:
+    """Prefill under the current mask into a fresh cache, logits for the last position only."""
     cache = DynamicCache(config=model.config)
     started = _clock()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    prefill = _since(started)
+    return _Generation(cache, token, _since(started))
+
+
+def _decode(model: PreTrainedModel, gen: _Generation, steps: int) -> None:
+    """`steps` greedy one-token forwards under the current mask, their time added to gen.decode."""
     started = _clock()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return {"prefill": prefill, "decode": _since(started)}
+    for _ in range(steps):
+        out = model(input_ids=gen.token, past_key_values=gen.cache, use_cache=True, logits_to_keep=1)
+        gen.token = out.logits[:, -1].argmax(-1, keepdim=True)
+    took = _since(started)
+    gen.decode = (gen.decode[0] + took[0], gen.decode[1] + took[1])
 
 
 def _time_routing(router: Router, texts: list[str]) -> Clock:
@@ -219,11 +240,19 @@ def bench_speed(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_text: s
                 if measured:
                     route_times[name].append(seconds)
             shift = round_ % len(candidates)
-            for i in [*range(shift, len(candidates)), *range(shift)]:
+            order = [*range(shift, len(candidates)), *range(shift)]
+            generations = {}
+            for i in order:
                 with control.masked(candidates[i].mask, candidates[i].kv_policy):
-                    result = _time_generation(model, ids, settings.new_tokens)
-                if measured:
-                    times[i].append(result)
+                    generations[i] = _prefill(model, ids)
+            for start in range(0, settings.new_tokens, settings.decode_chunk):
+                for i in order:
+                    with control.masked(candidates[i].mask, candidates[i].kv_policy):
+                        _decode(model, generations[i], min(settings.decode_chunk, settings.new_tokens - start))
+            if measured:
+                for i, gen in generations.items():
+                    times[i].append({"prefill": gen.prefill, "decode": gen.decode})
+            del generations
         machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     finally:
         torch.set_num_threads(threads_before)
