@@ -137,7 +137,10 @@ def _is_dense(result: dict[str, Any]) -> bool:
 
 
 def _models(results: Sequence[dict[str, Any]], model: str | None) -> str:
-    return model or ", ".join(sorted({_model_name(r.get("model")) for r in results}))
+    """The model name(s) for a title, with the items per task when the results were limited."""
+    name = model or ", ".join(sorted({_model_name(r.get("model")) for r in results}))
+    limits = {r.get("limit") for r in results}
+    return name + (f" ({limits.pop()} items per task)" if len(limits) == 1 and None not in limits else "")
 
 
 def _line_key(result: dict[str, Any], vary_clusters: bool) -> str:
@@ -245,9 +248,10 @@ def accuracy_vs_clusters(results: Sequence[dict[str, Any]], out: str | Path, mod
     ax.set_xticks(range(len(sparsities)), [f"{s:.1f}%" for s in sparsities])
     ax.set_xlabel("sparsity (% of blocks skipped)")
     ax.set_ylabel("average accuracy (%)")
-    low = min(scale * r["average"] for r in cells.values())
-    ax.set_ylim(max(0.0, low - 10), None)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylim(0, 1.15 * max([scale * r["average"] for r in cells.values()] +
+                              [scale * d["average"] for d in dense[:1]]))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(counts) + bool(dense),
+              frameon=False)
     ax.grid(axis="y", alpha=0.3)
     methods = ", ".join(sorted({r["method"] for r in chosen}))
     grains = ", ".join(sorted({r["sparsity"].get("granularity") or "?" for r in chosen}))
