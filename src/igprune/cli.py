@@ -494,6 +494,10 @@ def main() -> None:
     except IGPruneError as err:
         print(f"igprune: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except typer.exceptions.TyperException as err:  # usage errors: missing or unknown options
+        command = " ".join(sys.argv[1:2])
+        print(f"igprune: error: {err.format_message()} (see `igprune {command} --help`)", file=sys.stderr)
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("igprune: interrupted", file=sys.stderr)
         sys.exit(130)

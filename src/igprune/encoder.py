@@ -46,10 +46,6 @@ class SentenceEncoder:
         self.model.max_seq_length = self.max_tokens
         self.batch_size = batch_size
 
-    @property
-    def dim(self) -> int:
-        return self.model.get_sentence_embedding_dimension()
-
     def encode(self, texts: list[str], progress: bool = False) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
