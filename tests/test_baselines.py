@@ -26,15 +26,6 @@ FAST = {  # per method: the smallest settings that still exercise every step
 SMALL = {"samples": 4, "seq_len": 24}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead, which a second thread on a busy machine multiplies many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model("llama", layers=6), tiny_tokenizer()

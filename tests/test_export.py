@@ -19,15 +19,6 @@ from igprune.models import load_model
 MASK = torch.tensor([1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead, which a second thread on a busy machine multiplies many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def masked_logits(model, ids, mask):
     with torch.no_grad(), patch(model).masked(mask):
         return model(input_ids=ids).logits

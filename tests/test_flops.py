@@ -39,15 +39,6 @@ MASKS = {  # "mixed" has every layer case: attention off, FFN off, both off, bot
 BATCH, PROMPT = 2, 10  # gemma3's tiny sliding window is 6, so decode after 10 tokens reads a capped cache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation, which is slow on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {arch: tiny_model(arch) for arch in ARCHS}
