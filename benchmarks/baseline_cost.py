@@ -3,7 +3,7 @@
 Every method runs with its registry defaults on wiki calibration. Each finished method is recorded at once
 in benchmarks/results/baseline_cost.json, with the machine's load since the machine may be shared (merged
 into the file as it is then, so methods may run in parallel processes), and its bundle is saved under
-benchmarks/bundles/smollm2-135m/<method>-b15/. An interrupted run resumes where it stopped; --force reruns
+benchmarks/bundles/cost/smollm2-135m/<method>-b15/. An interrupted run resumes where it stopped; --force reruns
 methods already recorded. Held-out wiki perplexity of each mask is recorded
 too, as a sanity check rather than an evaluation.
 
@@ -31,7 +31,7 @@ from igprune.masks import mask_row
 HERE = Path(__file__).parent
 MODEL, BLOCKS, GRANULARITY, DATA, SEED = "smollm2-135m", 15, "block", "wiki", 0
 RESULTS = HERE / "results" / "baseline_cost.json"
-BUNDLES = HERE / "bundles" / MODEL
+BUNDLES = HERE / "bundles" / "cost" / MODEL  # the headline benchmark keeps its own under bundles/<model>
 
 
 def main() -> None:
