@@ -104,6 +104,77 @@ def _figure(plot: Callable, data: Any, name: str, caption: str) -> str:
     return f"![{caption}](figures/{name})\n\n*{caption}.*"
 
 
+def _json(name: str) -> dict[str, Any] | None:
+    path = HERE / "results" / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _rows(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def speed() -> str:
+    """bench-speed: wall-clock speedups beside the FLOPs-ideal ones (benchmarks/speed.py)."""
+    report = _json("speed_smollm2-135m.json")
+    if report is None:
+        return "_not run yet_"
+    rows = []
+    for r in report["results"]:
+        cells = [r["label"], r["kv_policy"]]
+        for phase in ("prefill", "decode", "end_to_end"):
+            p = r.get(phase)
+            if p is None:
+                cells.append("–")
+                continue
+            low, high = p["speedup_range"]
+            ideal = f" (ideal {p['flops_speedup']:.2f})" if "flops_speedup" in p else ""
+            cells.append(f"{p['tokens_per_s']:.1f} tok/s, {p['speedup']:.2f}× [{low:.2f}, {high:.2f}]{ideal}")
+        rows.append(cells)
+    s, m = report["settings"], report["machine"]
+    return (_rows(["Mask", "K/V of skipped attention", "Prefill", "Decode", "End to end (routing included)"], rows)
+            + f"\n\n{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, batch {s['batch_size']}, "
+            f"median of {s['repeats']} repeats, {s['threads']} thread, load average {m['load_average'][0]:.1f} "
+            f"({m['utc']}); [min, max] of the per-repeat ratios. Masks: {report['order']['description']}.")
+
+
+def routing_overhead() -> str:
+    """Encoder prefix length against routing cost and agreement (benchmarks/routing_overhead.py)."""
+    report = _json("routing_overhead.json")
+    if report is None:
+        return "_not run yet_"
+    agree = report["agreement"]
+    rows = [[k, f"{c['percent_of_prefill']:.1f}%", f"{c['flops_percent_of_prefill']:.1f}%",
+             *(f"{agree[src][k]['agreement'] * 100:.0f}%" for src in agree)] for k, c in report["cost"].items()]
+    return _rows(["Encoder tokens", "Time, % of prefill", "FLOPs, % of prefill",
+                  *(f"Same cluster as 256 tokens: {src}" for src in agree)], rows)
+
+
+def baseline_cost() -> str:
+    """Search time of each static method at 15 of 60 blocks (benchmarks/baseline_cost.py)."""
+    report = _json("baseline_cost.json")
+    if report is None:
+        return "_not run yet_"
+    rows = [[name, f"{r['seconds'] / 60:.1f}", f"{r['calibration']['tokens']}", str(r["masks_scored"]),
+             f"{r['heldout_ppl']:.1f}", f"{r['attn_off']} / {r['ffn_off']}"] for name, r in report["runs"].items()]
+    dense = report["setup"]["dense_heldout_ppl"]
+    return (_rows(["Method", "Minutes", "Calibration tokens", "Masks scored", "Held-out wiki perplexity",
+                   "Attention / FFN off"], rows) + f"\n\nDense held-out perplexity {dense:.1f}.")
+
+
+def fit_budget() -> str:
+    """Gate learning rate against a CPU-sized budget (benchmarks/fit_budget.py)."""
+    report = _json("fit_budget.json")
+    if report is None:
+        return "_not run yet_"
+    rows = [[lr, str(report["steps"]), f"{r['seconds'] / 60:.1f}", f"{r['final_train_loss']:.2f}",
+             f"{r['mask_perplexity']:.1f}"] for lr, r in report["runs"].items()]
+    return (_rows(["Gate learning rate", "Steps", "Minutes", "Final training loss (sampled gates)",
+                   "Held-out perplexity of the binarised mask"], rows)
+            + f"\n\n{report['model']}, {report['blocks_skipped']} blocks off, batch {report['batch_size']} x "
+            f"{report['seq_len']} tokens; dense held-out perplexity {report['dense_perplexity']:.1f}.")
+
+
 SMOL, QWEN = "smollm2-135m", "qwen2.5-0.5b"
 BLOCKS: dict[str, Callable[[], str]] = {
     "table1-smollm2": lambda: table(SMOL, "dense", "table1", [8, 15]),
@@ -114,6 +185,10 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "calibration": lambda: table(SMOL, "dense-l250", "calibration"),
     "routing": lambda: routing(SMOL, "ig16-b15"),
     "costs": costs,
+    "speed": speed,
+    "routing-overhead": routing_overhead,
+    "baseline-cost": baseline_cost,
+    "fit-budget": fit_budget,
     "figures": make_figures,
 }
 

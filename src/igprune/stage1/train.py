@@ -31,7 +31,7 @@ from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
 @dataclass
 class TrainConfig:
-    """Mask-training settings (paper Table 5 for the learning rates; budget: see benchmarks/fit_cost.py)."""
+    """Mask-training settings (learning rates: paper Table 5; budget: benchmarks/fit_budget.py)."""
 
     sparsity: float = 0.25
     shared_steps: int = 100  # phase 1: one mask on all data (warm start)
