@@ -22,6 +22,7 @@ from igprune.evaluation.results import load_results, results_table
 
 HERE = Path(__file__).parent
 REPORT = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
 FIGURES = HERE / "figures"
 
 
@@ -193,17 +194,23 @@ BLOCKS: dict[str, Callable[[], str]] = {
 }
 
 
-def main() -> None:
-    text = REPORT.read_text()
-    for name, make in BLOCKS.items():
+def fill(path: Path, blocks: dict[str, Callable[[], str]]) -> None:
+    """Replace each generated block of the file; the text around the blocks stays as written."""
+    text = path.read_text()
+    for name, make in blocks.items():
         pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
         if not pattern.search(text):
-            print(f"RESULTS.md has no block {name}; skipped")
+            print(f"{path.name} has no block {name}; skipped")
             continue
         body = make()
         text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
-    REPORT.write_text(text)
-    print(f"wrote {REPORT}")
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    fill(REPORT, BLOCKS)
+    fill(README, {"headline": lambda: table(SMOL, "dense", "table1", [15])})
 
 
 if __name__ == "__main__":
