@@ -120,6 +120,24 @@ def test_generate_routes_each_prompt_and_keeps_order(fitted):
         dynamic.generate_text([""])
 
 
+def test_prompt_longer_than_the_context_keeps_its_end_with_a_warning(fitted):
+    model, tokenizer, _, path = fitted
+    dynamic = DynamicPrunedModel.from_bundle(model, path, tokenizer)
+    room = model.config.max_position_embeddings - 4
+    tail = TEXTS[0]
+    long = " ".join(TEXTS * 40) + " " + tail
+    assert len(tokenizer(long).input_ids) > room
+    with pytest.warns(UserWarning, match="only their last"):
+        out = dynamic.generate_text([long], max_new_tokens=4)
+    # the kept end, routed as the full prompt is, continues exactly as that end alone would
+    ids = torch.tensor([tokenizer(long).input_ids[-room:]])
+    with dynamic.control.masked(dynamic.mask_for(dynamic.route([long])[0].cluster)):
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out[0] == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    with pytest.raises(IGPruneError, match="fewer new tokens"):
+        dynamic.generate_text([tail], max_new_tokens=model.config.max_position_embeddings)
+
+
 def test_fit_rejects_bad_input():
     model, tokenizer = tiny_model(), tiny_tokenizer()
     with pytest.raises(IGPruneError, match="no calibration texts"):

@@ -7,6 +7,7 @@ mask, and the results are put back in the original order. Static bundles (one cl
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -125,7 +126,20 @@ class DynamicPrunedModel:
         if any(not p.strip() for p in prompts):
             raise IGPruneError("empty prompt: give some text to generate from")
         self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        # a prompt longer than the context keeps its end, the part the continuation follows from
+        room = getattr(self.model.config, "max_position_embeddings", None)
+        room = None if room is None else room - max_new_tokens
+        if room is not None and room < 1:
+            raise IGPruneError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                               f"context of {room + max_new_tokens} tokens; ask for fewer new tokens")
+        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
+        if room is not None and max(lengths) > room:
+            warnings.warn(f"{sum(n > room for n in lengths)} prompt(s) longer than the {room} tokens the context "
+                          f"leaves beside {max_new_tokens} new tokens: only their last {room} tokens are used",
+                          stacklevel=2)
+        self.tokenizer.truncation_side = "left"
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=room is not None,
+                               max_length=room).to(self.device)
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(batch.input_ids, batch.attention_mask, texts=prompts, max_new_tokens=max_new_tokens,
                             **generate_kwargs)
