@@ -163,6 +163,23 @@ def baseline_cost() -> str:
                    "Attention / FFN off"], rows) + f"\n\nDense held-out perplexity {dense:.1f}.")
 
 
+def held_out_perplexity() -> str:
+    """Perplexity of each headline mask on held-out text (benchmarks/perplexity.py)."""
+    report = _json("headline_perplexity.json")
+    if report is None:
+        return "_not run yet_"
+    rows = []
+    for name, r in report["runs"].items():
+        clusters = r.get("per_cluster") or {}
+        spread = [c["perplexity"] for c in clusters.values()]
+        rows.append([name, r["method"], f"{r['sparsity']['blocks_skipped']}/{r['sparsity']['blocks_total']}",
+                     f"{r['perplexity']:.1f}",
+                     f"{min(spread):.1f} to {max(spread):.1f} over {len(spread)} clusters" if spread else "–"])
+    return (_rows(["Run", "Method", "Blocks off", "Perplexity", "Per cluster"], rows)
+            + f"\n\n{report['model']}, {report['limit']} held-out {report['data']} passages, first "
+            f"{report['seq_len']} tokens of each.")
+
+
 def fit_budget() -> str:
     """Gate learning rate against a CPU-sized budget (benchmarks/fit_budget.py)."""
     report = _json("fit_budget.json")
@@ -190,6 +207,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "routing-overhead": routing_overhead,
     "baseline-cost": baseline_cost,
     "fit-budget": fit_budget,
+    "perplexity": held_out_perplexity,
     "figures": make_figures,
 }
 
