@@ -164,20 +164,21 @@ def baseline_cost() -> str:
 
 
 def held_out_perplexity() -> str:
-    """Perplexity of each headline mask on held-out text (benchmarks/perplexity.py)."""
+    """Perplexity of each headline mask on held-out text, per IG-Pruning cluster (benchmarks/perplexity.py)."""
     report = _json("headline_perplexity.json")
     if report is None:
         return "_not run yet_"
-    rows = []
-    for name, r in report["runs"].items():
-        clusters = r.get("per_cluster") or {}
-        spread = [c["perplexity"] for c in clusters.values()]
-        rows.append([name, r["method"], f"{r['sparsity']['blocks_skipped']}/{r['sparsity']['blocks_total']}",
-                     f"{r['perplexity']:.1f}",
-                     f"{min(spread):.1f} to {max(spread):.1f} over {len(spread)} clusters" if spread else "–"])
-    return (_rows(["Run", "Method", "Blocks off", "Perplexity", "Per cluster"], rows)
-            + f"\n\n{report['model']}, {report['limit']} held-out {report['data']} passages, first "
-            f"{report['seq_len']} tokens of each.")
+    runs = report["runs"]
+    static = {r.name for r in RUNS if r.method not in ("dense", "ig-pruning")}
+    header = ["Cluster", "Passages", *runs]
+    rows = [["all", str(report["passages"]), *(f"{r['perplexity']:.1f}" for r in runs.values())]]
+    for k, n in report["cluster_passages"].items():
+        cells = [float(r["per_cluster"][k]) for r in runs.values()]
+        best_static = min((c for name, c in zip(runs, cells, strict=True) if name in static), default=None)
+        rows.append([k, str(n), *(f"**{c:.1f}**" if c == best_static else f"{c:.1f}" for c in cells)])
+    return (_rows(header, rows) + f"\n\n{report['model']}, {report['passages']} held-out {report['data']} passages "
+            f"(first {report['seq_len']} tokens of each), each assigned to a cluster by the {report['router']} "
+            "router; bold: the best static mask on that cluster's passages.")
 
 
 def fit_budget() -> str:
