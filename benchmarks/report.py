@@ -76,7 +76,10 @@ def _bundle_config(run: Run) -> dict[str, Any]:
 
 
 def _bundle_seconds(run: Run) -> float:
-    return _bundle_config(run).get("benchmark", {}).get("seconds", 0.0)
+    """Wall time of making the bundle; for a fit resumed across processes, at least its summed step times."""
+    config = _bundle_config(run)
+    steps = sum(config.get("logs", {}).get("train", {}).get("seconds", []))
+    return max(config.get("benchmark", {}).get("seconds", 0.0), steps)
 
 
 def make_figures() -> str:
