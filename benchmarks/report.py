@@ -30,6 +30,16 @@ def _find(model: str, name: str) -> Run:
     return next(r for r in RUNS if r.model == model and r.name == name)
 
 
+def _json(name: str) -> dict[str, Any] | None:
+    path = HERE / "results" / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _rows(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def _table(runs: list[Run]) -> str:
     results = [load_results(result_path(r)) for r in runs if result_path(r).is_file()]
     return results_table(results, stderr=True) if results else "_not run yet_"
@@ -47,27 +57,25 @@ def routing(model: str, name: str) -> str:
         return "_not run yet_"
     result = load_results(path)
     n = result["n_clusters"]
-    lines = ["| Task | " + " | ".join(str(k) for k in range(n)) + " | clusters used |", "|" + " --- |" * (n + 2)]
+    rows = []
     for task, counts in result["routing"].items():
         cells = [str(counts.get(str(k), counts.get(k, 0))) for k in range(n)]
-        used = sum(1 for c in cells if c != "0")
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {used} |")
-    return "\n".join(lines)
+        rows.append([task, *cells, str(sum(1 for c in cells if c != "0"))])
+    return _rows(["Task", *(str(k) for k in range(n)), "clusters used"], rows)
 
 
 def costs() -> str:
     """Wall time of each step that has run: making the bundle, and evaluating it."""
-    lines = ["| Model | Run | Bundle (min) | Eval (min) | Load avg while making the bundle |", "|" + " --- |" * 5]
+    rows = []
     for run in RUNS:
         if not result_path(run).is_file():
             continue
-        result = load_results(result_path(run))
-        made = _bundle_seconds(run)
-        evaluated = result["provenance"]["seconds"]["total"]
-        load = _bundle_config(run).get("benchmark", {}).get("load_average")
-        lines.append(f"| {run.model} | {run.name} | {made / 60:.1f} | {evaluated / 60:.1f} | "
-                     + (f"{load:.1f}" if load is not None else "–") + " |")
-    return "\n".join(lines)
+        evaluated = load_results(result_path(run))["provenance"]["seconds"]["total"]
+        config = _bundle_config(run)
+        load = config.get("benchmark", {}).get("load_average")
+        rows.append([run.model, run.name, f"{_bundle_seconds(config) / 60:.1f}", f"{evaluated / 60:.1f}",
+                     f"{load:.1f}" if load is not None else "–"])
+    return _rows(["Model", "Run", "Bundle (min)", "Eval (min)", "Load avg while making the bundle"], rows)
 
 
 def _bundle_config(run: Run) -> dict[str, Any]:
@@ -75,9 +83,8 @@ def _bundle_config(run: Run) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _bundle_seconds(run: Run) -> float:
-    """Wall time of making the bundle; for a fit resumed across processes, at least its summed step times."""
-    config = _bundle_config(run)
+def _bundle_seconds(config: dict[str, Any]) -> float:
+    """Wall time of making a bundle; for a fit resumed across processes, at least its summed step times."""
     steps = sum(config.get("logs", {}).get("train", {}).get("seconds", []))
     return max(config.get("benchmark", {}).get("seconds", 0.0), steps)
 
@@ -106,16 +113,6 @@ def make_figures() -> str:
 def _figure(plot: Callable, data: Any, name: str, caption: str) -> str:
     plot(data, FIGURES / name)
     return f"![{caption}](figures/{name})\n\n*{caption}.*"
-
-
-def _json(name: str) -> dict[str, Any] | None:
-    path = HERE / "results" / name
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _rows(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def speed() -> str:
