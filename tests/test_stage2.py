@@ -127,8 +127,10 @@ def test_prompt_longer_than_the_context_keeps_its_end_with_a_warning(fitted):
     tail = TEXTS[0]
     long = " ".join(TEXTS * 40) + " " + tail
     assert len(tokenizer(long).input_ids) > room
+    sides = tokenizer.padding_side, tokenizer.truncation_side
     with pytest.warns(UserWarning, match="only their last"):
         out = dynamic.generate_text([long], max_new_tokens=4)
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == sides  # the shared tokenizer is left as it was
     # the kept end, routed as the full prompt is, continues exactly as that end alone would
     ids = torch.tensor([tokenizer(long).input_ids[-room:]])
     with dynamic.control.masked(dynamic.mask_for(dynamic.route([long])[0].cluster)):

@@ -12,6 +12,8 @@ import importlib.util
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +219,17 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextmanager
+def tokenizer_sides(tokenizer: PreTrainedTokenizerBase, padding: str, truncation: str = "right") -> Iterator[None]:
+    """Pad and truncate on the given sides inside the block, then restore the caller's: tokenizers are shared."""
+    before = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = padding, truncation
+    try:
+        yield
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = before
 
 
 def install(entry: ZooModel) -> None:

@@ -25,18 +25,15 @@ from igprune.bundle import Bundle, fingerprint
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
+from igprune.models import tokenizer_sides
 from igprune.stage1.clustering import Clustering, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (M, T) ids and attention mask, each text truncated to its first seq_len tokens."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
+    with tokenizer_sides(tokenizer, padding="right"):
         batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
-    finally:
-        tokenizer.padding_side = side
     return batch.input_ids, batch.attention_mask
 
 

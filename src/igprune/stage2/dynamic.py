@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from igprune.blocks import KVPolicy, patch
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError
+from igprune.models import tokenizer_sides
 from igprune.stage2.router import Route, Router
 
 
@@ -125,7 +126,6 @@ class DynamicPrunedModel:
         """Convenience: prompts in, continuations out (greedy unless told otherwise)."""
         if any(not p.strip() for p in prompts):
             raise IGPruneError("empty prompt: give some text to generate from")
-        self.tokenizer.padding_side = "left"
         # a prompt longer than the context keeps its end, the part the continuation follows from
         room = getattr(self.model.config, "max_position_embeddings", None)
         room = None if room is None else room - max_new_tokens
@@ -137,9 +137,9 @@ class DynamicPrunedModel:
             warnings.warn(f"{sum(n > room for n in lengths)} prompt(s) longer than the {room} tokens the context "
                           f"leaves beside {max_new_tokens} new tokens: only their last {room} tokens are used",
                           stacklevel=2)
-        self.tokenizer.truncation_side = "left"
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=room is not None,
-                               max_length=room).to(self.device)
+        with tokenizer_sides(self.tokenizer, padding="left", truncation="left"):
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=room is not None,
+                                   max_length=room).to(self.device)
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(batch.input_ids, batch.attention_mask, texts=prompts, max_new_tokens=max_new_tokens,
                             **generate_kwargs)
