@@ -13,7 +13,6 @@ was trained for, does that mask beat the best static mask?
 from __future__ import annotations
 
 import argparse
-import math
 from collections import defaultdict
 
 import torch
@@ -21,16 +20,12 @@ from headline import RESULTS, RUNS, bundle_dir
 
 from igprune import load_model
 from igprune.data import load_calibration
-from igprune.evaluation.perplexity import CHARS_PER_TOKEN, score_texts
+from igprune.evaluation.perplexity import CHARS_PER_TOKEN, score_texts, token_perplexity
 from igprune.files import write_json
 from igprune.stage2.dynamic import DynamicPrunedModel
 
 OUT = RESULTS.parent / "headline_perplexity.json"
 SEED = 0
-
-
-def ppl(scores: list[tuple[float, int]]) -> float:
-    return math.exp(sum(s for s, _ in scores) / sum(n for _, n in scores))
 
 
 def main() -> None:
@@ -46,25 +41,26 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     texts = load_calibration(args.data, split="heldout", max_chars=CHARS_PER_TOKEN * args.seq_len,
                              limit=args.limit, seed=SEED)
-    router = DynamicPrunedModel.from_bundle(model, bundle_dir(next(r for r in RUNS if r.name == args.router)),
-                                            tokenizer)
-    # route each passage by exactly the tokens that are scored, as score_texts does for a dynamic model
-    scored = tokenizer.batch_decode([x[:args.seq_len] for x in tokenizer(texts)["input_ids"]], skip_special_tokens=True)
-    clusters = [r.cluster for r in router.route(scored)]
+    masks = [("dense", None)] + [(r.name, bundle_dir(r)) for r in RUNS
+                                 if r.model == args.model and (bundle_dir(r) / "bundle.json").is_file()]
+    if args.router not in dict(masks):
+        raise SystemExit(f"no bundle for the router run {args.router}; make it with benchmarks/headline.py")
+    scores = {}
+    for name, path in masks:
+        pruned = None if path is None else DynamicPrunedModel.from_bundle(model, path, tokenizer)
+        scores[name], routed = score_texts(model, tokenizer, texts, args.seq_len, pruned=pruned)
+        if name == args.router:
+            clusters = routed  # each passage routed by exactly the tokens that are scored
+        print(f"{name}: {token_perplexity(scores[name]):.1f}", flush=True)
     report = {"model": args.model, "data": args.data, "split": "heldout", "seq_len": args.seq_len,
               "passages": len(texts), "router": args.router, "seed": SEED, "threads": args.threads,
               "cluster_passages": {str(k): clusters.count(k) for k in sorted(set(clusters))}, "runs": {}}
-    masks = [("dense", None)] + [(r.name, bundle_dir(r)) for r in RUNS
-                                 if r.model == args.model and (bundle_dir(r) / "bundle.json").is_file()]
-    for name, path in masks:
-        pruned = None if path is None else DynamicPrunedModel.from_bundle(model, path, tokenizer)
-        scores, _ = score_texts(model, tokenizer, texts, args.seq_len, pruned=pruned)
+    for name, run_scores in scores.items():
         by_cluster: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for score, cluster in zip(scores, clusters, strict=True):
+        for score, cluster in zip(run_scores, clusters, strict=True):
             by_cluster[cluster].append(score)
-        report["runs"][name] = {"perplexity": ppl(scores),
-                                "per_cluster": {str(k): ppl(v) for k, v in sorted(by_cluster.items())}}
-        print(f"{name}: {report['runs'][name]['perplexity']:.1f}", flush=True)
+        report["runs"][name] = {"perplexity": token_perplexity(run_scores),
+                                "per_cluster": {str(k): token_perplexity(v) for k, v in sorted(by_cluster.items())}}
     write_json(OUT, report)
     print(f"wrote {OUT}")
 

@@ -90,7 +90,8 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
     return scores, clusters
 
 
-def _ppl(scores: list[tuple[float, int]]) -> float:
+def token_perplexity(scores: list[tuple[float, int]]) -> float:
+    """exp of the mean NLL over all predicted tokens of (summed NLL, tokens) pairs: token-weighted."""
     return math.exp(sum(s for s, _ in scores) / sum(n for _, n in scores))
 
 
@@ -114,14 +115,14 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundl
         "kind": "perplexity", **config.describe(), "data": source, "split": "heldout", "seq_len": seq_len,
         "limit": limit, "kv_policy": kv_policy, "batch_size": batch_size, "passages": len(texts),
         "tokens": tokens, "mean_tokens_per_passage": round(tokens / len(texts) + 1, 1),
-        "nll": sum(s for s, _ in scores) / tokens, "perplexity": _ppl(scores),
+        "nll": sum(s for s, _ in scores) / tokens, "perplexity": token_perplexity(scores),
     }
     if config.dynamic:
         by_cluster: dict[int, list[tuple[float, int]]] = defaultdict(list)
         for score, cluster in zip(scores, clusters, strict=True):
             by_cluster[cluster].append(score)
-        results["per_cluster"] = {str(k): {"passages": len(v), "tokens": sum(n for _, n in v), "perplexity": _ppl(v)}
-                                  for k, v in sorted(by_cluster.items())}
+        results["per_cluster"] = {str(k): {"passages": len(v), "tokens": sum(n for _, n in v),
+                                           "perplexity": token_perplexity(v)} for k, v in sorted(by_cluster.items())}
     results["provenance"] = {**provenance(seed, str(model.device), str(model.dtype).removeprefix("torch.")),
                              "bundle": config.identity(),
                              "seconds": {"total": round(time.perf_counter() - started, 1)}}
