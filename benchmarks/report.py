@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster_phase import RECIPES
 from headline import RUNS, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
@@ -41,7 +42,8 @@ def _rows(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _table(runs: list[Run]) -> str:
-    results = [load_results(result_path(r)) for r in runs if result_path(r).is_file()]
+    results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})}
+               for r in runs if result_path(r).is_file()]
     return results_table(results, stderr=True) if results else "_not run yet_"
 
 
@@ -65,17 +67,19 @@ def routing(model: str, name: str) -> str:
 
 
 def costs() -> str:
-    """Wall time of each step that has run: making the bundle, and evaluating it."""
+    """Wall time of each step that has run: making the bundle, and evaluating it, with the torch threads of each."""
     rows = []
     for run in RUNS:
         if not result_path(run).is_file():
             continue
-        evaluated = load_results(result_path(run))["provenance"]["seconds"]["total"]
-        config = _bundle_config(run)
-        load = config.get("benchmark", {}).get("load_average")
-        rows.append([run.model, run.name, f"{_bundle_seconds(config) / 60:.1f}", f"{evaluated / 60:.1f}",
-                     f"{load:.1f}" if load is not None else "–"])
-    return _rows(["Model", "Run", "Bundle (min)", "Eval (min)", "Load avg while making the bundle"], rows)
+        result = load_results(result_path(run))["provenance"]
+        config = _bundle_config(run).get("benchmark", {})
+        load = config.get("load_average")
+        rows.append([run.model, run.name, f"{_bundle_seconds(_bundle_config(run)) / 60:.1f}",
+                     str(config.get("torch_threads", "–")), f"{result['seconds']['total'] / 60:.1f}",
+                     str(result["machine"].get("torch_threads", "–")), f"{load:.1f}" if load is not None else "–"])
+    return _rows(["Model", "Run", "Bundle (min)", "Threads", "Eval (min)", "Threads",
+                  "Load avg while making the bundle"], rows)
 
 
 def _bundle_config(run: Run) -> dict[str, Any]:
@@ -91,7 +95,7 @@ def _bundle_seconds(config: dict[str, Any]) -> float:
 
 def make_figures() -> str:
     FIGURES.mkdir(exist_ok=True)
-    done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file()]
+    done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file() and not r.label]  # no variants
     lines = []
     sweep = [load_results(result_path(r)) for r in done if r.table in ("table1", "dense", "granularity")]
     if len(sweep) > 1:
@@ -181,6 +185,24 @@ def held_out_perplexity() -> str:
             "router; bold: the best static mask on that cluster's passages.")
 
 
+def cluster_phase() -> str:
+    """Cluster-phase recipes from the same shared mask, per cluster (benchmarks/cluster_phase.py)."""
+    reports = {name: _json(f"cluster_phase/{name}.json") for name in RECIPES}
+    reports = {name: r for name, r in reports.items() if r is not None}
+    if "shared" not in reports:
+        return "_not run yet_"
+    base = reports.pop("shared")
+    shared = base["per_cluster"]
+    rows = [["shared (static L0)", "–", "–", f"{base['perplexity']:.1f}", "–", "–"]]
+    for name, r in reports.items():
+        better = sum(v < shared[k] - 0.05 for k, v in r["per_cluster"].items())
+        worse = sum(v > shared[k] + 0.05 for k, v in r["per_cluster"].items())
+        rows.append([name, str(r["updates"]), f"{r['fit_seconds'] / 60:.1f}", f"{r['perplexity']:.1f}",
+                     str(sum(1 for c in r["blocks_changed"] if c)), f"{better} / {worse}"])
+    return _rows(["Recipe", "Updates", "Minutes", "Held-out perplexity", "Masks changed",
+                  "Clusters better / worse than shared"], rows)
+
+
 def fit_budget() -> str:
     """Gate learning rate against a CPU-sized budget (benchmarks/fit_budget.py)."""
     report = _json("fit_budget.json")
@@ -197,6 +219,7 @@ def fit_budget() -> str:
 SMOL, QWEN = "smollm2-135m", "qwen2.5-0.5b"
 BLOCKS: dict[str, Callable[[], str]] = {
     "table1-smollm2": lambda: table(SMOL, "dense", "table1", [8, 15]),
+    "cluster-phase": cluster_phase,
     "table1-smollm2-b22": lambda: table(SMOL, "dense-l250", "table1", [22]),
     "table1-qwen": lambda: table(QWEN, "dense", "table1"),
     "clusters": lambda: table(SMOL, "dense-l250", "clusters"),

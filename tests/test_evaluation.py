@@ -188,6 +188,8 @@ def test_table_has_the_papers_layout():
     assert lines[2].startswith("| 0.0% | Dense | 60.00 |") and lines[2].endswith("| 60.00 | 100.00% |")
     assert lines[3].startswith("| 25.0% | SLEB |") and lines[3].endswith("| 66.67% |")
     assert lines[4].startswith("|  | IG-Pruning (N=4) | 45.00 |")
+    relabelled = results_table([dict(ours, method_label="IG-Pruning (N=4), first fit")]).splitlines()
+    assert relabelled[2].startswith("| 25.0% | IG-Pruning (N=4), first fit | 45.00 |")
 
 
 # ---------------------------------------------------------------------------------- evaluate + cache

@@ -62,6 +62,21 @@ def test_lagrangian_drives_expected_sparsity_to_target_for_every_cluster():
     assert masks.shape == (3, 8) and (~masks).sum(1).tolist() == [4, 4, 4]
 
 
+def test_cluster_updates_take_cluster_batch_samples_of_every_cluster_in_forwards_of_batch_size():
+    model = tiny_model()
+    ids, mask, labels = samples()
+    trainer = MaskTrainer(model, 3, small_config(shared_steps=0, cluster_steps=2, cluster_batch=3, batch_size=4),
+                          progress=False)
+    rows = trainer._batch_rows(labels, shared=False)
+    assert torch.bincount(labels[rows], minlength=3).tolist() == [3, 3, 3]
+    forwards = []
+    model.model.register_forward_pre_hook(lambda _, args, kwargs: forwards.append(len(kwargs["input_ids"])),
+                                          with_kwargs=True)
+    trainer.fit(ids, mask, labels)
+    assert forwards == [4, 4, 1, 4, 4, 1]  # two updates, each 9 samples accumulated over three forwards
+    assert len(trainer.log.loss) == 2
+
+
 def test_layer_granularity_switches_whole_layers():
     ids, mask, labels = samples()
     trainer = MaskTrainer(tiny_model("llama", layers=4), 3, small_config(granularity="layer"), progress=False)

@@ -90,10 +90,14 @@ def fit(
                                                 "reads about batch-size x steps of them")] = 4096,
     max_chars: Annotated[int | None, typer.Option(help="passage length in characters (default: 4 x seq-len)")] = None,
     granularity: GranularityOpt = "block",
-    shared_steps: Annotated[int, typer.Option(help="steps of the shared warm-start mask")] = 100,
-    cluster_steps: Annotated[int, typer.Option(help="steps of the per-cluster phase")] = 200,
-    batch_size: Annotated[int, typer.Option(help="samples per step")] = 16,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 128,
+    shared_steps: Annotated[int, typer.Option(help="steps of the shared warm-start mask")] = 200,
+    cluster_steps: Annotated[int, typer.Option(help="steps of the per-cluster phase")] = 64,
+    batch_size: Annotated[int, typer.Option(help="samples per forward (and per shared step)")] = 16,
+    cluster_batch: Annotated[int | None, typer.Option(help="samples of every cluster per cluster step "
+                                                      "(default: batch-size // clusters)")] = None,
+    cluster_lr: Annotated[float | None, typer.Option(help="gate learning rate of the cluster phase "
+                                                     "(default: 0.1, as the shared phase)")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 64,
     loss: Annotated[str, typer.Option(help="lm (paper eq. 8) or kl (to the dense model)")] = "lm",
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -112,7 +116,8 @@ def fit(
     # passages about as long as a training sample, so the text that is clustered is the text that is trained on
     texts = load_calibration(data, split="train", max_chars=max_chars or 4 * seq_len, limit=samples, seed=seed)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
-                         seq_len=seq_len, loss=loss, granularity=granularity)
+                         cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
+                         granularity=granularity)
     checkpoint = out.with_name(out.name + ".checkpoint")
     console.print(f"fitting {clusters} clusters on {len(texts)} {data} passages (checkpoints in {checkpoint})")
     pruner = IGPruner(lm, tokenizer, n_clusters=clusters, sparsity=_sparsity(sparsity, blocks, lm), seed=seed,

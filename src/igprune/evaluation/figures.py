@@ -143,6 +143,11 @@ def _models(results: Sequence[dict[str, Any]], model: str | None) -> str:
     return name + (f" ({limits.pop()} items per task)" if len(limits) == 1 and None not in limits else "")
 
 
+def _origin(result: dict[str, Any]) -> str:
+    """Where a result came from, for error messages: its file, when it was read from one."""
+    return result.get("_file", "a result passed in memory")
+
+
 def _line_key(result: dict[str, Any], vary_clusters: bool) -> str:
     parts = [result["method"]]
     if vary_clusters and result.get("n_clusters"):
@@ -167,8 +172,8 @@ def accuracy_vs_sparsity(results: Sequence[dict[str, Any]], out: str | Path, mod
     for r in pruned:
         key, x = _line_key(r, len(clusters[r["method"]]) > 1), _sparsity_percent(r)
         if x in lines[key]:
-            raise IGPruneError(f"two results for {key} at {x:.1f}% sparsity ({lines[key][x]['_file']}, "
-                               f"{r['_file']}); pass one of them")
+            raise IGPruneError(f"two results for {key} at {x:.1f}% sparsity ({_origin(lines[key][x])}, "
+                               f"{_origin(r)}); pass one of them")
         lines[key][x] = r
     tasks = list(dict.fromkeys(t for r in results for t in r.get("tasks", {}))) if per_task else []
     panels = ["average", *tasks]
@@ -229,8 +234,8 @@ def accuracy_vs_clusters(results: Sequence[dict[str, Any]], out: str | Path, mod
     for r in chosen:
         key = (_sparsity_percent(r), int(r["n_clusters"]))
         if key in cells:
-            raise IGPruneError(f"two results at {key[0]:.1f}% sparsity with N={key[1]} ({cells[key]['_file']}, "
-                               f"{r['_file']}); pass one, or choose a method or granularity")
+            raise IGPruneError(f"two results at {key[0]:.1f}% sparsity with N={key[1]} ({_origin(cells[key])}, "
+                               f"{_origin(r)}); pass one, or choose a method or granularity")
         cells[key] = r
     sparsities = sorted({s for s, _ in cells})
     counts = sorted({n for _, n in cells})

@@ -214,6 +214,8 @@ def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float:
 
 
 def _method_label(result: dict[str, Any]) -> str:
+    if result.get("method_label"):
+        return result["method_label"]
     label = METHOD_NAMES.get(result["method"], result["method"])
     if result["method"] == "ig-pruning" and result.get("n_clusters"):
         label += f" (N={result['n_clusters']})"
@@ -234,8 +236,9 @@ def _cell(entry: dict[str, Any], stderr: bool) -> str:
 def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
     """A Markdown table in the layout of the paper's Table 1, rows ordered by sparsity (input order within one).
 
-    Task cells are the paper's metric in percent (with its standard error when `stderr`); a sparsity is
-    printed once per group, as in the paper; a Model column is added when the results cover more than one model.
+    A result's `method_label`, if set, names its row. Task cells are the paper's metric in percent (with its
+    standard error when `stderr`); a sparsity is printed once per group, as in the paper; a Model column is
+    added when the results cover more than one model.
     """
     if not results:
         raise IGPruneError("no results to tabulate")

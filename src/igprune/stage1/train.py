@@ -34,15 +34,21 @@ class TrainConfig:
     """Mask-training settings (learning rates: paper Table 5; budget: benchmarks/fit_budget.py)."""
 
     sparsity: float = 0.25
-    shared_steps: int = 100  # phase 1: one mask on all data (warm start)
-    cluster_steps: int = 200  # phase 2: one mask per cluster, all clusters batched
-    batch_size: int = 16
-    seq_len: int = 128
+    # Phase 1 fits one mask on all data and must converge before phase 2 (one mask per cluster, all clusters
+    # batched) starts from it; defaults: the headline fit (benchmarks/headline.py FIT).
+    shared_steps: int = 200
+    cluster_steps: int = 64
+    batch_size: int = 16  # samples per forward/backward (and per shared-phase update)
+    # Samples of every cluster in one cluster-phase update (gradients accumulated over forwards of batch_size);
+    # None: batch_size // clusters, at least 1. Recipes compared in benchmarks/cluster_phase.py.
+    cluster_batch: int | None = None
+    seq_len: int = 64
     loss_positions: int | None = 32  # positions per sample scored by the loss; None = all
     loss: str = "lm"  # "lm": next-token cross-entropy (eq. 8); "kl": KL to the dense model's logits
     granularity: Granularity = "block"  # "layer": one gate per layer covers its attention and FFN
     lr: float = 0.1  # log_alpha (paper Table 5)
     lagrangian_lr: float = 0.1  # lambda1, lambda2 (paper Table 5)
+    cluster_lr: float | None = None  # log_alpha in the cluster phase; None = lr
     warmup_fraction: float = 0.5  # share of the first phase over which the target sparsity ramps up
     # P(z = 0) at the start. Not much higher than 1 - sparsity: far out in the sigmoid's tail the expected
     # sparsity barely moves with log_alpha, and the Lagrangian cannot pull it against the LM loss.
@@ -53,8 +59,10 @@ class TrainConfig:
         units_off(self.sparsity, n_blocks, self.granularity)
         if self.loss not in ("lm", "kl"):
             raise IGPruneError(f"loss must be 'lm' or 'kl', not {self.loss!r}")
-        if self.batch_size < 1 or self.seq_len < 2 or self.shared_steps < 0 or self.cluster_steps < 0:
-            raise IGPruneError("batch_size >= 1, seq_len >= 2 and non-negative step counts are required")
+        if (self.batch_size < 1 or self.seq_len < 2 or self.shared_steps < 0 or self.cluster_steps < 0
+                or (self.cluster_batch is not None and self.cluster_batch < 1)):
+            raise IGPruneError("batch_size >= 1, cluster_batch >= 1, seq_len >= 2 and non-negative step counts "
+                               "are required")
 
 
 @dataclass
@@ -97,8 +105,8 @@ class MaskTrainer:
         self.step = 0  # global step over both phases
         self._optimizers()
 
-    def _optimizers(self) -> None:
-        self.opt_gates = torch.optim.Adam([self.gates.log_alpha], lr=self.config.lr)
+    def _optimizers(self, lr: float | None = None) -> None:
+        self.opt_gates = torch.optim.Adam([self.gates.log_alpha], lr=self.config.lr if lr is None else lr)
         # Gradient ascent on the multipliers: maximize=True, not a negative learning rate.
         self.opt_lambda = torch.optim.Adam(self.lagrangian.parameters(), lr=self.config.lagrangian_lr, maximize=True)
 
@@ -153,42 +161,50 @@ class MaskTrainer:
         return expand(self.gates.binarize(k), self.config.granularity)
 
     def _batch_rows(self, labels: torch.Tensor, shared: bool) -> torch.Tensor:
-        """Sample indices for one batch; in the cluster phase, clusters take turns so all are covered."""
-        n = self.config.batch_size
+        """Sample indices for one update: batch_size random samples in the shared phase, cluster_batch samples
+        of every cluster in the cluster phase."""
         if shared:
-            return torch.randint(0, labels.numel(), (n,), generator=self.generator)
-        start = (self.step * n) % self.n_masks
+            return torch.randint(0, labels.numel(), (self.config.batch_size,), generator=self.generator)
+        per_cluster = self.config.cluster_batch or max(1, self.config.batch_size // self.n_masks)
         rows = []
-        for j in range(n):
-            members = (labels == (start + j) % self.n_masks).nonzero().flatten()
-            rows.append(members[torch.randint(0, members.numel(), (1,), generator=self.generator)])
+        for k in range(self.n_masks):
+            members = (labels == k).nonzero().flatten()
+            rows.append(members[torch.randint(0, members.numel(), (per_cluster,), generator=self.generator)])
         return torch.cat(rows)
 
     def _train_step(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None,
                     target: float) -> tuple[float, float, float]:
-        """One update; rows = each sample's mask row, or None in the shared phase (row 0 for all)."""
+        """One update; rows = each sample's mask row, or None in the shared phase (row 0 for all).
+
+        The update's samples go through the model in forwards of at most batch_size, their gradients summed.
+        """
         start = time.perf_counter()
-        ids, mask = ids.to(self.device), mask.to(self.device)
         active = slice(0, 1) if rows is None else slice(None)  # which masks this phase trains
-        rows = (torch.zeros(len(ids), dtype=torch.long) if rows is None else rows).to(self.device)
+        rows = torch.zeros(len(ids), dtype=torch.long) if rows is None else rows
+        # eq. 8 per cluster: the mean LM loss of its samples plus its Lagrangian term
+        counts = torch.bincount(rows, minlength=self.n_masks).float()
+        weights = 1.0 / counts[rows]
+        self.opt_gates.zero_grad()
+        self.opt_lambda.zero_grad()
+        lm = 0.0
+        for chunk in torch.arange(len(ids)).split(self.config.batch_size):
+            lm += self._accumulate(ids[chunk], mask[chunk], rows[chunk], weights[chunk])
+        expected = self.gates.expected_sparsity()
+        self.lagrangian(expected, target)[active].sum().backward()
+        self.opt_gates.step()
+        self.opt_lambda.step()
+        return lm / int((counts > 0).sum()), expected[active].mean().item(), time.perf_counter() - start
+
+    def _accumulate(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> float:
+        """Forward and backward of one batch under freshly sampled gates; returns its weighted loss."""
+        ids, mask, rows, weights = (t.to(self.device) for t in (ids, mask, rows, weights))
         positions = self._loss_positions(mask)
         z = self.gates.sample(rows, generator=self.generator)
         with self.control.gated(expand(z, self.config.granularity)):
             hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        per_sample = self._loss(hidden, ids, mask, positions)
-        # eq. 8 per cluster: the mean LM loss of its samples plus its Lagrangian term
-        counts = torch.zeros(self.n_masks, device=self.device).index_add_(0, rows, torch.ones_like(per_sample))
-        sums = torch.zeros(self.n_masks, device=self.device).index_add_(0, rows, per_sample)
-        present = counts > 0
-        lm = (sums[present] / counts[present]).sum()
-        expected = self.gates.expected_sparsity()
-        penalty = self.lagrangian(expected, target)[active].sum()
-        self.opt_gates.zero_grad()
-        self.opt_lambda.zero_grad()
-        (lm + penalty).backward()
-        self.opt_gates.step()
-        self.opt_lambda.step()
-        return (lm / present.sum()).item(), expected[active].mean().item(), time.perf_counter() - start
+        loss = (self._loss(hidden, ids, mask, positions) * weights).sum()
+        loss.backward()
+        return loss.item()
 
     def _loss_positions(self, mask: torch.Tensor) -> torch.Tensor:
         """(batch, P) positions whose next token is predicted; sampled among the valid ones."""
@@ -224,7 +240,7 @@ class MaskTrainer:
             self.gates.log_alpha.copy_(self.gates.log_alpha[:1].expand_as(self.gates.log_alpha))
             self.lagrangian.lambda1.fill_(float(self.lagrangian.lambda1[0]))
             self.lagrangian.lambda2.fill_(float(self.lagrangian.lambda2[0]))
-        self._optimizers()
+        self._optimizers(self.config.cluster_lr)
 
     # ---- checkpoint and resume ---------------------------------------------------------------------
 
@@ -255,7 +271,7 @@ class MaskTrainer:
         self.step = meta["step"]
         self.log = TrainLog(**meta["log"])
         if self.step > self.config.shared_steps:
-            self._optimizers()  # phase 2 optimisers
+            self._optimizers(self.config.cluster_lr)  # phase 2 optimisers
         with torch.no_grad():
             self.gates.log_alpha.copy_(tensors["log_alpha"])
             self.lagrangian.lambda1.copy_(tensors["lambda1"])
