@@ -13,7 +13,7 @@ from igprune.files import IGPruneError
 from igprune.stage1.clustering import cluster
 from igprune.stage1.pruner import IGPruner
 from igprune.stage1.train import TrainConfig
-from igprune.stage2.dynamic import DynamicPrunedModel
+from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.stage2.router import Router
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
@@ -138,6 +138,18 @@ def test_prompt_longer_than_the_context_keeps_its_end_with_a_warning(fitted):
     assert out[0] == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
     with pytest.raises(IGPruneError, match="fewer new tokens"):
         dynamic.generate_text([tail], max_new_tokens=model.config.max_position_embeddings)
+
+
+def test_unpruned_prompts_are_encoded_by_the_same_rule():
+    """`igprune generate --model` (no bundle) goes through encode_prompts too: end kept, left padding."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    room = model.config.max_position_embeddings - 4
+    long = " ".join(TOPICS["code"] * 200)
+    with pytest.warns(UserWarning, match="only their last"):
+        batch = encode_prompts(tokenizer, model.config, [long, "short"], max_new_tokens=4)
+    assert batch.input_ids.shape == (2, room)
+    assert batch.input_ids[0].tolist() == tokenizer(long).input_ids[-room:]
+    assert batch.attention_mask[1, 0] == 0 and batch.attention_mask[1, -1] == 1  # padded on the left
 
 
 def test_fit_rejects_bad_input():

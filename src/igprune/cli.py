@@ -185,15 +185,16 @@ def generate(
 ) -> None:
     """Greedy generation: unpruned with --model, or routed and pruned with --bundle."""
     from igprune.models import DEFAULT_MODEL, load_model
+    from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
 
     if bundle is None:
         lm, tokenizer = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
-        inputs = tokenizer(prompt, return_tensors="pt").to(lm.device)
+        inputs = encode_prompts(tokenizer, lm.config, [prompt], max_new_tokens).to(lm.device)
         out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        console.print(tokenizer.decode(out[0], skip_special_tokens=True), markup=False, highlight=False)
+        text = tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+        console.print(prompt + text, markup=False, highlight=False)
         return
     from igprune.masks import mask_row
-    from igprune.stage2.dynamic import DynamicPrunedModel
 
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
     dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)

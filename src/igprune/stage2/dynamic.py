@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from igprune.blocks import KVPolicy, patch
@@ -124,23 +124,28 @@ class DynamicPrunedModel:
 
     def generate_text(self, prompts: list[str], max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
         """Convenience: prompts in, continuations out (greedy unless told otherwise)."""
-        if any(not p.strip() for p in prompts):
-            raise IGPruneError("empty prompt: give some text to generate from")
-        # a prompt longer than the context keeps its end, the part the continuation follows from
-        room = getattr(self.model.config, "max_position_embeddings", None)
-        room = None if room is None else room - max_new_tokens
-        if room is not None and room < 1:
-            raise IGPruneError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
-                               f"context of {room + max_new_tokens} tokens; ask for fewer new tokens")
-        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
-        if room is not None and max(lengths) > room:
-            warnings.warn(f"{sum(n > room for n in lengths)} prompt(s) longer than the {room} tokens the context "
-                          f"leaves beside {max_new_tokens} new tokens: only their last {room} tokens are used",
-                          stacklevel=2)
-        with tokenizer_sides(self.tokenizer, padding="left", truncation="left"):
-            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=room is not None,
-                                   max_length=room).to(self.device)
+        batch = encode_prompts(self.tokenizer, self.model.config, prompts, max_new_tokens).to(self.device)
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(batch.input_ids, batch.attention_mask, texts=prompts, max_new_tokens=max_new_tokens,
                             **generate_kwargs)
         return self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, prompts: list[str],
+                   max_new_tokens: int) -> BatchEncoding:
+    """Left-padded prompts for generation; a prompt longer than the context keeps its end (with a warning),
+    the part the continuation follows from."""
+    if any(not p.strip() for p in prompts):
+        raise IGPruneError("empty prompt: give some text to generate from")
+    room = getattr(config, "max_position_embeddings", None)
+    room = None if room is None else room - max_new_tokens
+    if room is not None and room < 1:
+        raise IGPruneError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                           f"context of {room + max_new_tokens} tokens; ask for fewer new tokens")
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    if room is not None and max(lengths) > room:
+        warnings.warn(f"{sum(n > room for n in lengths)} prompt(s) longer than the {room} tokens the context "
+                      f"leaves beside {max_new_tokens} new tokens: only their last {room} tokens are used",
+                      stacklevel=3)
+    with tokenizer_sides(tokenizer, padding="left", truncation="left"):
+        return tokenizer(prompts, return_tensors="pt", padding=True, truncation=room is not None, max_length=room)
