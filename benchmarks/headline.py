@@ -30,11 +30,11 @@ BUNDLES = HERE / "bundles"
 RESULTS = HERE / "results" / "headline"
 SEED = 0
 
-# IG-Pruning's fit for smollm2-135m: a shared phase of 200 steps of 16 x 64 tokens, which is the static L0 mask,
+# IG-Pruning's fit for smollm2-135m: a shared phase of 200 steps of 16 x 64 tokens (static L0's training),
 # then 64 cluster steps of one passage of every cluster; about 20 minutes on the 2-core machine
 # (RESULTS.md, "Improving the cluster phase" and "Cost of finding the masks").
 FIT = {"samples": 4096, "shared_steps": 200, "cluster_steps": 64, "batch_size": 16, "seq_len": 64, "cluster_batch": 1}
-# The first headline fit, kept for the record: its shared mask had not converged after 60 steps.
+# The first headline fit, kept for the record: its shared mask was under-trained after 60 steps.
 FIRST_FIT = {**FIT, "shared_steps": 60, "cluster_steps": 140}
 
 

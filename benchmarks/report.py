@@ -73,9 +73,10 @@ def costs() -> str:
         if not result_path(run).is_file():
             continue
         result = load_results(result_path(run))["provenance"]
-        config = _bundle_config(run).get("benchmark", {})
+        bundle = _bundle_config(run)
+        config = bundle.get("benchmark", {})
         load = config.get("load_average")
-        rows.append([run.model, run.name, f"{_bundle_seconds(_bundle_config(run)) / 60:.1f}",
+        rows.append([run.model, run.name, f"{_bundle_seconds(bundle) / 60:.1f}",
                      str(config.get("torch_threads", "–")), f"{result['seconds']['total'] / 60:.1f}",
                      str(result["machine"].get("torch_threads", "–")), f"{load:.1f}" if load is not None else "–"])
     return _rows(["Model", "Run", "Bundle (min)", "Threads", "Eval (min)", "Threads",
