@@ -168,12 +168,14 @@ def baseline_cost() -> str:
                    "Attention / FFN off"], rows) + f"\n\nDense held-out perplexity {dense:.1f}.")
 
 
-def held_out_perplexity() -> str:
-    """Perplexity of each headline mask on held-out text, per IG-Pruning cluster (benchmarks/perplexity.py)."""
+def held_out_perplexity(blocks: int) -> str:
+    """Perplexity of the headline masks at `blocks` skipped blocks on held-out text, per IG-Pruning cluster
+    (benchmarks/perplexity.py); bold marks the best static mask at that sparsity."""
     report = _json("headline_perplexity.json")
     if report is None:
         return "_not run yet_"
-    runs = report["runs"]
+    chosen = {r.name for r in RUNS if r.blocks in (0, blocks)}
+    runs = {name: r for name, r in report["runs"].items() if name in chosen}
     static = {r.name for r in RUNS if r.method not in ("dense", "ig-pruning")}
     header = ["Cluster", "Passages", *runs]
     rows = [["all", str(report["passages"]), *(f"{r['perplexity']:.1f}" for r in runs.values())]]
@@ -232,7 +234,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "routing-overhead": routing_overhead,
     "baseline-cost": baseline_cost,
     "fit-budget": fit_budget,
-    "perplexity": held_out_perplexity,
+    "perplexity": lambda: held_out_perplexity(15),
+    "perplexity-b8": lambda: held_out_perplexity(8),
     "figures": make_figures,
 }
 
