@@ -26,7 +26,7 @@ from igprune import load_model
 from igprune.bundle import Bundle
 from igprune.data import load_calibration
 from igprune.encoder import SentenceEncoder
-from igprune.evaluation.perplexity import CHARS_PER_TOKEN, score_texts, token_perplexity
+from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
 from igprune.files import write_json
 from igprune.stage1.clustering import cluster
 from igprune.stage1.pruner import tokenize
@@ -92,8 +92,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         pruned = DynamicPrunedModel(model, tokenizer, router, masks.contiguous())
         scores, clusters = score_texts(model, tokenizer, heldout, 128, pruned=pruned)
-        per_cluster = {str(k): token_perplexity([s for s, c in zip(scores, clusters, strict=True) if c == k])
-                       for k in sorted(set(clusters))}
+        per_cluster = {str(k): token_perplexity(v) for k, v in by_cluster(scores, clusters).items()}
         write_json(out, {
             "recipe": RECIPES[name], "passes": PASSES, "updates": len(log.loss) if log else 0,
             "fit_seconds": round(seconds, 1), "threads": args.threads, "load_average": os.getloadavg()[0],

@@ -13,14 +13,13 @@ was trained for, does that mask beat the best static mask?
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
 from headline import RESULTS, RUNS, bundle_dir
 
 from igprune import load_model
 from igprune.data import load_calibration
-from igprune.evaluation.perplexity import CHARS_PER_TOKEN, score_texts, token_perplexity
+from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
 from igprune.files import write_json
 from igprune.stage2.dynamic import DynamicPrunedModel
 
@@ -56,11 +55,9 @@ def main() -> None:
               "passages": len(texts), "router": args.router, "seed": SEED, "threads": args.threads,
               "cluster_passages": {str(k): clusters.count(k) for k in sorted(set(clusters))}, "runs": {}}
     for name, run_scores in scores.items():
-        by_cluster: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for score, cluster in zip(run_scores, clusters, strict=True):
-            by_cluster[cluster].append(score)
         report["runs"][name] = {"perplexity": token_perplexity(run_scores),
-                                "per_cluster": {str(k): token_perplexity(v) for k, v in sorted(by_cluster.items())}}
+                                "per_cluster": {str(k): token_perplexity(v)
+                                                for k, v in by_cluster(run_scores, clusters).items()}}
     write_json(OUT, report)
     print(f"wrote {OUT}")
 

@@ -90,6 +90,14 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
     return scores, clusters
 
 
+def by_cluster(scores: list[tuple[float, int]], clusters: list[int]) -> dict[int, list[tuple[float, int]]]:
+    """Each cluster's (summed NLL, tokens) pairs, clusters in ascending order."""
+    grouped: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for score, cluster in zip(scores, clusters, strict=True):
+        grouped[cluster].append(score)
+    return dict(sorted(grouped.items()))
+
+
 def token_perplexity(scores: list[tuple[float, int]]) -> float:
     """exp of the mean NLL over all predicted tokens of (summed NLL, tokens) pairs: token-weighted."""
     return math.exp(sum(s for s, _ in scores) / sum(n for _, n in scores))
@@ -118,11 +126,9 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundl
         "nll": sum(s for s, _ in scores) / tokens, "perplexity": token_perplexity(scores),
     }
     if config.dynamic:
-        by_cluster: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for score, cluster in zip(scores, clusters, strict=True):
-            by_cluster[cluster].append(score)
         results["per_cluster"] = {str(k): {"passages": len(v), "tokens": sum(n for _, n in v),
-                                           "perplexity": token_perplexity(v)} for k, v in sorted(by_cluster.items())}
+                                           "perplexity": token_perplexity(v)}
+                                  for k, v in by_cluster(scores, clusters).items()}
     results["provenance"] = {**provenance(seed, str(model.device), str(model.dtype).removeprefix("torch.")),
                              "bundle": config.identity(),
                              "seconds": {"total": round(time.perf_counter() - started, 1)}}
