@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -129,7 +131,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
         train = TrainConfig(granularity=run.granularity, **{k: v for k, v in fit.items() if k != "samples"})
         checkpoint = path.with_name(path.name + ".checkpoint")
         pruner = IGPruner(model, tokenizer, n_clusters=run.clusters, sparsity=sparsity, seed=SEED, train=train,
-                          checkpoint_dir=checkpoint).fit(texts)
+                          checkpoint_dir=checkpoint, shared_dir=shared_dir(run, fit)).fit(texts)
         bundle = pruner.to_bundle()
         bundle.config["calibration"] = {"source": run.calibration, "passages": len(texts), **fit}
     else:
@@ -140,6 +142,15 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
                                   "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
     bundle.save(path)
     return path
+
+
+def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
+    """Where IG-Pruning's shared phase is kept: fits that differ only in N (or the cluster phase) reuse it."""
+    from igprune.stage1.train import CLUSTER_PHASE
+
+    shared = {k: v for k, v in fit.items() if k not in CLUSTER_PHASE}
+    digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
+    return BUNDLES / run.model / f"shared-{run.calibration}-{run.granularity}-b{run.blocks}-{digest}.checkpoint"
 
 
 def execute(run: Run, loaded: dict) -> None:

@@ -102,13 +102,35 @@ def test_same_seed_same_masks_and_resume_equals_uninterrupted(tmp_path):
         assert resumed.log.loss == pytest.approx(full.log.loss, abs=1e-5)
 
 
-def test_resume_refuses_other_settings(tmp_path):
+def test_resume_refuses_other_settings_samples_or_clusters(tmp_path):
     ids, mask, labels = samples()
     trainer = MaskTrainer(tiny_model(), 3, small_config(), checkpoint_dir=tmp_path, progress=False)
-    trainer.fit(ids, mask, labels, until=3)
-    with pytest.raises(IGPruneError, match="other settings"):
-        MaskTrainer(tiny_model(), 3, small_config(sparsity=0.25), checkpoint_dir=tmp_path,
-                    progress=False).fit(ids, mask, labels)
+    trainer.fit(ids, mask, labels, until=20)  # in the cluster phase
+    others = [(small_config(sparsity=0.25), ids, labels), (small_config(), samples(seed=1)[0], labels),
+              (small_config(), ids, labels.roll(1))]
+    for config, other_ids, other_labels in others:
+        with pytest.raises(IGPruneError, match="another model, other samples, clusters or settings"):
+            MaskTrainer(tiny_model(), 3, config, checkpoint_dir=tmp_path, progress=False).fit(
+                other_ids, mask, other_labels)
+
+
+def test_saved_shared_phase_starts_a_fit_with_any_number_of_clusters(tmp_path):
+    """The shared phase does not depend on the clusters: reusing it gives what training from scratch gives."""
+    ids, mask, _ = samples()
+    config, shared = small_config(), tmp_path / "shared"
+    first = MaskTrainer(tiny_model("qwen2"), 2, config, shared_dir=shared, progress=False).fit(ids, mask,
+                                                                                               torch.arange(24) % 2)
+    labels, config = torch.arange(24) % 4, dataclasses.replace(config, cluster_steps=10, cluster_batch=2)
+    scratch = MaskTrainer(tiny_model("qwen2"), 4, config, progress=False).fit(ids, mask, labels)
+    reused = MaskTrainer(tiny_model("qwen2"), 4, config, shared_dir=shared, progress=False).fit(ids, mask, labels)
+    n = config.shared_steps
+    assert reused.log.seconds[:n] == first.log.seconds[:n]  # taken over, not trained again
+    assert reused.log.loss == pytest.approx(scratch.log.loss, abs=1e-5)
+    assert torch.allclose(reused.gates.log_alpha, scratch.gates.log_alpha, atol=1e-6)
+    assert torch.equal(reused.masks(), scratch.masks())
+    with pytest.raises(IGPruneError, match="other samples"):
+        MaskTrainer(tiny_model("qwen2"), 4, config, shared_dir=shared, progress=False).fit(
+            samples(seed=1)[0], mask, labels)
 
 
 def test_kl_loss_trains_too():

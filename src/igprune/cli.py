@@ -99,6 +99,9 @@ def fit(
                                                      "(default: 0.1, as the shared phase)")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 64,
     loss: Annotated[str, typer.Option(help="lm (paper eq. 8) or kl (to the dense model)")] = "lm",
+    shared_dir: Annotated[Path | None, typer.Option(help="keep the end of the shared phase here; a fit with "
+                                                    "another --clusters and otherwise the same settings "
+                                                    "starts from it instead of repeating that phase")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -121,7 +124,7 @@ def fit(
     checkpoint = out.with_name(out.name + ".checkpoint")
     console.print(f"fitting {clusters} clusters on {len(texts)} {data} passages (checkpoints in {checkpoint})")
     pruner = IGPruner(lm, tokenizer, n_clusters=clusters, sparsity=_sparsity(sparsity, blocks, lm), seed=seed,
-                      train=config, checkpoint_dir=checkpoint).fit(texts)
+                      train=config, checkpoint_dir=checkpoint, shared_dir=shared_dir).fit(texts)
     bundle = pruner.to_bundle()
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "seq_len": seq_len}
     bundle.save(out)

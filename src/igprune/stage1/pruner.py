@@ -53,7 +53,8 @@ class IGPruner:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clusters: int = 16,
                  sparsity: float = 0.25, encoder: str = DEFAULT_ENCODER, seed: int = 0, min_cluster_size: int = 4,
                  train: TrainConfig | None = None, encoder_tokens: int = 64,
-                 checkpoint_dir: str | Path | None = None, progress: bool = True):
+                 checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
+                 progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.n_clusters, self.sparsity, self.seed = n_clusters, sparsity, seed
         # Texts are embedded from their first `encoder_tokens` tokens, here and when routing: a prefix
@@ -62,7 +63,8 @@ class IGPruner:
         self.encoder_name, self.encoder_tokens = encoder, encoder_tokens
         self.min_cluster_size = min_cluster_size
         self.train_config = dataclasses.replace(train or TrainConfig(), sparsity=sparsity, seed=seed)
-        self.checkpoint_dir = checkpoint_dir
+        # the end of the shared phase, which any n_clusters on the same model, texts and settings starts from
+        self.checkpoint_dir, self.shared_dir = checkpoint_dir, shared_dir
         self.progress = progress
 
     def fit(self, texts: list[str]) -> IGPruner:
@@ -74,6 +76,7 @@ class IGPruner:
         ids, mask = tokenize(self.tokenizer, texts, self.train_config.seq_len)
         self.trainer_ = MaskTrainer(self.model, len(self.clustering_.centroids), self.train_config,
                                     checkpoint_dir=self.checkpoint_dir and Path(self.checkpoint_dir) / "masks",
+                                    shared_dir=self.shared_dir and Path(self.shared_dir),
                                     progress=self.progress)
         self.trainer_.fit(ids, mask, self.clustering_.labels)
         self.masks_ = self.trainer_.masks()

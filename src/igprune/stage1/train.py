@@ -9,10 +9,13 @@ Training runs in two phases. A shared phase fits one mask on all samples (this i
 "static L0" baseline when there is one cluster); its log_alpha then warm-starts every cluster's mask
 for the cluster phase, where each cluster specialises on its own texts. The target sparsity ramps up
 linearly during the first phase's warm-up, and the Lagrange multipliers are learnt by gradient ascent.
+The shared phase trains mask 0 alone and draws the same random numbers whatever the number of masks, so
+its end state, kept in `shared_dir`, starts the cluster phase of a fit with any number of clusters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +27,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from igprune.blocks import patch
+from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
 from igprune.stage1.gates import HardConcreteGates, Lagrangian
+
+CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
 
 
 @dataclass
@@ -85,11 +91,13 @@ class MaskTrainer:
     """Trains `n_masks` hard-concrete masks over the blocks (or layers) of a frozen model.
 
     `fit(input_ids, attention_mask, labels)` takes tokenised samples (M, T) and each sample's
-    cluster id in [0, n_masks); afterwards `masks()` gives the binary block masks.
+    cluster id in [0, n_masks); afterwards `masks()` gives the binary block masks. `checkpoint_dir` keeps
+    the latest state (a rerun resumes from it); `shared_dir` keeps the state at the end of the shared
+    phase, and a trainer with any n_masks on the same model, samples and config starts from it.
     """
 
     def __init__(self, model: PreTrainedModel, n_masks: int, config: TrainConfig,
-                 checkpoint_dir: Path | None = None, progress: bool = True):
+                 checkpoint_dir: Path | None = None, shared_dir: Path | None = None, progress: bool = True):
         self.model, self.config, self.n_masks = model, config, n_masks
         self.control = patch(model)
         self.n_blocks = self.control.n_blocks
@@ -99,6 +107,7 @@ class MaskTrainer:
         self.gates = HardConcreteGates(n_masks, self.n_units, init_keep=config.init_keep).to(self.device)
         self.lagrangian = Lagrangian(n_masks, self.n_units).to(self.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.shared_dir = Path(shared_dir) if shared_dir else None
         self.progress = progress
         self.log = TrainLog()
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -120,6 +129,11 @@ class MaskTrainer:
             raise IGPruneError("no calibration samples to train on")
         if int(labels.max()) >= self.n_masks or int(labels.min()) < 0:
             raise IGPruneError(f"cluster labels must lie in [0, {self.n_masks})")
+        # what a checkpoint must match: the shared phase depends on `identity`, the cluster phase on `clusters` too
+        config = asdict(cfg)
+        self.identity = {"model": fingerprint(self.model), "samples": _sha(input_ids, attention_mask),
+                         "config": {k: v for k, v in config.items() if k not in CLUSTER_PHASE}}
+        self.clusters = {"n_masks": self.n_masks, "labels": _sha(labels), **{k: config[k] for k in CLUSTER_PHASE}}
         self._resume()
         total = cfg.shared_steps + cfg.cluster_steps
         bar = tqdm(total=total, initial=self.step, desc="mask training", disable=not self.progress, unit="step")
@@ -137,10 +151,12 @@ class MaskTrainer:
             bar.set_postfix(phase="shared" if shared else "cluster", loss=f"{loss:.3f}",
                             sparsity=f"{expected:.3f}", target=f"{target:.3f}")
             if self.checkpoint_dir and self.step % 25 == 0:
-                self.save_checkpoint()
+                self.save_checkpoint(self.checkpoint_dir)
+            if self.shared_dir and self.step == cfg.shared_steps:
+                self.save_checkpoint(self.shared_dir)
         bar.close()
         if self.checkpoint_dir:
-            self.save_checkpoint()
+            self.save_checkpoint(self.checkpoint_dir)
         if cfg.cluster_steps == 0 and self.step == total:
             self._warm_start_clusters()  # every cluster gets the shared mask
         return self
@@ -244,41 +260,63 @@ class MaskTrainer:
 
     # ---- checkpoint and resume ---------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, folder: Path) -> None:
         """Gates, multipliers, optimiser moments, RNG and learning curve; written atomically."""
         tensors = {"log_alpha": self.gates.log_alpha.detach().cpu(),
                    "lambda1": self.lagrangian.lambda1.detach().cpu(),
                    "lambda2": self.lagrangian.lambda2.detach().cpu(),
                    "rng": self.generator.get_state()}
-        for name, opt in (("opt_gates", self.opt_gates), ("opt_lambda", self.opt_lambda)):
-            for i, param in enumerate(p for group in opt.param_groups for p in group["params"]):
-                for key, value in opt.state.get(param, {}).items():
-                    tensors[f"{name}.{i}.{key}"] = torch.as_tensor(value).detach().cpu()
-        with atomic_path(self.checkpoint_dir) as tmp:
+        for prefix, param, states in self._optimised():
+            for key, value in states.get(param, {}).items():
+                tensors[f"{prefix}.{key}"] = torch.as_tensor(value).detach().cpu()
+        with atomic_path(folder) as tmp:
             tmp.mkdir()
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
-            write_json(tmp / "trainer.json", {"step": self.step, "n_masks": self.n_masks,
-                                              "config": asdict(self.config), "log": asdict(self.log)})
+            write_json(tmp / "trainer.json", {"step": self.step, "identity": self.identity, "clusters": self.clusters,
+                                              "log": asdict(self.log)})
+
+    def _optimised(self):
+        """(key prefix, parameter, its optimiser's state map) for every trained parameter."""
+        for name, opt in (("opt_gates", self.opt_gates), ("opt_lambda", self.opt_lambda)):
+            for i, param in enumerate(p for group in opt.param_groups for p in group["params"]):
+                yield f"{name}.{i}", param, opt.state
 
     def _resume(self) -> None:
-        if not self.checkpoint_dir or not (self.checkpoint_dir / "trainer.json").is_file():
-            return
-        meta = read_json(self.checkpoint_dir / "trainer.json")
-        if meta["config"] != asdict(self.config) or meta["n_masks"] != self.n_masks:
-            raise IGPruneError(f"checkpoint in {self.checkpoint_dir} was made with other settings; "
-                               "remove it or rerun with the same settings")
-        tensors = load_file(self.checkpoint_dir / "state.safetensors")
+        """Continue from the checkpoint; failing that, start the cluster phase from a saved shared phase."""
+        for folder in (self.checkpoint_dir, self.shared_dir):
+            if folder and (folder / "trainer.json").is_file():
+                self._load(folder)
+                return
+
+    def _load(self, folder: Path) -> None:
+        meta = read_json(folder / "trainer.json")
+        # within the shared phase only mask 0 has trained, on samples drawn without regard to clusters
+        shared = meta["step"] <= self.config.shared_steps
+        if meta.get("identity") != self.identity or not (shared or meta.get("clusters") == self.clusters):
+            raise IGPruneError(f"checkpoint in {folder} was made with another model, other samples, clusters or "
+                               "settings; remove it or rerun with the same ones")
+        rows = slice(0, 1) if shared else slice(None)
+        tensors = load_file(folder / "state.safetensors")
         self.step = meta["step"]
         self.log = TrainLog(**meta["log"])
         if self.step > self.config.shared_steps:
             self._optimizers(self.config.cluster_lr)  # phase 2 optimisers
         with torch.no_grad():
-            self.gates.log_alpha.copy_(tensors["log_alpha"])
-            self.lagrangian.lambda1.copy_(tensors["lambda1"])
-            self.lagrangian.lambda2.copy_(tensors["lambda2"])
+            for name, param in (("log_alpha", self.gates.log_alpha), ("lambda1", self.lagrangian.lambda1),
+                                ("lambda2", self.lagrangian.lambda2)):
+                param[rows].copy_(tensors[name][rows])
         self.generator.set_state(tensors["rng"])
-        for name, opt in (("opt_gates", self.opt_gates), ("opt_lambda", self.opt_lambda)):
-            for i, param in enumerate(p for group in opt.param_groups for p in group["params"]):
-                keys = [k for k in tensors if k.startswith(f"{name}.{i}.")]
-                if keys:
-                    opt.state[param] = {k.rsplit(".", 1)[1]: tensors[k].to(self.device) for k in keys}
+        for prefix, param, states in self._optimised():
+            state = {}
+            for key in [k for k in tensors if k.startswith(prefix + ".")]:
+                value = tensors[key]
+                if value.dim() > 0:  # a moment per mask; masks that never trained have zero moments
+                    value = torch.zeros_like(param, device="cpu").index_copy_(
+                        0, torch.arange(param.shape[0])[rows], value[rows])
+                state[key.rsplit(".", 1)[1]] = value.to(self.device)
+            if state:
+                states[param] = state
+
+
+def _sha(*tensors: torch.Tensor) -> str:
+    return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors)).hexdigest()
