@@ -96,6 +96,7 @@ RUNS: list[Run] = [
     Run("ig16-b15-wiki", SMOL, "ig-pruning", 15, 250, data="wiki", table="calibration"),
     Run("ig16-b15-instruct", SMOL, "ig-pruning", 15, 250, data="instruct", table="calibration"),
     Run("sleb-b15-mixed", SMOL, "sleb", 15, 250, data="mixed", options=OPTIONS["sleb"], table="calibration"),
+    Run("sleb-b15-l250", SMOL, "sleb", 15, 250, options=OPTIONS["sleb"], table="granularity", bundle="sleb-b15"),
     Run("ig16-layer-b15", SMOL, "ig-pruning", 15, 250, granularity="layer", table="granularity"),
     Run("sleb-layer-b15", SMOL, "sleb", 15, 250, granularity="layer", options=OPTIONS["sleb"],
         table="granularity"),

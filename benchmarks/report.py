@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,13 @@ def make_figures() -> str:
     FIGURES.mkdir(exist_ok=True)
     done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file() and not r.label]  # no variants
     lines = []
-    sweep = [load_results(result_path(r)) for r in done if r.table in ("table1", "dense", "granularity")]
+    # one point per method and sparsity (not the same mask again at another limit), relative to dense at its limit
+    sweep = [load_results(result_path(r)) for r in done
+             if r.table in ("table1", "dense", "granularity") and not r.bundle]
     if len(sweep) > 1:
-        lines.append(_figure(figures.accuracy_vs_sparsity, sweep, "accuracy_vs_sparsity.png",
-                             "Average accuracy against sparsity for each method and granularity (paper Figure 3)"))
+        lines.append(_figure(partial(figures.accuracy_vs_sparsity, relative=True), sweep, "accuracy_vs_sparsity.png",
+                             "Accuracy relative to dense against sparsity for each method and granularity "
+                             "(paper Figure 3)"))
     clusters = [load_results(result_path(r)) for r in done if r.table == "clusters"]  # all at limit 250
     if len(clusters) > 1:
         lines.append(_figure(figures.accuracy_vs_clusters, clusters, "accuracy_vs_clusters.png",
@@ -231,7 +235,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "table1-smollm2-b22": lambda: table(SMOL, "dense-l250", "table1", [22]),
     "table1-qwen": lambda: table(QWEN, "dense", "table1"),
     "clusters": lambda: table(SMOL, "dense-l250", "clusters"),
-    "granularity": lambda: table(SMOL, "dense-l250", "granularity"),
+    "granularity": lambda: _table([_find(SMOL, "dense-l250"), _find(SMOL, "ig16-b15-l250"),
+                                   *[r for r in RUNS if r.table == "granularity"]]),
     "calibration": lambda: table(SMOL, "dense-l250", "calibration"),
     "routing": lambda: routing(SMOL, "ig16-b15"),
     "costs": costs,

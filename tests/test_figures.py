@@ -65,6 +65,27 @@ def test_each_figure_is_a_png(tmp_path, bundle_dir, results_file):
     assert_png(figures.accuracy_vs_clusters(results, tmp_path / "clusters.png", method="ig-pruning"))
 
 
+def test_relative_accuracy_puts_results_at_several_limits_on_one_axis(tmp_path, monkeypatch):
+    """Each score is divided by the dense score at its own limit; absolute accuracy refuses mixed limits."""
+    def at(limit, item):
+        return {**item, "limit": limit}
+
+    dense500, dense250 = at(500, result("dense", 0, None, None)), at(250, result("dense", 0, None, None, drop=0.1))
+    pruned = [at(500, result("sleb", 15, n_clusters=None, drop=0.06)),
+              at(250, result("sleb", 22, n_clusters=None, drop=0.15))]
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out: drawn.setdefault("fig", fig) and out)
+    figures.accuracy_vs_sparsity([dense500, dense250, *pruned], tmp_path / "r.png", per_task=False, relative=True)
+    line = next(c for c in drawn["fig"].axes[0].containers if c.get_label() == "sleb (block)").lines[0]
+    expected = [100.0, 100 * pruned[0]["average"] / dense500["average"],
+                100 * pruned[1]["average"] / dense250["average"]]
+    assert line.get_ydata().tolist() == pytest.approx(expected)
+    with pytest.raises(IGPruneError, match="several limits"):
+        figures.accuracy_vs_sparsity([dense500, dense250, *pruned], tmp_path / "a.png")
+    with pytest.raises(IGPruneError, match="needs a dense result at each limit; none at limit 250"):
+        figures.accuracy_vs_sparsity([dense500, *pruned], tmp_path / "a.png", relative=True)
+
+
 def test_speed_chart_is_a_png(tmp_path):
     def entry(label, policy, mask, speed):
         phase = {"speedup": speed, "speedup_range": [speed - 0.05, speed + 0.05], "flops_speedup": speed + 0.1}

@@ -356,11 +356,13 @@ def plot_heatmap(bundle: BundleOpt, out: PngOpt) -> None:
 
 @plot_app.command("accuracy")
 def plot_accuracy(out: PngOpt, results: ResultsArg = None, model: TitleModelOpt = None,
-                  per_task: Annotated[bool, typer.Option(help="a panel per task after the average")] = True) -> None:
+                  per_task: Annotated[bool, typer.Option(help="a panel per task after the average")] = True,
+                  relative: Annotated[bool, typer.Option(help="percent of dense at the same limit (for results "
+                                                         "at several limits)")] = False) -> None:
     """Accuracy against sparsity, one line per method and granularity (paper Figure 3)."""
     from igprune.evaluation.figures import accuracy_vs_sparsity, load_results
 
-    console.print(f"wrote {accuracy_vs_sparsity(load_results(results or []), out, model, per_task)}")
+    console.print(f"wrote {accuracy_vs_sparsity(load_results(results or []), out, model, per_task, relative)}")
 
 
 @plot_app.command("clusters")

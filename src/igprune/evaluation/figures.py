@@ -140,7 +140,7 @@ def _models(results: Sequence[dict[str, Any]], model: str | None) -> str:
     """The model name(s) for a title, with the items per task when the results were limited."""
     name = model or ", ".join(sorted({_model_name(r.get("model")) for r in results}))
     limits = {r.get("limit") for r in results}
-    return name + (f" ({limits.pop()} items per task)" if len(limits) == 1 and None not in limits else "")
+    return name + (f" ({' / '.join(map(str, sorted(limits)))} items per task)" if None not in limits else "")
 
 
 def _origin(result: dict[str, Any]) -> str:
@@ -157,14 +157,26 @@ def _line_key(result: dict[str, Any], vary_clusters: bool) -> str:
 
 
 def accuracy_vs_sparsity(results: Sequence[dict[str, Any]], out: str | Path, model: str | None = None,
-                         per_task: bool = True) -> Path:
+                         per_task: bool = True, relative: bool = False) -> Path:
     """Paper Figure 3: accuracy against sparsity, one line per method (and granularity, and N when a method
-    has several); dense is each line's 0% point. Per-task panels follow the average when tasks are given."""
+    has several); dense is each line's 0% point. Per-task panels follow the average when tasks are given.
+
+    relative: each score as a percentage of the dense score at the same limit (the paper's Percentage
+    column), so that results evaluated on different numbers of documents share one axis.
+    """
     scale = _scale(results)
     dense = [r for r in results if _is_dense(r)]
     pruned = [r for r in results if not _is_dense(r)]
     if not pruned:
         raise IGPruneError("no pruned results to plot (all are dense); pass results at some sparsity")
+    dense_at = {r.get("limit"): r for r in dense}
+    limits = {r.get("limit") for r in results}
+    if relative and (missing := {r.get("limit") for r in pruned} - dense_at.keys()):
+        raise IGPruneError(f"relative accuracy needs a dense result at each limit; none at limit "
+                           f"{', '.join(map(str, missing))}")
+    if not relative and len(limits) > 1:
+        raise IGPruneError(f"results at several limits ({', '.join(sorted(map(str, limits)))}) do not share an "
+                           "accuracy axis; plot them relative to dense (--relative) or pass one limit")
     clusters = defaultdict(set)
     for r in pruned:
         clusters[r["method"]].add(r.get("n_clusters"))
@@ -182,11 +194,16 @@ def accuracy_vs_sparsity(results: Sequence[dict[str, Any]], out: str | Path, mod
     size = (4.2 * cols, 3.4 * rows) if len(panels) > 1 else (7.0, 4.8)
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
-        def value(r: dict[str, Any], panel: str = panel) -> tuple[float, float] | None:
+        def value(r: dict[str, Any], panel: str = panel, raw: bool = not relative) -> tuple[float, float] | None:
             if panel == "average":
-                return scale * r["average"], scale * _average_stderr(r)
-            task = r.get("tasks", {}).get(panel)
-            return (scale * task["value"], scale * (task.get("stderr") or 0.0)) if task else None
+                score = scale * r["average"], scale * _average_stderr(r)
+            else:
+                task = r.get("tasks", {}).get(panel)
+                score = (scale * task["value"], scale * (task.get("stderr") or 0.0)) if task else None
+            if raw or score is None:
+                return score
+            base = value(dense_at[r.get("limit")], panel, raw=True)
+            return (100 * score[0] / base[0], 100 * score[1] / base[0]) if base and base[0] else None
 
         for key, points in sorted(lines.items()):
             pts = sorted((x, value(r)) for x, r in points.items() if value(r) is not None)
@@ -199,7 +216,7 @@ def accuracy_vs_sparsity(results: Sequence[dict[str, Any]], out: str | Path, mod
             ax.axhline(value(dense[0])[0], color="grey", linestyle=":", linewidth=1, label="dense")
         ax.set_title("average of tasks" if panel == "average" else panel.removeprefix("igprune_"), fontsize=10)
         ax.set_xlabel("sparsity (% of blocks skipped)")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("% of dense accuracy" if relative else "accuracy (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -212,7 +229,8 @@ def accuracy_vs_sparsity(results: Sequence[dict[str, Any]], out: str | Path, mod
     else:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
         bottom = 0.12 if rows == 1 else 0.06
-    fig.suptitle(f"{_models(results, model)}: zero-shot accuracy vs sparsity (error bars: stderr)", fontsize=12)
+    what = "accuracy relative to dense at the same limit" if relative else "zero-shot accuracy"
+    fig.suptitle(f"{_models(results, model)}: {what} vs sparsity (error bars: stderr)", fontsize=12)
     fig.tight_layout(rect=(0, bottom, 1, 0.95))
     return _save(fig, out)
 
