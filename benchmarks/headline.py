@@ -89,7 +89,7 @@ RUNS: list[Run] = [
     # N = 1 runs IG-Pruning's own shared phase (the same draws for every N) and one mask in the cluster phase:
     # the exact ablation of routing, which the static-l0 baseline is not (it packs its passages differently).
     Run("dense-l250", SMOL, "dense", limit=250, table="dense"),
-    Run("ig1-b15", SMOL, "ig-pruning", 15, 250, clusters=1, table="clusters"),
+    Run("ig1-b15", SMOL, "ig-pruning", 15, 250, clusters=1, table="clusters", label="IG-Pruning (N=1)"),
     Run("ig4-b15", SMOL, "ig-pruning", 15, 250, clusters=4, table="clusters"),
     Run("ig8-b15", SMOL, "ig-pruning", 15, 250, clusters=8, table="clusters"),
     Run("ig16-b15-l250", SMOL, "ig-pruning", 15, 250, table="clusters", bundle="ig16-b15"),

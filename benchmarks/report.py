@@ -102,11 +102,12 @@ def _bundle_seconds(config: dict[str, Any]) -> float:
 
 def make_figures() -> str:
     FIGURES.mkdir(exist_ok=True)
-    done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file() and not r.label]  # no variants
+    done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file()]
     lines = []
-    # one point per method and sparsity (not the same mask again at another limit), relative to dense at its limit
+    # one point per method and sparsity (no variants such as the first fit, nor the same mask again at another
+    # limit), relative to dense at its limit
     sweep = [load_results(result_path(r)) for r in done
-             if r.table in ("table1", "dense", "granularity") and not r.bundle]
+             if r.table in ("table1", "dense", "granularity") and not r.label and not r.bundle]
     if len(sweep) > 1:
         lines.append(_figure(partial(figures.accuracy_vs_sparsity, relative=True), sweep, "accuracy_vs_sparsity.png",
                              "Accuracy relative to dense against sparsity for each method and granularity "
