@@ -125,9 +125,9 @@ def test_saved_shared_phase_starts_a_fit_with_any_number_of_clusters(tmp_path):
     reused = MaskTrainer(tiny_model("qwen2"), 4, config, shared_dir=shared, progress=False).fit(ids, mask, labels)
     n = config.shared_steps
     assert reused.log.seconds[:n] == first.log.seconds[:n]  # taken over, not trained again
-    assert reused.log.loss == pytest.approx(scratch.log.loss, abs=1e-5)
-    assert torch.allclose(reused.gates.log_alpha, scratch.gates.log_alpha, atol=1e-6)
-    assert torch.equal(reused.masks(), scratch.masks())
+    assert first.log.loss[:n] == scratch.log.loss[:n]  # bit for bit, whatever the number of clusters
+    assert reused.log.loss == scratch.log.loss
+    assert torch.equal(reused.gates.log_alpha, scratch.gates.log_alpha)
     with pytest.raises(IGPruneError, match="other samples"):
         MaskTrainer(tiny_model("qwen2"), 4, config, shared_dir=shared, progress=False).fit(
             samples(seed=1)[0], mask, labels)

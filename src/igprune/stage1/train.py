@@ -9,8 +9,9 @@ Training runs in two phases. A shared phase fits one mask on all samples (this i
 "static L0" baseline when there is one cluster); its log_alpha then warm-starts every cluster's mask
 for the cluster phase, where each cluster specialises on its own texts. The target sparsity ramps up
 linearly during the first phase's warm-up, and the Lagrange multipliers are learnt by gradient ascent.
-The shared phase trains mask 0 alone and draws the same random numbers whatever the number of masks, so
-its end state, kept in `shared_dir`, starts the cluster phase of a fit with any number of clusters.
+The shared phase trains one mask, held on its own (not as row 0 of the cluster masks), and draws the same
+random numbers whatever the number of clusters, so it computes the same thing bit for bit for any N: its end
+state, kept in `shared_dir`, starts the cluster phase of a fit with any number of clusters.
 """
 
 from __future__ import annotations
@@ -104,15 +105,20 @@ class MaskTrainer:
         config.validate(self.n_blocks)
         self.device = next(model.parameters()).device
         self.n_units = n_units(self.n_blocks, config.granularity)
-        self.gates = HardConcreteGates(n_masks, self.n_units, init_keep=config.init_keep).to(self.device)
-        self.lagrangian = Lagrangian(n_masks, self.n_units).to(self.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.shared_dir = Path(shared_dir) if shared_dir else None
         self.progress = progress
         self.log = TrainLog()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0  # global step over both phases
-        self._optimizers()
+        self._new_masks(1 if config.shared_steps > 0 else n_masks, config.lr)
+
+    def _new_masks(self, rows: int, lr: float | None) -> None:
+        """Fresh gates, multipliers and optimisers for `rows` masks (one in the shared phase, one per cluster
+        after it): the shared phase's tensors have the same shape for any N, so its rounding is the same too."""
+        self.gates = HardConcreteGates(rows, self.n_units, init_keep=self.config.init_keep).to(self.device)
+        self.lagrangian = Lagrangian(rows, self.n_units).to(self.device)
+        self._optimizers(lr)
 
     def _optimizers(self, lr: float | None = None) -> None:
         self.opt_gates = torch.optim.Adam([self.gates.log_alpha], lr=self.config.lr if lr is None else lr)
@@ -251,12 +257,14 @@ class MaskTrainer:
         return token_loss.sum(1) / weight.sum(1).clamp(min=1)
 
     def _warm_start_clusters(self) -> None:
-        """Copy the shared mask (row 0) to every cluster and restart the optimisers for phase 2."""
+        """Phase 2: every cluster's mask and multipliers start from the shared ones, with fresh optimisers."""
+        shared = [t.detach()[:1].clone() for t in (self.gates.log_alpha, self.lagrangian.lambda1,
+                                                   self.lagrangian.lambda2)]
+        self._new_masks(self.n_masks, self.config.cluster_lr)
         with torch.no_grad():
-            self.gates.log_alpha.copy_(self.gates.log_alpha[:1].expand_as(self.gates.log_alpha))
-            self.lagrangian.lambda1.fill_(float(self.lagrangian.lambda1[0]))
-            self.lagrangian.lambda2.fill_(float(self.lagrangian.lambda2[0]))
-        self._optimizers(self.config.cluster_lr)
+            for param, value in zip((self.gates.log_alpha, self.lagrangian.lambda1, self.lagrangian.lambda2), shared,
+                                    strict=True):
+                param.copy_(value.expand_as(param))
 
     # ---- checkpoint and resume ---------------------------------------------------------------------
 
@@ -290,30 +298,23 @@ class MaskTrainer:
 
     def _load(self, folder: Path) -> None:
         meta = read_json(folder / "trainer.json")
-        # within the shared phase only mask 0 has trained, on samples drawn without regard to clusters
+        # the shared phase trains one mask on samples drawn without regard to the clusters
         shared = meta["step"] <= self.config.shared_steps
         if meta.get("identity") != self.identity or not (shared or meta.get("clusters") == self.clusters):
             raise IGPruneError(f"checkpoint in {folder} was made with another model, other samples, clusters or "
                                "settings; remove it or rerun with the same ones")
-        rows = slice(0, 1) if shared else slice(None)
         tensors = load_file(folder / "state.safetensors")
         self.step = meta["step"]
         self.log = TrainLog(**meta["log"])
-        if self.step > self.config.shared_steps:
-            self._optimizers(self.config.cluster_lr)  # phase 2 optimisers
+        if not shared:
+            self._new_masks(self.n_masks, self.config.cluster_lr)  # phase 2 masks and optimisers
         with torch.no_grad():
             for name, param in (("log_alpha", self.gates.log_alpha), ("lambda1", self.lagrangian.lambda1),
                                 ("lambda2", self.lagrangian.lambda2)):
-                param[rows].copy_(tensors[name][rows])
+                param.copy_(tensors[name])
         self.generator.set_state(tensors["rng"])
         for prefix, param, states in self._optimised():
-            state = {}
-            for key in [k for k in tensors if k.startswith(prefix + ".")]:
-                value = tensors[key]
-                if value.dim() > 0:  # a moment per mask; masks that never trained have zero moments
-                    value = torch.zeros_like(param, device="cpu").index_copy_(
-                        0, torch.arange(param.shape[0])[rows], value[rows])
-                state[key.rsplit(".", 1)[1]] = value.to(self.device)
+            state = {k.rsplit(".", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith(prefix + ".")}
             if state:
                 states[param] = state
 
