@@ -8,6 +8,10 @@ passages. So the per-cluster columns answer the question behind the headline: on
 was trained for, does that mask beat the best static mask?
 
     python benchmarks/perplexity.py            # writes results/headline_perplexity.json
+    python benchmarks/perplexity.py --only static-l0-b8   # score these again, keep the other columns
+
+Keeping columns is safe only while the passages and the router are the same: the file records both (the
+router by a hash of its centroids and encoder), and a change rescores everything.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import torch
 from headline import RESULTS, RUNS, bundle_dir
 
 from igprune import load_model
+from igprune.bundle import Bundle
 from igprune.data import load_calibration
 from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
-from igprune.files import write_json
+from igprune.evaluation.results import config_hash
+from igprune.files import read_json, write_json
 from igprune.stage2.dynamic import DynamicPrunedModel
 
 OUT = RESULTS.parent / "headline_perplexity.json"
@@ -35,6 +41,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--limit", type=int, default=256, help="held-out passages")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", help="comma-separated runs to score again (the router always is); the other "
+                                       "columns are kept from the existing file if its passages and router match")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
@@ -44,6 +52,21 @@ def main() -> None:
                                  if r.model == args.model and (bundle_dir(r) / "bundle.json").is_file()]
     if args.router not in dict(masks):
         raise SystemExit(f"no bundle for the router run {args.router}; make it with benchmarks/headline.py")
+    router = Bundle.load(dict(masks)[args.router])
+    settings = {"model": args.model, "data": args.data, "split": "heldout", "seq_len": args.seq_len,
+                "passages": len(texts), "router": args.router, "seed": SEED,
+                "router_sha256": config_hash({"centroids": router.centroids.float().tolist(),
+                                              "encoder": router.config.get("encoder"),
+                                              "encoder_tokens": router.config.get("encoder_tokens")})}
+    previous = read_json(OUT) if OUT.is_file() else {}
+    kept = {}
+    if args.only:
+        if any(previous.get(k) != v for k, v in settings.items()):
+            print("the existing file has other passages or another router: scoring every mask", flush=True)
+        else:
+            only = set(args.only.split(",")) | {args.router}
+            kept = {name: v for name, v in previous["runs"].items() if name not in only}
+            masks = [(name, path) for name, path in masks if name in only]
     scores = {}
     for name, path in masks:
         pruned = None if path is None else DynamicPrunedModel.from_bundle(model, path, tokenizer)
@@ -51,9 +74,8 @@ def main() -> None:
         if name == args.router:
             clusters = routed  # each passage routed by exactly the tokens that are scored
         print(f"{name}: {token_perplexity(scores[name]):.1f}", flush=True)
-    report = {"model": args.model, "data": args.data, "split": "heldout", "seq_len": args.seq_len,
-              "passages": len(texts), "router": args.router, "seed": SEED, "threads": args.threads,
-              "cluster_passages": {str(k): clusters.count(k) for k in sorted(set(clusters))}, "runs": {}}
+    report = {**settings, "threads": args.threads,
+              "cluster_passages": {str(k): clusters.count(k) for k in sorted(set(clusters))}, "runs": kept}
     for name, run_scores in scores.items():
         report["runs"][name] = {"perplexity": token_perplexity(run_scores),
                                 "per_cluster": {str(k): token_perplexity(v)
