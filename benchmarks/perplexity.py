@@ -48,8 +48,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     texts = load_calibration(args.data, split="heldout", max_chars=CHARS_PER_TOKEN * args.seq_len,
                              limit=args.limit, seed=SEED)
-    masks = [("dense", None)] + [(r.name, bundle_dir(r)) for r in RUNS
-                                 if r.model == args.model and (bundle_dir(r) / "bundle.json").is_file()]
+    runs = [r for r in RUNS if r.model == args.model and not r.bundle]  # each bundle once
+    masks = [("dense", None)] + [(r.name, bundle_dir(r)) for r in runs if (bundle_dir(r) / "bundle.json").is_file()]
     if args.router not in dict(masks):
         raise SystemExit(f"no bundle for the router run {args.router}; make it with benchmarks/headline.py")
     router = Bundle.load(dict(masks)[args.router])
