@@ -190,6 +190,12 @@ def test_table_has_the_papers_layout():
     assert lines[4].startswith("|  | IG-Pruning (N=4) | 45.00 |")
     relabelled = results_table([dict(ours, method_label="IG-Pruning (N=4), first fit")]).splitlines()
     assert relabelled[2].startswith("| 25.0% | IG-Pruning (N=4), first fit | 45.00 |")
+    # no stored percentage: taken from the dense row of the same model and limit; layer granularity is named
+    layered = result("sleb", 30.0, n_clusters=1)
+    layered["sparsity"]["granularity"] = "layer"
+    rows = results_table([dense, layered, result(average=30.0, limit=20)]).splitlines()
+    assert rows[3].startswith("| 25.0% | SLEB (layer) | 30.00 |") and rows[3].endswith("| 50.00% |")
+    assert rows[4].startswith("|  | IG-Pruning (N=4) |") and rows[4].endswith("| – |")  # no dense at limit 20
 
 
 # ---------------------------------------------------------------------------------- evaluate + cache

@@ -217,9 +217,10 @@ def _method_label(result: dict[str, Any]) -> str:
     if result.get("method_label"):
         return result["method_label"]
     label = METHOD_NAMES.get(result["method"], result["method"])
-    if result["method"] == "ig-pruning" and result.get("n_clusters"):
-        label += f" (N={result['n_clusters']})"
-    return label
+    details = [f"N={result['n_clusters']}"] if result["method"] == "ig-pruning" and result.get("n_clusters") else []
+    if result["sparsity"].get("granularity") == "layer":  # block granularity is the paper's default
+        details.append("layer")
+    return label + (f" ({', '.join(details)})" if details else "")
 
 
 def _sparsity_label(result: dict[str, Any]) -> str:
@@ -238,7 +239,8 @@ def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
 
     A result's `method_label`, if set, names its row. Task cells are the paper's metric in percent (with its
     standard error when `stderr`); a sparsity is printed once per group, as in the paper; a Model column is
-    added when the results cover more than one model.
+    added when the results cover more than one model. A result without a percentage of dense gets one from
+    the table's dense row of the same model and limit, if there is one.
     """
     if not results:
         raise IGPruneError("no results to tabulate")
@@ -250,6 +252,7 @@ def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
     rows = sorted(results, key=lambda r: (r["model"], r["sparsity"]["blocks_skipped"] / r["sparsity"]["blocks_total"])
                   if many_models else r["sparsity"]["blocks_skipped"] / r["sparsity"]["blocks_total"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    dense = {(r["model"], r.get("limit")): r for r in results if r["method"] == "dense"}
     previous = None
     for r in rows:
         group = (r["model"], _sparsity_label(r))
@@ -258,7 +261,10 @@ def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
         cells.append(_method_label(r))
         cells += [_cell(r["tasks"][t], stderr) if t in r["tasks"] else "–" for t in COLUMNS]
         cells.append(_cell({"value": r["average"], "stderr": r.get("average_stderr")}, stderr))
-        cells.append(f"{r['percentage']:.2f}%" if r.get("percentage") is not None else "–")
+        pct = r.get("percentage")
+        if pct is None and (r["model"], r.get("limit")) in dense:
+            pct = percentage(r, dense[r["model"], r.get("limit")])
+        cells.append(f"{pct:.2f}%" if pct is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
         previous = group
     return "\n".join(lines)
