@@ -86,7 +86,7 @@ RUNS: list[Run] = [
     Run("ig16-b15-first", SMOL, "ig-pruning", 15, 500, options=FIRST_FIT, label="IG-Pruning (N=16), first fit"),
     *_table1(SMOL, 8, 500, STATIC),
     # ablations at 15 of 60 (paper Figure 5, Figure 3, Tables 3 and 4); percentages against dense at limit 250.
-    # N = 1 runs IG-Pruning's own shared phase (the same draws for every N) and one mask in the cluster phase:
+    # N = 1 runs IG-Pruning's own shared phase (bit for bit the same for every N) and one mask in the cluster phase:
     # the exact ablation of routing, which the static-l0 baseline is not (it packs its passages differently).
     Run("dense-l250", SMOL, "dense", limit=250, table="dense"),
     Run("ig1-b15", SMOL, "ig-pruning", 15, 250, clusters=1, table="clusters", label="IG-Pruning (N=1)"),

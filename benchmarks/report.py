@@ -185,7 +185,7 @@ def held_out_perplexity(blocks: int) -> str:
     if report is None:
         return "_not run yet_"
     chosen = {r.name for r in RUNS if r.blocks in (0, blocks)}
-    runs = {name: r for name, r in report["runs"].items() if name in chosen}
+    runs = {r.name: report["runs"][r.name] for r in RUNS if r.name in chosen and r.name in report["runs"]}
     static = {r.name for r in RUNS if r.method not in ("dense", "ig-pruning")}
     header = ["Cluster", "Passages", *runs]
     rows = [["all", str(report["passages"]), *(f"{r['perplexity']:.1f}" for r in runs.values())]]
