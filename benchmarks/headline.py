@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -147,10 +145,10 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
 
 def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
     """Where IG-Pruning's shared phase is kept: fits that differ only in N (or the cluster phase) reuse it."""
+    from igprune.evaluation.results import config_hash
     from igprune.stage1.train import CLUSTER_PHASE
 
-    shared = {k: v for k, v in fit.items() if k not in CLUSTER_PHASE}
-    digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
+    digest = config_hash({k: v for k, v in fit.items() if k not in CLUSTER_PHASE})[:8]
     return BUNDLES / run.model / f"shared-{run.calibration}-{run.granularity}-b{run.blocks}-{digest}.checkpoint"
 
 

@@ -25,7 +25,7 @@ from igprune import load_model
 from igprune.bundle import Bundle
 from igprune.data import load_calibration
 from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
-from igprune.evaluation.results import config_hash
+from igprune.evaluation.results import config_hash, router_identity
 from igprune.files import read_json, write_json
 from igprune.stage2.dynamic import DynamicPrunedModel
 
@@ -55,9 +55,7 @@ def main() -> None:
     router = Bundle.load(dict(masks)[args.router])
     settings = {"model": args.model, "data": args.data, "split": "heldout", "seq_len": args.seq_len,
                 "passages": len(texts), "router": args.router, "seed": SEED,
-                "router_sha256": config_hash({"centroids": router.centroids.float().tolist(),
-                                              "encoder": router.config.get("encoder"),
-                                              "encoder_tokens": router.config.get("encoder_tokens")})}
+                "router_sha256": config_hash(router_identity(router))}
     previous = read_json(OUT) if OUT.is_file() else {}
     kept = {}
     if args.only:

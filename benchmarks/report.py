@@ -74,16 +74,16 @@ def costs() -> str:
         if not result_path(run).is_file():
             continue
         results = load_results(result_path(run))
-        result = results["provenance"]
+        provenance = results["provenance"]
         # every task found in the result cache: the same mask was evaluated before (e.g. by another method)
         evaluated = "cached" if all(t.get("cached") for t in results["tasks"].values()) else \
-            f"{result['seconds']['total'] / 60:.1f}"
+            f"{provenance['seconds']['total'] / 60:.1f}"
         bundle = {} if run.bundle else _bundle_config(run)  # a reused bundle's cost is in its own run's row
         config = bundle.get("benchmark", {})
         load = config.get("load_average")
         made = f"{run.bundle}'s" if run.bundle else f"{_bundle_seconds(bundle) / 60:.1f}"
         rows.append([run.model, run.name, made, str(config.get("torch_threads", "–")),
-                     evaluated, str(result["machine"].get("torch_threads", "–")),
+                     evaluated, str(provenance["machine"].get("torch_threads", "–")),
                      f"{load:.1f}" if load is not None else "–"])
     return _rows(["Model", "Run", "Bundle (min)", "Threads", "Eval (min)", "Threads",
                   "Load avg while making the bundle"], rows)

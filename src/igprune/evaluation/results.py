@@ -88,6 +88,12 @@ def config_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def router_identity(bundle: Bundle) -> dict[str, Any]:
+    """What decides which cluster an input goes to: the centroids and the encoder that embeds it."""
+    return {"centroids": bundle.centroids.float().tolist(), "encoder": bundle.config.get("encoder"),
+            "encoder_tokens": bundle.config.get("encoder_tokens")}
+
+
 # ---------------------------------------------------------------------------------------- configuration
 
 
@@ -119,9 +125,7 @@ class Configuration:
         """Hash of exactly what changes predictions: masks, centroids and encoder; None when dense."""
         if self.bundle is None:
             return None
-        b = self.bundle
-        return config_hash({"masks": b.masks.bool().tolist(), "centroids": b.centroids.float().tolist(),
-                            "encoder": b.config.get("encoder"), "encoder_tokens": b.config.get("encoder_tokens")})
+        return config_hash({"masks": self.bundle.masks.bool().tolist(), **router_identity(self.bundle)})
 
     def describe(self) -> dict[str, Any]:
         """model, method, sparsity and n_clusters, as results files record them."""
