@@ -52,6 +52,7 @@ class Run:
     table: str = "table1"  # which table of RESULTS.md shows it
     label: str | None = None  # the method's name in the tables, when the method's own name is not enough
     bundle: str | None = None  # evaluate that run's bundle instead of making one (the same mask at another limit)
+    extends: str | None = None  # SLEB: continue that run's greedy search (same data), skipping its steps
 
     @property
     def calibration(self) -> str:
@@ -98,7 +99,9 @@ RUNS: list[Run] = [
     Run("ig16-layer-b15", SMOL, "ig-pruning", 15, 250, granularity="layer", table="granularity"),
     Run("sleb-layer-b15", SMOL, "sleb", 15, 250, granularity="layer", options=OPTIONS["sleb"],
         table="granularity"),
-    *_table1(SMOL, 22, 250, STATIC),
+    # SLEB's greedy steps do not depend on k: the 22-block search continues the 15-block one
+    *_table1(SMOL, 22, 250, [m for m in STATIC if m != "sleb"]),
+    Run("sleb-b22", SMOL, "sleb", 22, 250, options=OPTIONS["sleb"], extends="sleb-b15"),
     Run("dense", QWEN, "dense", limit=200, table="dense"),
     *_table1(QWEN, 12, 200, ["sleb", "evopress"]),
 ]
@@ -115,6 +118,7 @@ def result_path(run: Run) -> Path:
 def make_bundle(run: Run, model, tokenizer) -> Path:
     """Fit or search the run's mask, unless its bundle exists (a fit resumes from its checkpoint)."""
     from igprune.baselines import find_mask
+    from igprune.bundle import Bundle
     from igprune.data import load_calibration
     from igprune.stage1.pruner import IGPruner
     from igprune.stage1.train import TrainConfig
@@ -135,8 +139,14 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
         bundle.config["calibration"] = {"source": run.calibration, "passages": len(texts), **fit}
     else:
         texts = load_calibration(run.calibration, seed=SEED)
+        options, prior = dict(run.options), None
+        if run.extends:
+            prior = Bundle.load(BUNDLES / run.model / run.extends)
+            options["start"] = prior.logs["search"]["order"]
         bundle = find_mask(run.method, model, tokenizer, texts, sparsity, run.granularity, seed=SEED,
-                           source=run.calibration, **run.options)
+                           source=run.calibration, **options)
+        if prior and any(bundle.config["calibration"][k] != v for k, v in prior.config["calibration"].items()):
+            raise SystemExit(f"{run.name}: {run.extends} searched other calibration data; remove `extends`")
     bundle.config["benchmark"] = {"run": run.name, "seconds": round(time.perf_counter() - started, 1),
                                   "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
     bundle.save(path)

@@ -81,7 +81,8 @@ def costs() -> str:
         bundle = {} if run.bundle else _bundle_config(run)  # a reused bundle's cost is in its own run's row
         config = bundle.get("benchmark", {})
         load = config.get("load_average")
-        made = f"{run.bundle}'s" if run.bundle else f"{_bundle_seconds(bundle) / 60:.1f}"
+        made = f"{run.bundle}'s" if run.bundle else f"{_bundle_seconds(bundle) / 60:.1f}" + (
+            f" after {run.extends}'s" if run.extends else "")
         rows.append([run.model, run.name, made, str(config.get("torch_threads", "–")),
                      evaluated, str(provenance["machine"].get("torch_threads", "–")),
                      f"{load:.1f}" if load is not None else "–"])
@@ -148,10 +149,13 @@ def speed() -> str:
             cells.append(f"{p['tokens_per_s']:.1f} tok/s, {p['speedup']:.2f}× [{low:.2f}, {high:.2f}]{ideal}")
         rows.append(cells)
     s, m = report["settings"], report["machine"]
+    masks = (report["order"]["description"] if "order" in report else
+             "for each bundle, the mask its router picks for the prompt (cluster in brackets), "
+             "and routing times its own encoder")
     return (_rows(["Mask", "K/V of skipped attention", "Prefill", "Decode", "End to end (routing included)"], rows)
             + f"\n\n{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, batch {s['batch_size']}, "
             f"median of {s['repeats']} repeats, {s['threads']} thread, load average {m['load_average'][0]:.1f} "
-            f"({m['utc']}); [min, max] of the per-repeat ratios. Masks: {report['order']['description']}.")
+            f"({m['utc']}); [min, max] of the per-repeat ratios. Masks: {masks}.")
 
 
 def routing_overhead() -> str:

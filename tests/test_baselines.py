@@ -95,6 +95,22 @@ def test_a_layer_that_does_nothing_is_removed_first(identity_layer, method):
     assert sorted(block.logs["search"]["order"]) == ["attn2", "ffn2"]
 
 
+def test_sleb_extended_from_a_smaller_search_is_the_larger_search(llama):
+    model, tokenizer = llama
+    small = run("sleb", model, tokenizer, sparsity=0.17)  # 2 of 12 blocks
+    full = run("sleb", model, tokenizer, sparsity=0.34)  # 4 of 12
+    extended = run("sleb", model, tokenizer, sparsity=0.34, start=small.logs["search"]["order"])
+    assert full.logs["search"]["order"][:2] == small.logs["search"]["order"]
+    assert extended.logs["search"]["order"] == full.logs["search"]["order"]
+    assert torch.equal(extended.masks, full.masks)
+    assert extended.logs["search"]["steps"] == full.logs["search"]["steps"][2:]  # only the new steps ran
+    assert extended.config["calibration"]["sha256"] == small.config["calibration"]["sha256"]
+    with pytest.raises(IGPruneError, match="not a candidate"):
+        run("sleb", model, tokenizer, start=["attn99"])
+    with pytest.raises(IGPruneError, match="at most"):
+        run("sleb", model, tokenizer, sparsity=0.17, start=["attn1", "attn1"])
+
+
 def test_evopress_same_seed_same_result_and_best_fitness_never_worsens(llama):
     model, tokenizer = llama
     options = {"generations": 6, "offspring": 4, "population": 6}

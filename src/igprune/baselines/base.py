@@ -49,6 +49,14 @@ class SearchSpace:
     def name(self, unit: int) -> str:
         return block_name(unit) if self.granularity == "block" else f"layer{unit}"
 
+    def unit(self, name: str) -> int:
+        """The candidate unit called `name` (the inverse of `name`)."""
+        names = {self.name(u): u for u in self.candidates()}
+        if name not in names:
+            raise IGPruneError(f"{name!r} is not a candidate {self.granularity} of this model; candidates are "
+                               f"named like {self.name(self.candidates()[0])}")
+        return names[name]
+
     def candidates(self) -> list[int]:
         return [u for u in range(self.n_units) if self.layer(u) not in self.protected_layers]
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import decoder_layers, patch
-from igprune.files import IGPruneError
+from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import clean_texts
 
 Metric = Literal["ppl", "kl"]
@@ -80,7 +80,7 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_seq
                       stacklevel=2)
     tensor = torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
     info = {"source": source, "sequences": rows, "seq_len": seq_len, "tokens": rows * seq_len,
-            "texts_used": used, "seed": seed}
+            "texts_used": used, "seed": seed, "sha256": sha256_tensors(tensor)}
     return Calibration(tensor, info)
 
 

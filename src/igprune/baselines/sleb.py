@@ -5,23 +5,33 @@ that gives the lowest calibration perplexity is kept; the next step starts from 
 published method removes whole layers; block granularity treats attention and FFN as separate units.
 A step scores all its candidates against one base mask, so each candidate reuses the base's layer
 inputs up to its own layer (see Scorer.prefix) and costs on average about half a forward pass.
+
+`start` extends an earlier search: the units it removed, in its order (a SLEB bundle's logs.search.order).
+The greedy steps are deterministic, so on the same model and calibration data extending a search of k1
+units to k2 gives exactly the search of k2 units, at the cost of the last k2 - k1 steps only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tqdm.auto import tqdm
 
 from igprune.baselines.base import Problem, SearchResult
+from igprune.files import IGPruneError
 
 
-def search(problem: Problem) -> SearchResult:
+def search(problem: Problem, start: Sequence[str] = ()) -> SearchResult:
     space, scorer, k = problem.space, problem.scorer, problem.k
     candidates = space.candidates()
-    off: list[int] = []
+    off = [space.unit(name) for name in start]
+    if len(set(off)) < len(off) or len(off) > k:
+        raise IGPruneError(f"start names {len(off)} units ({len(set(off))} distinct); it must name at most the "
+                           f"{k} to remove, each once")
     steps = []
-    total = sum(len(candidates) - i for i in range(k))
+    total = sum(len(candidates) - i for i in range(len(off), k))
     bar = tqdm(total=total, desc="sleb", unit="mask", disable=not problem.progress)
-    for _ in range(k):
+    for _ in range(len(off), k):
         with scorer.prefix(space.mask(off), metric="ppl") as base:
             scores = {}
             for unit in candidates:
@@ -34,4 +44,4 @@ def search(problem: Problem) -> SearchResult:
                       "runner_up": sorted(scores.values())[1] if len(scores) > 1 else None})
         bar.set_postfix(removed=space.name(best), ppl=f"{scores[best]:.2f}")
     bar.close()
-    return SearchResult(off, {"steps": steps, "masks_scored": total})
+    return SearchResult(off, {"start": list(start), "steps": steps, "masks_scored": total})

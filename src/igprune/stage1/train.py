@@ -16,7 +16,6 @@ state, kept in `shared_dir`, starts the cluster phase of a fit with any number o
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from transformers import PreTrainedModel
 
 from igprune.blocks import patch
 from igprune.bundle import fingerprint
-from igprune.files import IGPruneError, atomic_path, read_json, write_json
+from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
 from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
@@ -137,9 +136,10 @@ class MaskTrainer:
             raise IGPruneError(f"cluster labels must lie in [0, {self.n_masks})")
         # what a checkpoint must match: the shared phase depends on `identity`, the cluster phase on `clusters` too
         config = asdict(cfg)
-        self.identity = {"model": fingerprint(self.model), "samples": _sha(input_ids, attention_mask),
+        self.identity = {"model": fingerprint(self.model), "samples": sha256_tensors(input_ids, attention_mask),
                          "config": {k: v for k, v in config.items() if k not in CLUSTER_PHASE}}
-        self.clusters = {"n_masks": self.n_masks, "labels": _sha(labels), **{k: config[k] for k in CLUSTER_PHASE}}
+        self.clusters = {"n_masks": self.n_masks, "labels": sha256_tensors(labels),
+                         **{k: config[k] for k in CLUSTER_PHASE}}
         self._resume()
         total = cfg.shared_steps + cfg.cluster_steps
         bar = tqdm(total=total, initial=self.step, desc="mask training", disable=not self.progress, unit="step")
@@ -317,7 +317,3 @@ class MaskTrainer:
             state = {k.rsplit(".", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith(prefix + ".")}
             if state:
                 states[param] = state
-
-
-def _sha(*tensors: torch.Tensor) -> str:
-    return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors)).hexdigest()
