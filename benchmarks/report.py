@@ -182,13 +182,14 @@ def baseline_cost() -> str:
                    "Attention / FFN off"], rows) + f"\n\nDense held-out perplexity {dense:.1f}.")
 
 
-def held_out_perplexity(blocks: int) -> str:
-    """Perplexity of the headline masks at `blocks` skipped blocks on held-out text, per IG-Pruning cluster
-    (benchmarks/perplexity.py); bold marks the best static mask at that sparsity."""
+def held_out_perplexity(blocks: int, tables: tuple[str, ...], also: tuple[str, ...] = ()) -> str:
+    """Perplexity on held-out text, per IG-Pruning cluster, of dense, the masks at `blocks` skipped blocks
+    shown in `tables` and the runs `also` (benchmarks/perplexity.py); bold: the best static mask on each cluster."""
     report = _json("headline_perplexity.json")
     if report is None:
         return "_not run yet_"
-    chosen = {r.name for r in RUNS if r.blocks in (0, blocks)}
+    chosen = {"dense", *also} | {r.bundle or r.name for r in RUNS  # a reused bundle is scored under its own run
+                                 if r.model == SMOL and r.blocks == blocks and r.table in tables}
     runs = {r.name: report["runs"][r.name] for r in RUNS if r.name in chosen and r.name in report["runs"]}
     static = {r.name for r in RUNS if r.method not in ("dense", "ig-pruning")}
     header = ["Cluster", "Passages", *runs]
@@ -249,8 +250,10 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "routing-overhead": routing_overhead,
     "baseline-cost": baseline_cost,
     "fit-budget": fit_budget,
-    "perplexity": lambda: held_out_perplexity(15),
-    "perplexity-b8": lambda: held_out_perplexity(8),
+    "perplexity": lambda: held_out_perplexity(15, ("table1", "clusters")),
+    "perplexity-b8": lambda: held_out_perplexity(8, ("table1",)),
+    "perplexity-b22": lambda: held_out_perplexity(22, ("table1",)),
+    "perplexity-ablations": lambda: held_out_perplexity(15, ("granularity", "calibration"), also=("ig16-b15",)),
     "figures": make_figures,
 }
 
