@@ -9,6 +9,7 @@ numbers always come from the files. Figures are written to benchmarks/figures/.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -46,6 +47,16 @@ def _table(runs: list[Run]) -> str:
     results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})}
                for r in runs if result_path(r).is_file()]
     return results_table(results, stderr=True) if results else "_not run yet_"
+
+
+def calibration_table() -> str:
+    """Each method on each calibration set, its default-data run (from the other tables) first, rows named by data."""
+    rows = [_find(SMOL, "dense-l250")]
+    for default, label in (("ig16-b15-l250", "IG-Pruning (N=16)"), ("sleb-b15-l250", "SLEB")):
+        run = _find(SMOL, default)
+        rows.append(dataclasses.replace(run, label=f"{label}, {run.calibration}"))
+        rows += [r for r in RUNS if r.table == "calibration" and r.method == run.method]
+    return _table(rows)
 
 
 def table(model: str, dense: str, name: str, blocks: list[int] | None = None) -> str:
@@ -243,7 +254,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "clusters": lambda: table(SMOL, "dense-l250", "clusters"),
     "granularity": lambda: _table([_find(SMOL, "dense-l250"), _find(SMOL, "ig16-b15-l250"),
                                    *[r for r in RUNS if r.table == "granularity"]]),
-    "calibration": lambda: table(SMOL, "dense-l250", "calibration"),
+    "calibration": calibration_table,
     "routing": lambda: routing(SMOL, "ig16-b15"),
     "costs": costs,
     "speed": speed,
