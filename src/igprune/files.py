@@ -39,8 +39,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def sha256_tensors(*tensors: torch.Tensor) -> str:
-    """A digest of tensors' contents, to tell later whether data is the data something was made from."""
-    return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors)).hexdigest()
+    """A digest of tensors' bytes (any dtype), to tell later whether data is the data something was made from."""
+    import torch
+
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

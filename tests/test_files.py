@@ -1,0 +1,47 @@
+"""Writing files: a failed write leaves the old version; content digests see every byte, whatever the dtype."""
+
+import pytest
+import torch
+
+from igprune.files import atomic_path, read_json, sha256_tensors, write_json
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_failed_write_leaves_the_old_version_and_no_temporaries(tmp_path, kind):
+    final = tmp_path / "artefact"
+
+    def write(text):
+        with atomic_path(final) as tmp:
+            if kind == "folder":
+                tmp.mkdir()
+                (tmp / "part").write_text(text)
+            else:
+                tmp.write_text(text)
+            if text == "broken":
+                raise RuntimeError("crash mid-write")
+
+    read = (lambda: (final / "part").read_text()) if kind == "folder" else final.read_text
+    write("first")
+    write("second")  # replaces a complete version
+    assert read() == "second"
+    with pytest.raises(RuntimeError):
+        write("broken")
+    assert read() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["artefact"]
+
+
+def test_json_round_trips(tmp_path):
+    data = {"a": [1, 2.5, None], "b": {"c": "text"}}
+    write_json(tmp_path / "sub" / "x.json", data)
+    assert read_json(tmp_path / "sub" / "x.json") == data
+
+
+def test_tensor_digest_sees_content_dtype_and_order():
+    ids = torch.arange(12).view(3, 4)
+    assert sha256_tensors(ids) == sha256_tensors(ids.clone()) == sha256_tensors(ids.t().t().contiguous())
+    assert sha256_tensors(ids) == sha256_tensors(ids.t().contiguous().t())  # layout does not matter
+    assert sha256_tensors(ids) != sha256_tensors(ids + (ids == 5).long())
+    assert sha256_tensors(ids) != sha256_tensors(ids.int())
+    assert sha256_tensors(ids[:1], ids[1:]) != sha256_tensors(ids[1:], ids[:1])
+    halves = torch.ones(4, dtype=torch.bfloat16)  # no numpy dtype: hashed by its bytes
+    assert sha256_tensors(halves) != sha256_tensors(halves * 2)
