@@ -92,8 +92,9 @@ def costs() -> str:
         bundle = {} if run.bundle else _bundle_config(run)  # a reused bundle's cost is in its own run's row
         config = bundle.get("benchmark", {})
         load = config.get("load_average")
-        made = f"{run.bundle}'s" if run.bundle else f"{_bundle_seconds(bundle) / 60:.1f}" + (
-            f" after {run.extends}'s" if run.extends else "")
+        made = f"{run.bundle}'s" if run.bundle else f"{_bundle_seconds(bundle) / 60:.1f}"
+        if run.extends:  # a continued search: its own minutes, after the run it continued
+            made += f" after {run.extends}'s"
         rows.append([run.model, run.name, made, str(config.get("torch_threads", "–")),
                      evaluated, str(provenance["machine"].get("torch_threads", "–")),
                      f"{load:.1f}" if load is not None else "–"])

@@ -44,4 +44,4 @@ def search(problem: Problem, start: Sequence[str] = ()) -> SearchResult:
                       "runner_up": sorted(scores.values())[1] if len(scores) > 1 else None})
         bar.set_postfix(removed=space.name(best), ppl=f"{scores[best]:.2f}")
     bar.close()
-    return SearchResult(off, {"start": list(start), "steps": steps, "masks_scored": total})
+    return SearchResult(off, {"start": list(start), "steps": steps})  # find_mask adds the masks scored
