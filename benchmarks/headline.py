@@ -119,7 +119,7 @@ def result_path(run: Run) -> Path:
 
 
 def make_bundle(run: Run, model, tokenizer) -> Path:
-    """Fit or search the run's mask, unless its bundle exists (a fit resumes from its checkpoint)."""
+    """Fit or search the run's mask, unless its bundle exists."""
     from igprune.baselines import find_mask
     from igprune.bundle import Bundle
     from igprune.data import load_calibration
@@ -130,12 +130,12 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     if (path / "bundle.json").is_file():
         return path
     sparsity = run.blocks / (2 * model.config.num_hidden_layers)
+    checkpoint = path.with_name(path.name + ".checkpoint")  # an interrupted fit or search continues from it
     started = time.perf_counter()
     if run.method == "ig-pruning":
         fit = {**FIT, **run.options}
         texts = load_calibration(run.calibration, max_chars=4 * fit["seq_len"], limit=fit["samples"], seed=SEED)
         train = TrainConfig(granularity=run.granularity, **{k: v for k, v in fit.items() if k != "samples"})
-        checkpoint = path.with_name(path.name + ".checkpoint")
         pruner = IGPruner(model, tokenizer, n_clusters=run.clusters, sparsity=sparsity, seed=SEED, train=train,
                           checkpoint_dir=checkpoint, shared_dir=shared_dir(run, fit)).fit(texts)
         bundle = pruner.to_bundle()
@@ -147,7 +147,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
             prior = Bundle.load(BUNDLES / run.model / run.extends)
             options["start"] = prior.logs["search"]["order"]
         bundle = find_mask(run.method, model, tokenizer, texts, sparsity, run.granularity, seed=SEED,
-                           source=run.calibration, **options)
+                           source=run.calibration, checkpoint=checkpoint, **options)
         if prior and any(bundle.config["calibration"][k] != v for k, v in prior.config["calibration"].items()):
             raise SystemExit(f"{run.name}: {run.extends} searched other calibration data; remove `extends`")
     bundle.config["benchmark"] = {"run": run.name, "seconds": round(time.perf_counter() - started, 1),

@@ -11,7 +11,7 @@ from igprune.baselines import METHODS, Scorer, find_mask, make_calibration
 from igprune.baselines.base import SearchSpace
 from igprune.blocks import patch
 from igprune.bundle import Bundle
-from igprune.files import IGPruneError
+from igprune.files import IGPruneError, read_json
 from igprune.masks import skipped_blocks
 from igprune.stage2.dynamic import DynamicPrunedModel
 
@@ -40,7 +40,8 @@ def run(method, model, tokenizer, texts=TEXTS, sparsity=0.25, granularity="block
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_skips_exactly_the_requested_units(llama, method, granularity, tmp_path):
     model, tokenizer = llama
-    bundle = run(method, model, tokenizer, sparsity=0.34, granularity=granularity)
+    bundle = run(method, model, tokenizer, sparsity=0.34, granularity=granularity, checkpoint=tmp_path / "progress")
+    assert (tmp_path / "progress").is_dir() == (method in ("sleb", "evopress", "static-l0"))  # the long searches
     mask = bundle.masks[0]
     assert bundle.masks.shape == (1, 12) and bundle.centroids.shape == (1, 0)
     # round(0.34 * 12) = 4 blocks, or round(0.34 * 6) = 2 layers = 4 blocks
@@ -109,6 +110,42 @@ def test_sleb_extended_from_a_smaller_search_is_the_larger_search(llama):
         run("sleb", model, tokenizer, start=["attn99"])
     with pytest.raises(IGPruneError, match="at most"):
         run("sleb", model, tokenizer, sparsity=0.17, start=["attn1", "attn1"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["sleb", "evopress"])
+def test_an_interrupted_search_continues_from_its_checkpoint_to_the_same_result(llama, method, tmp_path,
+                                                                                monkeypatch):
+    model, tokenizer = llama
+    uninterrupted = run(method, model, tokenizer, sparsity=0.34, checkpoint=tmp_path / "uninterrupted")
+    checkpoint, scored = tmp_path / "interrupted", []
+    real_score = Scorer._score
+
+    def stop_midway(self, *args):
+        scored.append(1)
+        if len(scored) > 3 * uninterrupted.logs["search"]["masks_scored"] // 4:  # three quarters through
+            raise Interrupted
+        return real_score(self, *args)
+
+    monkeypatch.setattr(Scorer, "_score", stop_midway)
+    with pytest.raises(Interrupted):
+        run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint)
+    monkeypatch.undo()
+    assert (checkpoint / "search.json").is_file()
+    resumed = run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint)
+    assert torch.equal(resumed.masks, uninterrupted.masks)
+    log, full = resumed.logs["search"], uninterrupted.logs["search"]
+    assert log["order"] == full["order"] and log["resumed"] and not full["resumed"]
+    assert log["masks_scored"] < full["masks_scored"]  # the finished steps were not scored again
+    key = "steps" if method == "sleb" else "generations"
+    assert log[key] == full[key]
+    # the whole saved state agrees too: evopress's fitness cache and random stream
+    assert read_json(checkpoint / "search.json") == read_json(tmp_path / "uninterrupted" / "search.json")
+    with pytest.raises(IGPruneError, match="another search"):  # other settings never reuse the progress
+        run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint, samples=3)
 
 
 def test_evopress_same_seed_same_result_and_best_fitness_never_worsens(llama):

@@ -101,6 +101,7 @@ def test_cli_baseline_inspect_and_export(tmp_path, prepared_data):
                                  "block", "--samples", "2", "--seq-len", "16", "--out", str(bundle)])
     assert result.exit_code == 0, result.output
     assert "2/8 blocks off" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "bundle.checkpoint").exists()  # the search's progress goes once the bundle is written
     result = runner.invoke(app, ["inspect", str(bundle)])
     assert result.exit_code == 0 and "sleb" in result.output
     result = runner.invoke(app, ["export", "--bundle", str(bundle), "--out", str(tmp_path / "plain")])

@@ -275,7 +275,12 @@ def baseline(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """Find one static mask with a baseline method (granularity defaults to the method's published one)."""
+    """Find one static mask with a baseline method (granularity defaults to the method's published one).
+
+    sleb, evopress and static-l0 save their progress beside --out; rerun the same command to continue.
+    """
+    import shutil
+
     from igprune.baselines import find_mask, get_method
     from igprune.data import load_calibration
     from igprune.masks import mask_row
@@ -288,10 +293,13 @@ def baseline(
     entry.options(options)  # unknown options fail before the model loads
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     texts = load_calibration(data, split="train", seed=seed)
-    console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}")
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity} "
+                  f"(progress in {checkpoint})")
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
-                       source=data, **options)
+                       source=data, checkpoint=checkpoint, **options)
     bundle.save(out)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     cfg = bundle.config
     console.print(f"wrote {out}: {cfg['blocks_skipped']}/{cfg['blocks_total']} blocks off (attention "
                   f"{cfg['attn_skipped']}, FFN {cfg['ffn_skipped']}) in {cfg['fit_seconds'] / 60:.1f} min, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,8 +84,12 @@ def get_method(name: str) -> Method:
 
 def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
               sparsity: float, granularity: Granularity | None = None, seed: int = 0, progress: bool = True,
-              source: str = "texts", **options: Any) -> Bundle:
-    """Run a static method and return its one-mask bundle; `source` names the calibration data in the bundle."""
+              source: str = "texts", checkpoint: str | Path | None = None, **options: Any) -> Bundle:
+    """Run a static method and return its one-mask bundle; `source` names the calibration data in the bundle.
+
+    With a `checkpoint` folder, sleb, evopress and static-l0 save their progress as they go and a rerun with
+    the same settings continues from it; the search log's counts and seconds then cover the rerun only.
+    """
     entry = get_method(method)
     opts = entry.options(options)
     granularity = granularity or entry.granularity
@@ -94,10 +99,12 @@ def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source)
     started = time.perf_counter()
     scorer = Scorer(model, calibration, batch_size=opts["batch_size"], top_k=opts.get("top_k", 64))
-    problem = Problem(model, scorer, space, k, seed, progress)
+    problem = Problem(model, scorer, space, k, seed, progress, Path(checkpoint) if checkpoint else None)
     problem.check()
+    resumed = problem.checkpoint is not None and problem.checkpoint.is_dir() and any(problem.checkpoint.iterdir())
     search_options = {key: value for key, value in opts.items() if key not in _PROBLEM_OPTIONS}
     result = entry.search(problem, **search_options)
+    result.log["resumed"] = resumed
     seconds = time.perf_counter() - started
     return _bundle(entry, model, calibration, space, sparsity, seed, opts, result, scorer, seconds)
 

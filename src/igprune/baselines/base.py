@@ -8,14 +8,18 @@ the protected layers and the scorer instead of re-deriving them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
 from igprune.blocks import ATTN, block_name
-from igprune.files import IGPruneError
+from igprune.bundle import fingerprint
+from igprune.files import IGPruneError, read_json, write_json
 from igprune.masks import Granularity, mask_from_off, n_units
 
 if TYPE_CHECKING:
@@ -83,6 +87,7 @@ class Problem:
     k: int
     seed: int = 0
     progress: bool = True
+    checkpoint: Path | None = None  # a folder where a long search keeps what it needs to resume
 
     def check(self) -> None:
         """Enough candidates for k units; raised before any slow step."""
@@ -91,6 +96,44 @@ class Problem:
             raise IGPruneError(f"asked to skip {self.k} {self.space.granularity}s but only {available} are candidates "
                                f"({len(self.space.protected_layers)} layers protected); lower the sparsity or "
                                "protect fewer layers")
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """What saved progress must match: model, calibration data, candidates, k and seed."""
+        return {"model": fingerprint(self.model), "calibration": self.scorer.calibration.info["sha256"],
+                "granularity": self.space.granularity, "protected_layers": sorted(self.space.protected_layers),
+                "k": self.k, "seed": self.seed}
+
+    def saved(self, method: str, **options: Any) -> SavedProgress:
+        """Where `method` run with `options` on this problem saves its progress (nowhere without a checkpoint)."""
+        identity = json.loads(json.dumps({**self.identity, "method": method, "options": options}))  # as read back
+        return SavedProgress(self.checkpoint / "search.json" if self.checkpoint else None, identity)
+
+
+@dataclass(frozen=True)
+class SavedProgress:
+    """A search's state after its last finished step, so an interrupted search continues where it stopped.
+
+    The state is JSON, written atomically after each step; it is only taken back by the same search
+    (same identity), and anything else is refused rather than silently mixed in.
+    """
+
+    path: Path | None
+    identity: dict[str, Any]
+
+    def load(self) -> Any:
+        """The saved state, or None if there is none."""
+        if self.path is None or not self.path.is_file():
+            return None
+        saved = read_json(self.path)
+        if saved.get("identity") != self.identity:
+            raise IGPruneError(f"{self.path} holds another search (model, calibration, method or options differ); "
+                               "remove it or rerun with the same settings")
+        return saved["state"]
+
+    def save(self, state: Any) -> None:
+        if self.path is not None:
+            write_json(self.path, {"identity": self.identity, "state": state})
 
 
 @dataclass

@@ -14,6 +14,9 @@ EvoPress's level database does per layer. The initial population is drawn at `sp
 attention counts over the feasible range (both extremes included), `population` random masks in all;
 it goes through the same staged selection, and the winner's split stays fixed for the whole search.
 `attn_off` fixes the split instead.
+
+With a checkpoint folder the state after each generation (parent, history, fitness cache and the random
+stream) is saved, so an interrupted search continues exactly as if it had not stopped.
 """
 
 from __future__ import annotations
@@ -54,20 +57,32 @@ def search(problem: Problem, generations: int = 30, offspring: int = 8, stages: 
                 final[c] = scorer.score(space.mask(c), fitness)
         return min({*children, *([parent] if parent is not None else [])}, key=lambda c: (final[c], c))
 
-    initial = _initial_population(space, k, population, splits, attn_off, rng)
-    parent = select(initial, None)
-    history = [{"generation": 0, "best": final[parent], "accepted": True, "off": [space.name(u) for u in parent]}]
-    bar = tqdm(range(1, generations + 1), desc="evopress", unit="gen", disable=not problem.progress)
+    saved = problem.saved("evopress", generations=generations, offspring=offspring, stages=stages, fitness=fitness,
+                          population=population, splits=splits, attn_off=attn_off)
+    state = saved.load()
+    if state:  # continue after the last saved generation, with the random stream where it was
+        version, internal, gauss = state["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        final.update((tuple(c), f) for c, f in state["final"])
+        parent, history, n_initial = tuple(state["parent"]), state["history"], state["initial_population"]
+    else:
+        initial = _initial_population(space, k, population, splits, attn_off, rng)
+        parent, n_initial = select(initial, None), len(initial)
+        history = [{"generation": 0, "best": final[parent], "accepted": True,
+                    "off": [space.name(u) for u in parent]}]
+    bar = tqdm(range(len(history), generations + 1), desc="evopress", unit="gen", disable=not problem.progress)
     for generation in bar:
         children = _offspring(space, parent, offspring, rng)
         best = select(children, parent)
         history.append({"generation": generation, "best": final[best], "accepted": best != parent,
                         "off": [space.name(u) for u in best]})
         parent = best
+        saved.save({"parent": parent, "history": history, "initial_population": n_initial,
+                    "final": list(final.items()), "rng": rng.getstate()})
         bar.set_postfix(fitness=f"{final[parent]:.4f}")
     split = {kind: sum(space.kind(u) == kind for u in parent) for kind in ("attn", "ffn", "layer")}
     log = {"fitness": fitness, "generations": history, "best_fitness": final[parent],
-           "split": {k_: v for k_, v in split.items() if v}, "initial_population": len(initial),
+           "split": {k_: v for k_, v in split.items() if v}, "initial_population": n_initial,
            "stages": stages, "offspring": offspring}
     return SearchResult(list(parent), log)
 

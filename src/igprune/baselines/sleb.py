@@ -9,6 +9,7 @@ inputs up to its own layer (see Scorer.prefix) and costs on average about half a
 `start` extends an earlier search: the units it removed, in its order (a SLEB bundle's logs.search.order).
 The greedy steps are deterministic, so on the same model and calibration data extending a search of k1
 units to k2 gives exactly the search of k2 units, at the cost of the last k2 - k1 steps only.
+With a checkpoint folder each finished step is saved, and an interrupted search continues from the last one.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from igprune.files import IGPruneError
 def search(problem: Problem, start: Sequence[str] = ()) -> SearchResult:
     space, scorer, k = problem.space, problem.scorer, problem.k
     candidates = space.candidates()
-    off = [space.unit(name) for name in start]
+    saved = problem.saved("sleb", start=list(start))
+    state = saved.load() or {"order": list(start), "steps": []}  # a checkpoint holds the steps done so far
+    off, steps = [space.unit(name) for name in state["order"]], state["steps"]
     if len(set(off)) < len(off) or len(off) > k:
         raise IGPruneError(f"start names {len(off)} units ({len(set(off))} distinct); it must name at most the "
                            f"{k} to remove, each once")
-    steps = []
     total = sum(len(candidates) - i for i in range(len(off), k))
     bar = tqdm(total=total, desc="sleb", unit="mask", disable=not problem.progress)
     for _ in range(len(off), k):
@@ -42,6 +44,7 @@ def search(problem: Problem, start: Sequence[str] = ()) -> SearchResult:
         off.append(best)
         steps.append({"removed": space.name(best), "perplexity": scores[best], "before": base,
                       "runner_up": sorted(scores.values())[1] if len(scores) > 1 else None})
+        saved.save({"order": [space.name(u) for u in off], "steps": steps})
         bar.set_postfix(removed=space.name(best), ppl=f"{scores[best]:.2f}")
     bar.close()
     return SearchResult(off, {"start": list(start), "steps": steps})  # find_mask adds the masks scored

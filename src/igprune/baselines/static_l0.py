@@ -30,7 +30,8 @@ def search(problem: Problem, **train_options) -> SearchResult:
                                  seed=problem.seed, seq_len=calibration.seq_len,
                                  batch_size=problem.scorer.batch_size)
     ids = calibration.input_ids
-    trainer = MaskTrainer(problem.model, 1, config, progress=problem.progress)
+    trainer = MaskTrainer(problem.model, 1, config, progress=problem.progress,
+                          checkpoint_dir=problem.checkpoint and problem.checkpoint / "trainer")
     trainer.fit(ids, torch.ones_like(ids), torch.zeros(len(ids), dtype=torch.long))
     log_alpha = trainer.gates.log_alpha.detach().cpu()
     mask = trainer.masks()[0]
