@@ -120,7 +120,7 @@ def result_path(run: Run) -> Path:
 
 def make_bundle(run: Run, model, tokenizer) -> Path:
     """Fit or search the run's mask, unless its bundle exists."""
-    from igprune.baselines import find_mask
+    from igprune.baselines import find_mask, get_method, make_calibration
     from igprune.bundle import Bundle
     from igprune.data import load_calibration
     from igprune.stage1.pruner import IGPruner
@@ -142,14 +142,16 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
         bundle.config["calibration"] = {"source": run.calibration, "passages": len(texts), **fit}
     else:
         texts = load_calibration(run.calibration, seed=SEED)
-        options, prior = dict(run.options), None
-        if run.extends:
+        options = dict(run.options)
+        if run.extends:  # continue that search, which must have scored the same calibration sequences
             prior = Bundle.load(BUNDLES / run.model / run.extends)
+            opts = get_method(run.method).options(options)
+            ours = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], SEED, run.calibration).info
+            if any(ours.get(k) != v for k, v in prior.config["calibration"].items()):  # older bundles: no sha256
+                raise SystemExit(f"{run.name}: {run.extends} searched other calibration data; remove `extends`")
             options["start"] = prior.logs["search"]["order"]
         bundle = find_mask(run.method, model, tokenizer, texts, sparsity, run.granularity, seed=SEED,
                            source=run.calibration, checkpoint=checkpoint, **options)
-        if prior and any(bundle.config["calibration"][k] != v for k, v in prior.config["calibration"].items()):
-            raise SystemExit(f"{run.name}: {run.extends} searched other calibration data; remove `extends`")
     bundle.config["benchmark"] = {"run": run.name, "seconds": round(time.perf_counter() - started, 1),
                                   "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
     bundle.save(path)
