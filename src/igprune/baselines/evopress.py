@@ -59,6 +59,11 @@ def search(problem: Problem, generations: int = 30, offspring: int = 8, stages: 
 
     saved = problem.saved("evopress", generations=generations, offspring=offspring, stages=stages, fitness=fitness,
                           population=population, splits=splits, attn_off=attn_off)
+
+    def save() -> None:  # after the initial population and after each generation
+        saved.save({"parent": parent, "history": history, "initial_population": n_initial,
+                    "final": list(final.items()), "rng": rng.getstate()})
+
     state = saved.load()
     if state:  # continue after the last saved generation, with the random stream where it was
         version, internal, gauss = state["rng"]
@@ -70,6 +75,7 @@ def search(problem: Problem, generations: int = 30, offspring: int = 8, stages: 
         parent, n_initial = select(initial, None), len(initial)
         history = [{"generation": 0, "best": final[parent], "accepted": True,
                     "off": [space.name(u) for u in parent]}]
+        save()
     bar = tqdm(range(len(history), generations + 1), desc="evopress", unit="gen", disable=not problem.progress)
     for generation in bar:
         children = _offspring(space, parent, offspring, rng)
@@ -77,8 +83,7 @@ def search(problem: Problem, generations: int = 30, offspring: int = 8, stages: 
         history.append({"generation": generation, "best": final[best], "accepted": best != parent,
                         "off": [space.name(u) for u in best]})
         parent = best
-        saved.save({"parent": parent, "history": history, "initial_population": n_initial,
-                    "final": list(final.items()), "rng": rng.getstate()})
+        save()
         bar.set_postfix(fitness=f"{final[parent]:.4f}")
     split = {kind: sum(space.kind(u) == kind for u in parent) for kind in ("attn", "ffn", "layer")}
     log = {"fitness": fitness, "generations": history, "best_fitness": final[parent],
