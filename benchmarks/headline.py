@@ -4,11 +4,12 @@ Every configuration is a row of RUNS below (configuration as data). For each one
 bundle (IG-Pruning fit, or a static method's search) unless it already exists under
 benchmarks/bundles/<model>/<run>/, then evaluates it on the paper's six tasks with igprune's lm-eval
 harness and writes benchmarks/results/headline/<model>/<run>.json. Each step is cached, so an
-interrupted benchmark resumes where it stopped, across sessions; per-task evaluation results are also
-cached inside igprune's own result cache. Runs are ordered by priority: the 25% comparison first.
+interrupted benchmark resumes where it stopped, across sessions: fits and the long searches continue
+from <run>.checkpoint beside the bundle, and per-task evaluation results are cached inside igprune's
+own result cache. Runs are ordered by priority: the 25% comparison first.
 
     python benchmarks/headline.py                 # everything still missing, in priority order
-    python benchmarks/headline.py --list          # what is done and what is not
+    python benchmarks/headline.py --list          # done, bundle (not evaluated), begun or todo
     python benchmarks/headline.py --only ig16-b15,sleb-b15
     python benchmarks/report.py                   # then write benchmarks/RESULTS.md
 """
@@ -114,6 +115,12 @@ def bundle_dir(run: Run) -> Path:
     return BUNDLES / run.model / (run.bundle or run.name)
 
 
+def checkpoint_dir(run: Run) -> Path:
+    """Where an interrupted fit or search keeps its progress; a rerun continues from it."""
+    path = bundle_dir(run)
+    return path.with_name(path.name + ".checkpoint")
+
+
 def result_path(run: Run) -> Path:
     return RESULTS / run.model / f"{run.name}.json"
 
@@ -130,7 +137,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     if (path / "bundle.json").is_file():
         return path
     sparsity = run.blocks / (2 * model.config.num_hidden_layers)
-    checkpoint = path.with_name(path.name + ".checkpoint")  # an interrupted fit or search continues from it
+    checkpoint = checkpoint_dir(run)
     started = time.perf_counter()
     if run.method == "ig-pruning":
         fit = {**FIT, **run.options}
@@ -199,8 +206,8 @@ def main() -> None:
             and (not args.model or r.model == args.model)]
     if args.list:
         for r in runs:
-            state = "done" if result_path(r).is_file() else (
-                "bundle" if (bundle_dir(r) / "bundle.json").is_file() else "todo")
+            state = ("done" if result_path(r).is_file() else "bundle" if (bundle_dir(r) / "bundle.json").is_file()
+                     else "begun" if checkpoint_dir(r).is_dir() else "todo")
             print(f"{state:>6}  {r.model}/{r.name}  ({r.method}, {r.blocks} blocks, limit {r.limit})")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
