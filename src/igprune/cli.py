@@ -294,8 +294,8 @@ def baseline(
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     texts = load_calibration(data, split="train", seed=seed)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity} "
-                  f"(progress in {checkpoint})")
+    console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}"
+                  + (f" (progress in {checkpoint})" if entry.resumes else ""))
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
                        source=data, checkpoint=checkpoint, **options)
     bundle.save(out)

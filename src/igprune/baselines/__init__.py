@@ -41,6 +41,7 @@ class Method:
     reference: str
     granularity: Granularity  # the published one
     defaults: dict[str, Any] = field(default_factory=dict)  # COMMON overrides and method options
+    resumes: bool = False  # saves its progress in a checkpoint folder and continues from it
 
     def options(self, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with the given options; an option this method does not know is an error."""
@@ -55,7 +56,7 @@ class Method:
 # on two shared CPU cores (benchmarks/baseline_cost.py); on a GPU raise them towards the published ones.
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("sleb", sleb.search, "greedy: remove the unit whose removal gives the lowest perplexity, repeat",
-           "Song et al. 2024, SLEB", "layer", {"samples": 4, "seq_len": 64, "start": []}),
+           "Song et al. 2024, SLEB", "layer", {"samples": 4, "seq_len": 64, "start": []}, resumes=True),
     Method("shortened-ppl", shortened.search_ppl, "one shot: remove the units whose lone removal hurts ppl least",
            "Kim et al. 2024, Shortened LLaMA (PPL)", "layer", {"samples": 8}),
     Method("shortened-taylor", shortened.search_taylor, "one shot: remove the units with the lowest sum |w * dL/dw|",
@@ -63,13 +64,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("evopress", evopress.search, "evolutionary search at fixed counts, KL to dense, staged selection",
            "Sieberling et al. 2024, EvoPress", "layer",
            {"samples": 8, "top_k": 64, "generations": 30, "offspring": 8, "stages": [[1, 2]], "fitness": "kl",
-            "population": 16, "splits": 5, "attn_off": None}),
+            "population": 16, "splits": 5, "attn_off": None}, resumes=True),
     # IG-Pruning's trainer with its TrainConfig defaults, except a budget that fits the CPU limit above;
     # to match a given `igprune fit`, pass its --shared-steps, --cluster-steps, --batch-size and --seq-len
     Method("static-l0", static_l0.search, "IG-Pruning's hard-concrete mask trainer with one cluster (no routing)",
            "IG-Pruning ablation (N = 1)", "block",
            {**static_l0.TRAIN_OPTIONS, "samples": 512, "seq_len": 64, "batch_size": 8, "shared_steps": 100,
-            "cluster_steps": 0}),
+            "cluster_steps": 0}, resumes=True),
 ]}
 
 # options that shape the problem (data, scorer, candidates); the rest go to the method
@@ -87,8 +88,8 @@ def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
               source: str = "texts", checkpoint: str | Path | None = None, **options: Any) -> Bundle:
     """Run a static method and return its one-mask bundle; `source` names the calibration data in the bundle.
 
-    With a `checkpoint` folder, sleb, evopress and static-l0 save their progress as they go and a rerun with
-    the same settings continues from it; the search log's counts and seconds then cover the rerun only.
+    With a `checkpoint` folder, a method that `resumes` saves its progress as it goes and a rerun with the
+    same settings continues from it; the search log's counts and seconds then cover the rerun only.
     """
     entry = get_method(method)
     opts = entry.options(options)
