@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster_phase import RECIPES
-from headline import RUNS, Run, bundle_dir, result_path
+from headline import QWEN, RUNS, SMOL, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
 from igprune.evaluation.results import load_results, results_table
@@ -115,7 +115,7 @@ def _bundle_seconds(config: dict[str, Any]) -> float:
 
 def make_figures() -> str:
     FIGURES.mkdir(exist_ok=True)
-    done = [r for r in RUNS if r.model == "smollm2-135m" and result_path(r).is_file()]
+    done = [r for r in RUNS if r.model == SMOL and result_path(r).is_file()]
     lines = []
     # one point per method and sparsity (no variants such as the first fit, nor the same mask again at another
     # limit), relative to dense at its limit
@@ -129,12 +129,14 @@ def make_figures() -> str:
     if len(clusters) > 1:
         lines.append(_figure(figures.accuracy_vs_clusters, clusters, "accuracy_vs_clusters.png",
                              "Average accuracy against the number of clusters at 15 of 60 blocks (paper Figure 5)"))
-    ig16 = bundle_dir(_find("smollm2-135m", "ig16-b15"))
-    if (ig16 / "bundle.json").is_file():
-        lines.append(_figure(figures.mask_heatmap, ig16, "heatmap_ig16_b15.png",
-                             "Masks of the N = 16, 15-of-60-blocks bundle (paper Figure 4)"))
-        lines.append(_figure(figures.learning_curve, ig16, "curve_ig16_b15.png",
-                             "Mask-training learning curve of that bundle"))
+    for model, name, suffix, what in [(SMOL, "ig16-b15", "", "smollm2-135m, 15 of 60 blocks"),
+                                      (QWEN, "ig16-b12", "_qwen", "qwen2.5-0.5b, 12 of 48 blocks")]:
+        ig16 = bundle_dir(_find(model, name))
+        if (ig16 / "bundle.json").is_file():
+            lines.append(_figure(figures.mask_heatmap, ig16, f"heatmap_{name.replace('-', '_')}{suffix}.png",
+                                 f"Masks of the N = 16 bundle, {what} (paper Figure 4)"))
+            lines.append(_figure(figures.learning_curve, ig16, f"curve_{name.replace('-', '_')}{suffix}.png",
+                                 "Mask-training learning curve of that bundle"))
     return "\n\n".join(lines) or "_no figures yet_"
 
 
@@ -246,7 +248,6 @@ def fit_budget() -> str:
             f"{report['seq_len']} tokens; dense held-out perplexity {report['dense_perplexity']:.1f}.")
 
 
-SMOL, QWEN = "smollm2-135m", "qwen2.5-0.5b"
 BLOCKS: dict[str, Callable[[], str]] = {
     "table1-smollm2": lambda: table(SMOL, "dense", "table1", [8, 15]),
     "cluster-phase": cluster_phase,
@@ -257,6 +258,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
                                    *[r for r in RUNS if r.table == "granularity"]]),
     "calibration": calibration_table,
     "routing": lambda: routing(SMOL, "ig16-b15"),
+    "routing-qwen": lambda: routing(QWEN, "ig16-b12"),
     "costs": costs,
     "speed": speed,
     "routing-overhead": routing_overhead,
