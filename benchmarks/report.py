@@ -131,11 +131,11 @@ def make_figures() -> str:
                              "Average accuracy against the number of clusters at 15 of 60 blocks (paper Figure 5)"))
     for model, name, suffix, what in [(SMOL, "ig16-b15", "", "smollm2-135m, 15 of 60 blocks"),
                                       (QWEN, "ig16-b12", "_qwen", "qwen2.5-0.5b, 12 of 48 blocks")]:
-        ig16 = bundle_dir(_find(model, name))
+        ig16, stem = bundle_dir(_find(model, name)), name.replace("-", "_") + suffix
         if (ig16 / "bundle.json").is_file():
-            lines.append(_figure(figures.mask_heatmap, ig16, f"heatmap_{name.replace('-', '_')}{suffix}.png",
+            lines.append(_figure(figures.mask_heatmap, ig16, f"heatmap_{stem}.png",
                                  f"Masks of the N = 16 bundle, {what} (paper Figure 4)"))
-            lines.append(_figure(figures.learning_curve, ig16, f"curve_{name.replace('-', '_')}{suffix}.png",
+            lines.append(_figure(figures.learning_curve, ig16, f"curve_{stem}.png",
                                  "Mask-training learning curve of that bundle"))
     return "\n\n".join(lines) or "_no figures yet_"
 
