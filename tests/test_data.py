@@ -13,7 +13,9 @@ import pytest
 from igprune import data
 from igprune.data import (
     CALIBRATION_SOURCES,
+    EVAL_TASKS,
     MIN_CHARS,
+    POOLS,
     TEXT_SOURCES,
     WHEELS,
     DownloadError,
@@ -206,7 +208,15 @@ def test_calibration_is_deterministic_and_bounded(prepared_data):
     assert all(MIN_CHARS <= len(p) <= 512 for p in short) and len(short) > len(load_calibration("code"))
 
 
-@pytest.mark.parametrize("source", [*TEXT_SOURCES, "instruct"])
+def test_domain_sources_are_gsm8k_solutions_and_sciq_prose(prepared_data):
+    math, qa = documents("math"), documents("qa")
+    assert math == documents("instruct")[:1319]  # the GSM8K half of instruct
+    assert len(qa) == 1000 and all("\nQuestion: " in d and "\nAnswer: " in d for d in qa)
+    eval_text = "".join(eval_dataset_path(t).read_text(encoding="utf-8") for t in EVAL_TASKS)
+    assert not [d for d in qa[:100] if d.split("\nQuestion: ")[1].split("\n")[0] in eval_text]  # not a scored task
+
+
+@pytest.mark.parametrize("source", [*TEXT_SOURCES, "instruct", "math", "qa"])
 def test_heldout_passages_come_from_documents_never_trained_on(prepared_data, source):
     docs = documents(source)
     train_docs = [d for d in docs if not is_heldout(d)]
@@ -230,11 +240,16 @@ def test_limit_and_seed_give_a_stable_subset(prepared_data):
     assert load_calibration("wiki", limit=10**6) == full
 
 
+@pytest.mark.parametrize("pool", ["mixed", "domains"])
+def test_pools_draw_equal_shares_from_every_source(prepared_data, pool):
+    members = POOLS[pool]
+    per_source = {s: set(load_calibration(s)) for s in members}
+    subset = load_calibration(pool, limit=600, seed=3)
+    assert {s: sum(p in per_source[s] for p in subset) for s in members} == dict.fromkeys(members, 100)
+
+
 def test_mixed_draws_equal_shares_from_every_source(prepared_data):
     per_source = {s: set(load_calibration(s)) for s in TEXT_SOURCES}
-    subset = load_calibration("mixed", limit=600, seed=3)
-    counts = {s: sum(p in per_source[s] for p in subset) for s in TEXT_SOURCES}
-    assert counts == dict.fromkeys(TEXT_SOURCES, 100)
     first = load_calibration("mixed")[: 6 * 50]  # any prefix of the full pool is balanced too
     assert {s: sum(p in per_source[s] for p in first) for s in TEXT_SOURCES} == dict.fromkeys(TEXT_SOURCES, 50)
     smallest = min(len(p) for p in per_source.values())

@@ -102,11 +102,18 @@ def fit(
     shared_dir: Annotated[Path | None, typer.Option(help="keep the end of the shared phase here; a fit with "
                                                     "another --clusters and otherwise the same settings "
                                                     "starts from it instead of repeating that phase")] = None,
+    finder: Annotated[str, typer.Option(help="how each cluster's mask is found: l0 (the paper's hard-concrete "
+                                        "training) or sleb (SLEB on the cluster's own text from a shared prefix)")
+                      ] = "l0",
+    search_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of --seq-len tokens each "
+                                                "cluster's search scores masks on")] = 8,
+    shared_fraction: Annotated[float, typer.Option(help="--finder sleb: share of the blocks to skip that one "
+                                                   "search on all clusters chooses before each cluster's own")] = 0.5,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """Stage 1: cluster calibration texts and train one mask per cluster; resumable if interrupted."""
+    """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
     import shutil
 
     from igprune.data import load_calibration
@@ -123,8 +130,10 @@ def fit(
                          granularity=granularity)
     checkpoint = out.with_name(out.name + ".checkpoint")
     console.print(f"fitting {clusters} clusters on {len(texts)} {data} passages (checkpoints in {checkpoint})")
+    search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction}
     pruner = IGPruner(lm, tokenizer, n_clusters=clusters, sparsity=_sparsity(sparsity, blocks, lm), seed=seed,
-                      train=config, checkpoint_dir=checkpoint, shared_dir=shared_dir).fit(texts)
+                      train=config, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder,
+                      search=search).fit(texts)
     bundle = pruner.to_bundle()
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "seq_len": seq_len}
     bundle.save(out)

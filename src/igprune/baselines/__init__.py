@@ -85,8 +85,12 @@ def get_method(name: str) -> Method:
 
 def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
               sparsity: float, granularity: Granularity | None = None, seed: int = 0, progress: bool = True,
-              source: str = "texts", checkpoint: str | Path | None = None, **options: Any) -> Bundle:
+              source: str = "texts", checkpoint: str | Path | None = None, calibration: Calibration | None = None,
+              **options: Any) -> Bundle:
     """Run a static method and return its one-mask bundle; `source` names the calibration data in the bundle.
+
+    `calibration` gives the sequences to search on directly (then `texts` and the samples/seq_len options are
+    not used), for callers that compose it themselves, e.g. equal shares of several clusters' sequences.
 
     With a `checkpoint` folder, a method that `resumes` saves its progress as it goes and a rerun with the
     same settings continues from it; the search log's counts and seconds then cover the rerun only.
@@ -97,7 +101,8 @@ def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     n_blocks = num_blocks(model)
     k = units_off(sparsity, n_blocks, granularity)  # fails before any slow step
     space = SearchSpace(n_blocks, granularity).protect(opts["keep_first"], opts["keep_last"])
-    calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source)
+    if calibration is None:
+        calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source)
     started = time.perf_counter()
     scorer = Scorer(model, calibration, batch_size=opts["batch_size"], top_k=opts.get("top_k", 64))
     problem = Problem(model, scorer, space, k, seed, progress, Path(checkpoint) if checkpoint else None)

@@ -60,6 +60,16 @@ def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int) -> 
     return out
 
 
+def truncate(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Each text's first `seq_len` token ids, the part that is scored (and that a router reads)."""
+    if seq_len < 2:
+        raise IGPruneError("seq_len must be at least 2 tokens")
+    ids = [x[:seq_len] for x in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    if any(len(x) < 2 for x in ids):
+        raise IGPruneError("every text needs at least 2 tokens to score")
+    return ids
+
+
 def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int,
                 batch_size: int = 8, pruned: DynamicPrunedModel | None = None,
                 progress: bool = False) -> tuple[list[tuple[float, int]], list[int]]:
@@ -67,15 +77,10 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
     routed). With `pruned`, texts are routed by their truncated text and grouped per cluster."""
     from tqdm import tqdm
 
-    if seq_len < 2:
-        raise IGPruneError("seq_len must be at least 2 tokens")
-    ids = [x[:seq_len] for x in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    if any(len(x) < 2 for x in ids):
-        raise IGPruneError("every text needs at least 2 tokens to score")
+    ids = truncate(tokenizer, texts, seq_len)
     clusters = [0] * len(texts)
     if pruned is not None:
-        scored = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        clusters = [r.cluster for r in pruned.route(scored)]
+        clusters = [r.cluster for r in pruned.route(tokenizer.batch_decode(ids, skip_special_tokens=True))]
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
     groups = sorted(set(clusters))
     for cluster in tqdm(groups, desc="perplexity", unit="cluster", disable=not progress or len(groups) == 1 or None):

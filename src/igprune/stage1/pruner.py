@@ -3,8 +3,10 @@
     pruner = IGPruner(model, tokenizer, n_clusters=16, sparsity=0.25).fit(texts)
     pruner.save("bundle/")            # then: DynamicPrunedModel.from_bundle(model, "bundle/")
 
-fit() embeds the calibration texts with the sentence encoder, clusters them with K-means, tokenises
-them (each text truncated to `seq_len` tokens) and trains one hard-concrete mask per cluster.
+fit() embeds the calibration texts with the sentence encoder, clusters them with K-means and finds one mask
+per cluster. finder="l0" (the paper's) tokenises the texts (each truncated to `seq_len` tokens) and trains
+one hard-concrete mask per cluster; finder="sleb" runs SLEB on each cluster's own text from a shared global
+prefix (stage1/search.py), scoring every candidate exactly instead of estimating a gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -28,6 +31,11 @@ from igprune.masks import skipped_blocks
 from igprune.models import tokenizer_sides
 from igprune.stage1.clustering import Clustering, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
+
+Finder = Literal["l0", "sleb"]
+FINDERS: tuple[str, ...] = ("l0", "sleb")
+# stage1/search.py's defaults, here so the constructor can record them without importing the baselines
+SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "shared_samples": 16, "shared_fraction": 0.5}
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +62,14 @@ class IGPruner:
                  sparsity: float = 0.25, encoder: str = DEFAULT_ENCODER, seed: int = 0, min_cluster_size: int = 4,
                  train: TrainConfig | None = None, encoder_tokens: int = 64,
                  checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
-                 progress: bool = True):
+                 progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None):
+        if finder not in FINDERS:
+            raise IGPruneError(f"finder must be one of {', '.join(FINDERS)}, not {finder!r}")
         self.model, self.tokenizer = model, tokenizer
+        unknown = sorted(set(search or {}) - set(SEARCH_DEFAULTS))
+        if unknown:
+            raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
+        self.finder, self.search_options = finder, {**SEARCH_DEFAULTS, **(search or {})}
         self.n_clusters, self.sparsity, self.seed = n_clusters, sparsity, seed
         # Texts are embedded from their first `encoder_tokens` tokens, here and when routing: a prefix
         # places a text well enough (64 tokens route 93% of evaluation prompts as 256 do) and keeps routing
@@ -73,6 +87,26 @@ class IGPruner:
         texts = clean_texts(texts)
         embeddings = self._embed(texts)
         self.clustering_: Clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
+        if self.finder == "sleb":
+            self._search(texts)
+        else:
+            self._train(texts)
+        self.seconds_ = time.perf_counter() - started
+        return self
+
+    def _search(self, texts: list[str]) -> None:
+        from igprune.stage1.search import search_cluster_masks  # imports the baselines, which import this module
+
+        labels = self.clustering_.labels.tolist()
+        groups = [[t for t, label in zip(texts, labels, strict=True) if label == k]
+                  for k in range(len(self.clustering_.centroids))]
+        self.masks_, self.search_log_ = search_cluster_masks(
+            self.model, self.tokenizer, groups, self.sparsity, self.train_config.granularity, self.seed,
+            checkpoint=self.checkpoint_dir and Path(self.checkpoint_dir) / "searches", progress=self.progress,
+            **self.search_options)
+        self.log_alpha_ = None
+
+    def _train(self, texts: list[str]) -> None:
         ids, mask = tokenize(self.tokenizer, texts, self.train_config.seq_len)
         self.trainer_ = MaskTrainer(self.model, len(self.clustering_.centroids), self.train_config,
                                     checkpoint_dir=self.checkpoint_dir and Path(self.checkpoint_dir) / "masks",
@@ -81,8 +115,6 @@ class IGPruner:
         self.trainer_.fit(ids, mask, self.clustering_.labels)
         self.masks_ = self.trainer_.masks()
         self.log_alpha_ = self.trainer_.gates.log_alpha.detach().cpu()
-        self.seconds_ = time.perf_counter() - started
-        return self
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         """Sentence embeddings of the texts; kept in the checkpoint folder so a resumed fit skips encoding."""
@@ -102,10 +134,10 @@ class IGPruner:
     def to_bundle(self) -> Bundle:
         if not hasattr(self, "masks_"):
             raise IGPruneError("call fit(texts) before saving")
-        log = self.trainer_.log
         n_blocks = self.masks_.shape[1]
         config = {
-            "method": "ig-pruning" if len(self.clustering_.centroids) > 1 else "static-l0",
+            "method": "ig-pruning" if len(self.clustering_.centroids) > 1 else {"l0": "static-l0"}.get(self.finder,
+                                                                                                     self.finder),
             "model": self.model.name_or_path,
             "fingerprint": fingerprint(self.model),
             "encoder": self.encoder_name,
@@ -118,11 +150,16 @@ class IGPruner:
             "blocks_total": n_blocks,
             "blocks_skipped": skipped_blocks(self.masks_[0])["total"],
             "seed": self.seed,
-            "train": dataclasses.asdict(self.train_config),
-            "final_loss": sum(log.loss[-10:]) / max(1, len(log.loss[-10:])),
-            "final_expected_sparsity": log.expected_sparsity[-1] if log.expected_sparsity else None,
+            "finder": self.finder,
             "fit_seconds": round(self.seconds_, 1),
         }
+        if self.finder == "sleb":
+            config["search"] = self.search_options
+            return Bundle(self.masks_, self.clustering_.centroids, config, logs={"search": self.search_log_})
+        log = self.trainer_.log
+        config.update({"train": dataclasses.asdict(self.train_config),
+                       "final_loss": sum(log.loss[-10:]) / max(1, len(log.loss[-10:])),
+                       "final_expected_sparsity": log.expected_sparsity[-1] if log.expected_sparsity else None})
         return Bundle(self.masks_, self.clustering_.centroids, config, self.log_alpha_,
                       logs={"train": dataclasses.asdict(log)})
 

@@ -1,0 +1,234 @@
+"""Input guidance on inputs that really differ: the headroom of per-domain masks, and how close fits get.
+
+Six domains (igprune.data.DOMAIN_SOURCES): code, maths (GSM8K solutions), encyclopaedic prose (Wikipedia),
+stories (TinyStories), non-English text and QA-style science prose (SciQ). Masks are searched or fitted on
+each domain's training passages; everything is scored on held-out passages, from documents that no search,
+clustering or fit passage comes from (igprune.data.is_heldout), by token-weighted perplexity.
+
+    python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
+    python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
+    python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
+    python benchmarks/report.py                       # then the tables in RESULTS.md
+
+`search` gives the ceiling of input guidance: the mask of domain i, searched on domain i's text, scored on
+the text of every domain j. Its diagonal against the best global static mask says where routing can pay and
+by how much. `score` also runs each IG bundle routed by the passage's own text (never by the domain's name),
+and an oracle that gives every passage the best of that bundle's cluster masks: the gap between the two is
+what the router loses, the gap from the oracle to the ceiling what the masks lose. Every step keeps what it
+has done (searches in a checkpoint folder, scores per distinct mask), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).parent
+BUNDLES = HERE / "bundles"
+RESULTS = HERE / "results" / "domains"
+SEED = 0
+SEARCH = {"samples": 8, "seq_len": 64, "shared_samples": 16, "shared_fraction": 0.5}  # per domain or cluster
+HELDOUT = {"seq_len": 128, "limit": 48}  # held-out passages per domain, each scored on its first 128 tokens
+FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
+STATIC = ["sleb", "sleb-mixed", "evopress", "shortened-ppl", "static-l0"]  # headline bundles <name>-b<blocks>
+# IG-Pruning fits on the domains pool: the search finder (one SLEB per cluster), and the paper's L0 trainer
+# with the headline's budget (benchmarks/headline.py FIT).
+FITS: dict[str, dict[str, Any]] = {
+    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": SEARCH},
+    "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
+                                                              "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
+}
+
+
+def folder(model: str) -> Path:
+    return RESULTS / model
+
+
+def fit_dir(model: str, name: str, blocks: int) -> Path:
+    return BUNDLES / model / "domains" / f"{name}-b{blocks}"
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def search(model, tokenizer, name: str, blocks: int) -> None:
+    from igprune.data import DOMAIN_SOURCES, load_calibration
+    from igprune.files import write_json
+    from igprune.stage1.search import search_cluster_masks
+
+    out = folder(name) / f"search-b{blocks}.json"
+    if out.is_file():
+        print(f"{out} exists")
+        return
+    started = time.perf_counter()
+    groups = [load_calibration(d, seed=SEED) for d in DOMAIN_SOURCES]
+    sparsity = blocks / (2 * model.config.num_hidden_layers)
+    _, log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED, full_shared=True,
+                                  checkpoint=BUNDLES / name / f"domains-search-b{blocks}.checkpoint", **SEARCH)
+    orders = {d: c["order"] for d, c in zip(DOMAIN_SOURCES, log.pop("clusters"), strict=True)}
+    write_json(out, {"model": name, "blocks": blocks, "settings": SEARCH, "seed": SEED, "domain_orders": orders,
+                     **log, "seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads(),
+                     "load_average": os.getloadavg()[0]})
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------------- fit
+
+
+def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
+    from igprune.data import DOMAIN_SOURCES, load_calibration
+    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.train import TrainConfig
+
+    texts = load_calibration("domains", limit=FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED)
+    for run, spec in FITS.items():
+        path = fit_dir(name, run, blocks)
+        if (only and run not in only) or (path / "bundle.json").is_file():
+            continue
+        print(f"== fit {run}", flush=True)
+        started = time.perf_counter()
+        train = TrainConfig(**spec["train"]) if "train" in spec else None
+        pruner = IGPruner(model, tokenizer, n_clusters=spec["n_clusters"], sparsity=blocks / (2 * len(
+            model.model.layers)), seed=SEED, finder=spec["finder"], search=spec.get("search"), train=train,
+                          checkpoint_dir=path.with_name(path.name + ".checkpoint"))
+        bundle = pruner.fit(texts).to_bundle()
+        bundle.config["calibration"] = {"source": "domains", "passages": len(texts)}
+        bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
+                                      "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
+        bundle.save(path)
+        print(f"wrote {path} ({bundle.config['benchmark']['seconds']} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- score
+
+
+def score(model, tokenizer, name: str, blocks: int) -> None:
+    """Per-passage NLL of every distinct mask on every domain's held-out passages, then the report."""
+    from igprune.blocks import patch
+    from igprune.bundle import Bundle
+    from igprune.data import DOMAIN_SOURCES, load_calibration
+    from igprune.evaluation.perplexity import CHARS_PER_TOKEN, token_nll, truncate
+    from igprune.files import read_json, write_json
+    from igprune.masks import mask_row
+    from igprune.stage1.search import find_order_mask
+    from igprune.stage2.router import Router
+
+    seq_len, limit = HELDOUT["seq_len"], HELDOUT["limit"]
+    texts = {d: load_calibration(d, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=SEED)
+             for d in DOMAIN_SOURCES}
+    ids = {d: truncate(tokenizer, t, seq_len) for d, t in texts.items()}
+    cache_path = folder(name) / f"passages-b{blocks}.json"
+    cache = read_json(cache_path) if cache_path.is_file() else {}
+    control = patch(model)
+
+    def nll(mask: torch.Tensor | None) -> dict[str, list[list[float]]]:
+        """{domain: [[nll, tokens] per passage]} under `mask` (None: dense), computed once per distinct mask."""
+        key = "dense" if mask is None else mask_row(mask)
+        if key not in cache:
+            print(f"scoring {key}", flush=True)
+            with control.masked(mask):
+                cache[key] = {d: [list(x) for x in token_nll(model, ids[d], 8)] for d in DOMAIN_SOURCES}
+            write_json(cache_path, cache)
+        return cache[key]
+
+    masks: dict[str, torch.Tensor | None] = {"dense": None}
+    for method in STATIC:
+        path = BUNDLES / name / f"{method}-b{blocks}"
+        if (path / "bundle.json").is_file():
+            masks[method] = Bundle.load(path).masks[0]
+    found = read_json(folder(name) / f"search-b{blocks}.json")
+    masks["sleb-domains"] = find_order_mask(model, found["global_order"], "block")
+    domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
+    matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
+    for d, mask in domain_masks.items():
+        matrix[f"mask of {d}"] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
+    ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
+
+    bundles: dict[str, Any] = {}
+    routed_all: dict[str, list[list[float]]] = {}
+    candidates = [(run, fit_dir(name, run, blocks)) for run in FITS] + [("ig16 (headline)", BUNDLES / name /
+                                                                         f"ig16-b{blocks}")]
+    for run, path in candidates:
+        if not (path / "bundle.json").is_file():
+            continue
+        bundle = Bundle.load(path)
+        router = Router.from_bundle(bundle)
+        per_cluster = [nll(m) for m in bundle.masks]
+        routed, oracle, table = {}, {}, {}
+        for d in DOMAIN_SOURCES:
+            clusters = [r.cluster for r in router.route(tokenizer.batch_decode(ids[d], skip_special_tokens=True))]
+            routed[d] = [per_cluster[c][d][i] for i, c in enumerate(clusters)]
+            oracle[d] = [min((p[d][i] for p in per_cluster), key=lambda x: x[0]) for i in range(len(ids[d]))]
+            table[d] = {str(c): clusters.count(c) for c in sorted(set(clusters))}
+        routed_all[run] = _all(routed)
+        bundles[run] = {"path": str(path.relative_to(HERE)), "clusters": bundle.n_clusters,
+                        "distinct_masks": len({mask_row(m) for m in bundle.masks}),
+                        "fit_seconds": bundle.config.get("fit_seconds"), "routing": table,
+                        "routed": {d: _ppl(v) for d, v in routed.items()}, "routed_overall": _ppl(_all(routed)),
+                        "oracle": {d: _ppl(v) for d, v in oracle.items()}, "oracle_overall": _ppl(_all(oracle))}
+
+    static = {label: _all(nll(mask)) for label, mask in masks.items() if label != "dense"}
+    best = min(static, key=lambda label: _ppl(static[label])[0])
+    report = {"model": name, "blocks": blocks, "heldout": HELDOUT, "seed": SEED, "domains": list(DOMAIN_SOURCES),
+              "passages": {d: len(v) for d, v in ids.items()}, "matrix": matrix, "best_static": best,
+              "ceiling": {d: _ppl(v) for d, v in ceiling.items()}, "ceiling_overall": _ppl(_all(ceiling)),
+              "ceiling_vs_best_static": _paired(_all(ceiling), static[best]), "bundles": bundles,
+              "vs_best_static": {run: _paired(v, static[best]) for run, v in routed_all.items()}}
+    write_json(folder(name) / f"score-b{blocks}.json", report)
+    print(f"wrote {folder(name) / f'score-b{blocks}.json'}")
+
+
+def _all(per_domain: dict[str, list[list[float]]]) -> list[list[float]]:
+    return [x for d in sorted(per_domain) for x in per_domain[d]]
+
+
+def _rate(passages: list[list[float]]) -> tuple[float, float]:
+    """Token-weighted mean NLL of [nll, tokens] pairs and its standard error over passages (ratio estimator)."""
+    m = len(passages)
+    total, tokens = sum(p[0] for p in passages), sum(p[1] for p in passages)
+    rate = total / tokens
+    var = sum((p[0] - rate * p[1]) ** 2 for p in passages) / max(1, m * (m - 1))
+    return rate, math.sqrt(var) / (tokens / m)
+
+
+def _ppl(passages: list[list[float]]) -> list[float]:
+    """[perplexity, its standard error] (delta method)."""
+    rate, se = _rate(passages)
+    return [math.exp(rate), math.exp(rate) * se]
+
+
+def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
+    """How much lower a's perplexity is than b's on the same passages, in percent, with a paired stderr."""
+    rate, se = _rate([[x[0] - y[0], x[1]] for x, y in zip(a, b, strict=True)])
+    return {"lower_percent": 100 * (1 - math.exp(rate)), "stderr_percent": 100 * math.exp(rate) * se}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["search", "fit", "score"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
+    parser.add_argument("--only", help="fit: comma-separated FITS names")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from igprune import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.step == "search":
+        search(model, tokenizer, args.model, args.blocks)
+    elif args.step == "fit":
+        fit(model, tokenizer, args.model, args.blocks, set(args.only.split(",")) if args.only else None)
+    else:
+        score(model, tokenizer, args.model, args.blocks)
+
+
+if __name__ == "__main__":
+    main()

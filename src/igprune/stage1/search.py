@@ -1,0 +1,98 @@
+"""Cluster masks by search: SLEB run on each cluster's own text, from one shared global prefix.
+
+The L0 trainer's cluster phase estimates each cluster's gradient from a few passages per step, so at a
+small budget a cluster mask barely leaves the shared one (benchmarks/RESULTS.md). A search instead scores
+every candidate mask exactly, on the cluster's own calibration tokens, so a cluster's mask moves where its
+text asks. To keep the cost near one search per cluster's share of the steps, every cluster continues one
+global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences, then each
+cluster's SLEB removes the rest on that cluster's sequences alone (SLEB's `start`).
+
+    masks, log = search_cluster_masks(model, tokenizer, groups, sparsity=0.25)   # groups: texts per cluster
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from igprune.baselines import Calibration, find_mask, make_calibration
+from igprune.blocks import num_blocks
+from igprune.files import IGPruneError, sha256_tensors
+from igprune.masks import Granularity, units_off
+from igprune.stage1.pruner import SEARCH_DEFAULTS
+
+
+def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
+                         sparsity: float, granularity: Granularity = "block", seed: int = 0,
+                         shared_fraction: float = SEARCH_DEFAULTS["shared_fraction"],
+                         samples: int = SEARCH_DEFAULTS["samples"], seq_len: int = SEARCH_DEFAULTS["seq_len"],
+                         shared_samples: int = SEARCH_DEFAULTS["shared_samples"], full_shared: bool = False,
+                         checkpoint: str | Path | None = None,
+                         progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One block mask per group of texts (N, B), and the searches' logs.
+
+    shared_fraction: the share of the units to remove that the shared search removes, before each group's
+    search continues on its own sequences (0: independent searches; 1: one static mask for all).
+    full_shared: also continue the shared search to all units (the best global SLEB mask at the same
+    budget, for comparison); its mask is in the log as "global_order".
+    With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
+    """
+    if not 0.0 <= shared_fraction <= 1.0:
+        raise IGPruneError(f"shared_fraction must be in [0, 1], got {shared_fraction}")
+    if any(not texts for texts in groups):
+        raise IGPruneError("every cluster needs at least one calibration text to search on")
+    k = units_off(sparsity, num_blocks(model), granularity)
+    shared = int(round(shared_fraction * k))
+    folder = Path(checkpoint) if checkpoint else None
+    own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}") for i, texts in enumerate(groups)]
+    pooled = _equal_shares(own, shared_samples)
+
+    def sleb(calibration: Calibration, units: int, start: list[str], name: str) -> list[str]:
+        if units == len(start):
+            return start
+        bundle = find_mask("sleb", model, tokenizer, [], sparsity * units / k, granularity, seed=seed,
+                           progress=False, checkpoint=folder and folder / name, calibration=calibration, start=start)
+        return bundle.logs["search"]["order"]
+
+    bar = tqdm(total=len(groups) + 1 + full_shared, desc="mask searches", unit="search", disable=not progress)
+    prefix = sleb(pooled, shared, [], "shared")
+    bar.update(1)
+    logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,
+                            "seq_len": seq_len, "shared_calibration": pooled.info, "shared_order": prefix,
+                            "clusters": []}
+    if full_shared:
+        logs["global_order"] = sleb(pooled, k, prefix, "global")
+        bar.update(1)
+    masks = []
+    for i, calibration in enumerate(own):
+        order = sleb(calibration, k, prefix, f"cluster{i}")
+        masks.append(find_order_mask(model, order, granularity))
+        logs["clusters"].append({"order": order, "calibration": calibration.info})
+        bar.update(1)
+    bar.close()
+    return torch.stack(masks), logs
+
+
+def find_order_mask(model: PreTrainedModel, order: list[str], granularity: Granularity) -> torch.Tensor:
+    """The block mask (B,) with the named units (SLEB's order, e.g. ["attn7", "ffn16"]) switched off."""
+    from igprune.baselines.base import SearchSpace
+
+    space = SearchSpace(num_blocks(model), granularity)
+    return space.mask([space.unit(name) for name in order])
+
+
+def _equal_shares(calibrations: list[Calibration], rows: int) -> Calibration:
+    """`rows` sequences taken round-robin from the calibrations (their first rows first): equal shares."""
+    full = [c for c in calibrations if c.seq_len == calibrations[0].seq_len]  # a too-short text gives one short row
+    per = math.ceil(rows / len(full))
+    picked = [c.input_ids[j] for j in range(per) for c in full if j < c.n_sequences][:rows]
+    tensor = torch.stack(picked)
+    info = {"source": f"equal shares of {len(calibrations)} clusters", "sequences": len(picked),
+            "seq_len": tensor.shape[1], "tokens": tensor.numel(), "sha256": sha256_tensors(tensor)}
+    return Calibration(tensor, info)

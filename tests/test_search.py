@@ -1,0 +1,77 @@
+"""Cluster masks by search (stage1/search.py and IGPruner(finder="sleb")) on a tiny model."""
+
+import pytest
+import torch
+from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+
+from igprune.baselines import find_mask, make_calibration
+from igprune.files import IGPruneError, sha256_tensors
+from igprune.stage1.pruner import IGPruner
+from igprune.stage1.search import find_order_mask, search_cluster_masks
+
+OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_model("llama", layers=4), tiny_tokenizer(), [texts * 4 for texts in TOPICS.values()]
+
+
+def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=0.5, progress=False, **OPTIONS)
+    assert masks.shape == (3, 8) and ((~masks).sum(1) == 4).all()
+    assert log["shared_units"] == 2 and len(log["shared_order"]) == 2
+    # the shared search scored equal shares of the clusters' own sequences
+    own = [make_calibration(tok, texts, 2, 16, 0).input_ids for texts in groups]
+    assert log["shared_calibration"]["sequences"] == 3
+    for i, texts in enumerate(groups):
+        alone = find_mask("sleb", model, tok, texts, 0.5, "block", progress=False, samples=2, seq_len=16,
+                          start=log["shared_order"])
+        assert torch.equal(masks[i], alone.masks[0])
+        assert log["clusters"][i]["order"][:2] == log["shared_order"]
+        assert log["clusters"][i]["calibration"]["sha256"] == make_calibration(tok, texts, 2, 16, 0, "x").info["sha256"]
+    expected = torch.stack([rows[0] for rows in own])  # round-robin: the first sequence of each cluster
+    assert log["shared_calibration"]["sha256"] == sha256_tensors(expected)
+
+
+def test_shared_fraction_one_gives_every_cluster_the_global_mask(setup):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, full_shared=True,
+                                      progress=False, **OPTIONS)
+    glob = find_order_mask(model, log["global_order"], "block")
+    assert all(torch.equal(m, glob) for m in masks)
+
+
+def test_searches_resume_from_their_checkpoint(setup, tmp_path):
+    model, tok, groups = setup
+    first, _ = search_cluster_masks(model, tok, groups, 0.5, checkpoint=tmp_path, progress=False, **OPTIONS)
+    assert (tmp_path / "shared" / "search.json").is_file() and (tmp_path / "cluster2" / "search.json").is_file()
+    again, _ = search_cluster_masks(model, tok, groups, 0.5, checkpoint=tmp_path, progress=False, **OPTIONS)
+    assert torch.equal(first, again)
+
+
+def test_igpruner_with_the_sleb_finder_writes_a_routable_bundle(setup, monkeypatch):
+    model, tok, groups = setup
+    texts = [t for g in groups for t in g]
+    monkeypatch.setattr(IGPruner, "_embed", lambda self, xs: torch.tensor(
+        [[float(any(t in x for t in topic)) for topic in TOPICS.values()] for x in xs]))  # no encoder download
+    pruner = IGPruner(model, tok, n_clusters=3, sparsity=0.5, min_cluster_size=1, finder="sleb",
+                      search={"samples": 2, "seq_len": 16, "shared_samples": 3}, progress=False).fit(texts)
+    bundle = pruner.to_bundle()
+    assert bundle.config["finder"] == "sleb" and bundle.log_alpha is None and bundle.n_clusters == 3
+    assert ((~bundle.masks).sum(1) == 4).all() and bundle.config["blocks_skipped"] == 4
+    assert len(bundle.logs["search"]["clusters"]) == 3
+    assert bundle.config["search"]["shared_fraction"] == 0.5
+
+
+def test_bad_finder_settings_are_one_line_errors(setup):
+    model, tok, groups = setup
+    with pytest.raises(IGPruneError, match="finder must be one of"):
+        IGPruner(model, tok, finder="magic")
+    with pytest.raises(IGPruneError, match="unknown search option"):
+        IGPruner(model, tok, finder="sleb", search={"steps": 3})
+    with pytest.raises(IGPruneError, match="shared_fraction"):
+        search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.5, progress=False)
+    with pytest.raises(IGPruneError, match="at least one calibration text"):
+        search_cluster_masks(model, tok, [groups[0], []], 0.5, progress=False)
