@@ -33,17 +33,28 @@ HERE = Path(__file__).parent
 BUNDLES = HERE / "bundles"
 RESULTS = HERE / "results" / "domains"
 SEED = 0
-SEARCH = {"samples": 8, "seq_len": 64, "shared_samples": 16, "shared_fraction": 0.5}  # per domain or cluster
-HELDOUT = {"seq_len": 128, "limit": 48}  # held-out passages per domain, each scored on its first 128 tokens
+# Every domain's (or cluster's) SLEB scores 4 x 64 tokens of its own text (SLEB's registry default) and continues
+# the first half of the global SLEB search on the mixed pool (the headline's sleb-b<blocks>-mixed, 8 x 128 tokens).
+SEARCH = {"samples": 4, "seq_len": 64}
+GLOBAL = "sleb-b{blocks}-mixed"
+HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each scored on its first 128 tokens
 FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
-STATIC = ["sleb", "sleb-mixed", "evopress", "shortened-ppl", "static-l0"]  # headline bundles <name>-b<blocks>
+STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 # IG-Pruning fits on the domains pool: the search finder (one SLEB per cluster), and the paper's L0 trainer
 # with the headline's budget (benchmarks/headline.py FIT).
 FITS: dict[str, dict[str, Any]] = {
-    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": SEARCH},
+    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
 }
+
+
+def shared_prefix(name: str, blocks: int) -> list[str]:
+    """The first half of the global SLEB search's order: the units every domain's and cluster's search starts from."""
+    from igprune.bundle import Bundle
+
+    order = Bundle.load(BUNDLES / name / GLOBAL.format(blocks=blocks)).logs["search"]["order"]
+    return order[: int(round(0.5 * blocks))]
 
 
 def folder(model: str) -> Path:
@@ -69,7 +80,7 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     started = time.perf_counter()
     groups = [load_calibration(d, seed=SEED) for d in DOMAIN_SOURCES]
     sparsity = blocks / (2 * model.config.num_hidden_layers)
-    _, log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED, full_shared=True,
+    _, log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED, prefix=shared_prefix(name, blocks),
                                   checkpoint=BUNDLES / name / f"domains-search-b{blocks}.checkpoint", **SEARCH)
     orders = {d: c["order"] for d, c in zip(DOMAIN_SOURCES, log.pop("clusters"), strict=True)}
     write_json(out, {"model": name, "blocks": blocks, "settings": SEARCH, "seed": SEED, "domain_orders": orders,
@@ -94,8 +105,9 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         print(f"== fit {run}", flush=True)
         started = time.perf_counter()
         train = TrainConfig(**spec["train"]) if "train" in spec else None
+        search = {**SEARCH, "prefix": shared_prefix(name, blocks)} if spec["finder"] == "sleb" else None
         pruner = IGPruner(model, tokenizer, n_clusters=spec["n_clusters"], sparsity=blocks / (2 * len(
-            model.model.layers)), seed=SEED, finder=spec["finder"], search=spec.get("search"), train=train,
+            model.model.layers)), seed=SEED, finder=spec["finder"], train=train, search=search,
                           checkpoint_dir=path.with_name(path.name + ".checkpoint"))
         bundle = pruner.fit(texts).to_bundle()
         bundle.config["calibration"] = {"source": "domains", "passages": len(texts)}
@@ -138,22 +150,32 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
         return cache[key]
 
     masks: dict[str, torch.Tensor | None] = {"dense": None}
-    for method in STATIC:
-        path = BUNDLES / name / f"{method}-b{blocks}"
+    for pattern in STATIC:
+        path = BUNDLES / name / pattern.format(blocks=blocks)
         if (path / "bundle.json").is_file():
-            masks[method] = Bundle.load(path).masks[0]
-    found = read_json(folder(name) / f"search-b{blocks}.json")
-    masks["sleb-domains"] = find_order_mask(model, found["global_order"], "block")
-    domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
+            masks[path.name] = Bundle.load(path).masks[0]
+    found_path = folder(name) / f"search-b{blocks}.json"
+    found = read_json(found_path) if found_path.is_file() else None  # the ceiling needs `search` first
+    domain_masks = {}
+    if found:
+        domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
     matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
     for d, mask in domain_masks.items():
         matrix[f"mask of {d}"] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
-    ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
+    static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
+    best = min(static, key=lambda label: _ppl(_all(static[label]))[0])
+    report: dict[str, Any] = {
+        "model": name, "blocks": blocks, "heldout": HELDOUT, "seed": SEED, "domains": list(DOMAIN_SOURCES),
+        "passages": {d: len(v) for d, v in ids.items()}, "search": found and {
+            k: found[k] for k in ("settings", "shared_order", "domain_orders", "seconds")},
+        "matrix": matrix, "overall": {label: _ppl(_all(nll(mask))) for label, mask in masks.items()},
+        "best_static": best, "bundles": {}}
+    if domain_masks:
+        ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
+        report["ceiling"] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, static[best])}
 
-    bundles: dict[str, Any] = {}
-    routed_all: dict[str, list[list[float]]] = {}
-    candidates = [(run, fit_dir(name, run, blocks)) for run in FITS] + [("ig16 (headline)", BUNDLES / name /
-                                                                         f"ig16-b{blocks}")]
+    headline = f"ig16-b{blocks}"  # the headline fit on the mixed pool, for comparison
+    candidates = [(run, fit_dir(name, run, blocks)) for run in FITS] + [(headline, BUNDLES / name / headline)]
     for run, path in candidates:
         if not (path / "bundle.json").is_file():
             continue
@@ -166,22 +188,21 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
             routed[d] = [per_cluster[c][d][i] for i, c in enumerate(clusters)]
             oracle[d] = [min((p[d][i] for p in per_cluster), key=lambda x: x[0]) for i in range(len(ids[d]))]
             table[d] = {str(c): clusters.count(c) for c in sorted(set(clusters))}
-        routed_all[run] = _all(routed)
-        bundles[run] = {"path": str(path.relative_to(HERE)), "clusters": bundle.n_clusters,
-                        "distinct_masks": len({mask_row(m) for m in bundle.masks}),
-                        "fit_seconds": bundle.config.get("fit_seconds"), "routing": table,
-                        "routed": {d: _ppl(v) for d, v in routed.items()}, "routed_overall": _ppl(_all(routed)),
-                        "oracle": {d: _ppl(v) for d, v in oracle.items()}, "oracle_overall": _ppl(_all(oracle))}
-
-    static = {label: _all(nll(mask)) for label, mask in masks.items() if label != "dense"}
-    best = min(static, key=lambda label: _ppl(static[label])[0])
-    report = {"model": name, "blocks": blocks, "heldout": HELDOUT, "seed": SEED, "domains": list(DOMAIN_SOURCES),
-              "passages": {d: len(v) for d, v in ids.items()}, "matrix": matrix, "best_static": best,
-              "ceiling": {d: _ppl(v) for d, v in ceiling.items()}, "ceiling_overall": _ppl(_all(ceiling)),
-              "ceiling_vs_best_static": _paired(_all(ceiling), static[best]), "bundles": bundles,
-              "vs_best_static": {run: _paired(v, static[best]) for run, v in routed_all.items()}}
+        report["bundles"][run] = {
+            "path": str(path.relative_to(HERE)), "finder": bundle.config.get("finder", "l0"),
+            "clusters": bundle.n_clusters, "distinct_masks": len({mask_row(m) for m in bundle.masks}),
+            "fit_seconds": bundle.config.get("fit_seconds"), "routing": table,
+            "routed": {"overall": _ppl(_all(routed)), **_versus(routed, static[best])},
+            "oracle": {"overall": _ppl(_all(oracle)), **_versus(oracle, static[best])}}
     write_json(folder(name) / f"score-b{blocks}.json", report)
     print(f"wrote {folder(name) / f'score-b{blocks}.json'}")
+
+
+def _versus(ours: dict[str, list[list[float]]], static: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Perplexity per domain, and how much lower than the static mask's, overall and per domain (paired)."""
+    return {"per_domain": {d: _ppl(v) for d, v in ours.items()},
+            "lower_than_best_static": {"overall": _paired(_all(ours), _all(static)),
+                                       **{d: _paired(ours[d], static[d]) for d in ours}}}
 
 
 def _all(per_domain: dict[str, list[list[float]]]) -> list[list[float]]:

@@ -217,6 +217,78 @@ def held_out_perplexity(blocks: int, tables: tuple[str, ...], also: tuple[str, .
             "router; bold: the best static mask on that cluster's passages.")
 
 
+DOMAIN_LABELS = {"code": "code", "math": "maths", "wiki": "wiki", "tiny": "stories", "multilingual": "non-English",
+                 "qa": "QA (SciQ)"}
+
+
+def _pm(cell: list[float], digits: int = 1) -> str:
+    return f"{cell[0]:.{digits}f} ± {cell[1]:.{digits}f}"
+
+
+def _lower(diff: dict[str, float]) -> str:
+    return f"{diff['lower_percent']:+.1f} ± {diff['stderr_percent']:.1f}"
+
+
+def domain_matrix(blocks: int) -> str:
+    """Held-out perplexity of every static and per-domain mask on every domain (benchmarks/domains.py score)."""
+    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    if report is None:
+        return "_not run yet_"
+    domains = report["domains"]
+    header = ["Mask", *(DOMAIN_LABELS[d] for d in domains), "all"]
+    rows = []
+    for label, cells in report["matrix"].items():
+        own = label.removeprefix("mask of ")
+        name = f"**{label}**" if label == report["best_static"] else label
+        rows.append([name, *(f"**{cells[d][0]:.1f}**" if d == own else f"{cells[d][0]:.1f}" for d in domains),
+                     f"{report['overall'][label][0]:.1f}" if label in report["overall"] else "–"])
+    n = report["passages"]
+    return (_rows(header, rows) + f"\n\n{report['model']}, {blocks} of 60 blocks skipped; held-out passages per "
+            f"domain: {', '.join(f'{DOMAIN_LABELS[d]} {n[d]}' for d in domains)}, first "
+            f"{report['heldout']['seq_len']} tokens of each. Bold row: the best global static mask overall; bold "
+            "cells: a domain's own mask on its own text (the diagonal).")
+
+
+def domain_gains(blocks: int) -> str:
+    """The ceiling (each domain under its own mask) and every IG bundle, routed and oracle, against the best
+    static mask: perplexity overall and how much lower than the static mask's, per domain (paired stderr)."""
+    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    if report is None:
+        return "_not run yet_"
+    domains = report["domains"]
+    best = report["best_static"]
+    rows = [[f"best static ({best})", "1", _pm(report["overall"][best]), "0", *("0" for _ in domains)]]
+
+    def row(label: str, masks: str, entry: dict[str, Any]) -> list[str]:
+        lower = entry["lower_than_best_static"]
+        return [label, masks, _pm(entry["overall"]), _lower(lower["overall"]), *(_lower(lower[d]) for d in domains)]
+
+    if "ceiling" in report:
+        rows.append(row("ceiling: each domain's own SLEB mask", str(len(domains)), report["ceiling"]))
+    for run, b in report["bundles"].items():
+        masks = f"{b['distinct_masks']} of {b['clusters']}"
+        rows.append(row(f"{run} ({b['finder']}), routed", masks, b["routed"]))
+        rows.append(row(f"{run} ({b['finder']}), oracle", masks, b["oracle"]))
+    return (_rows(["Masks", "Distinct masks", "Perplexity", "% lower: all", *(DOMAIN_LABELS[d] for d in domains)],
+                  rows) + "\n\n% lower: how much lower the perplexity is than the best static mask's on the same "
+            "passages, ± a paired standard error over passages; negative is worse. Routed: each passage under the "
+            "mask its own text routes to; oracle: under the best of the bundle's cluster masks for that passage.")
+
+
+def domain_routing(blocks: int) -> str:
+    """Which cluster each domain's held-out passages route to, per IG bundle."""
+    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    if report is None or not report["bundles"]:
+        return "_not run yet_"
+    parts = []
+    for run, b in report["bundles"].items():
+        rows = [[DOMAIN_LABELS[d], ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda x: -x[1]))]
+                for d, counts in b["routing"].items()]
+        parts.append(f"{run} ({b['clusters']} clusters, {b['distinct_masks']} distinct masks):\n\n"
+                     + _rows(["Domain", "cluster: passages"], rows))
+    return "\n\n".join(parts)
+
+
 def cluster_phase() -> str:
     """Cluster-phase recipes from the same shared mask, per cluster (benchmarks/cluster_phase.py)."""
     reports = {name: _json(f"cluster_phase/{name}.json") for name in RECIPES}
@@ -269,6 +341,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "perplexity-b22": lambda: held_out_perplexity(22, ("table1",)),
     "perplexity-ablations": lambda: held_out_perplexity(15, ("granularity", "calibration"), also=("ig16-b15",)),
     "figures": make_figures,
+    "domain-matrix-b15": lambda: domain_matrix(15),
+    "domain-gains-b15": lambda: domain_gains(15),
+    "domain-routing-b15": lambda: domain_routing(15),
 }
 
 

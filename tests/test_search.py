@@ -75,3 +75,15 @@ def test_bad_finder_settings_are_one_line_errors(setup):
         search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.5, progress=False)
     with pytest.raises(IGPruneError, match="at least one calibration text"):
         search_cluster_masks(model, tok, [groups[0], []], 0.5, progress=False)
+
+
+def test_a_given_prefix_replaces_the_shared_search(setup, tmp_path):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, prefix=["attn3"], checkpoint=tmp_path,
+                                      progress=False, **OPTIONS)
+    assert log["shared_order"] == ["attn3"] and not (tmp_path / "shared").exists()
+    assert all(c["order"][0] == "attn3" and len(c["order"]) == 4 for c in log["clusters"])
+    assert not masks[:, 6].any()  # attn3 is block 6
+    with pytest.raises(IGPruneError, match="prefix names 5 units"):
+        search_cluster_masks(model, tok, groups, 0.5, prefix=["attn0", "attn1", "attn2", "attn3", "ffn0"],
+                             progress=False, **OPTIONS)

@@ -35,7 +35,8 @@ from igprune.stage1.train import MaskTrainer, TrainConfig
 Finder = Literal["l0", "sleb"]
 FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
-SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "shared_samples": 16, "shared_fraction": 0.5}
+SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "shared_samples": 16, "shared_fraction": 0.5,
+                                   "prefix": None}
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,13 +32,16 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          sparsity: float, granularity: Granularity = "block", seed: int = 0,
                          shared_fraction: float = SEARCH_DEFAULTS["shared_fraction"],
                          samples: int = SEARCH_DEFAULTS["samples"], seq_len: int = SEARCH_DEFAULTS["seq_len"],
-                         shared_samples: int = SEARCH_DEFAULTS["shared_samples"], full_shared: bool = False,
+                         shared_samples: int = SEARCH_DEFAULTS["shared_samples"],
+                         prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"], full_shared: bool = False,
                          checkpoint: str | Path | None = None,
                          progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """One block mask per group of texts (N, B), and the searches' logs.
 
     shared_fraction: the share of the units to remove that the shared search removes, before each group's
     search continues on its own sequences (0: independent searches; 1: one static mask for all).
+    prefix: the shared units given instead of searched, e.g. an earlier SLEB bundle's first units
+    (`logs.search.order`); then shared_fraction and shared_samples are not used.
     full_shared: also continue the shared search to all units (the best global SLEB mask at the same
     budget, for comparison); its mask is in the log as "global_order".
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
@@ -48,7 +51,9 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
-    shared = int(round(shared_fraction * k))
+    shared = len(prefix) if prefix is not None else int(round(shared_fraction * k))
+    if shared > k:
+        raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     folder = Path(checkpoint) if checkpoint else None
     own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}") for i, texts in enumerate(groups)]
     pooled = _equal_shares(own, shared_samples)
@@ -61,7 +66,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         return bundle.logs["search"]["order"]
 
     bar = tqdm(total=len(groups) + 1 + full_shared, desc="mask searches", unit="search", disable=not progress)
-    prefix = sleb(pooled, shared, [], "shared")
+    prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
     bar.update(1)
     logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,
                             "seq_len": seq_len, "shared_calibration": pooled.info, "shared_order": prefix,
