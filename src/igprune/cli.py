@@ -321,7 +321,7 @@ def export(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from igprune.blocks import patch
+    from igprune.blocks import masked
     from igprune.export import export_bundle
 
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
@@ -330,7 +330,7 @@ def export(
         raise IGPruneError(f"cluster must be in [0, {loaded.n_clusters - 1}] for {bundle}, not {cluster}")
     probe = tokenizer("The pruned model should predict exactly what the masked model predicts.",
                       return_tensors="pt").input_ids.to(lm.device)
-    with torch.no_grad(), patch(lm).masked(loaded.masks[cluster]):
+    with torch.no_grad(), masked(lm, loaded.masks[cluster]):
         expected = lm(input_ids=probe).logits.float()
     record = export_bundle(bundle, lm, tokenizer, out, cluster=cluster, inplace=True)  # lm is consumed
     del lm

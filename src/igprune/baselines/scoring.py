@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from igprune.blocks import decoder_layers, patch
+from igprune.blocks import control_of, decoder_layers
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import clean_texts
 
@@ -93,14 +93,14 @@ class _Prefix:
 
 
 class Scorer:
-    """Perplexity and KL-to-dense of masks of one (patched) model on one calibration set."""
+    """Perplexity and KL-to-dense of masks of one model on one calibration set."""
 
     def __init__(self, model: PreTrainedModel, calibration: Calibration, batch_size: int = 8, top_k: int = 64,
                  chunk_tokens: int = 512):
         if batch_size < 1 or top_k < 1 or chunk_tokens < 1:
             raise IGPruneError("batch_size, top_k and chunk_tokens must be positive")
         self.model, self.calibration = model, calibration
-        self.control = patch(model)
+        self.control = control_of(model)
         self.layers = decoder_layers(model)
         self.device = next(model.parameters()).device
         self.ids = calibration.input_ids.to(self.device)

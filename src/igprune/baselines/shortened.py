@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from igprune.baselines.base import Problem, SearchResult
-from igprune.blocks import ATTN, FFN, GatedLayer, decoder_layers
+from igprune.blocks import ATTN, FFN, decoder_layers, detect_layout
 
 
 def search_ppl(problem: Problem) -> SearchResult:
@@ -48,9 +48,9 @@ def _one_shot(problem: Problem, scores: dict[int, float], log: dict) -> SearchRe
     return SearchResult(ranked[: problem.k], log)
 
 
-def _block_parameters(layer: GatedLayer) -> dict[int, list[torch.nn.Parameter]]:
+def _block_parameters(inner: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:
     """A layer's weights by branch: attention with its norms, FFN with its norms."""
-    inner, layout = layer.layer, layer.layout
+    layout = detect_layout(inner)
     owners = {ATTN: [inner.self_attn, getattr(inner, layout.attn_norm)],
               FFN: [inner.mlp, getattr(inner, layout.ffn_norm)]}
     if layout.attn_post_norm:

@@ -83,7 +83,7 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
         if pruned is None:
             results = token_nll(model, [ids[i] for i in rows], batch_size)
         else:
-            with pruned.control.masked(pruned.mask_for(cluster), pruned.kv_policy):
+            with pruned.use_cluster(cluster):
                 results = token_nll(model, [ids[i] for i in rows], batch_size)
         for i, result in zip(rows, results, strict=True):
             scores[i] = result

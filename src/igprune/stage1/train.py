@@ -2,7 +2,8 @@
 
 All clusters are trained in one batched pass: every sample in a batch carries its own cluster's
 sampled gates, so one forward/backward updates every cluster that appears in it. Only activation
-gradients are computed (the weights have requires_grad off), and the language-modelling loss is
+gradients are computed (the weights' requires_grad is off during fit and restored after it, so neither the
+flags nor any .grad of the user's model change), and the language-modelling loss is
 taken on a random subset of positions so the large output layer does not dominate the step.
 
 Training runs in two phases. A shared phase fits one mask on all samples (this is also the
@@ -16,7 +17,9 @@ state, kept in `shared_dir`, starts the cluster phase of a fit with any number o
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from igprune.blocks import patch
+from igprune.blocks import control_of
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
@@ -87,6 +90,18 @@ class TrainLog:
             getattr(self, name).append(value)
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No weight gradients for the duration of a with-block; every requires_grad flag restored after it."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 class MaskTrainer:
     """Trains `n_masks` hard-concrete masks over the blocks (or layers) of a frozen model.
 
@@ -99,7 +114,7 @@ class MaskTrainer:
     def __init__(self, model: PreTrainedModel, n_masks: int, config: TrainConfig,
                  checkpoint_dir: Path | None = None, shared_dir: Path | None = None, progress: bool = True):
         self.model, self.config, self.n_masks = model, config, n_masks
-        self.control = patch(model)
+        self.control = control_of(model)
         self.n_blocks = self.control.n_blocks
         config.validate(self.n_blocks)
         self.device = next(model.parameters()).device
@@ -141,6 +156,13 @@ class MaskTrainer:
         self.clusters = {"n_masks": self.n_masks, "labels": sha256_tensors(labels),
                          **{k: config[k] for k in CLUSTER_PHASE}}
         self._resume()
+        with frozen(self.model), self.control.active():
+            self._loop(input_ids, attention_mask, labels, until)
+        return self
+
+    def _loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              until: int | None) -> None:
+        cfg = self.config
         total = cfg.shared_steps + cfg.cluster_steps
         bar = tqdm(total=total, initial=self.step, desc="mask training", disable=not self.progress, unit="step")
         while self.step < min(total, until if until is not None else total):
@@ -165,7 +187,6 @@ class MaskTrainer:
             self.save_checkpoint(self.checkpoint_dir)
         if cfg.cluster_steps == 0 and self.step == total:
             self._warm_start_clusters()  # every cluster gets the shared mask
-        return self
 
     def _target(self) -> float:
         """Target sparsity now: ramps linearly from the initial expected sparsity (1 - init_keep) to the
