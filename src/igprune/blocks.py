@@ -7,9 +7,9 @@ same computation as its own forward, except that each block's contribution to th
     h = h + z_attn * Attn(norm(h))        (Gemma2/3: z_attn * post_norm(Attn(pre_norm(h))))
     h = h + z_ffn  * FFN(norm(h))
 
-The user never sees this. The layer objects stay where they are, with their own parameters and state-dict
-keys: for the duration of a scope each one's class is swapped for a generated subclass whose only change
-is `forward`, and swapped back when the scope ends (a few microseconds per layer). The shared BlockControl
+The user never sees this. The layer objects stay where they are, with their own class, parameters and
+state-dict keys: for the duration of a scope each one gets an instance-level `forward` (`gated_forward`
+bound to it), which is deleted when the scope ends (about a microsecond per layer). The shared BlockControl
 lives outside the module tree (a weak registry keyed by the model's layer list), so `state_dict()`,
 `parameters()`, `save_pretrained()` and `from_pretrained()` are exactly those of the untouched model.
 
@@ -27,6 +27,7 @@ only for the families in KEEP_FAMILIES, each tested on a tiny config (tests/test
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -106,32 +107,33 @@ class _LayerGate:
     rope: Callable | None  # the modeling file's apply_rotary_pos_emb, for writing keys without the attention
 
 
-class GatedForward:
-    """Put in front of a decoder layer's own class while a scope is active: only `forward` changes."""
+def gated_forward(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A decoder layer's forward with each branch gated; bound to the layer as its `forward` inside a scope."""
+    control, layout, first = gate_info.control, gate_info.layout, 2 * gate_info.index
+    h = hidden_states
 
-    _igprune_gate: _LayerGate
+    gate = control.gate(first + ATTN)
+    if gate is not False:
+        out, _ = layer.self_attn(hidden_states=getattr(layer, layout.attn_norm)(h), **kwargs)
+        if layout.attn_post_norm:
+            out = getattr(layer, layout.attn_post_norm)(out)
+        h = h + _scale(out, gate)
+    elif kwargs.get("past_key_values") is not None:
+        _write_cache_only(layer, gate_info, h, kwargs)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        gate_info = self._igprune_gate
-        control, layout, first = gate_info.control, gate_info.layout, 2 * gate_info.index
-        h = hidden_states
+    gate = control.gate(first + FFN)
+    if gate is not False:
+        out = layer.mlp(getattr(layer, layout.ffn_norm)(h))
+        if layout.ffn_post_norm:
+            out = getattr(layer, layout.ffn_post_norm)(out)
+        h = h + _scale(out, gate)
+    return h
 
-        gate = control.gate(first + ATTN)
-        if gate is not False:
-            out, _ = self.self_attn(hidden_states=getattr(self, layout.attn_norm)(h), **kwargs)
-            if layout.attn_post_norm:
-                out = getattr(self, layout.attn_post_norm)(out)
-            h = h + _scale(out, gate)
-        elif kwargs.get("past_key_values") is not None:
-            _write_cache_only(self, gate_info, h, kwargs)
 
-        gate = control.gate(first + FFN)
-        if gate is not False:
-            out = self.mlp(getattr(self, layout.ffn_norm)(h))
-            if layout.ffn_post_norm:
-                out = getattr(self, layout.ffn_post_norm)(out)
-            h = h + _scale(out, gate)
-        return h
+def is_gated(layer: nn.Module) -> bool:
+    """Whether `layer` runs gated_forward now (inside a scope, or patched)."""
+    forward = vars(layer).get("forward")
+    return isinstance(forward, functools.partial) and forward.func is gated_forward
 
 
 def _scale(out: torch.Tensor, gate: torch.Tensor | bool) -> torch.Tensor:
@@ -174,16 +176,6 @@ def _write_cache_only(layer: nn.Module, gate_info: _LayerGate, h: torch.Tensor, 
 
 
 # ---- the control and its scopes ------------------------------------------------------------------------
-
-
-_GATED_CLASSES: dict[type, type] = {}
-
-
-def _gated_class(cls: type) -> type:
-    """`cls` with GatedForward's forward: isinstance, attributes and parameters stay those of `cls`."""
-    if cls not in _GATED_CLASSES:
-        _GATED_CLASSES[cls] = type(f"Gated{cls.__name__}", (GatedForward, cls), {})
-    return _GATED_CLASSES[cls]
 
 
 class BlockControl:
@@ -278,15 +270,14 @@ class BlockControl:
             self.mask, self.soft, self._mask_list, self.kv_policy = saved
 
     def _install(self) -> None:
+        # an instance attribute shadows the class's forward; it is no parameter, buffer or submodule
         for layer, gate_info in zip(self._layers, self._gates, strict=True):
-            layer.__dict__["_igprune_gate"] = gate_info  # a plain attribute: no parameter, buffer or submodule
-            layer.__class__ = _gated_class(type(layer))
+            layer.__dict__["forward"] = functools.partial(gated_forward, layer, gate_info)
 
     def _uninstall(self) -> None:
         for layer in self._layers:
-            if isinstance(layer, GatedForward):
-                layer.__class__ = type(layer).__bases__[1]  # Gated<cls> has bases (GatedForward, <cls>)
-                layer.__dict__.pop("_igprune_gate", None)
+            if is_gated(layer):
+                del layer.__dict__["forward"]
 
 
 def _rope_of(layer: nn.Module) -> Callable | None:
@@ -335,7 +326,7 @@ def patch(model: PreTrainedModel) -> BlockControl:
 
 
 def unpatch(model: PreTrainedModel) -> None:
-    """Undo `patch`: the layers get their own classes back (at once, unless a scope is still open)."""
+    """Undo `patch`: the layers run their own forward again (at once, unless a scope is still open)."""
     control = control_of(model)
     control._pinned = False
     if control._depth == 0:

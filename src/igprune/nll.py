@@ -1,8 +1,8 @@
-"""Logits and next-token NLL: the one place igprune turns hidden states into scores.
+"""Logits and token NLL: the one place igprune turns hidden states into scores.
 
-Every path (mask training, baseline scoring, perplexity, DynamicPrunedModel's loss) goes through
-`output_logits`, so a model's final logit soft-capping (Gemma 2) applies everywhere the model's own
-forward applies it.
+Every path (mask training, baseline scoring, perplexity, DynamicPrunedModel's loss) forms logits with
+`output_logits`, so a model's final logit soft-capping (Gemma 2) applies wherever the model's own forward
+applies it, and scores tokens with `token_nll`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """NLL of labels[:, t+1] under logits[:, t] (positions labelled -100 ignored); "none" gives (batch, T-1)."""
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100,
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """NLL of each target (..., ) under its logits (..., V) in float32; targets of -100 count as 0 and are
+    left out of "mean"."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
                           reduction=reduction)
-    return nll
+    return nll.view(targets.shape) if reduction == "none" else nll
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """NLL of labels[:, t+1] under logits[:, t] (labels of -100 ignored); "none" gives (batch, T-1)."""
+    return token_nll(logits[:, :-1], labels[:, 1:], reduction)

@@ -33,6 +33,7 @@ from igprune.blocks import control_of
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
+from igprune.nll import output_logits, token_nll
 from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
 CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
@@ -262,16 +263,16 @@ class MaskTrainer:
               positions: torch.Tensor) -> torch.Tensor:
         """Per-sample loss at `positions`: next-token cross-entropy, or KL to the dense model."""
         picked = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logits = self.model.lm_head(picked).float()
+        logits = output_logits(self.model, picked)
         weight = torch.gather(mask[:, 1:], 1, positions).float()
         if self.config.loss == "lm":
             targets = torch.gather(ids[:, 1:], 1, positions)
-            token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            token_loss = token_nll(logits, targets).flatten()
         else:
             with torch.no_grad(), self.control.masked(None):
                 dense_hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
                 dense_picked = torch.gather(dense_hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-                dense_logp = F.log_softmax(self.model.lm_head(dense_picked).float(), dim=-1)
+                dense_logp = F.log_softmax(output_logits(self.model, dense_picked), dim=-1)
             token_loss = F.kl_div(F.log_softmax(logits, dim=-1), dense_logp, log_target=True,
                                   reduction="none").sum(-1).flatten()
         token_loss = token_loss.view(weight.shape) * weight
