@@ -109,24 +109,20 @@ def fit(
     """Stage 1: cluster calibration texts and train one mask per cluster; resumable if interrupted."""
     import shutil
 
-    from igprune.data import load_calibration
     from igprune.masks import mask_row
     from igprune.models import load_model
-    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.pruner import fit_bundle
     from igprune.stage1.train import TrainConfig
 
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    # passages about as long as a training sample, so the text that is clustered is the text that is trained on
-    texts = load_calibration(data, split="train", max_chars=max_chars or 4 * seq_len, limit=samples, seed=seed)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
                          granularity=granularity)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    console.print(f"fitting {clusters} clusters on {len(texts)} {data} passages (checkpoints in {checkpoint})")
-    pruner = IGPruner(lm, tokenizer, n_clusters=clusters, sparsity=_sparsity(sparsity, blocks, lm), seed=seed,
-                      train=config, checkpoint_dir=checkpoint, shared_dir=shared_dir).fit(texts)
-    bundle = pruner.to_bundle()
-    bundle.config["calibration"] = {"source": data, "passages": len(texts), "seq_len": seq_len}
+    console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
+                  f"(checkpoints in {checkpoint})")
+    bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
+                        seed, checkpoint_dir=checkpoint, shared_dir=shared_dir)
     bundle.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "

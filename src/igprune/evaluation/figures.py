@@ -26,7 +26,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from igprune.bundle import Bundle
+from igprune.bundle import Bundle, as_bundle
 from igprune.files import IGPruneError, atomic_path
 
 RUN, SKIP = "#1f4e9c", "#f2c230"  # the paper's colours: 1 = blue (run), 0 = yellow (skipped)
@@ -49,11 +49,10 @@ def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[
 
 
 def _bundle(bundle: str | Path | Bundle) -> tuple[Bundle, str]:
-    if isinstance(bundle, Bundle):
-        return bundle, "bundle"
-    if not Path(bundle).exists():
+    if not isinstance(bundle, Bundle) and not Path(bundle).exists():
         raise IGPruneError(f"bundle {bundle} not found; give a folder made by `igprune fit` or `igprune baseline`")
-    return Bundle.load(bundle), Path(bundle).name
+    loaded, where = as_bundle(bundle)
+    return loaded, Path(where).name if where else "bundle"
 
 
 def _model_name(model: str | None) -> str:

@@ -20,7 +20,7 @@ from transformers import BatchEncoding, GenerationConfig, PretrainedConfig, PreT
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from igprune.blocks import KVPolicy, control_of, masked
-from igprune.bundle import Bundle
+from igprune.bundle import Bundle, as_bundle
 from igprune.files import IGPruneError
 from igprune.models import tokenizer_sides
 from igprune.nll import next_token_nll
@@ -51,9 +51,8 @@ class DynamicPrunedModel:
                     tokenizer: PreTrainedTokenizerBase | None = None, kv_policy: KVPolicy = "keep",
                     route_tokens: int | None = None, encoder_device: str | torch.device = "cpu") -> DynamicPrunedModel:
         """Attach a bundle to its model; `route_tokens` overrides how much of a prompt the encoder reads."""
-        where = str(bundle)
-        bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        bundle.check_model(model, where)
+        bundle, where = as_bundle(bundle)
+        bundle.check_model(model, where or "")
         if tokenizer is None:
             from igprune.models import load_tokenizer
 
