@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, pipeline
 import igprune
 from igprune.baselines import find_mask
 from igprune.blocks import ATTN, FFN, masked, patch, unpatch
+from igprune.evaluation.perplexity import score_texts
 from igprune.export import prune_model
 from igprune.stage1.pruner import IGPruner
 from igprune.stage1.train import TrainConfig
@@ -72,6 +73,7 @@ def test_dynamic_model_leaves_the_model_as_it_was(fitted):
     pruned = igprune.DynamicPrunedModel.from_bundle(model, path, tokenizer)
     pruned.generate_text(TEXTS[:3], max_new_tokens=3)
     pruned(tokenizer(TEXTS[:2], return_tensors="pt", padding=True).input_ids)
+    score_texts(model, tokenizer, TEXTS, 16, pruned=pruned)
     assert_unchanged(model, before)
 
 

@@ -181,6 +181,7 @@ def _write_cache_only(layer: nn.Module, gate_info: _LayerGate, h: torch.Tensor, 
 class BlockControl:
     """The gate values every layer of one model reads while a scope is active.
 
+    Values set outside a scope (`set_mask`, `set_soft`) take effect only inside one, or after `patch`.
     Exactly one of `soft` or `mask` is set, or neither (dense).
     soft: float tensor (batch, B), one gate row per sample (mask training).
     mask: bool tensor (B,), one binary mask for the whole batch (inference); True = run.
