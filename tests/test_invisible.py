@@ -156,3 +156,25 @@ def test_mixed_batch_generate_keeps_num_return_sequences_rows_per_prompt_in_orde
     together = pruned.generate_text(prompts, **beams)
     alone = [pruned.generate_text([p], **beams) for p in prompts]
     assert together == [text for pair in alone for text in pair]
+
+
+def test_a_streamer_inside_masked_sees_the_masked_tokens():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens += value.flatten().tolist()
+
+        def end(self):
+            pass
+
+    model, mask = tiny_model("llama"), some_mask()
+    prompt = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(4))
+    streamer = Collect()
+    with masked(model, mask):
+        out = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0, streamer=streamer)
+    assert streamer.tokens == out[0].tolist()
+    assert not torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0), out)

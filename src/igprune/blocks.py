@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -157,11 +158,11 @@ def _write_cache_only(layer: nn.Module, gate_info: _LayerGate, h: torch.Tensor, 
                            "use kv_policy='drop'")
     x = getattr(layer, gate_info.layout.attn_norm)(h)
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, queries first
+    if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, queries first; only its K and V rows run
         start = attn.config.num_attention_heads * attn.head_dim
-        qkv = attn.qkv_proj(x)
-        keys = qkv[..., start:start + attn.num_key_value_heads * attn.head_dim]
-        values = qkv[..., start + attn.num_key_value_heads * attn.head_dim:]
+        bias = attn.qkv_proj.bias
+        kv = F.linear(x, attn.qkv_proj.weight[start:], None if bias is None else bias[start:])
+        keys, values = kv.split(attn.num_key_value_heads * attn.head_dim, dim=-1)
     else:
         keys, values = attn.k_proj(x), attn.v_proj(x)
     keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
