@@ -155,10 +155,12 @@ class DynamicPrunedModel:
         if len(groups) == 1:
             with self.use_cluster(next(iter(groups))):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if generate_kwargs.get("return_dict_in_generate") or generate_kwargs.get("streamer") is not None:
+        defaults = self.generation_config
+        if (generate_kwargs.get("return_dict_in_generate", defaults.return_dict_in_generate)
+                or generate_kwargs.get("streamer") is not None):
             raise IGPruneError("return_dict_in_generate and streamer need prompts that route to one cluster; "
                                "generate them per cluster (see DynamicPrunedModel.groups)")
-        copies = generate_kwargs.get("num_return_sequences", 1)
+        copies = generate_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1
         outputs: dict[int, torch.Tensor] = {}
         for cluster, rows in groups.items():
             with self.use_cluster(cluster):
