@@ -93,24 +93,22 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
 
 
 def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
-    from igprune.data import DOMAIN_SOURCES, load_calibration
-    from igprune.stage1.pruner import IGPruner
+    """Each FITS entry with igprune fit's recipe (stage1.pruner.fit_bundle) on the domains pool."""
+    from igprune.data import DOMAIN_SOURCES
+    from igprune.stage1.pruner import fit_bundle
     from igprune.stage1.train import TrainConfig
 
-    texts = load_calibration("domains", limit=FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED)
     for run, spec in FITS.items():
         path = fit_dir(name, run, blocks)
         if (only and run not in only) or (path / "bundle.json").is_file():
             continue
         print(f"== fit {run}", flush=True)
         started = time.perf_counter()
-        train = TrainConfig(**spec["train"]) if "train" in spec else None
+        train = TrainConfig(**spec.get("train", {}))
         search = {**SEARCH, "prefix": shared_prefix(name, blocks)} if spec["finder"] == "sleb" else None
-        pruner = IGPruner(model, tokenizer, n_clusters=spec["n_clusters"], sparsity=blocks / (2 * len(
-            model.model.layers)), seed=SEED, finder=spec["finder"], train=train, search=search,
-                          checkpoint_dir=path.with_name(path.name + ".checkpoint"))
-        bundle = pruner.fit(texts).to_bundle()
-        bundle.config["calibration"] = {"source": "domains", "passages": len(texts)}
+        bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,
+                            "domains", FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED, finder=spec["finder"],
+                            search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"))
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
                                       "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
         bundle.save(path)
@@ -122,7 +120,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
 
 def score(model, tokenizer, name: str, blocks: int) -> None:
     """Per-passage NLL of every distinct mask on every domain's held-out passages, then the report."""
-    from igprune.blocks import patch
+    from igprune.blocks import masked
     from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.evaluation.perplexity import CHARS_PER_TOKEN, token_nll, truncate
@@ -137,14 +135,13 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     ids = {d: truncate(tokenizer, t, seq_len) for d, t in texts.items()}
     cache_path = folder(name) / f"passages-b{blocks}.json"
     cache = read_json(cache_path) if cache_path.is_file() else {}
-    control = patch(model)
 
     def nll(mask: torch.Tensor | None) -> dict[str, list[list[float]]]:
         """{domain: [[nll, tokens] per passage]} under `mask` (None: dense), computed once per distinct mask."""
         key = "dense" if mask is None else mask_row(mask)
         if key not in cache:
             print(f"scoring {key}", flush=True)
-            with control.masked(mask):
+            with masked(model, mask):
                 cache[key] = {d: [list(x) for x in token_nll(model, ids[d], 8)] for d in DOMAIN_SOURCES}
             write_json(cache_path, cache)
         return cache[key]

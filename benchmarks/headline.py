@@ -130,7 +130,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     from igprune.baselines import find_mask, get_method, make_calibration
     from igprune.bundle import Bundle
     from igprune.data import load_calibration
-    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.pruner import fit_bundle
     from igprune.stage1.train import TrainConfig
 
     path = bundle_dir(run)
@@ -141,12 +141,10 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     started = time.perf_counter()
     if run.method == "ig-pruning":
         fit = {**FIT, **run.options}
-        texts = load_calibration(run.calibration, max_chars=4 * fit["seq_len"], limit=fit["samples"], seed=SEED)
         train = TrainConfig(granularity=run.granularity, **{k: v for k, v in fit.items() if k != "samples"})
-        pruner = IGPruner(model, tokenizer, n_clusters=run.clusters, sparsity=sparsity, seed=SEED, train=train,
-                          checkpoint_dir=checkpoint, shared_dir=shared_dir(run, fit)).fit(texts)
-        bundle = pruner.to_bundle()
-        bundle.config["calibration"] = {"source": run.calibration, "passages": len(texts), **fit}
+        bundle = fit_bundle(model, tokenizer, run.clusters, sparsity, train, run.calibration, fit["samples"],
+                            seed=SEED, checkpoint_dir=checkpoint, shared_dir=shared_dir(run, fit))  # `igprune fit`
+        bundle.config["calibration"].update(fit)
     else:
         texts = load_calibration(run.calibration, seed=SEED)
         options = dict(run.options)

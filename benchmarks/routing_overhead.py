@@ -7,9 +7,9 @@ encoder counted by torch's FlopCounterMode, the prefill by igprune.evaluation.fl
 
 Routing agreement: the share of inputs sent to the same cluster when the encoder reads K tokens as when it
 reads 256, for a 16-centroid pool fitted (K-means, seed 0) on 128-token embeddings of 1000 "mixed"
-calibration passages, as `igprune fit` does by default. Inputs: 50 items of each of the six evaluation sets
-(question or context with its answer options) and 200 held-out calibration passages (long texts, where K
-matters). Writes benchmarks/results/routing_overhead.json and prints a table:
+calibration passages (one pool for every K; `igprune fit` itself embeds 64 tokens by default). Inputs: 50
+items of each of the six evaluation sets (question or context with its answer options) and 200 held-out
+calibration passages (long texts, where K matters). Writes benchmarks/results/routing_overhead.json and prints a table:
 
     nice -n 10 python benchmarks/routing_overhead.py [--repeats 7]
 """

@@ -9,11 +9,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! pip show igprune >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.igprune-installed ]; then
+if ! pip show igprune >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.igprune-installed ] \
+    || [ constraints.txt -nt .venv/.igprune-installed ]; then
   pip install --quiet --upgrade pip
-  # torch first and pinned: on these machines pip takes the local CPU wheel (GPU users install their own first)
-  pip install --quiet "torch==2.13.0"
-  pip install --quiet -e ".[dev]"
+  # torch first, at the tested version: on these machines pip takes the local CPU wheel (GPU users install
+  # their own first); then igprune with every dependency at the exact version in constraints.txt
+  pip install --quiet -c constraints.txt torch
+  pip install --quiet -c constraints.txt -e ".[dev]"
   touch .venv/.igprune-installed
 fi
 igprune prepare

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, tiny_model
 
-from igprune.blocks import ATTN, FFN, patch, unpatch
+from igprune.blocks import ATTN, FFN, KEEP_FAMILIES, control_of, masked, patch, unpatch
 from igprune.files import IGPruneError
 
 L = 4
@@ -39,11 +39,18 @@ def test_dense_patched_model_equals_original(arch):
     assert torch.equal(model(x).logits, expected)
 
 
+def greedy_token(model, logits):
+    """The most likely next token other than EOS, which generate's min_new_tokens rules out too."""
+    logits = logits.clone()
+    logits[:, model.generation_config.eos_token_id] = -torch.inf
+    return logits.argmax(-1, keepdim=True)
+
+
 def greedy_without_cache(model, prompt, steps):
     seq = prompt
     for _ in range(steps):
         logits = model(seq, use_cache=False).logits[:, -1]
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        seq = torch.cat([seq, greedy_token(model, logits)], dim=1)
     return seq
 
 
@@ -52,7 +59,7 @@ def greedy_with_cache(model, prompt, steps):
     out = model(prompt, use_cache=True)
     seq, cache = prompt, out.past_key_values
     for _ in range(steps):
-        seq = torch.cat([seq, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        seq = torch.cat([seq, greedy_token(model, out.logits[:, -1])], dim=1)
         out = model(seq[:, -1:], past_key_values=cache, use_cache=True)
     return seq
 
@@ -94,9 +101,9 @@ def test_skipped_blocks_are_not_executed(arch):
     model = tiny_model(arch)
     control = patch(model)
     calls = {"attn": [0] * L, "ffn": [0] * L}
-    for i, gated in enumerate(model.model.layers):
-        gated.layer.self_attn.register_forward_hook(lambda *_, i=i: calls["attn"].__setitem__(i, calls["attn"][i] + 1))
-        gated.layer.mlp.register_forward_hook(lambda *_, i=i: calls["ffn"].__setitem__(i, calls["ffn"][i] + 1))
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda *_, i=i: calls["attn"].__setitem__(i, calls["attn"][i] + 1))
+        layer.mlp.register_forward_hook(lambda *_, i=i: calls["ffn"].__setitem__(i, calls["ffn"][i] + 1))
     mask = some_mask()
     with control.masked(mask, "keep"):
         model(ids(), use_cache=True)
@@ -139,3 +146,34 @@ def test_wrong_mask_size_is_a_clear_error():
         control.set_mask(torch.ones(B + 1))
     with pytest.raises(IGPruneError, match="kv_policy"):
         control.set_mask(torch.ones(B), kv_policy="sometimes")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keep_policy_matches_the_running_attention_at_every_layer(arch):
+    """Each layer in turn (SmolLM3's no-RoPE layers, Gemma's sliding ones) writes what its attention writes."""
+    model = tiny_model(arch)
+    x = ids()
+    dense = model(x, use_cache=True).past_key_values
+    for layer in range(L):
+        mask = torch.ones(B, dtype=torch.bool)
+        mask[2 * layer + ATTN] = False  # the layers before are unchanged, so this layer's input is too
+        with masked(model, mask, "keep"):
+            skipped = model(x, use_cache=True).past_key_values
+        assert torch.allclose(skipped.layers[layer].keys, dense.layers[layer].keys, atol=1e-6), layer
+        assert torch.allclose(skipped.layers[layer].values, dense.layers[layer].values, atol=1e-6), layer
+
+
+def test_every_family_the_tests_cover_is_in_the_keep_list():
+    assert {tiny_model(arch).config.model_type for arch in ARCHS} <= set(KEEP_FAMILIES)
+
+
+def test_keep_policy_refuses_an_untested_family_in_one_line():
+    model = tiny_model("llama")
+    model.config.model_type = "somethingelse"
+    control_of(model).family = "somethingelse"
+    mask = torch.ones(B, dtype=torch.bool)
+    mask[ATTN] = False
+    with pytest.raises(IGPruneError, match="kv_policy='drop'"), masked(model, mask, "keep"):
+        model(ids(), use_cache=True)
+    with masked(model, mask, "drop"):
+        model(ids(), use_cache=True)

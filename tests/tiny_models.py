@@ -5,14 +5,18 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"]
+# every family README.md names; igprune.blocks.KEEP_FAMILIES must list each (tests/test_blocks.py)
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "smollm3"]
 VOCAB = 97
 
 
@@ -28,6 +32,13 @@ def tiny_config(arch: str, layers: int = 4):
         return Qwen3Config(**common, head_dim=8)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if arch == "gemma2":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        return Gemma2Config(**common, head_dim=8, sliding_window=6, layer_types=types)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**common)
+    if arch == "smollm3":  # every second layer has no RoPE
+        return SmolLM3Config(**common, no_rope_layer_interval=2)
     if arch == "gemma3_text":
         # alternate sliding (window 6) and full attention so the sliding cache layer is exercised
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]

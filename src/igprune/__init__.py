@@ -1,17 +1,58 @@
 """igprune: input-guided dynamic block pruning (IG-Pruning) for decoder-only LLMs.
 
-The heavy parts (torch, transformers) load on first use, so `igprune prepare` and `--help` stay quick.
+    import igprune
+    pruner = igprune.IGPruner(model, tokenizer, n_clusters=16, sparsity=0.25).fit(texts)
+    with igprune.masked(model, pruner.masks_[0]):     # the user's own model under one mask
+        model.generate(**batch)
+
+The heavy parts (torch, transformers) load on first use of a name below, so `import igprune`,
+`igprune prepare` and `--help` stay quick.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 from igprune.files import IGPruneError
 
-__all__ = ["ZOO", "IGPruneError", "load_model"]
+if TYPE_CHECKING:
+    from igprune.baselines import find_mask
+    from igprune.blocks import masked
+    from igprune.bundle import Bundle
+    from igprune.export import export_model, prune_model
+    from igprune.models import ZOO, load_model, load_tokenizer
+    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.train import TrainConfig
+    from igprune.stage2.dynamic import DynamicPrunedModel
+    from igprune.stage2.router import Router
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "masked": "igprune.blocks",
+    "IGPruner": "igprune.stage1.pruner",
+    "TrainConfig": "igprune.stage1.train",
+    "DynamicPrunedModel": "igprune.stage2.dynamic",
+    "Router": "igprune.stage2.router",
+    "Bundle": "igprune.bundle",
+    "find_mask": "igprune.baselines",
+    "prune_model": "igprune.export",
+    "export_model": "igprune.export",
+    "ZOO": "igprune.models",
+    "load_model": "igprune.models",
+    "load_tokenizer": "igprune.models",
+}
+
+__all__ = ["IGPruneError", "masked", "IGPruner", "TrainConfig", "DynamicPrunedModel", "Router", "Bundle",
+           "find_mask", "prune_model", "export_model", "ZOO", "load_model", "load_tokenizer"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("ZOO", "load_model"):
-        from igprune import models
-
-        return getattr(models, name)
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'igprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -100,3 +100,10 @@ class Bundle:
 
     def check_model(self, model: PreTrainedModel, where: str = "") -> None:
         check_fingerprint(self.config.get("fingerprint", {}), model, where)
+
+
+def as_bundle(bundle: Bundle | str | Path) -> tuple[Bundle, str | None]:
+    """A bundle given as itself or as its folder (loaded), and that folder for messages (None for an object)."""
+    if isinstance(bundle, Bundle):
+        return bundle, None
+    return Bundle.load(bundle), str(bundle)

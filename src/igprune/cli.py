@@ -116,26 +116,21 @@ def fit(
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
     import shutil
 
-    from igprune.data import load_calibration
     from igprune.masks import mask_row
     from igprune.models import load_model
-    from igprune.stage1.pruner import IGPruner
+    from igprune.stage1.pruner import fit_bundle
     from igprune.stage1.train import TrainConfig
 
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    # passages about as long as a training sample, so the text that is clustered is the text that is trained on
-    texts = load_calibration(data, split="train", max_chars=max_chars or 4 * seq_len, limit=samples, seed=seed)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
                          granularity=granularity)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    console.print(f"fitting {clusters} clusters on {len(texts)} {data} passages (checkpoints in {checkpoint})")
+    console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
+                  f"(checkpoints in {checkpoint})")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction}
-    pruner = IGPruner(lm, tokenizer, n_clusters=clusters, sparsity=_sparsity(sparsity, blocks, lm), seed=seed,
-                      train=config, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder,
-                      search=search).fit(texts)
-    bundle = pruner.to_bundle()
-    bundle.config["calibration"] = {"source": data, "passages": len(texts), "seq_len": seq_len}
+    bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
+                        seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search)
     bundle.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
@@ -330,7 +325,7 @@ def export(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from igprune.blocks import patch
+    from igprune.blocks import masked
     from igprune.export import export_bundle
 
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
@@ -339,7 +334,7 @@ def export(
         raise IGPruneError(f"cluster must be in [0, {loaded.n_clusters - 1}] for {bundle}, not {cluster}")
     probe = tokenizer("The pruned model should predict exactly what the masked model predicts.",
                       return_tensors="pt").input_ids.to(lm.device)
-    with torch.no_grad(), patch(lm).masked(loaded.masks[cluster]):
+    with torch.no_grad(), masked(lm, loaded.masks[cluster]):
         expected = lm(input_ids=probe).logits.float()
     record = export_bundle(bundle, lm, tokenizer, out, cluster=cluster, inplace=True)  # lm is consumed
     del lm

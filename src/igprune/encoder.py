@@ -7,7 +7,6 @@ input to the nearest centroid. The default model ships offline in the gt-all-min
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -36,12 +35,14 @@ class SentenceEncoder:
                  max_tokens: int | None = None, batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.name = name_or_path
         path = encoder_path(name_or_path)
         if not Path(path).exists() and "/" not in path:
             raise IGPruneError(f"sentence encoder {name_or_path!r} not found; give a sentence-transformers folder")
-        self.model = SentenceTransformer(path, device=str(device))
+        # a local folder loads without asking the hub, and the process's HF_HUB_OFFLINE is left as it is
+        self.model = SentenceTransformer(path, device=str(device), local_files_only=Path(path).exists())
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim: int = dimension()
         self.max_tokens = min(max_tokens or self.model.max_seq_length, self.model.max_seq_length)
         self.model.max_seq_length = self.max_tokens
         self.batch_size = batch_size

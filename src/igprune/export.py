@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import ATTN, FFN, decoder_layers, unpatch
-from igprune.bundle import Bundle
+from igprune.bundle import Bundle, as_bundle
 from igprune.files import IGPruneError, atomic_path, write_json
 from igprune.masks import mask_row
 
@@ -123,8 +123,7 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
 def export_bundle(bundle: str | Path | Bundle, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
                   out: str | Path, cluster: int = 0, inplace: bool = False) -> dict[str, Any]:
     """Export cluster `cluster`'s mask of a bundle (a folder or a loaded Bundle) made for `model`."""
-    where = None if isinstance(bundle, Bundle) else str(bundle)
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    bundle, where = as_bundle(bundle)
     bundle.check_model(model, where or "")
     if not 0 <= cluster < bundle.n_clusters:
         raise IGPruneError(f"cluster must be in [0, {bundle.n_clusters - 1}] for this bundle, not {cluster}")

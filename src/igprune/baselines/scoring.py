@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from igprune.blocks import decoder_layers, patch
+from igprune.blocks import control_of, decoder_layers
 from igprune.files import IGPruneError, sha256_tensors
+from igprune.nll import output_logits, token_nll
 from igprune.stage1.pruner import clean_texts
 
 Metric = Literal["ppl", "kl"]
@@ -93,14 +94,14 @@ class _Prefix:
 
 
 class Scorer:
-    """Perplexity and KL-to-dense of masks of one (patched) model on one calibration set."""
+    """Perplexity and KL-to-dense of masks of one model on one calibration set."""
 
     def __init__(self, model: PreTrainedModel, calibration: Calibration, batch_size: int = 8, top_k: int = 64,
                  chunk_tokens: int = 512):
         if batch_size < 1 or top_k < 1 or chunk_tokens < 1:
             raise IGPruneError("batch_size, top_k and chunk_tokens must be positive")
         self.model, self.calibration = model, calibration
-        self.control = patch(model)
+        self.control = control_of(model)
         self.layers = decoder_layers(model)
         self.device = next(model.parameters()).device
         self.ids = calibration.input_ids.to(self.device)
@@ -183,6 +184,7 @@ class Scorer:
         self.evaluations += 1
         return _combine(metric, parts)
 
+    @torch.no_grad()
     def _reduce(self, metric: Metric, batch: list[int], hidden: torch.Tensor) -> tuple[float, int]:
         """(sum, count) of per-position NLL or KL for one batch's final hidden states."""
         return self._nll(batch, hidden) if metric == "ppl" else self._kl(batch, hidden)
@@ -207,10 +209,8 @@ class Scorer:
             return self.model.model(input_ids=ids, use_cache=False).last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output logits in float32, with the final soft-capping of models that have one (Gemma 2)."""
-        logits = self.model.get_output_embeddings()(hidden).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        """Output logits in float32, soft-capped as the model's forward does (igprune.nll)."""
+        return output_logits(self.model, hidden)
 
     def chunks(self, n: int) -> Iterator[slice]:
         """Slices of at most chunk_tokens positions: vocabulary-sized logits exist for one chunk at a time."""
@@ -222,7 +222,7 @@ class Scorer:
         targets = self.ids[batch][:, 1:].reshape(-1)
         total = 0.0
         for part in self.chunks(len(h)):
-            total += float(F.cross_entropy(self.logits(h[part]), targets[part], reduction="sum"))
+            total += float(token_nll(self.logits(h[part]), targets[part], reduction="sum"))
         return total, len(h)
 
     def _kl(self, batch: list[int], hidden: torch.Tensor) -> tuple[float, int]:

@@ -17,11 +17,12 @@ Taylor+, whose scores otherwise favour removing the first layers (on by default 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from igprune.baselines.base import Problem, SearchResult
-from igprune.blocks import ATTN, FFN, GatedLayer, decoder_layers
+from igprune.blocks import ATTN, FFN, decoder_layers, detect_layout
+from igprune.nll import token_nll
+from igprune.stage1.train import frozen
 
 
 def search_ppl(problem: Problem) -> SearchResult:
@@ -48,9 +49,9 @@ def _one_shot(problem: Problem, scores: dict[int, float], log: dict) -> SearchRe
     return SearchResult(ranked[: problem.k], log)
 
 
-def _block_parameters(layer: GatedLayer) -> dict[int, list[torch.nn.Parameter]]:
+def _block_parameters(inner: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:
     """A layer's weights by branch: attention with its norms, FFN with its norms."""
-    inner, layout = layer.layer, layer.layout
+    layout = detect_layout(inner)
     owners = {ATTN: [inner.self_attn, getattr(inner, layout.attn_norm)],
               FFN: [inner.mlp, getattr(inner, layout.ffn_norm)]}
     if layout.attn_post_norm:
@@ -77,14 +78,18 @@ def taylor_importance(problem: Problem) -> list[float]:
         sums[owner[id(p)]] += (p.detach() * p.grad).abs().sum().float()
         p.grad = None
 
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    hooks = [p.register_post_accumulate_grad_hook(fold) for p in params]
+    # Only the blocks' weights get gradients, each folded into `sums` and dropped at once; afterwards every
+    # requires_grad flag and .grad of the user's model is as it was.
+    saved = [p.grad for p in params]
     batches = scorer.batches(list(range(scorer.calibration.n_sequences)))
     n_tokens = scorer.ids[:, 1:].numel()
+    hooks = []
     try:
-        with torch.enable_grad(), scorer.control.masked(None):
+        with frozen(model), torch.enable_grad(), scorer.control.masked(None):
+            for p in params:
+                p.grad = None
+                p.requires_grad_(True)
+                hooks.append(p.register_post_accumulate_grad_hook(fold))
             for batch in tqdm(batches, desc="shortened-taylor", unit="batch", disable=not problem.progress):
                 ids = scorer.ids[batch]
                 hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -94,14 +99,13 @@ def taylor_importance(problem: Problem) -> list[float]:
                 h = detached[:, :-1].reshape(-1, hidden.shape[-1])
                 targets = ids[:, 1:].reshape(-1)
                 for part in scorer.chunks(len(h)):
-                    loss = F.cross_entropy(scorer.logits(h[part]), targets[part], reduction="sum") / n_tokens
+                    loss = token_nll(scorer.logits(h[part]), targets[part], reduction="sum") / n_tokens
                     loss.backward(retain_graph=True)
                 hidden.backward(detached.grad)
                 scorer.tokens += 3 * ids.numel()  # forward + backward with weight gradients ~ 3 forwards
     finally:
         for hook in hooks:
             hook.remove()
-        for p, w in zip(params, was, strict=True):
-            p.requires_grad_(w)
-            p.grad = None
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
     return sums.tolist()

@@ -1,4 +1,5 @@
-"""The paper's figures as PNGs (matplotlib, Agg backend: no display needed).
+"""The paper's figures as PNGs (matplotlib Figure objects, no pyplot: no display needed, and the process's
+backend is left as it is).
 
     mask_heatmap       clusters x layers, FFN panel above attention (paper Figure 4), from a bundle
     accuracy_vs_sparsity  average (and per-task) accuracy against sparsity, one line per method and
@@ -21,36 +22,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from igprune.bundle import Bundle  # noqa: E402
-from igprune.files import IGPruneError, atomic_path  # noqa: E402
+from igprune.bundle import Bundle, as_bundle
+from igprune.files import IGPruneError, atomic_path
 
 RUN, SKIP = "#1f4e9c", "#f2c230"  # the paper's colours: 1 = blue (run), 0 = yellow (skipped)
 DPI = 130
 
 
-def _save(fig: plt.Figure, out: str | Path) -> Path:
+def _save(fig: Figure, out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise IGPruneError(f"figures are PNG files; give a path ending in .png, not {out.name}")
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
     return out
 
 
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """pyplot.subplots without pyplot: a Figure saved through its own Agg canvas, no global state."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def _bundle(bundle: str | Path | Bundle) -> tuple[Bundle, str]:
-    if isinstance(bundle, Bundle):
-        return bundle, "bundle"
-    if not Path(bundle).exists():
+    if not isinstance(bundle, Bundle) and not Path(bundle).exists():
         raise IGPruneError(f"bundle {bundle} not found; give a folder made by `igprune fit` or `igprune baseline`")
-    return Bundle.load(bundle), Path(bundle).name
+    loaded, where = as_bundle(bundle)
+    return loaded, Path(where).name if where else "bundle"
 
 
 def _model_name(model: str | None) -> str:
@@ -66,7 +68,7 @@ def mask_heatmap(bundle: str | Path | Bundle, out: str | Path) -> Path:
     sizes = cfg.get("cluster_sizes")
     labels = [f"{k}  (n={sizes[k]})" if sizes and len(sizes) == n else str(k) for k in range(n)]
     height = max(1.2, 0.28 * n + 0.9)
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.26 * layers + 2.5), 2 * height + 1.2), sharex=True)
+    fig, axes = _subplots(2, 1, figsize=(max(7.0, 0.26 * layers + 2.5), 2 * height + 1.2), sharex=True)
     cmap = ListedColormap([SKIP, RUN])
     for ax, (title, part) in zip(axes, (("FFN blocks", masks[:, 1::2]), ("attention blocks", masks[:, 0::2])),
                                  strict=True):
@@ -192,7 +194,7 @@ def accuracy_vs_sparsity(results: Sequence[dict[str, Any]], out: str | Path, mod
     cols = min(len(panels), 4 if len(panels) > 4 else len(panels))
     rows = math.ceil(len(panels) / cols)
     size = (4.2 * cols, 3.4 * rows) if len(panels) > 1 else (7.0, 4.8)
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=size, squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         def value(r: dict[str, Any], panel: str = panel, raw: bool = not relative) -> tuple[float, float] | None:
             if panel == "average":
@@ -258,7 +260,7 @@ def accuracy_vs_clusters(results: Sequence[dict[str, Any]], out: str | Path, mod
     sparsities = sorted({s for s, _ in cells})
     counts = sorted({n for _, n in cells})
     width = 0.8 / len(counts)
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(sparsities) * max(1, len(counts) / 2)), 4.2))
+    fig, ax = _subplots(figsize=(max(5.5, 1.6 * len(sparsities) * max(1, len(counts) / 2)), 4.2))
     for j, n in enumerate(counts):
         xs = [i + (j - (len(counts) - 1) / 2) * width for i, s in enumerate(sparsities) if (s, n) in cells]
         rs = [cells[(s, n)] for s in sparsities if (s, n) in cells]
@@ -303,7 +305,7 @@ def learning_curve(bundle: str | Path | Bundle, out: str | Path) -> Path:
     steps = list(range(1, len(log["loss"]) + 1))
     phases = log.get("phase") or ["train"] * len(steps)
     cfg = loaded.config
-    fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.3]})
+    fig, axes = _subplots(3, 1, figsize=(8, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.3]})
     axes[0].plot(steps, log["loss"], color="#9bb7d4" if len(steps) >= 50 else "#1f4e9c", linewidth=0.8,
                  label="loss per step")
     window = len(steps) // 25
@@ -355,7 +357,7 @@ def speed_chart(report: dict[str, Any] | str | Path, out: str | Path) -> Path:
     s = report["settings"]
     phases = [("prefill", f"prefill ({s['prompt_tokens']} tokens)"), ("decode", f"decode ({s['new_tokens']} steps)"),
               ("end_to_end", "end to end (routing + prefill + decode)")]
-    fig, axes = plt.subplots(1, 3, figsize=(max(11.0, 1.3 * len(labels) * len(policies) + 6), 4.4), sharey=True)
+    fig, axes = _subplots(1, 3, figsize=(max(11.0, 1.3 * len(labels) * len(policies) + 6), 4.4), sharey=True)
     width = 0.8 / len(policies)
     for ax, (phase, title) in zip(axes, phases, strict=True):
         for j, policy in enumerate(policies):

@@ -117,7 +117,7 @@ class IGPruneLM(HFLM):
             groups[cluster].append(i)
         answers: list = [None] * len(requests)
         for cluster, rows in sorted(groups.items()):
-            with self.pruned.control.masked(self.pruned.mask_for(cluster), self.pruned.kv_policy):
+            with self.pruned.use_cluster(cluster):
                 out = method([requests[i] for i in rows], disable_tqdm=disable_tqdm)
             for i, answer in zip(rows, out, strict=True):
                 answers[i] = answer

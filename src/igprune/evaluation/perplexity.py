@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import KVPolicy
 from igprune.bundle import Bundle
 from igprune.evaluation.results import Configuration, provenance
 from igprune.files import IGPruneError
+from igprune.nll import next_token_nll
 from igprune.stage2.dynamic import DynamicPrunedModel
 
 CHARS_PER_TOKEN = 8  # generous: most text is 3-5 characters per token, so passages fill seq_len
@@ -51,9 +51,7 @@ def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int) -> 
             batch[r, :len(ids[i])] = torch.tensor(ids[i])
             mask[r, :len(ids[i])] = 1
         logits = model(input_ids=batch.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
-        logits = logits[:, :-1]
-        labels = batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        nll = next_token_nll(logits, batch.masked_fill(mask == 0, -100).to(logits.device))
         for r, i in enumerate(chunk):
             out[i] = (float(nll[r].sum()), len(ids[i]) - 1)
         del logits, nll
@@ -88,7 +86,7 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
         if pruned is None:
             results = token_nll(model, [ids[i] for i in rows], batch_size)
         else:
-            with pruned.control.masked(pruned.mask_for(cluster), pruned.kv_policy):
+            with pruned.use_cluster(cluster):
                 results = token_nll(model, [ids[i] for i in rows], batch_size)
         for i, result in zip(rows, results, strict=True):
             scores[i] = result

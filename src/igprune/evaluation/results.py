@@ -107,12 +107,11 @@ class Configuration:
 
     @classmethod
     def load(cls, model: PreTrainedModel, bundle: Bundle | str | Path | None = None) -> Configuration:
-        from igprune.bundle import Bundle
+        from igprune.bundle import as_bundle
 
-        path = str(bundle) if isinstance(bundle, (str, Path)) else None
-        if path is not None:
-            bundle = Bundle.load(path)
+        path = None
         if bundle is not None:
+            bundle, path = as_bundle(bundle)
             bundle.check_model(model, path or "")
         return cls(model, bundle, path)
 

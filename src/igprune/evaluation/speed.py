@@ -27,7 +27,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from igprune.blocks import KVPolicy, patch
+from igprune.blocks import KVPolicy, control_of, masked
 from igprune.bundle import Bundle
 from igprune.evaluation.flops import ORDERS, Order, canonical_mask, decode_flops, flops
 from igprune.files import IGPruneError
@@ -71,7 +71,7 @@ class Candidate:
     source: dict[str, Any] = field(default_factory=dict)  # where the mask came from (bundle, order, cluster)
 
 
-def stand_in_router(n_clusters: int = 16, encoder_tokens: int = 128, seed: int = 0) -> Router:
+def stand_in_router(n_clusters: int = 16, encoder_tokens: int = 64, seed: int = 0) -> Router:
     """For masks without a bundle: the default encoder and random unit centroids, which cost exactly what a
     fitted pool of that size costs (routing time does not depend on where the centroids are)."""
     from igprune.encoder import SentenceEncoder
@@ -215,7 +215,6 @@ def bench_speed(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_text: s
     missing = {c.router for c in candidates if c.router} - set(routers)
     if missing:
         raise IGPruneError(f"candidates name routers that were not given: {sorted(missing)}")
-    control = patch(model)
     if not any(c.mask is None for c in candidates):
         candidates = [Candidate("dense", None), *candidates]
     ids = prompt_ids[:, : settings.prompt_tokens].repeat(settings.batch_size, 1).to(model.device)
@@ -233,30 +232,38 @@ def bench_speed(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_text: s
     rounds = tqdm(range(settings.warmup + settings.repeats), desc=f"timing {len(candidates)} configurations",
                   unit="round", disable=not progress or None)
     try:
-        for round_ in rounds:
-            measured = round_ >= settings.warmup
-            for name, router in routers.items():
-                seconds = _time_routing(router, texts)
-                if measured:
-                    route_times[name].append(seconds)
-            shift = round_ % len(candidates)
-            order = [*range(shift, len(candidates)), *range(shift)]
-            generations = {}
-            for i in order:
-                with control.masked(candidates[i].mask, candidates[i].kv_policy):
-                    generations[i] = _prefill(model, ids)
-            for start in range(0, settings.new_tokens, settings.decode_chunk):
-                for i in order:
-                    with control.masked(candidates[i].mask, candidates[i].kv_policy):
-                        _decode(model, generations[i], min(settings.decode_chunk, settings.new_tokens - start))
-            if measured:
-                for i, gen in generations.items():
-                    times[i].append({"prefill": gen.prefill, "decode": gen.decode})
-            del generations
+        with control_of(model).active():  # installed once for the whole run, so no scope's cost is timed
+            _rounds(model, ids, texts, candidates, routers, settings, rounds, times, route_times)
         machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     finally:
         torch.set_num_threads(threads_before)
     return _report(model, candidates, routers, times, route_times, texts, settings, machine)
+
+
+def _rounds(model: PreTrainedModel, ids: torch.Tensor, texts: list[str], candidates: Sequence[Candidate],
+            routers: dict[str, Router], settings: SpeedSettings, rounds: Iterable[int],
+            times: dict[int, list[dict[str, Clock]]], route_times: dict[str, list[Clock]]) -> None:
+    """Warm-up and measured rounds, configurations interleaved and their order rotated; times appended."""
+    for round_ in rounds:
+        measured = round_ >= settings.warmup
+        for name, router in routers.items():
+            seconds = _time_routing(router, texts)
+            if measured:
+                route_times[name].append(seconds)
+        shift = round_ % len(candidates)
+        order = [*range(shift, len(candidates)), *range(shift)]
+        generations = {}
+        for i in order:
+            with masked(model, candidates[i].mask, candidates[i].kv_policy):
+                generations[i] = _prefill(model, ids)
+        for start in range(0, settings.new_tokens, settings.decode_chunk):
+            for i in order:
+                with masked(model, candidates[i].mask, candidates[i].kv_policy):
+                    _decode(model, generations[i], min(settings.decode_chunk, settings.new_tokens - start))
+        if measured:
+            for i, gen in generations.items():
+                times[i].append({"prefill": gen.prefill, "decode": gen.decode})
+        del generations
 
 
 def _report(model: PreTrainedModel, candidates: Sequence[Candidate], routers: dict[str, Router],
@@ -359,7 +366,7 @@ def run(model_name: str, bundles: Sequence[str | Path] = (), blocks: Sequence[in
     if bundles:
         candidates, routers = bundle_candidates(model, bundles, prompt_text, kv_policies)
     else:
-        n_blocks = patch(model).n_blocks
+        n_blocks = control_of(model).n_blocks
         routers = {"stand-in (16 random centroids)": stand_in_router()}
         candidates = order_candidates(n_blocks, blocks, kv_policies, order, next(iter(routers)))
     report = bench_speed(model, prompt_ids, prompt_text, candidates, routers, settings, progress)

@@ -166,3 +166,22 @@ class IGPruner:
 
     def save(self, path: str | Path) -> Path:
         return self.to_bundle().save(path)
+
+
+def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clusters: int, sparsity: float,
+               train: TrainConfig, data: str = "mixed", samples: int | None = 4096, max_chars: int | None = None,
+               seed: int = 0, checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
+               progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None) -> Bundle:
+    """The `igprune fit` recipe, which the benchmarks use too: `samples` training passages of `data` about as
+    long as a training sample (4 x seq_len characters), so the text that is clustered is the text that is
+    trained on; then IGPruner.fit. The bundle records where its calibration text came from."""
+    from igprune.data import load_calibration
+
+    texts = load_calibration(data, split="train", max_chars=max_chars or 4 * train.seq_len, limit=samples, seed=seed)
+    pruner = IGPruner(model, tokenizer, n_clusters=n_clusters, sparsity=sparsity, seed=seed, train=train,
+                      checkpoint_dir=checkpoint_dir, shared_dir=shared_dir, progress=progress, finder=finder,
+                      search=search).fit(texts)
+    bundle = pruner.to_bundle()
+    bundle.config["calibration"] = {"source": data, "passages": len(texts), "samples": samples,
+                                    "seq_len": train.seq_len}
+    return bundle

@@ -2,7 +2,8 @@
 
 All clusters are trained in one batched pass: every sample in a batch carries its own cluster's
 sampled gates, so one forward/backward updates every cluster that appears in it. Only activation
-gradients are computed (the weights have requires_grad off), and the language-modelling loss is
+gradients are computed (the weights' requires_grad is off during fit and restored after it, so neither the
+flags nor any .grad of the user's model change), and the language-modelling loss is
 taken on a random subset of positions so the large output layer does not dominate the step.
 
 Training runs in two phases. A shared phase fits one mask on all samples (this is also the
@@ -16,7 +17,9 @@ state, kept in `shared_dir`, starts the cluster phase of a fit with any number o
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,10 +29,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from igprune.blocks import patch
+from igprune.blocks import control_of
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
+from igprune.nll import output_logits, token_nll
 from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
 CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
@@ -87,6 +91,18 @@ class TrainLog:
             getattr(self, name).append(value)
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No weight gradients for the duration of a with-block; every requires_grad flag restored after it."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 class MaskTrainer:
     """Trains `n_masks` hard-concrete masks over the blocks (or layers) of a frozen model.
 
@@ -99,7 +115,7 @@ class MaskTrainer:
     def __init__(self, model: PreTrainedModel, n_masks: int, config: TrainConfig,
                  checkpoint_dir: Path | None = None, shared_dir: Path | None = None, progress: bool = True):
         self.model, self.config, self.n_masks = model, config, n_masks
-        self.control = patch(model)
+        self.control = control_of(model)
         self.n_blocks = self.control.n_blocks
         config.validate(self.n_blocks)
         self.device = next(model.parameters()).device
@@ -141,6 +157,13 @@ class MaskTrainer:
         self.clusters = {"n_masks": self.n_masks, "labels": sha256_tensors(labels),
                          **{k: config[k] for k in CLUSTER_PHASE}}
         self._resume()
+        with frozen(self.model), self.control.active():
+            self._loop(input_ids, attention_mask, labels, until)
+        return self
+
+    def _loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              until: int | None) -> None:
+        cfg = self.config
         total = cfg.shared_steps + cfg.cluster_steps
         bar = tqdm(total=total, initial=self.step, desc="mask training", disable=not self.progress, unit="step")
         while self.step < min(total, until if until is not None else total):
@@ -165,7 +188,6 @@ class MaskTrainer:
             self.save_checkpoint(self.checkpoint_dir)
         if cfg.cluster_steps == 0 and self.step == total:
             self._warm_start_clusters()  # every cluster gets the shared mask
-        return self
 
     def _target(self) -> float:
         """Target sparsity now: ramps linearly from the initial expected sparsity (1 - init_keep) to the
@@ -241,16 +263,16 @@ class MaskTrainer:
               positions: torch.Tensor) -> torch.Tensor:
         """Per-sample loss at `positions`: next-token cross-entropy, or KL to the dense model."""
         picked = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logits = self.model.lm_head(picked).float()
+        logits = output_logits(self.model, picked)
         weight = torch.gather(mask[:, 1:], 1, positions).float()
         if self.config.loss == "lm":
             targets = torch.gather(ids[:, 1:], 1, positions)
-            token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            token_loss = token_nll(logits, targets).flatten()
         else:
             with torch.no_grad(), self.control.masked(None):
                 dense_hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
                 dense_picked = torch.gather(dense_hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-                dense_logp = F.log_softmax(self.model.lm_head(dense_picked).float(), dim=-1)
+                dense_logp = F.log_softmax(output_logits(self.model, dense_picked), dim=-1)
             token_loss = F.kl_div(F.log_softmax(logits, dim=-1), dense_logp, log_target=True,
                                   reduction="none").sum(-1).flatten()
         token_loss = token_loss.view(weight.shape) * weight

@@ -7,29 +7,38 @@ mask, and the results are put back in the original order. Static bundles (one cl
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import BatchEncoding, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BatchEncoding, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from igprune.blocks import KVPolicy, patch
-from igprune.bundle import Bundle
+from igprune.blocks import KVPolicy, control_of, masked
+from igprune.bundle import Bundle, as_bundle
 from igprune.files import IGPruneError
 from igprune.models import tokenizer_sides
+from igprune.nll import next_token_nll
 from igprune.stage2.router import Route, Router
 
 
 class DynamicPrunedModel:
-    """Wraps a (patched) HF model, a tokenizer, a router and one binary mask per cluster."""
+    """A user's HF model, a tokenizer, a router and one binary mask per cluster.
+
+    It behaves like the HF model where users expect it to (config, generation_config, device, dtype,
+    forward, generate with its arguments), and `use_cluster(k)` runs the user's own model under cluster k's
+    mask. The model itself is not changed: outside those calls it runs, saves and trains as before.
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, router: Router,
                  masks: torch.Tensor, kv_policy: KVPolicy = "keep", bundle: Bundle | None = None):
         self.model, self.tokenizer, self.router = model, tokenizer, router
-        self.control = patch(model)
+        self.control = control_of(model)
         if masks.shape != (router.n_clusters, self.control.n_blocks):
             raise IGPruneError(f"masks of shape {tuple(masks.shape)} do not fit {router.n_clusters} clusters x "
                                f"{self.control.n_blocks} blocks")
@@ -42,9 +51,8 @@ class DynamicPrunedModel:
                     tokenizer: PreTrainedTokenizerBase | None = None, kv_policy: KVPolicy = "keep",
                     route_tokens: int | None = None, encoder_device: str | torch.device = "cpu") -> DynamicPrunedModel:
         """Attach a bundle to its model; `route_tokens` overrides how much of a prompt the encoder reads."""
-        where = str(bundle)
-        bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        bundle.check_model(model, where)
+        bundle, where = as_bundle(bundle)
+        bundle.check_model(model, where or "")
         if tokenizer is None:
             from igprune.models import load_tokenizer
 
@@ -52,15 +60,41 @@ class DynamicPrunedModel:
         router = Router.from_bundle(bundle, route_tokens, encoder_device)
         return cls(model, tokenizer, router, bundle.masks, kv_policy, bundle)
 
+    # ---- what an HF model offers
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        return self.model.generation_config
+
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # ---- routing
 
     def route(self, texts: list[str]) -> list[Route]:
         return self.router.route(texts)
 
     def mask_for(self, cluster: int) -> torch.Tensor:
         return self.masks[cluster]
+
+    @contextlib.contextmanager
+    def use_cluster(self, cluster: int) -> Iterator[PreTrainedModel]:
+        """The user's own model under cluster `cluster`'s mask for the duration of a with-block.
+
+            with pruned.use_cluster(k) as model:
+                model.generate(**batch, do_sample=True, num_return_sequences=2)
+        """
+        with masked(self.model, self.masks[cluster], self.kv_policy) as model:
+            yield model
 
     def groups(self, texts: list[str]) -> dict[int, list[int]]:
         """Row indices per cluster, for inputs given as text."""
@@ -75,6 +109,8 @@ class DynamicPrunedModel:
         rows = [r[m.bool()] for r, m in zip(input_ids, attention_mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
+    # ---- running
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, texts: list[str] | None = None) -> CausalLMOutputWithPast:
@@ -85,7 +121,7 @@ class DynamicPrunedModel:
         texts = texts if texts is not None else self._texts(input_ids, attention_mask)
         logits = None
         for cluster, rows in self.groups(texts).items():
-            with self.control.masked(self.masks[cluster], self.kv_policy):
+            with self.use_cluster(cluster):
                 # no KV cache: nothing reads it, and under "keep" skipped attentions would still fill it
                 out = self.model(input_ids=input_ids[rows], use_cache=False,
                                  attention_mask=None if attention_mask is None else attention_mask[rows])
@@ -94,35 +130,51 @@ class DynamicPrunedModel:
             logits[rows] = out.logits
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_nll(logits, labels, reduction="mean")
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     __call__ = forward
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 texts: list[str] | None = None, **generate_kwargs) -> torch.Tensor:
-        """Like HF generate; each row routed by its prompt, mask fixed for the whole generation.
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 texts: list[str] | None = None, **generate_kwargs: Any) -> torch.Tensor | Any:
+        """HF generate, with any of its arguments; each row routed by its prompt, mask fixed for the generation.
 
-        Prompts must be left-padded when batched. Outputs are right-padded to a common length.
+        A batch that routes to one cluster is exactly `model.generate` under that mask (its return value,
+        streamers and all). A batch that routes to several runs one generate per cluster and returns the
+        sequences (num_return_sequences rows per prompt, in prompt order) right-padded to a common length.
+        Prompts must be left-padded when batched.
         """
-        if input_ids.shape[1] == 0:
+        input_ids = generate_kwargs.pop("inputs", input_ids)
+        if input_ids is None or input_ids.shape[1] == 0:
             raise IGPruneError("empty prompt: give at least one token to generate from")
         texts = texts if texts is not None else self._texts(input_ids, attention_mask)
         pad = self.tokenizer.pad_token_id
         generate_kwargs.setdefault("pad_token_id", pad)
+        groups = self.groups(texts)
+        if len(groups) == 1:
+            with self.use_cluster(next(iter(groups))):
+                return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        defaults = self.generation_config
+        if (generate_kwargs.get("return_dict_in_generate", defaults.return_dict_in_generate)
+                or generate_kwargs.get("streamer") is not None):
+            raise IGPruneError("return_dict_in_generate and streamer need prompts that route to one cluster; "
+                               "generate them per cluster (see DynamicPrunedModel.groups)")
+        copies = generate_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1
         outputs: dict[int, torch.Tensor] = {}
-        for cluster, rows in self.groups(texts).items():
-            with self.control.masked(self.masks[cluster], self.kv_policy):
+        for cluster, rows in groups.items():
+            with self.use_cluster(cluster):
                 out = self.model.generate(input_ids=input_ids[rows],
                                           attention_mask=None if attention_mask is None else attention_mask[rows],
                                           **generate_kwargs)
-            outputs.update(zip(rows, out, strict=True))
+            for j, row in enumerate(rows):
+                for c in range(copies):
+                    outputs[row * copies + c] = out[j * copies + c]
         width = max(o.shape[0] for o in outputs.values())
         return torch.stack([F.pad(outputs[i], (0, width - outputs[i].shape[0]), value=pad)
-                            for i in range(input_ids.shape[0])])
+                            for i in range(len(outputs))])
 
-    def generate_text(self, prompts: list[str], max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
+    def generate_text(self, prompts: list[str], max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
         """Convenience: prompts in, continuations out (greedy unless told otherwise)."""
         batch = encode_prompts(self.tokenizer, self.model.config, prompts, max_new_tokens).to(self.device)
         generate_kwargs.setdefault("do_sample", False)

@@ -1,0 +1,57 @@
+"""Every command once through the CLI, on a tiny random model saved as an HF folder (`--model /path`)."""
+
+import json
+
+import pytest
+from tiny_models import tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from igprune.cli import app
+from igprune.evaluation import results
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    tiny_model("llama", layers=4).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
+    return " ".join(result.output.split())
+
+
+def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data, monkeypatch):
+    monkeypatch.setattr(results, "cache_root", lambda: tmp_path / "cache")  # eval's result cache, not the user's
+    model, bundle = tiny_folder, tmp_path / "bundle"
+    out = invoke("fit", "--model", model, "--out", bundle, "--clusters", "2", "--samples", "40", "--shared-steps",
+                 "2", "--cluster-steps", "2", "--batch-size", "4", "--seq-len", "64")
+    assert "2 clusters, sizes" in out  # a dynamic bundle, so routing runs below
+    assert "cluster" in invoke("inspect", bundle)
+    assert "distance" in invoke("route", "--bundle", bundle, "def f(x):", "Once upon a time")
+    assert invoke("generate", "--bundle", bundle, "--model", model, "--prompt", "The sun", "--max-new-tokens", "3")
+    assert invoke("generate", "--model", model, "--prompt", "The sun", "--max-new-tokens", "3")
+    sleb = tmp_path / "sleb"
+    invoke("baseline", "sleb", "--model", model, "--blocks", "2", "--samples", "2", "--seq-len", "16", "--out", sleb)
+    assert "matches the masked model" in invoke("export", "--bundle", sleb, "--out", tmp_path / "plain")
+    scores = tmp_path / "eval.json"
+    invoke("eval", "--bundle", bundle, "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", scores)
+    assert "|" in invoke("table", scores)
+    invoke("ppl", "--bundle", bundle, "--model", model, "--limit", "2", "--seq-len", "32", "--out",
+           tmp_path / "ppl.json")
+    speed = tmp_path / "speed.json"
+    # without --bundle: canonical masks and the stand-in router (this once crashed)
+    invoke("bench-speed", "--model", model, "--blocks", "2", "--kv-policy", "drop", "--prompt-tokens", "8",
+           "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", speed)
+    report = json.loads(speed.read_text())
+    assert [r["label"] for r in report["results"]][0] == "dense"
+    invoke("bench-speed", "--model", model, "--bundle", bundle, "--kv-policy", "keep", "--prompt-tokens", "8",
+           "--new-tokens", "2", "--repeats", "1", "--warmup", "0")
+    for kind, source in (("heatmap", ["--bundle", bundle]), ("curve", ["--bundle", bundle]), ("speed", [speed]),
+                         ("accuracy", [scores]), ("clusters", [scores])):
+        png = tmp_path / f"{kind}.png"
+        invoke("plot", kind, *source, "--out", png)
+        assert png.stat().st_size > 0
