@@ -78,6 +78,14 @@ def test_dynamic_model_leaves_the_model_as_it_was(fitted):
     assert_unchanged(model, before)
 
 
+def test_fit_with_the_search_finder_leaves_the_model_as_it_was():
+    model, tokenizer = user_model(), tiny_tokenizer()
+    before = snapshot(model)
+    IGPruner(model, tokenizer, n_clusters=2, min_cluster_size=1, finder="sleb", progress=False,
+             search={"samples": 2, "seq_len": 16, "shared_samples": 2}).fit(TEXTS)
+    assert_unchanged(model, before)
+
+
 def test_find_mask_leaves_the_model_as_it_was():
     model = user_model()
     before = snapshot(model)
