@@ -26,7 +26,7 @@ from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
 from igprune.models import tokenizer_sides
-from igprune.stage1.clustering import Clustering, cluster
+from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
 
 
@@ -71,6 +71,7 @@ class IGPruner:
         started = time.perf_counter()
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
+        check_n_clusters(self.n_clusters, len(texts))
         embeddings = self._embed(texts)
         self.clustering_: Clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
         ids, mask = tokenize(self.tokenizer, texts, self.train_config.seq_len)
