@@ -384,7 +384,7 @@ def bundle_rehash(folders: Annotated[list[Path], typer.Argument(help="bundle fol
     from igprune.bundle import rehash
 
     for folder in folders:
-        console.print(f"{folder}: {rehash(folder, force)}", highlight=False)
+        console.print(f"{folder}: {rehash(folder, force)}", highlight=False, soft_wrap=True)
 
 
 plot_app = typer.Typer(no_args_is_help=True, help="Figures as PNG: mask heatmap, accuracy, clusters, curve, speed.")
