@@ -122,10 +122,8 @@ def fit(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Stage 1: cluster calibration texts and train one mask per cluster; resumable if interrupted."""
-    import shutil
-
     from igprune.data import MIN_CHARS, load_calibration
-    from igprune.files import tidy
+    from igprune.files import remove_tree, tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
     from igprune.stage1.pruner import IGPruner
@@ -149,7 +147,7 @@ def fit(
     bundle = pruner.to_bundle()
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "seq_len": seq_len}
     bundle.save(out)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
                   f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "
                   f"{bundle.config['fit_seconds']:.0f} s")
@@ -303,11 +301,9 @@ def baseline(
 
     sleb, evopress and static-l0 save their progress beside --out; rerun the same command to continue.
     """
-    import shutil
-
     from igprune.baselines import find_mask, get_method
     from igprune.data import load_calibration
-    from igprune.files import tidy
+    from igprune.files import remove_tree, tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
 
@@ -327,7 +323,7 @@ def baseline(
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
                        source=data, checkpoint=checkpoint, **options)
     bundle.save(out)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
     cfg = bundle.config
     console.print(f"wrote {out}: {cfg['blocks_skipped']}/{cfg['blocks_total']} blocks off (attention "
                   f"{cfg['attn_skipped']}, FFN {cfg['ffn_skipped']}) in {cfg['fit_seconds'] / 60:.1f} min, "

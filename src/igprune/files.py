@@ -113,6 +113,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_tree(folder: Path) -> None:
+    """Remove a folder all at once: renamed aside first, so a kill midway never leaves a part of it to be read."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+    folder.rename(aside / folder.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
