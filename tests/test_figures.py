@@ -5,6 +5,7 @@ import json
 import matplotlib.image
 import pytest
 import torch
+from tiny_models import bundle_config
 from typer.testing import CliRunner
 
 from igprune.bundle import Bundle
@@ -38,13 +39,14 @@ def results_file(tmp_path):
 @pytest.fixture
 def bundle_dir(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    masks = torch.rand(4, 60, generator=gen) > 0.25
+    masks = torch.ones(4, 60, dtype=torch.bool)
+    for row in masks:
+        row[torch.randperm(60, generator=gen)[:15]] = False
     steps = 30
     logs = {"train": {"phase": ["shared"] * 10 + ["cluster"] * 20, "loss": [3 - 0.02 * i for i in range(steps)],
                       "expected_sparsity": [0.25 * i / steps for i in range(steps)],
                       "target": [min(0.25, 0.05 * i) for i in range(steps)], "seconds": [1.5] * steps}}
-    config = {"method": "ig-pruning", "model": "smollm2-135m", "cluster_sizes": [50, 30, 12, 8],
-              "blocks_skipped": 15, "blocks_total": 60, "train": {"loss": "lm"}}
+    config = bundle_config(masks, model="smollm2-135m", cluster_sizes=[50, 30, 12, 8], train={"loss": "lm"})
     return Bundle(masks, torch.zeros(4, 8), config, logs=logs).save(tmp_path / "bundle")
 
 
@@ -128,7 +130,8 @@ def test_bad_input_is_a_clear_error(tmp_path, bundle_dir, results_file):
         figures.accuracy_vs_sparsity([r for r in results if r["method"] == "dense"], tmp_path / "x.png")
     with pytest.raises(IGPruneError, match=r"\.png"):
         figures.mask_heatmap(bundle_dir, tmp_path / "x.pdf")
-    untrained = Bundle(torch.ones(1, 60, dtype=torch.bool), torch.zeros(1, 0), {"method": "sleb"})
+    untrained = Bundle(torch.ones(1, 60, dtype=torch.bool), torch.zeros(1, 0),
+                       bundle_config(torch.ones(1, 60, dtype=torch.bool)))
     with pytest.raises(IGPruneError, match="no training log"):
         figures.learning_curve(untrained.save(tmp_path / "static"), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

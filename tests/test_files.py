@@ -45,3 +45,30 @@ def test_tensor_digest_sees_content_dtype_and_order():
     assert sha256_tensors(ids[:1], ids[1:]) != sha256_tensors(ids[1:], ids[:1])
     halves = torch.ones(4, dtype=torch.bfloat16)  # no numpy dtype: hashed by its bytes
     assert sha256_tensors(halves) != sha256_tensors(halves * 2)
+
+
+def test_what_a_killed_writer_left_is_swept_by_the_next_write(tmp_path):
+    """SIGKILL skips every cleanup: a dead writer's temporary is removed, a live one's kept, and a folder caught
+    between its two renames gets its old version back."""
+    import os
+    import subprocess
+    import sys
+
+    from igprune.files import tidy
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    final = tmp_path / "ckpt" / "masks"
+    final.parent.mkdir()
+    stale = final.with_name(f".masks.{int(dead.stdout)}.abc.tmp")
+    live = final.with_name(f".masks.{os.getpid()}.xyz.tmp")
+    stale.mkdir()
+    live.mkdir()
+    old = final.with_name(".masks.old")
+    old.mkdir()
+    (old / "trainer.json").write_text("{}")
+    tidy(tmp_path)
+    assert (final / "trainer.json").is_file() and not old.exists()  # the swap undone: the old version is back
+    assert not stale.exists() and live.exists()
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in final.parent.iterdir()) == [live.name, "masks"]

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_model, tiny_tokenizer
+from tiny_models import ARCHS, bundle_config, tiny_model, tiny_tokenizer
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache, LlamaConfig
 
@@ -162,7 +162,7 @@ def test_table_rows_have_the_shape_of_table2(tmp_path):
     assert all(a["keep"]["flops"] > b["keep"]["flops"] for a, b in zip(rows, rows[1:], strict=False))
     assert all(r["drop"]["flops"] <= r["keep"]["flops"] for r in rows)
     masks = torch.stack([canonical_mask(8, 2), canonical_mask(8, 2, "ffn-first")])
-    Bundle(masks, torch.zeros(2, 4), {"method": "ig-pruning"}).save(tmp_path / "b")
+    Bundle(masks, torch.zeros(2, 4), bundle_config(masks)).save(tmp_path / "b")
     bundle_rows = bundle_table(config, [tmp_path / "b"])
     low, high = bundle_rows[1]["keep"]["percent_range"]
     assert low < bundle_rows[1]["keep"]["percent_of_dense"] < high

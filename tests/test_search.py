@@ -5,6 +5,7 @@ import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
 from igprune.baselines import find_mask, make_calibration
+from igprune.bundle import Bundle
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import IGPruner
 from igprune.stage1.search import find_order_mask, search_cluster_masks
@@ -51,7 +52,7 @@ def test_searches_resume_from_their_checkpoint(setup, tmp_path):
     assert torch.equal(first, again)
 
 
-def test_igpruner_with_the_sleb_finder_writes_a_routable_bundle(setup, monkeypatch):
+def test_igpruner_with_the_sleb_finder_writes_a_routable_bundle(setup, monkeypatch, tmp_path):
     model, tok, groups = setup
     texts = [t for g in groups for t in g]
     monkeypatch.setattr(IGPruner, "_embed", lambda self, xs: torch.tensor(
@@ -63,6 +64,8 @@ def test_igpruner_with_the_sleb_finder_writes_a_routable_bundle(setup, monkeypat
     assert ((~bundle.masks).sum(1) == 4).all() and bundle.config["blocks_skipped"] == 4
     assert len(bundle.logs["search"]["clusters"]) == 3
     assert bundle.config["search"]["shared_fraction"] == 0.5
+    loaded = Bundle.load(bundle.save(tmp_path / "bundle"))  # passes every load check
+    assert torch.equal(loaded.masks, bundle.masks) and loaded.config["finder"] == "sleb"
 
 
 def test_bad_finder_settings_are_one_line_errors(setup):

@@ -81,3 +81,22 @@ TOPICS = {
               "She won the marathon in under two hours and thirty minutes.",
               "The team lost the final on penalties after extra time."],
 }
+
+
+def bundle_config(masks: torch.Tensor, lm=None, **extra) -> dict:
+    """A complete bundle.json config for hand-made masks (every row skipping as many blocks), as loading checks.
+
+    Without a model `lm` the fingerprint is a placeholder of the right shape (enough for code that runs no model).
+    """
+    from igprune.bundle import fingerprint
+
+    n, blocks = masks.shape
+    print_ = fingerprint(lm) if lm is not None else {
+        "architecture": "LlamaForCausalLM", "num_layers": blocks // 2, "hidden_size": 32, "config_sha256": "0" * 64,
+        "weight_signature": [0.0, 0.0]}
+    config = {"method": "ig-pruning" if n > 1 else "sleb", "model": "tiny", "fingerprint": print_, "n_clusters": n,
+              "sparsity": int((~masks[0]).sum()) / blocks, "granularity": "block", "blocks_total": blocks,
+              "blocks_skipped": int((~masks[0]).sum()), "seed": 0}
+    if n > 1:
+        config["encoder"] = "all-MiniLM-L6-v2"
+    return {**config, **extra}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,18 @@ SeedOpt = Annotated[int, typer.Option(help="seed for every random choice (record
 KVOpt = Annotated[str, typer.Option(help="skipped attention: keep (write K/V, paper) or drop (faster)")]
 
 
+def _at_least(**options: tuple[int | None, int]) -> None:
+    """Refuse counts below their minimum before any slow step; keyword `max_new_tokens` names --max-new-tokens."""
+    for name, (value, low) in options.items():
+        if value is not None and value < low:
+            raise IGPruneError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+
+
+def _no_empty(texts: list[str], what: str) -> None:
+    if any(not t.strip() for t in texts):
+        raise IGPruneError(f"empty text: give some text to {what}")
+
+
 def _sparsity(sparsity: float, blocks: int | None, model) -> float:
     from igprune.blocks import num_blocks
     from igprune.masks import blocks_off_to_sparsity
@@ -68,12 +81,14 @@ def _sparsity(sparsity: float, blocks: int | None, model) -> float:
     return blocks_off_to_sparsity(blocks, num_blocks(model)) if blocks is not None else sparsity
 
 
-def _bundle_model(bundle: Path, model: str | None, device: str, dtype: str):
-    """Load the model a bundle names (or the one given) and the bundle itself."""
+def _bundle_model(bundle: Path, model: str | None, device: str, dtype: str, cluster: int | None = None):
+    """Load the model a bundle names (or the one given) and the bundle itself; `cluster` must be one of its."""
     from igprune.bundle import Bundle
     from igprune.models import load_model
 
     loaded = Bundle.load(bundle)
+    if cluster is not None and not 0 <= cluster < loaded.n_clusters:  # before the model loads
+        raise IGPruneError(f"--cluster must be in [0, {loaded.n_clusters - 1}] for {bundle}, not {cluster}")
     lm, tokenizer = load_model(model or loaded.config["model"], device=device, dtype=dtype)
     return loaded, lm, tokenizer
 
@@ -114,25 +129,31 @@ def fit(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
-    import shutil
-
+    from igprune.data import MIN_CHARS
+    from igprune.files import remove_tree, tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
-    from igprune.stage1.pruner import fit_bundle
+    from igprune.stage1.pruner import FINDERS, fit_bundle
     from igprune.stage1.train import TrainConfig
 
+    _at_least(clusters=(clusters, 1), samples=(samples, 1), max_chars=(max_chars, MIN_CHARS), seq_len=(seq_len, 2),
+              batch_size=(batch_size, 1), cluster_batch=(cluster_batch, 1), shared_steps=(shared_steps, 0),
+              cluster_steps=(cluster_steps, 0), search_samples=(search_samples, 1))
+    if finder not in FINDERS:
+        raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
                          granularity=granularity)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    tidy(checkpoint)  # what a killed run left half-written
     console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
                   f"(checkpoints in {checkpoint})")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction}
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
                         seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search)
     bundle.save(out)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
                   f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "
                   f"{bundle.config['fit_seconds']:.0f} s")
@@ -172,6 +193,7 @@ def route(
     from igprune.masks import mask_row
     from igprune.stage2.router import Router
 
+    _no_empty(texts, "route")
     loaded = Bundle.load(bundle)
     table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
     for text, r in zip(texts, Router.from_bundle(loaded, route_tokens).route(texts), strict=True):
@@ -194,6 +216,8 @@ def generate(
     from igprune.models import DEFAULT_MODEL, load_model
     from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
 
+    _at_least(max_new_tokens=(max_new_tokens, 1))
+    _no_empty([prompt], "generate from")
     if bundle is None:
         lm, tokenizer = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
         inputs = encode_prompts(tokenizer, lm.config, [prompt], max_new_tokens).to(lm.device)
@@ -283,14 +307,15 @@ def baseline(
 
     sleb, evopress and static-l0 save their progress beside --out; rerun the same command to continue.
     """
-    import shutil
-
     from igprune.baselines import find_mask, get_method
     from igprune.data import load_calibration
+    from igprune.files import remove_tree, tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
 
     entry = get_method(method)
+    _at_least(samples=(samples, 1), seq_len=(seq_len, 2), keep_first=(keep_first, 0), keep_last=(keep_last, 0),
+              generations=(generations, 1), offspring=(offspring, 1))
     given = {"samples": samples, "seq_len": seq_len, "keep_first": keep_first, "keep_last": keep_last,
              "generations": generations, "offspring": offspring, "fitness": fitness}
     options = {**{k: v for k, v in given.items() if v is not None}, **_method_options(option)}
@@ -298,12 +323,13 @@ def baseline(
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     texts = load_calibration(data, split="train", seed=seed)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    tidy(checkpoint)  # what a killed run left half-written
     console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}"
                   + (f" (progress in {checkpoint})" if entry.resumes else ""))
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
                        source=data, checkpoint=checkpoint, **options)
     bundle.save(out)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
     cfg = bundle.config
     console.print(f"wrote {out}: {cfg['blocks_skipped']}/{cfg['blocks_total']} blocks off (attention "
                   f"{cfg['attn_skipped']}, FFN {cfg['ffn_skipped']}) in {cfg['fit_seconds'] / 60:.1f} min, "
@@ -328,10 +354,8 @@ def export(
     from igprune.blocks import masked
     from igprune.export import export_bundle
 
-    loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
+    loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype, cluster)
     loaded.check_model(lm, str(bundle))
-    if not 0 <= cluster < loaded.n_clusters:
-        raise IGPruneError(f"cluster must be in [0, {loaded.n_clusters - 1}] for {bundle}, not {cluster}")
     probe = tokenizer("The pruned model should predict exactly what the masked model predicts.",
                       return_tensors="pt").input_ids.to(lm.device)
     with torch.no_grad(), masked(lm, loaded.masks[cluster]):
@@ -348,6 +372,21 @@ def export(
     verdict = "matches" if diff < 1e-3 else "DOES NOT match"
     console.print(f"check: plain from_pretrained reload {verdict} the masked model (max |logit diff| {diff:.2g})",
                   highlight=False)
+
+
+bundle_app = typer.Typer(no_args_is_help=True, help="Bundle upkeep: add integrity digests to older bundles.")
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("rehash")
+def bundle_rehash(folders: Annotated[list[Path], typer.Argument(help="bundle folders")],
+                  force: Annotated[bool, typer.Option(help="renew digests that do not match (after a deliberate "
+                                                     "edit of bundle.json)")] = False) -> None:
+    """Write sha256 digests into each bundle.json (format 1 to 2), leaving the rest as it is; checks first."""
+    from igprune.bundle import rehash
+
+    for folder in folders:
+        console.print(f"{folder}: {rehash(folder, force)}", highlight=False, soft_wrap=True)
 
 
 plot_app = typer.Typer(no_args_is_help=True, help="Figures as PNG: mask heatmap, accuracy, clusters, curve, speed.")
@@ -504,8 +543,14 @@ def ppl(
         console.print(f"  cluster {k}: {c['passages']} passages, perplexity {c['perplexity']:.3f}", highlight=False)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line a person can read: what happened and what to do, no source path."""
+    print(f"igprune: warning: {message}", file=file or sys.stderr)
+
+
 def main() -> None:
     """Entry point: run the app and turn IGPruneError into one line on stderr and exit code 2."""
+    warnings.showwarning = _show_warning
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -7,6 +7,7 @@ sibling first and renamed into place: a crash leaves the old version or nothing,
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -48,15 +49,55 @@ def sha256_tensors(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _sweep(final: Path) -> None:
+    """Undo what a writer of `final` killed mid-write left (SIGKILL runs no cleanup): remove the temporaries
+    of writers that are gone, and finish a folder swap (the old version back if the new one is not in place)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        pid = tmp.name[len(final.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tidy(folder: Path) -> None:
+    """Sweep every artefact under `folder` (see _sweep): call before reading what a killed run may have left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for leftover in sorted(folder.rglob(".*"), key=lambda p: -len(p.parts)):
+        name = leftover.name
+        if name.endswith(".old"):
+            _sweep(leftover.with_name(name[1:-len(".old")]))
+        elif name.endswith(".tmp") and name.count(".") >= 4:
+            _sweep(leftover.with_name(name[1:].rsplit(".", 3)[0]))
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final` (a file or a folder); rename it into place on success.
 
-    On error the temporary is removed and `final` is untouched.
+    On error the temporary is removed and `final` is untouched. The temporary's name holds the writer's pid,
+    so a later writer removes what a killed one left.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _sweep(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     target = tmp / final.name
     try:
         yield target
@@ -70,6 +111,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
             os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove a folder all at once: renamed aside first, so a kill midway never leaves a part of it to be read."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+    folder.rename(aside / folder.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -189,6 +189,8 @@ def model_source(name_or_path: str) -> Path | str:
         if not (path / "config.json").is_file():
             raise IGPruneError(f"{path} has no config.json; give an HF model folder or one of: {', '.join(ZOO)}")
         return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise IGPruneError(f"no model folder at {path}; give an existing HF model folder or one of: {', '.join(ZOO)}")
     if "/" not in name_or_path:
         raise IGPruneError(f"unknown model {name_or_path!r}; known zoo models: {', '.join(ZOO)} "
                            "(or give a local HF model folder)")

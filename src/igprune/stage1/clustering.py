@@ -28,13 +28,18 @@ class Clustering:
         return torch.bincount(self.labels, minlength=len(self.centroids)).tolist()
 
 
-def cluster(embeddings: torch.Tensor, n_clusters: int, seed: int = 0, min_size: int = 4) -> Clustering:
-    """K-means (k-means++ init, seeded) on the embeddings, then merge clusters smaller than min_size."""
-    m = embeddings.shape[0]
+def check_n_clusters(n_clusters: int, m: int) -> None:
+    """At least one cluster and no more than texts; checked before the texts are embedded."""
     if n_clusters < 1:
         raise IGPruneError(f"need at least one cluster, got {n_clusters}")
     if n_clusters > m:
         raise IGPruneError(f"{n_clusters} clusters but only {m} calibration texts; use fewer clusters or more texts")
+
+
+def cluster(embeddings: torch.Tensor, n_clusters: int, seed: int = 0, min_size: int = 4) -> Clustering:
+    """K-means (k-means++ init, seeded) on the embeddings, then merge clusters smaller than min_size."""
+    m = embeddings.shape[0]
+    check_n_clusters(n_clusters, m)
     x = embeddings.double().numpy()
     kmeans = KMeans(n_clusters=n_clusters, init="k-means++", n_init=10, random_state=seed).fit(x)
     labels = torch.as_tensor(kmeans.labels_, dtype=torch.long)

@@ -29,7 +29,7 @@ from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
 from igprune.models import tokenizer_sides
-from igprune.stage1.clustering import Clustering, cluster
+from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
 
 Finder = Literal["l0", "sleb"]
@@ -71,6 +71,8 @@ class IGPruner:
         if unknown:
             raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
         self.finder, self.search_options = finder, {**SEARCH_DEFAULTS, **(search or {})}
+        if not 0.0 <= self.search_options["shared_fraction"] <= 1.0:  # checked before any slow step
+            raise IGPruneError(f"shared_fraction must be in [0, 1], got {self.search_options['shared_fraction']}")
         self.n_clusters, self.sparsity, self.seed = n_clusters, sparsity, seed
         # Texts are embedded from their first `encoder_tokens` tokens, here and when routing: a prefix
         # places a text well enough (64 tokens route 93% of evaluation prompts as 256 do) and keeps routing
@@ -86,6 +88,7 @@ class IGPruner:
         started = time.perf_counter()
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
+        check_n_clusters(self.n_clusters, len(texts))
         embeddings = self._embed(texts)
         self.clustering_: Clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
         if self.finder == "sleb":
@@ -175,9 +178,10 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
     """The `igprune fit` recipe, which the benchmarks use too: `samples` training passages of `data` about as
     long as a training sample (4 x seq_len characters), so the text that is clustered is the text that is
     trained on; then IGPruner.fit. The bundle records where its calibration text came from."""
-    from igprune.data import load_calibration
+    from igprune.data import MIN_CHARS, load_calibration
 
-    texts = load_calibration(data, split="train", max_chars=max_chars or 4 * train.seq_len, limit=samples, seed=seed)
+    texts = load_calibration(data, split="train", max_chars=max_chars or max(MIN_CHARS, 4 * train.seq_len),
+                             limit=samples, seed=seed)
     pruner = IGPruner(model, tokenizer, n_clusters=n_clusters, sparsity=sparsity, seed=seed, train=train,
                       checkpoint_dir=checkpoint_dir, shared_dir=shared_dir, progress=progress, finder=finder,
                       search=search).fit(texts)

@@ -187,6 +187,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
                    max_new_tokens: int) -> BatchEncoding:
     """Left-padded prompts for generation; a prompt longer than the context keeps its end (with a warning),
     the part the continuation follows from."""
+    if max_new_tokens < 1:
+        raise IGPruneError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if any(not p.strip() for p in prompts):
         raise IGPruneError("empty prompt: give some text to generate from")
     room = getattr(config, "max_position_embeddings", None)
