@@ -8,6 +8,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
+    python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
     python benchmarks/report.py                       # then the tables in RESULTS.md
 
 `search` gives the ceiling of input guidance: the mask of domain i, searched on domain i's text, scored on
@@ -38,6 +39,7 @@ SEED = 0
 SEARCH = {"samples": 4, "seq_len": 64}
 GLOBAL = "sleb-b{blocks}-mixed"
 HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each scored on its first 128 tokens
+TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
 FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
 STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 # IG-Pruning fits on the domains pool: the search finder (one SLEB per cluster), and the paper's L0 trainer
@@ -195,6 +197,20 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {folder(name) / f'score-b{blocks}.json'}")
 
 
+def tasks(model, tokenizer, name: str, blocks: int) -> None:
+    """Each fit on the paper's six tasks, the Percentage column against the headline's dense run at TASK_LIMIT."""
+    from igprune.evaluation.benchmark import evaluate
+    from igprune.evaluation.results import load_results, save_results
+
+    dense = load_results(HERE / "results" / "headline" / name / f"dense-l{TASK_LIMIT}.json")
+    for run in FITS:
+        path, out = fit_dir(name, run, blocks), folder(name) / f"paper6-{run}-b{blocks}.json"
+        if (path / "bundle.json").is_file() and not out.is_file():
+            results = evaluate(model, tokenizer, path, tasks=["paper6"], limit=TASK_LIMIT, dense=dense, seed=SEED)
+            save_results(out, results)
+            print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
+
+
 def _versus(ours: dict[str, list[list[float]]], static: dict[str, list[list[float]]]) -> dict[str, Any]:
     """Perplexity per domain, and how much lower than the static mask's, overall and per domain (paired)."""
     return {"per_domain": {d: _ppl(v) for d, v in ours.items()},
@@ -229,7 +245,7 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "fit", "score"])
+    parser.add_argument("step", choices=["search", "fit", "score", "tasks"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit: comma-separated FITS names")
@@ -244,8 +260,10 @@ def main() -> None:
         search(model, tokenizer, args.model, args.blocks)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, set(args.only.split(",")) if args.only else None)
-    else:
+    elif args.step == "score":
         score(model, tokenizer, args.model, args.blocks)
+    else:
+        tasks(model, tokenizer, args.model, args.blocks)
 
 
 if __name__ == "__main__":

@@ -289,6 +289,20 @@ def domain_routing(blocks: int) -> str:
     return "\n\n".join(parts)
 
 
+def domain_tasks(blocks: int) -> str:
+    """The domain benchmark's fits on the paper's six tasks beside the headline runs at the same limit."""
+    from domains import FITS, TASK_LIMIT
+
+    runs = [_find(SMOL, f"dense-l{TASK_LIMIT}"), _find(SMOL, f"ig16-b{blocks}-l{TASK_LIMIT}"),
+            _find(SMOL, f"sleb-b{blocks}-l{TASK_LIMIT}"), _find(SMOL, f"sleb-b{blocks}-mixed")]
+    results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})} for r in runs]
+    for run in FITS:
+        path = HERE / "results" / "domains" / SMOL / f"paper6-{run}-b{blocks}.json"
+        if path.is_file():
+            results.append({**load_results(path), "method_label": f"IG-Pruning, {run} (domains pool)"})
+    return results_table(results, stderr=True)
+
+
 def cluster_phase() -> str:
     """Cluster-phase recipes from the same shared mask, per cluster (benchmarks/cluster_phase.py)."""
     reports = {name: _json(f"cluster_phase/{name}.json") for name in RECIPES}
@@ -344,6 +358,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-matrix-b15": lambda: domain_matrix(15),
     "domain-gains-b15": lambda: domain_gains(15),
     "domain-routing-b15": lambda: domain_routing(15),
+    "domain-tasks-b15": lambda: domain_tasks(15),
 }
 
 
