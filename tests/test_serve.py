@@ -217,3 +217,11 @@ def test_a_request_queued_too_long_times_out(dynamic):
         with pytest.raises(openai.APIStatusError, match="timed out") as err:
             client_of(url).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4)
         assert err.value.status_code == 504
+
+
+def test_a_client_leaving_mid_stream_does_not_hurt_the_next(dynamic, client):
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    out = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    assert out.choices[0].text == alone(dynamic, PROMPTS[1], 6)[0]

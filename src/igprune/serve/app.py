@@ -203,7 +203,7 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
             while True:
                 try:
                     event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
                     job.cancel()
                     raise APIError(504, f"request timed out after {settings.request_timeout:g} s", type="timeout",
                                    code="timeout") from None

@@ -71,7 +71,8 @@ class Job:
         self.started: float | None = None
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutting down): nobody is listening
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
         """Stop working for this job (client gone or timed out); the worker drops it at its next look."""
