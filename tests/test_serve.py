@@ -225,3 +225,22 @@ def test_a_client_leaving_mid_stream_does_not_hurt_the_next(dynamic, client):
     stream.close()
     out = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0)
     assert out.choices[0].text == alone(dynamic, PROMPTS[1], 6)[0]
+
+
+def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from igprune.cli import app as cli
+
+    folder, model = tmp_path / "tiny", tiny_model("llama")
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    mask = torch.tensor([[True, False] + [True] * 6])
+    Bundle(mask, torch.zeros(1, 0), {"fingerprint": fingerprint(model), "model": str(folder)}).save(tmp_path / "b1")
+    calls = []
+    monkeypatch.setattr("igprune.serve.serve", lambda *args: calls.append(args))
+    result = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--max-queue", "5"])
+    assert result.exit_code == 0, result.output
+    (served, name, host, port, settings), = calls
+    assert (name, host, port, settings.max_queue) == ("b1", "127.0.0.1", 8000, 5)
+    assert torch.equal(served.masks, mask)
