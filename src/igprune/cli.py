@@ -235,6 +235,38 @@ def generate(
     console.print(prompt + text, markup=False, highlight=False)
 
 
+@app.command()
+def serve(
+    bundle: BundleOpt,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on; 127.0.0.1 keeps it on this machine")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the bundle folder's name)")]
+    = None,
+    max_batch: Annotated[int, typer.Option(help="requests of one cluster per batch")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="how long a cluster's first request waits for company")] = 10.0,
+    max_queue: Annotated[int, typer.Option(help="requests waiting at most; more are answered 429")] = 64,
+    timeout: Annotated[float, typer.Option(help="seconds a request may take in all; then 504")] = 300.0,
+    kv_policy: KVOpt = "keep",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """OpenAI-compatible HTTP server: each request routed by its prompt, batched with its cluster's."""
+    try:
+        from igprune.serve import ServeSettings
+        from igprune.serve import serve as run_server
+    except ImportError as err:
+        raise IGPruneError(f"serving needs the serve extra ({err.name} is missing); run: pip install "
+                           "'igprune[serve]'") from err
+    from igprune.stage2.dynamic import DynamicPrunedModel
+
+    loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
+    dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)
+    run_server(dynamic, name or bundle.resolve().name, host, port,
+               ServeSettings(max_batch, max_wait_ms, max_queue, timeout))
+
+
 @app.command("bench-speed")
 def bench_speed(
     model: ModelOpt = "smollm2-135m",

@@ -1,0 +1,132 @@
+"""Serving under load: `igprune serve` at concurrency 1, 4 and 16, dense against a static mask and IG-Pruning.
+
+For each of dense smollm2-135m, the SLEB static mask (sleb-b15) and the IG-Pruning bundle (ig16-b15, 16
+clusters), one in-process server (127.0.0.1, ephemeral port) answers the same mixed-domain held-out prompts
+(load_calibration("mixed", split="heldout"), cut to --prompt-chars) sent by the openai client, streamed and
+greedy, from C threads at once. Reported per (method, C): requests/s, generated tokens/s, p50/p99
+time-to-first-token and latency over the requests, mean batch size, and the share of answers equal to the C=1
+answers (a batch of one is the offline path; larger batches are left-padded). With 16 requests, p99 is the
+slowest but one. Writes benchmarks/results/serve_load.json and prints a table:
+
+    nice -n 10 python benchmarks/serve_load.py [--requests 16 --max-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import torch
+
+from igprune.bundle import Bundle, fingerprint
+from igprune.data import load_calibration
+from igprune.evaluation.speed import machine_info
+from igprune.files import write_json
+from igprune.models import load_model
+from igprune.serve import BackgroundServer, ServeSettings, create_app
+from igprune.stage2.dynamic import DynamicPrunedModel
+
+ROOT = Path(__file__).parent
+BUNDLES = ROOT / "bundles" / "smollm2-135m"
+METHODS = {"dense": None, "sleb-b15": BUNDLES / "sleb-b15", "ig16-b15": BUNDLES / "ig16-b15"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def one_request(client: openai.OpenAI, name: str, prompt: str, max_tokens: int) -> dict:
+    """Stream one greedy completion; time to first text and to the end, the text and its cluster."""
+    start = time.monotonic()
+    first, pieces, usage, extra = None, [], None, {}
+    for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].text:
+            first = first or time.monotonic()
+            pieces.append(chunk.choices[0].text)
+        usage = chunk.usage or usage
+        extra = chunk.model_extra.get("igprune", extra)
+    end = time.monotonic()
+    return {"ttft": (first or end) - start, "latency": end - start, "text": "".join(pieces),
+            "tokens": usage.completion_tokens, "cluster": extra.get("cluster"), "batch_size": extra.get("batch_size")}
+
+
+def load(client: openai.OpenAI, name: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[dict, list]:
+    start = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda p: one_request(client, name, p, max_tokens), prompts, timeout=600))
+    wall = time.monotonic() - start
+    ttft, latency = [a["ttft"] for a in answers], [a["latency"] for a in answers]
+    return {
+        "concurrency": concurrency, "requests": len(prompts), "wall_seconds": round(wall, 3),
+        "requests_per_second": round(len(prompts) / wall, 3),
+        "tokens_per_second": round(sum(a["tokens"] for a in answers) / wall, 2),
+        "ttft_p50": round(percentile(ttft, 50), 4), "ttft_p99": round(percentile(ttft, 99), 4),
+        "latency_p50": round(percentile(latency, 50), 4), "latency_p99": round(percentile(latency, 99), 4),
+        "mean_batch_size": round(statistics.mean(a["batch_size"] for a in answers), 2),
+        "clusters_used": len({a["cluster"] for a in answers}),
+    }, answers
+
+
+def pruned(model, tokenizer, bundle: Path | None) -> DynamicPrunedModel:
+    """The bundle's routed model; dense is a one-cluster bundle that runs every block."""
+    if bundle is None:
+        masks = torch.ones(1, 2 * model.config.num_hidden_layers, dtype=torch.bool)
+        bundle = Bundle(masks, torch.zeros(1, 0), {"fingerprint": fingerprint(model), "model": "smollm2-135m"})
+    return DynamicPrunedModel.from_bundle(model, bundle, tokenizer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=16, help="requests per (method, concurrency)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prompt-chars", type=int, default=200, help="each prompt's first characters")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-batch", type=int, default=ServeSettings.max_batch)
+    parser.add_argument("--max-wait-ms", type=float, default=ServeSettings.max_wait_ms)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a shared machine)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve_load.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    prompts = [p[:args.prompt_chars] for p in load_calibration("mixed", "heldout", limit=args.requests, seed=args.seed)]
+    model, tokenizer = load_model("smollm2-135m")
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * args.requests)
+    rows = []
+    for method, bundle in METHODS.items():
+        app = create_app(pruned(model, tokenizer, bundle), method, settings)
+        with BackgroundServer(app).running() as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+            one_request(client, method, prompts[0], 2)  # warm-up
+            first = None
+            for concurrency in args.concurrency:
+                row, answers = load(client, method, prompts, concurrency, args.max_tokens)
+                texts = [a["text"] for a in answers]
+                first = first or texts
+                row["same_as_first_concurrency"] = round(sum(a == b for a, b in zip(texts, first, strict=True))
+                                                         / len(texts), 3)
+                rows.append({"method": method, **row})
+                print(f"{method} C={concurrency}: {row['tokens_per_second']} tok/s", flush=True)
+    report = {"machine": machine_info(), "model": "smollm2-135m (fp32, CPU)", "bundles": {
+        m: str(b.relative_to(ROOT)) if b else None for m, b in METHODS.items()},
+        "settings": {**vars(args), "out": str(args.out), "kv_policy": "keep", "prompts": "mixed heldout",
+                     "max_queue": settings.max_queue}, "rows": rows}
+    write_json(args.out, report)
+    head = ["method", "C", "req/s", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99", "batch",
+            "same as C=1"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print(f"| {r['method']} | {r['concurrency']} | {r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | "
+              f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p99'] * 1000:.0f} ms | {r['latency_p50'] * 1000:.0f} ms | "
+              f"{r['latency_p99'] * 1000:.0f} ms | {r['mean_batch_size']:.1f} | {r['same_as_first_concurrency']:.0%} |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

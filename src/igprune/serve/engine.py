@@ -1,0 +1,286 @@
+"""The generation side of `igprune serve`: per-cluster queues, a fair batching scheduler, one worker thread.
+
+A request is routed once, by its prompt, when it is admitted, and waits in its cluster's queue. The
+worker takes batches in round-robin order over the clusters with work: a cluster's batch starts once it
+is full (`max_batch`) or its oldest request has waited `max_wait` seconds, so a request waits behind at
+most one batch of every other cluster per round. All model calls run in that one thread (torch is not
+async); the asyncio side only admits, queues and reads each job's events.
+
+A batch is left-padded and run by HF generate under its cluster's mask, exactly as
+DynamicPrunedModel.generate runs a group; sampling and stop conditions are per row (a logits processor
+and a stopping criterion), so greedy rows see unchanged logits and a batch of one is the offline path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from igprune.files import IGPruneError
+from igprune.stage2.dynamic import DynamicPrunedModel
+
+
+def generate_under_mask(dynamic: DynamicPrunedModel, cluster: int, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    """The one place the server runs the model: HF generate under `cluster`'s mask, as stage 2 does."""
+    with dynamic.control.masked(dynamic.mask_for(cluster), dynamic.kv_policy):
+        return dynamic.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      pad_token_id=dynamic.tokenizer.pad_token_id, **generate_kwargs)
+
+
+class Overloaded(IGPruneError):
+    """The admission queue is full; the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Sampling:
+    """What one request asks for. temperature 0 is greedy (the offline path)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+class Job:
+    """One request on its way through the scheduler; the worker reports to it through `events`.
+
+    Events are ("delta", text), then ("done", finish_reason) or ("error", status, message).
+    """
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, cluster: int, loop: asyncio.AbstractEventLoop):
+        self.prompt_ids, self.sampling, self.cluster, self.loop = prompt_ids, sampling, cluster, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.ids: list[int] = []  # generated tokens, EOS included
+        self.text = ""  # generated text so far, cut at a stop sequence
+        self.sent = 0  # characters of `text` already reported
+        self.finish: str | None = None
+        self.cancelled = False
+        self.batch_size = 0
+        self.enqueued = time.monotonic()
+        self.started: float | None = None
+
+    def emit(self, *event) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutting down): nobody is listening
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """Stop working for this job (client gone or timed out); the worker drops it at its next look."""
+        self.cancelled = True
+
+    def fail(self, status: int, message: str) -> None:
+        self.finish = "error"
+        self.emit("error", status, message)
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters must wait: an unfinished UTF-8 character, or the start of a stop sequence."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
+
+class _RowSampler(LogitsProcessor):
+    """Per-row temperature / top-p sampling with the row's own seeded generator.
+
+    The drawn token gets score 0 and every other -inf, so generate's greedy pick takes it; greedy rows
+    are left untouched.
+    """
+
+    def __init__(self, jobs: list[Job]):
+        self.rows = []
+        for i, job in enumerate(jobs):
+            s = job.sampling
+            if s.temperature > 0:
+                seed = s.seed if s.seed is not None else random.SystemRandom().randrange(2**63)
+                self.rows.append((i, s, torch.Generator().manual_seed(seed)))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for i, s, generator in self.rows:
+            probs = torch.softmax(scores[i].float().cpu() / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(0) - sorted_probs >= s.top_p  # the first token always stays
+                probs[order[outside]] = 0.0
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            scores[i] = float("-inf")
+            scores[i, token] = 0.0
+        return scores
+
+
+class _RowStops(StoppingCriteria):
+    """Hands each new token to its job and says which rows are done (generate pads them from then on)."""
+
+    def __init__(self, jobs: list[Job], on_token: Callable[[Job, int], bool]):
+        self.jobs, self.on_token = jobs, on_token
+        self.done = [False] * len(jobs)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        for i, token in enumerate(input_ids[:, -1].tolist()):
+            if not self.done[i]:
+                self.done[i] = self.on_token(self.jobs[i], token)
+        return torch.tensor(self.done, device=input_ids.device)
+
+
+class Scheduler:
+    """Bounded admission, one queue per cluster, fair round-robin batching, one generation thread."""
+
+    def __init__(self, dynamic: DynamicPrunedModel, max_batch: int = 8, max_wait: float = 0.01,
+                 max_queue: int = 64, on_batch: Callable[[int, int, int, float], None] | None = None):
+        if max_batch < 1 or max_queue < 1 or max_wait < 0:
+            raise IGPruneError("max_batch and max_queue must be at least 1 and max_wait not negative")
+        self.dynamic, self.max_batch, self.max_wait, self.max_queue = dynamic, max_batch, max_wait, max_queue
+        self.on_batch = on_batch  # (cluster, batch size, generated tokens, seconds), for metrics
+        self.n_clusters = dynamic.masks.shape[0]
+        self.queues: dict[int, deque[Job]] = {k: deque() for k in range(self.n_clusters)}
+        self.waiting = 0  # admitted and not yet started: routing or queued
+        self.cond = threading.Condition()
+        self.held = False
+        self.stopping = False
+        self.next_cluster = 0
+        self.tokenizer = dynamic.tokenizer
+        eos = dynamic.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.thread = threading.Thread(target=self._work, name="igprune-generate", daemon=True)
+
+    # --- the asyncio side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout)
+
+    def admit(self) -> None:
+        """Take a place in the queue, or raise Overloaded; pair with submit() or withdraw()."""
+        with self.cond:
+            if self.waiting >= self.max_queue:
+                raise Overloaded(f"server busy: {self.waiting} requests waiting (max {self.max_queue}); retry later")
+            self.waiting += 1
+
+    def withdraw(self) -> None:
+        with self.cond:
+            self.waiting -= 1
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.queues[job.cluster].append(job)
+            self.cond.notify_all()
+
+    def depth(self, cluster: int | None = None) -> int:
+        """Requests waiting in one cluster's queue, or admitted and waiting overall."""
+        return self.waiting if cluster is None else len(self.queues[cluster])
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Start no new batch inside the with-block (requests still queue): for draining, and for tests."""
+        with self.cond:
+            self.held = True
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.held = False
+                self.cond.notify_all()
+
+    # --- the worker thread --------------------------------------------------------------------------
+    def _take(self) -> tuple[int, list[Job]] | None:
+        """The next batch: the first cluster in round-robin order that is full or has waited long enough."""
+        with self.cond:
+            while not self.stopping:
+                now, soonest = time.monotonic(), None
+                for step in range(self.n_clusters if not self.held else 0):
+                    k = (self.next_cluster + step) % self.n_clusters
+                    queue = self.queues[k]
+                    while queue and queue[0].cancelled:
+                        queue.popleft()
+                        self.waiting -= 1
+                    if not queue:
+                        continue
+                    due = queue[0].enqueued + self.max_wait
+                    if len(queue) >= self.max_batch or now >= due:
+                        batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+                        self.waiting -= len(batch)
+                        self.next_cluster = k + 1
+                        return k, [job for job in batch if not job.cancelled]
+                    soonest = due if soonest is None else min(soonest, due)
+                self.cond.wait(None if soonest is None else soonest - now)
+        return None
+
+    def _work(self) -> None:
+        while (taken := self._take()) is not None:
+            cluster, batch = taken
+            if not batch:
+                continue
+            try:
+                self._generate(cluster, batch)
+            except Exception as err:  # a failed batch answers its requests; the server carries on
+                for job in batch:
+                    if job.finish is None:
+                        job.fail(500, f"generation failed: {type(err).__name__}: {err}")
+
+    def _generate(self, cluster: int, batch: list[Job]) -> None:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(job.prompt_ids) for job in batch)
+        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
+        attention = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in batch])
+        start = time.monotonic()
+        for job in batch:
+            job.started, job.batch_size = start, len(batch)
+        sampler = _RowSampler(batch)
+        generate_under_mask(self.dynamic, cluster, input_ids.to(self.dynamic.device),
+                            attention.to(self.dynamic.device), do_sample=False,
+                            max_new_tokens=max(job.sampling.max_tokens for job in batch),
+                            stopping_criteria=StoppingCriteriaList([_RowStops(batch, self._on_token)]),
+                            logits_processor=LogitsProcessorList([sampler] if sampler.rows else []))
+        for job in batch:
+            if job.finish is None:  # generate ended without this row deciding (should not happen)
+                self._finish(job, "length")
+        if self.on_batch is not None:
+            self.on_batch(cluster, len(batch), sum(len(job.ids) for job in batch), time.monotonic() - start)
+
+    def _on_token(self, job: Job, token: int) -> bool:
+        """Take one new token for `job`: report new text, decide whether the row is done."""
+        if job.cancelled:
+            job.finish = "cancelled"
+            return True
+        job.ids.append(token)
+        if token in self.eos:
+            return self._finish(job, "stop")
+        text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s, job.sent) for s in job.sampling.stop) if i >= 0]
+        if cuts:
+            job.text = text[:min(cuts)]
+            return self._finish(job, "stop")
+        job.text = text
+        if len(job.ids) >= job.sampling.max_tokens:
+            return self._finish(job, "length")
+        ready = len(text) - held_back(text, job.sampling.stop)
+        if ready > job.sent:
+            job.emit("delta", text[job.sent:ready])
+            job.sent = ready
+        return False
+
+    def _finish(self, job: Job, reason: str) -> bool:
+        if len(job.text) > job.sent:
+            job.emit("delta", job.text[job.sent:])
+            job.sent = len(job.text)
+        job.finish = reason
+        job.emit("done", reason)
+        return True

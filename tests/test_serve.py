@@ -1,0 +1,246 @@
+"""`igprune serve` through the real openai client: a tiny model, a 3-cluster bundle built here, a live server.
+
+Every greedy answer is checked token for token against DynamicPrunedModel.generate of that prompt alone.
+"""
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+
+openai = pytest.importorskip("openai")
+
+from igprune.bundle import Bundle, fingerprint  # noqa: E402
+from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder  # noqa: E402
+from igprune.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
+from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts  # noqa: E402
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPTS = [texts[0] for texts in TOPICS.values()]  # cooking, code, sport: one per cluster
+TIMEOUT = 60  # seconds any one call may take
+
+
+@pytest.fixture(scope="module")
+def dynamic():
+    """A tiny llama with one centroid per topic and a visibly different mask per cluster."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    encoder = SentenceEncoder()
+    centroids = torch.stack([encoder.encode(texts).mean(0) for texts in TOPICS.values()])
+    masks = torch.ones(3, 8, dtype=torch.bool)
+    for k in range(3):
+        masks[k, 2 * k + 1] = False
+    bundle = Bundle(masks, centroids, {"fingerprint": fingerprint(model), "encoder": DEFAULT_ENCODER, "model": "tiny"})
+    dynamic = DynamicPrunedModel.from_bundle(model, bundle, tokenizer)
+    assert [r.cluster for r in dynamic.route(PROMPTS)] == [0, 1, 2]
+    return dynamic
+
+
+@pytest.fixture(scope="module")
+def app(dynamic):
+    return create_app(dynamic, "tiny", ServeSettings(max_batch=4, max_wait_ms=20, max_queue=8, request_timeout=TIMEOUT))
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    with BackgroundServer(app).running() as url:
+        yield url
+
+
+def client_of(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return client_of(server)
+
+
+def alone(dynamic, prompt: str, max_tokens: int, chat: bool = False) -> tuple[str, int]:
+    """(text, tokens) of `prompt` generated alone and greedily, offline; tokens count up to and with EOS."""
+    tok = dynamic.tokenizer
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    else:
+        batch = encode_prompts(tok, dynamic.model.config, [prompt], max_tokens)
+    out = dynamic.generate(batch["input_ids"], batch["attention_mask"], texts=[prompt], max_new_tokens=max_tokens,
+                           do_sample=False)[0, batch["input_ids"].shape[1]:].tolist()
+    eos = dynamic.model.generation_config.eos_token_id
+    n = out.index(eos) + 1 if eos in out else len(out)
+    return tok.decode(out[:n], skip_special_tokens=True), n
+
+
+def post(url: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_completions_equal_offline_generation_and_name_their_cluster(dynamic, client):
+    for k, prompt in enumerate(PROMPTS):
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        out = raw.parse()
+        text, n = alone(dynamic, prompt, 12)
+        assert out.choices[0].text == text and out.usage.completion_tokens == n
+        assert out.usage.prompt_tokens == len(dynamic.tokenizer(prompt).input_ids)
+        assert out.choices[0].finish_reason == ("length" if n == 12 else "stop")
+        assert out.model_extra["igprune"]["cluster"] == k and out.model_extra["igprune"]["blocks_skipped"] == 1
+        assert raw.headers["x-igprune-cluster"] == str(k)
+
+
+def test_streaming_gives_the_same_text_in_pieces(dynamic, client):
+    for prompt in PROMPTS:
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        text, n = alone(dynamic, prompt, 10)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert chunks[-1].usage.completion_tokens == n and len(chunks) > 3
+
+
+def test_chat_uses_the_template_and_refuses_without_one(dynamic, client):
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    with pytest.raises(openai.BadRequestError, match="no chat template") as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=8)
+    assert err.value.body["code"] == "no_chat_template"
+    dynamic.tokenizer.chat_template = TEMPLATE
+    try:
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        text, n = alone(dynamic, PROMPTS[2], 8, chat=True)
+        assert out.choices[0].message.content == text and out.usage.completion_tokens == n
+        assert out.model_extra["igprune"]["cluster"] == 2  # routed by what the user wrote
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                     stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    finally:
+        dynamic.tokenizer.chat_template = None
+
+
+def test_stop_sequences_cut_the_text_streamed_or_not(dynamic, client):
+    text, _ = alone(dynamic, PROMPTS[1], 16)
+    stop = text[5:7]
+    cut = text.find(stop)
+    assert len(stop) == 2 and 0 < cut <= 5
+    out = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop, "@@"])
+    assert out.choices[0].text == text[:cut] and out.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text[:cut]
+
+
+def test_seeded_sampling_repeats(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=1.5, top_p=0.9,
+                                         seed=seed).choices[0].text
+
+    assert sample(3) == sample(3)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def test_concurrent_requests_batch_by_cluster_and_equal_offline(dynamic, app, client):
+    """Eight requests over three clusters arrive while the worker is held: they go out as one batch per cluster
+    (left-padded where lengths differ) and each answer is still that prompt's offline generation."""
+    prompts = [t for texts in TOPICS.values() for t in texts][:8]
+    scheduler = app.state.scheduler
+    with ThreadPoolExecutor(8) as pool:
+        with scheduler.hold():
+            futures = [pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=10, temperature=0)
+                       for p in prompts]
+            wait_until(lambda: sum(scheduler.depth(k) for k in range(3)) == 8)  # routed and queued
+            with pytest.raises(openai.RateLimitError) as err:  # the queue holds 8
+                client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4)
+            assert err.value.body["code"] == "queue_full"
+        outs = [f.result(timeout=TIMEOUT) for f in futures]
+    routes = [r.cluster for r in dynamic.route(prompts)]
+    assert len(set(routes)) == 3
+    for prompt, out, cluster in zip(prompts, outs, routes, strict=True):
+        assert out.choices[0].text == alone(dynamic, prompt, 10)[0]
+        assert out.model_extra["igprune"]["cluster"] == cluster
+        assert out.model_extra["igprune"]["batch_size"] == routes.count(cluster)
+
+
+def test_bad_requests_get_openai_error_bodies_and_the_server_lives(server, client):
+    cases = [
+        (dict(prompt="", max_tokens=4), "prompt"),
+        (dict(prompt="hi", temperature=5), "temperature"),
+        (dict(prompt="hi", n=2), "n"),
+        (dict(prompt="hi", max_tokens=10_000), "max_tokens"),
+        (dict(prompt=["a", "b"]), "prompt"),
+        (dict(prompt="hi", stop=["a"] * 5), "stop"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", **kwargs)
+        body = err.value.body
+        assert body["param"] == param and body["type"] == "invalid_request_error" and body["message"], kwargs
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-4", prompt="hi")
+    for data in (b"{not json", b'{"model": "tiny"}', b"[]"):
+        status, body = post(server + "/v1/completions", data)
+        assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    with urllib.request.urlopen(server + "/health", timeout=TIMEOUT) as response:
+        assert json.loads(response.read())["status"] == "ok"
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_metrics_count_requests_and_tokens_per_cluster(server, client):
+    client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=3, temperature=0)
+    with urllib.request.urlopen(server + "/metrics", timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    assert 'igprune_requests_total{cluster="1",endpoint="completions",status="200"}' in text
+    assert 'igprune_completion_tokens_total{cluster="1"}' in text and 'igprune_queue_depth{cluster="2"}' in text
+    assert "igprune_time_to_first_token_seconds_bucket" in text and "igprune_batch_size_bucket" in text
+
+
+def test_a_request_queued_too_long_times_out(dynamic):
+    app = create_app(dynamic, "tiny", ServeSettings(request_timeout=0.3))
+    with BackgroundServer(app).running() as url, app.state.scheduler.hold():
+        with pytest.raises(openai.APIStatusError, match="timed out") as err:
+            client_of(url).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4)
+        assert err.value.status_code == 504
+
+
+def test_a_client_leaving_mid_stream_does_not_hurt_the_next(dynamic, client):
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    out = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    assert out.choices[0].text == alone(dynamic, PROMPTS[1], 6)[0]
+
+
+def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from igprune.cli import app as cli
+
+    folder, model = tmp_path / "tiny", tiny_model("llama")
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    mask = torch.tensor([[True, False] + [True] * 6])
+    Bundle(mask, torch.zeros(1, 0), {"fingerprint": fingerprint(model), "model": str(folder)}).save(tmp_path / "b1")
+    calls = []
+    monkeypatch.setattr("igprune.serve.serve", lambda *args: calls.append(args))
+    result = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--max-queue", "5"])
+    assert result.exit_code == 0, result.output
+    (served, name, host, port, settings), = calls
+    assert (name, host, port, settings.max_queue) == ("b1", "127.0.0.1", 8000, 5)
+    assert torch.equal(served.masks, mask)
