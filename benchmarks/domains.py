@@ -6,6 +6,7 @@ each domain's training passages; everything is scored on held-out passages, from
 clustering or fit passage comes from (igprune.data.is_heldout), by token-weighted perplexity.
 
     python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
+    python benchmarks/domains.py global --blocks 15   # one SLEB mask on the domains pool from the same prefix
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
@@ -91,6 +92,27 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {out}")
 
 
+def search_global(model, tokenizer, name: str, blocks: int) -> None:
+    """The best global static mask on the domains pool: SLEB from the same prefix on 8 x 128 pooled tokens
+    (the headline searches' budget), so it sees the same text as the fits, in equal shares of the domains."""
+    from igprune.baselines import find_mask
+    from igprune.data import load_calibration
+    from igprune.files import write_json
+
+    out = folder(name) / f"global-b{blocks}.json"
+    if out.is_file():
+        print(f"{out} exists")
+        return
+    bundle = find_mask("sleb", model, tokenizer, load_calibration("domains", seed=SEED),
+                       blocks / (2 * len(model.model.layers)), "block", seed=SEED, source="domains",
+                       checkpoint=BUNDLES / name / f"domains-global-b{blocks}.checkpoint", samples=8, seq_len=128,
+                       start=shared_prefix(name, blocks))
+    write_json(out, {"model": name, "blocks": blocks, "order": bundle.logs["search"]["order"],
+                     "calibration": bundle.config["calibration"], "seconds": bundle.config["fit_seconds"],
+                     "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]})
+    print(f"wrote {out}")
+
+
 # ------------------------------------------------------------------------------------------------- fit
 
 
@@ -156,6 +178,9 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     found_path = folder(name) / f"search-b{blocks}.json"
     found = read_json(found_path) if found_path.is_file() else None  # the ceiling needs `search` first
     domain_masks = {}
+    global_path = folder(name) / f"global-b{blocks}.json"
+    if global_path.is_file():
+        masks["sleb-domains"] = find_order_mask(model, read_json(global_path)["order"], "block")
     if found:
         domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
     matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
@@ -245,7 +270,7 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "fit", "score", "tasks"])
+    parser.add_argument("step", choices=["search", "global", "fit", "score", "tasks"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit: comma-separated FITS names")
@@ -258,6 +283,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     if args.step == "search":
         search(model, tokenizer, args.model, args.blocks)
+    elif args.step == "global":
+        search_global(model, tokenizer, args.model, args.blocks)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, set(args.only.split(",")) if args.only else None)
     elif args.step == "score":
