@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.blocks import num_blocks
 from igprune.bundle import Bundle, fingerprint
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
@@ -89,8 +90,9 @@ class IGPruner:
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
         check_n_clusters(self.n_clusters, len(texts))
-        embeddings = self._embed(texts)
-        self.clustering_: Clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
+        # on rank 0 only, the result sent to all: every rank must train on exactly the same clusters
+        self.clustering_: Clustering = distributed.on_main(
+            lambda: cluster(self._embed(texts), self.n_clusters, self.seed, self.min_cluster_size))
         if self.finder == "sleb":
             self._search(texts)
         else:
