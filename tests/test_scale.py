@@ -108,3 +108,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     assert len(calls) == 3 * 2  # per decoder layer and forward: 9 samples in forwards of at most 5
     assert plain.abs().sum() > 0
     torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_device_and_dtype_pick_this_ranks_gpu_and_bf16_when_cuda_is_present(monkeypatch):
+    from igprune.models import resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 1)  # rank 3 of a machine with 2 GPUs
+    assert resolve_dtype(None) == resolve_dtype("auto", "shard") == torch.bfloat16
+    assert resolve_dtype("float16", "auto") == torch.float16  # an explicit dtype is kept
+
+
+def test_gated_forward_runs_on_another_device_with_gates_left_on_the_cpu():
+    """Nothing in the gated path assumes the CPU: on the meta device the gates (made on the CPU) follow the
+    layer's output, and the trainer's device is the model's input device."""
+    from igprune.blocks import control_of, decoder_layers
+    from igprune.models import model_device
+
+    model = tiny_model("llama", layers=2).to("meta")
+    control = control_of(model)
+    gates = torch.rand(3, control.n_blocks)
+    x = torch.zeros(3, 5, 32, device="meta")
+    rope = model.model.rotary_emb(x, torch.arange(5, device="meta").unsqueeze(0))
+    with control.gated(gates):  # one decoder layer: the model's own forward builds masks with .item()
+        out = decoder_layers(model)[1](x, attention_mask=None, position_embeddings=rope)
+    assert out.device.type == "meta" and out.shape == (3, 5, 32)
+    assert model_device(model).type == "meta"

@@ -22,8 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Input-guided
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]
-DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu, cuda, cuda:1")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), a torch device such as cpu or "
+                                              "cuda:1, or shard (layers spread over all GPUs, device_map=auto)")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on cuda, else float32), float32, bfloat16 or float16")]
 
 
 def _join_ranks() -> None:
@@ -155,8 +156,8 @@ def fit(
     shared_fraction: Annotated[float, typer.Option(help="--finder sleb: share of the blocks to skip that one "
                                                    "search on all clusters chooses before each cluster's own")] = 0.5,
     seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
     from igprune.data import MIN_CHARS
@@ -239,8 +240,8 @@ def generate(
     bundle: Annotated[Path | None, typer.Option("--bundle", "-b", help="run pruned with this bundle")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
     kv_policy: KVOpt = "keep",
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Greedy generation: unpruned with --model, or routed and pruned with --bundle."""
     from igprune.models import DEFAULT_MODEL, load_model
@@ -281,8 +282,8 @@ def bench_speed(
     warmup: Annotated[int, typer.Option(help="untimed rounds first")] = 1,
     threads: Annotated[int, typer.Option(help="torch threads (recorded); 1 suits a shared machine")] = 1,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Wall-clock prefill and decode tokens/s, dense against each mask, with FLOPs-ideal speedups."""
     from igprune.evaluation.speed import SpeedSettings, markdown, run
@@ -330,8 +331,8 @@ def baseline(
     option: Annotated[list[str] | None, typer.Option("--option", help="other method option KEY=VALUE (repeatable)")]
     = None,
     seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Find one static mask with a baseline method (granularity defaults to the method's published one).
 
@@ -374,8 +375,8 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the pruned HF checkpoint")],
     cluster: Annotated[int, typer.Option(help="which cluster's mask (static bundles have only 0)")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Write one mask as a plain, smaller HF checkpoint (from_pretrained, no igprune code), then check it."""
     import torch
@@ -506,8 +507,8 @@ def eval_(
     markdown: Annotated[bool, typer.Option("--markdown", help="also print the paper-style table row")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached per-task results")] = True,
     seed: EvalSeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Zero-shot accuracy on the paper's tasks through lm-eval: dense (--model) or pruned (--bundle).
 
@@ -555,8 +556,8 @@ def ppl(
     batch_size: Annotated[int, typer.Option(help="passages per forward pass (fewer if logits would be large)")] = 8,
     kv_policy: KVOpt = "keep",
     seed: EvalSeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Perplexity on held-out calibration passages (never those used for clustering or mask training)."""
     from igprune.evaluation.perplexity import perplexity

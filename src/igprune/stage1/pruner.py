@@ -29,7 +29,7 @@ from igprune.bundle import Bundle, fingerprint
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
-from igprune.models import tokenizer_sides
+from igprune.models import model_device, tokenizer_sides
 from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
 
@@ -130,9 +130,9 @@ class IGPruner:
             with safe_open(cached, "pt") as f:
                 if f.metadata().get("key") == key:
                     return f.get_tensor("embeddings")
-        encoder = SentenceEncoder(self.encoder_name, max_tokens=self.encoder_tokens)
+        encoder = SentenceEncoder(self.encoder_name, device=model_device(self.model), max_tokens=self.encoder_tokens)
         embeddings = encoder.encode(texts, progress=self.progress)
-        if cached:
+        if cached and distributed.is_main():
             with atomic_path(cached) as tmp:
                 save_file({"embeddings": embeddings.contiguous()}, tmp, metadata={"key": key})
         return embeddings

@@ -38,6 +38,7 @@ from igprune.blocks import control_of
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
+from igprune.models import model_device
 from igprune.nll import output_logits, token_nll
 from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
@@ -126,7 +127,7 @@ class MaskTrainer:
         self.control = control_of(model)
         self.n_blocks = self.control.n_blocks
         config.validate(self.n_blocks)
-        self.device = model.get_input_embeddings().weight.device  # the first layer's, under a device_map
+        self.device = model_device(model)  # the first layer's, under a device_map; the gates live there
         self.n_units = n_units(self.n_blocks, config.granularity)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.shared_dir = Path(shared_dir) if shared_dir else None
