@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import control_of, decoder_layers
 from igprune.files import IGPruneError, sha256_tensors
+from igprune.models import model_device
 from igprune.nll import output_logits, token_nll
 from igprune.stage1.pruner import clean_texts
 
