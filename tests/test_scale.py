@@ -137,3 +137,61 @@ def test_gated_forward_runs_on_another_device_with_gates_left_on_the_cpu():
         out = decoder_layers(model)[1](x, attention_mask=None, position_embeddings=rope)
     assert out.device.type == "meta" and out.shape == (3, 5, 32)
     assert model_device(model).type == "meta"
+
+
+def harness_share() -> dict:
+    """What lm-eval's evaluator does with a model whose world_size is 2: a strided share of the requests per rank,
+    the results gathered on rank 0."""
+    from test_evaluation import requests
+
+    from igprune.evaluation.harness import IGPruneLM
+
+    lm = IGPruneLM(tiny_model(), tiny_tokenizer(), batch_size=2)
+    mine = lm.loglikelihood(requests()[lm.rank::lm.world_size])
+    lengths = lm.all_gather(torch.tensor([len(mine)]))
+    lm.barrier()
+    return {"rank": lm.rank, "world": lm.world_size, "lengths": lengths.tolist(), "gathered": lm.gather_object(mine)}
+
+
+def test_harness_model_takes_part_in_lm_evals_data_parallelism():
+    from test_evaluation import requests
+
+    from igprune.evaluation.harness import IGPruneLM
+
+    one = IGPruneLM(tiny_model(), tiny_tokenizer(), batch_size=2).loglikelihood(requests())
+    ranks = on_ranks(harness_share)
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    n = len(one)
+    assert ranks[0]["lengths"] == ranks[1]["lengths"] == [(n + 1) // 2, n // 2]
+    shares = ranks[0]["gathered"]
+    merged = [shares[i % 2][i // 2] for i in range(n)]
+    assert [g for _, g in merged] == [g for _, g in one]
+    assert [v for v, _ in merged] == pytest.approx([v for v, _ in one], abs=1e-5)
+
+
+def test_cli_fit_under_torchrun_writes_the_one_process_bundle(tmp_path, prepared_data):
+    import os
+    import subprocess
+    import sys
+
+    from ranks import free_port
+
+    from igprune.bundle import Bundle
+
+    tiny_model("llama", layers=4).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    args = ["-m", "igprune", "fit", "--model", str(tmp_path / "tiny"), "--clusters", "2", "--samples", "40",
+            "--shared-steps", "3", "--cluster-steps", "3", "--batch-size", "4", "--seq-len", "64", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    outputs = []
+    for command in ([*torchrun, *args, str(tmp_path / "two")], [sys.executable, *args, str(tmp_path / "one")]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert outputs[0].count("wrote") == 1  # only rank 0 prints (and writes)
+    one, two = Bundle.load(tmp_path / "one"), Bundle.load(tmp_path / "two")
+    assert torch.equal(one.masks, two.masks)
+    torch.testing.assert_close(two.log_alpha, one.log_alpha, atol=ATOL, rtol=0)
+    assert not (tmp_path / "two.checkpoint").exists()  # rank 0 removed it once the bundle was written
