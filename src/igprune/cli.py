@@ -518,10 +518,11 @@ def eval_(
     from igprune.evaluation.results import load_results, results_table, save_results
 
     reference = load_results(dense) if dense is not None else None
+    _join_ranks()  # under accelerate launch / torchrun: lm-eval's data parallelism, each rank a share of the tasks
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
                        dense=reference, use_cache=cache, seed=seed)
-    save_results(out, results)
+    _on_main(save_results, out, results)
     table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
     for name, task in results["tasks"].items():
         routing = (results["routing"] or {}).get(name) or {}
