@@ -169,29 +169,63 @@ def test_harness_model_takes_part_in_lm_evals_data_parallelism():
     assert [v for v, _ in merged] == pytest.approx([v for v, _ in one], abs=1e-5)
 
 
-def test_cli_fit_under_torchrun_writes_the_one_process_bundle(tmp_path, prepared_data):
+def one_and_two_processes(*args: str) -> list[str]:
+    """`igprune ARGS --out two` under torchrun with 2 processes, then `igprune ARGS --out one`; their stdout."""
     import os
     import subprocess
     import sys
 
     from ranks import free_port
 
-    from igprune.bundle import Bundle
-
-    tiny_model("llama", layers=4).save_pretrained(tmp_path / "tiny")
-    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
-    args = ["-m", "igprune", "fit", "--model", str(tmp_path / "tiny"), "--clusters", "2", "--samples", "40",
-            "--shared-steps", "3", "--cluster-steps", "3", "--batch-size", "4", "--seq-len", "64", "--out"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(free_port())]
     outputs = []
-    for command in ([*torchrun, *args, str(tmp_path / "two")], [sys.executable, *args, str(tmp_path / "one")]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    for launch, out in ((torchrun, args[-1] + "/two"), ([sys.executable], args[-1] + "/one")):
+        done = subprocess.run([*launch, "-m", "igprune", *args[:-1], "--out", out], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(done.stdout)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scale") / "tiny"
+    tiny_model("llama", layers=4).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_cli_fit_and_eval_under_torchrun_give_the_one_process_results(tiny_folder, tmp_path, prepared_data):
+    import json
+
+    from igprune.bundle import Bundle
+
+    (tmp_path / "fit").mkdir()
+    outputs = one_and_two_processes("fit", "--model", str(tiny_folder), "--clusters", "2", "--samples", "40",
+                                    "--shared-steps", "3", "--cluster-steps", "3", "--batch-size", "4", "--seq-len",
+                                    "64", str(tmp_path / "fit"))
     assert outputs[0].count("wrote") == 1  # only rank 0 prints (and writes)
-    one, two = Bundle.load(tmp_path / "one"), Bundle.load(tmp_path / "two")
+    one, two = Bundle.load(tmp_path / "fit/one"), Bundle.load(tmp_path / "fit/two")
     assert torch.equal(one.masks, two.masks)
     torch.testing.assert_close(two.log_alpha, one.log_alpha, atol=ATOL, rtol=0)
-    assert not (tmp_path / "two.checkpoint").exists()  # rank 0 removed it once the bundle was written
+    assert not (tmp_path / "fit/two.checkpoint").exists()  # rank 0 removed it once the bundle was written
+    # lm-eval's data parallelism: each rank scores a share of the documents; rank 0 writes the same result
+    (tmp_path / "eval").mkdir()
+    one_and_two_processes("eval", "--model", str(tiny_folder), "--bundle", str(tmp_path / "fit/one"), "--tasks",
+                          "arc_easy,piqa", "--limit", "6", "--no-cache", str(tmp_path / "eval"))
+    one, two = (json.loads((tmp_path / "eval" / name).read_text()) for name in ("one", "two"))
+    assert two["tasks"].keys() == one["tasks"].keys() and two["routing"] == one["routing"]
+    for task, entry in one["tasks"].items():
+        assert (two["tasks"][task]["value"], two["tasks"][task]["n"]) == (entry["value"], entry["n"])
+
+
+def test_gpu_benchmark_stops_at_once_with_one_line_without_cuda():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in done.stderr

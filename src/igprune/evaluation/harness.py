@@ -81,9 +81,10 @@ class IGPruneLM(HFLM):
         self._doc_cluster.clear()
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's tensor, concatenated along dim 0 (what HFLM asks its accelerator for)."""
+        """Every rank's tensor, concatenated along dim 0, a scalar taken as one row (as accelerate's gather)."""
         if self.world_size <= 1:
             return tensor
+        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, tensor)
         return torch.cat(parts)
