@@ -229,3 +229,32 @@ def test_gpu_benchmark_stops_at_once_with_one_line_without_cuda():
                           env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in done.stderr
+
+
+def test_masked_forward_of_a_model_dispatched_with_a_device_map_runs_accelerates_hooks(tmp_path):
+    """Under a device_map accelerate wraps each layer's forward with a hook that moves the inputs to the layer's
+    device (and loads offloaded weights); the gated forward replaces that wrapper, so it must run the hook itself.
+    With one CPU the map spreads the layers over cpu and disk; on GPUs the same hook moves them between devices."""
+    from transformers import AutoModelForCausalLM
+
+    from igprune.blocks import control_of, decoder_layers
+
+    tiny_model("llama", layers=4).save_pretrained(tmp_path / "tiny")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", attn_implementation="eager").eval()
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(4)}}
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", attn_implementation="eager",
+                                                   device_map=device_map, offload_folder=tmp_path / "offload").eval()
+    calls = []
+    for layer in decoder_layers(sharded):
+        hook = layer._hf_hook
+        hook.pre_forward = functools.partial(lambda f, *a, **k: calls.append(1) or f(*a, **k), hook.pre_forward)
+    assert decoder_layers(sharded)[1].mlp.down_proj.weight.device.type == "meta"  # offloaded until it runs
+    ids, mask = torch.randint(3, 97, (2, 7)), torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    with torch.no_grad(), control_of(dense).masked(mask):
+        expected = dense(ids).logits
+    calls.clear()
+    with torch.no_grad(), control_of(sharded).masked(mask):
+        logits = sharded(ids).logits
+    assert len(calls) == 4  # every layer's hook ran, under the gated forward
+    torch.testing.assert_close(logits, expected)

@@ -116,10 +116,15 @@ def gated_forward(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.
     With `control.checkpoint` and autograd on, the layer's activations are recomputed in the backward pass instead
     of kept (gradient checkpointing): the recomputation reads the same gates, so backward must run inside the scope.
     """
+    hook = getattr(layer, "_hf_hook", None)  # accelerate's, under a device_map: this forward replaces its wrapper
+    if hook is not None:  # so run it here: inputs onto the layer's device, offloaded weights loaded
+        (hidden_states,), kwargs = hook.pre_forward(layer, hidden_states, **kwargs)
     if gate_info.control.checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(_gated_layer, layer, gate_info, hidden_states, use_reentrant=False,
-                                                 **kwargs)
-    return _gated_layer(layer, gate_info, hidden_states, **kwargs)
+        out = torch.utils.checkpoint.checkpoint(_gated_layer, layer, gate_info, hidden_states, use_reentrant=False,
+                                                **kwargs)
+    else:
+        out = _gated_layer(layer, gate_info, hidden_states, **kwargs)
+    return hook.post_forward(layer, out) if hook is not None else out
 
 
 def _gated_layer(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
