@@ -87,10 +87,13 @@ def fits(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
-    from igprune.evaluation.speed import SpeedSettings, run
-    from igprune.models import ZOO
+    from transformers import AutoConfig
 
-    blocks = round(args.sparsity * 2 * ZOO[args.model].layers)  # 14 of qwen2.5-1.5b's 56 blocks
+    from igprune.evaluation.speed import SpeedSettings, run
+    from igprune.models import model_source
+
+    layers = AutoConfig.from_pretrained(model_source(args.model)).num_hidden_layers
+    blocks = round(args.sparsity * 2 * layers)  # 14 of qwen2.5-1.5b's 56 blocks
     out: dict[str, Any] = {}
     for batch in (1, 16):
         settings = SpeedSettings(prompt_tokens=512, new_tokens=64, batch_size=batch, repeats=5, warmup=1)
