@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -110,7 +111,23 @@ class _LayerGate:
 
 
 def gated_forward(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """A decoder layer's forward with each branch gated; bound to the layer as its `forward` inside a scope."""
+    """A decoder layer's forward with each branch gated; bound to the layer as its `forward` inside a scope.
+
+    With `control.checkpoint` and autograd on, the layer's activations are recomputed in the backward pass instead
+    of kept (gradient checkpointing): the recomputation reads the same gates, so backward must run inside the scope.
+    """
+    hook = getattr(layer, "_hf_hook", None)  # accelerate's, under a device_map: this forward replaces its wrapper
+    if hook is not None:  # so run it here: inputs onto the layer's device, offloaded weights loaded
+        (hidden_states,), kwargs = hook.pre_forward(layer, hidden_states, **kwargs)
+    if gate_info.control.checkpoint and torch.is_grad_enabled():
+        out = torch.utils.checkpoint.checkpoint(_gated_layer, layer, gate_info, hidden_states, use_reentrant=False,
+                                                **kwargs)
+    else:
+        out = _gated_layer(layer, gate_info, hidden_states, **kwargs)
+    return hook.post_forward(layer, out) if hook is not None else out
+
+
+def _gated_layer(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     control, layout, first = gate_info.control, gate_info.layout, 2 * gate_info.index
     h = hidden_states
 
@@ -141,7 +158,8 @@ def is_gated(layer: nn.Module) -> bool:
 def _scale(out: torch.Tensor, gate: torch.Tensor | bool) -> torch.Tensor:
     if gate is True:
         return out
-    return out * gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+    # a model sharded over devices (device_map) runs each layer on its own device; the gates follow it
+    return out * gate.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
 
 
 def _write_cache_only(layer: nn.Module, gate_info: _LayerGate, h: torch.Tensor, kwargs: dict) -> None:
@@ -202,6 +220,7 @@ class BlockControl:
         self.kv_policy: KVPolicy = "keep"
         self._depth = 0  # open scopes
         self._pinned = False  # patch() keeps the gated forward installed until unpatch()
+        self.checkpoint = False  # recompute each layer in the backward pass (mask training on long sequences)
 
     # ---- gate values
 

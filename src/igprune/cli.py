@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,12 +15,40 @@ from rich.table import Table
 
 from igprune.files import IGPruneError
 
+if TYPE_CHECKING:
+    from igprune.bundle import Bundle
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Input-guided dynamic block pruning for LLMs.")
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]
-DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu, cuda, cuda:1")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), a torch device such as cpu or "
+                                              "cuda:1, or shard (layers spread over all GPUs, device_map=auto)")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on cuda, else float32), float32, bfloat16 or float16")]
+
+
+def _join_ranks() -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group; only rank 0 prints."""
+    from igprune import distributed
+
+    if distributed.init_from_env() and not distributed.is_main():
+        console.quiet = True
+
+
+def _on_main(fn: Callable[..., object], *args: object) -> None:
+    """fn(*args) on rank 0 only (file writes); every rank waits until it is done."""
+    from igprune.distributed import main_writes
+
+    with main_writes() as write:
+        if write:
+            fn(*args)
+
+
+def _save_bundle(bundle: Bundle, out: Path, checkpoint: Path) -> None:
+    from igprune.files import remove_tree
+
+    bundle.save(out)
+    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
 
 
 @app.command()
@@ -114,6 +143,8 @@ def fit(
                                                      "(default: 0.1, as the shared phase)")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 64,
     loss: Annotated[str, typer.Option(help="lm (paper eq. 8) or kl (to the dense model)")] = "lm",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute layers in the backward pass: "
+                                                         "less memory for long --seq-len, ~1 forward more")] = False,
     shared_dir: Annotated[Path | None, typer.Option(help="keep the end of the shared phase here; a fit with "
                                                     "another --clusters and otherwise the same settings "
                                                     "starts from it instead of repeating that phase")] = None,
@@ -125,12 +156,12 @@ def fit(
     shared_fraction: Annotated[float, typer.Option(help="--finder sleb: share of the blocks to skip that one "
                                                    "search on all clusters chooses before each cluster's own")] = 0.5,
     seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
     from igprune.data import MIN_CHARS
-    from igprune.files import remove_tree, tidy
+    from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
     from igprune.stage1.pruner import FINDERS, fit_bundle
@@ -141,19 +172,19 @@ def fit(
               cluster_steps=(cluster_steps, 0), search_samples=(search_samples, 1))
     if finder not in FINDERS:
         raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
+    _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
-                         granularity=granularity)
+                         granularity=granularity, gradient_checkpointing=gradient_checkpointing)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    tidy(checkpoint)  # what a killed run left half-written
+    _on_main(tidy, checkpoint)  # what a killed run left half-written
     console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
                   f"(checkpoints in {checkpoint})")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction}
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
                         seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search)
-    bundle.save(out)
-    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
+    _on_main(_save_bundle, bundle, out, checkpoint)
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
                   f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "
                   f"{bundle.config['fit_seconds']:.0f} s")
@@ -209,8 +240,8 @@ def generate(
     bundle: Annotated[Path | None, typer.Option("--bundle", "-b", help="run pruned with this bundle")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
     kv_policy: KVOpt = "keep",
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Greedy generation: unpruned with --model, or routed and pruned with --bundle."""
     from igprune.models import DEFAULT_MODEL, load_model
@@ -283,8 +314,8 @@ def bench_speed(
     warmup: Annotated[int, typer.Option(help="untimed rounds first")] = 1,
     threads: Annotated[int, typer.Option(help="torch threads (recorded); 1 suits a shared machine")] = 1,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Wall-clock prefill and decode tokens/s, dense against each mask, with FLOPs-ideal speedups."""
     from igprune.evaluation.speed import SpeedSettings, markdown, run
@@ -332,8 +363,8 @@ def baseline(
     option: Annotated[list[str] | None, typer.Option("--option", help="other method option KEY=VALUE (repeatable)")]
     = None,
     seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Find one static mask with a baseline method (granularity defaults to the method's published one).
 
@@ -341,7 +372,7 @@ def baseline(
     """
     from igprune.baselines import find_mask, get_method
     from igprune.data import load_calibration
-    from igprune.files import remove_tree, tidy
+    from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
 
@@ -352,16 +383,16 @@ def baseline(
              "generations": generations, "offspring": offspring, "fitness": fitness}
     options = {**{k: v for k, v in given.items() if v is not None}, **_method_options(option)}
     entry.options(options)  # unknown options fail before the model loads
+    _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     texts = load_calibration(data, split="train", seed=seed)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    tidy(checkpoint)  # what a killed run left half-written
+    _on_main(tidy, checkpoint)  # what a killed run left half-written
     console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}"
                   + (f" (progress in {checkpoint})" if entry.resumes else ""))
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
                        source=data, checkpoint=checkpoint, **options)
-    bundle.save(out)
-    remove_tree(checkpoint)  # at once: a kill midway leaves all of it or nothing
+    _on_main(_save_bundle, bundle, out, checkpoint)
     cfg = bundle.config
     console.print(f"wrote {out}: {cfg['blocks_skipped']}/{cfg['blocks_total']} blocks off (attention "
                   f"{cfg['attn_skipped']}, FFN {cfg['ffn_skipped']}) in {cfg['fit_seconds'] / 60:.1f} min, "
@@ -376,8 +407,8 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the pruned HF checkpoint")],
     cluster: Annotated[int, typer.Option(help="which cluster's mask (static bundles have only 0)")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Write one mask as a plain, smaller HF checkpoint (from_pretrained, no igprune code), then check it."""
     import torch
@@ -508,8 +539,8 @@ def eval_(
     markdown: Annotated[bool, typer.Option("--markdown", help="also print the paper-style table row")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached per-task results")] = True,
     seed: EvalSeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Zero-shot accuracy on the paper's tasks through lm-eval: dense (--model) or pruned (--bundle).
 
@@ -519,10 +550,11 @@ def eval_(
     from igprune.evaluation.results import load_results, results_table, save_results
 
     reference = load_results(dense) if dense is not None else None
+    _join_ranks()  # under accelerate launch / torchrun: lm-eval's data parallelism, each rank a share of the tasks
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
                        dense=reference, use_cache=cache, seed=seed)
-    save_results(out, results)
+    _on_main(save_results, out, results)
     table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
     for name, task in results["tasks"].items():
         routing = (results["routing"] or {}).get(name) or {}
@@ -557,8 +589,8 @@ def ppl(
     batch_size: Annotated[int, typer.Option(help="passages per forward pass (fewer if logits would be large)")] = 8,
     kv_policy: KVOpt = "keep",
     seed: EvalSeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Perplexity on held-out calibration passages (never those used for clustering or mask training)."""
     from igprune.evaluation.perplexity import perplexity

@@ -31,7 +31,7 @@ def encoder_path(name_or_path: str) -> str:
 class SentenceEncoder:
     """Embeds texts as L2-normalised float32 vectors (n, d) on the CPU, whatever device it runs on."""
 
-    def __init__(self, name_or_path: str = DEFAULT_ENCODER, device: str | torch.device = "cpu",
+    def __init__(self, name_or_path: str = DEFAULT_ENCODER, device: str | torch.device | None = "auto",
                  max_tokens: int | None = None, batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
 
@@ -40,7 +40,9 @@ class SentenceEncoder:
         if not Path(path).exists() and "/" not in path:
             raise IGPruneError(f"sentence encoder {name_or_path!r} not found; give a sentence-transformers folder")
         # a local folder loads without asking the hub, and the process's HF_HUB_OFFLINE is left as it is
-        self.model = SentenceTransformer(path, device=str(device), local_files_only=Path(path).exists())
+        from igprune.models import resolve_device
+
+        self.model = SentenceTransformer(path, device=str(resolve_device(device)), local_files_only=Path(path).exists())
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim: int = dimension()
         self.max_tokens = min(max_tokens or self.model.max_seq_length, self.model.max_seq_length)

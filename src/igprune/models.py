@@ -169,14 +169,42 @@ def convert(entry: ZooModel) -> Path:
     return final
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise IGPruneError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
-    return table[dtype]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+SHARD = "shard"  # --device shard: the model spread over every visible device (device_map="auto")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The one place a default device is chosen. "auto" / None: this process's GPU (cuda:LOCAL_RANK under
+    torchrun) when CUDA is present, else Apple's mps, else the CPU; anything else as given."""
+    if device is not None and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        from igprune.distributed import local_rank
+
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = "auto") -> torch.dtype:
+    """The one place a default dtype is chosen. "auto" / None: bfloat16 on CUDA (half the memory, tensor cores;
+    mask training keeps gates and losses in float32), float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device == SHARD:
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise IGPruneError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device (the first shard's, under a device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def model_source(name_or_path: str) -> Path | str:
@@ -198,11 +226,19 @@ def model_source(name_or_path: str) -> Path | str:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto",
+    device_map: str | dict[str, str | int] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a zoo model, a local HF folder or a hub id; returns (model, tokenizer) in eval mode."""
+    """Load a zoo model, a local HF folder or a hub id; returns (model, tokenizer) in eval mode.
+
+    device "auto": the GPU when there is one (resolve_device); "shard" or a `device_map` spreads the layers over
+    several devices (accelerate's dispatch), for models larger than one; each layer's gates follow its device."""
     source = model_source(name_or_path)
-    kwargs = {"dtype": resolve_dtype(dtype)}
+    if device == SHARD:
+        device_map = device_map or "auto"
+    kwargs: dict = {"dtype": resolve_dtype(dtype, device)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -212,7 +248,9 @@ def load_model(
             raise IGPruneError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
     model.name_or_path = model.config.name_or_path = name_or_path  # the zoo name, recorded in bundles
     model.requires_grad_(False)
-    return model.to(device).eval(), load_tokenizer(name_or_path)
+    if device_map is None:
+        model = model.to(resolve_device(device))
+    return model.eval(), load_tokenizer(name_or_path)
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from igprune.blocks import ATTN, block_name
 from igprune.bundle import fingerprint
+from igprune.distributed import main_writes
 from igprune.files import IGPruneError, read_json, write_json
 from igprune.masks import Granularity, mask_from_off, n_units
 
@@ -132,8 +133,9 @@ class SavedProgress:
         return saved["state"]
 
     def save(self, state: Any) -> None:
-        if self.path is not None:
-            write_json(self.path, {"identity": self.identity, "state": state})
+        with main_writes() as write:  # every rank holds the same state; one writes it
+            if self.path is not None and write:
+                write_json(self.path, {"identity": self.identity, "state": state})
 
 
 @dataclass

@@ -26,6 +26,7 @@ import random
 from tqdm.auto import tqdm
 
 from igprune.baselines.base import Problem, SearchResult, SearchSpace
+from igprune.distributed import map_sharded
 from igprune.files import IGPruneError
 
 Key = tuple[int, ...]  # sorted units switched off
@@ -50,11 +51,11 @@ def search(problem: Problem, generations: int = 30, offspring: int = 8, stages: 
                 continue
             rows = sorted(rng.sample(range(scorer.calibration.n_sequences),
                                      min(n_rows, scorer.calibration.n_sequences)))
-            scored = {c: scorer.score(space.mask(c), fitness, rows) for c in children}
+            values = map_sharded(lambda c, rows=rows: scorer.score(space.mask(c), fitness, rows), children)
+            scored = dict(zip(children, values, strict=True))
             children = sorted(children, key=lambda c: (scored[c], c))[:keep]
-        for c in [*children, *([parent] if parent is not None else [])]:
-            if c not in final:
-                final[c] = scorer.score(space.mask(c), fitness)
+        new = [c for c in dict.fromkeys([*children, *([parent] if parent is not None else [])]) if c not in final]
+        final.update(zip(new, map_sharded(lambda c: scorer.score(space.mask(c), fitness), new), strict=True))
         return min({*children, *([parent] if parent is not None else [])}, key=lambda c: (final[c], c))
 
     saved = problem.saved("evopress", generations=generations, offspring=offspring, stages=stages, fitness=fitness,

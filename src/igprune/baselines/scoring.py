@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import control_of, decoder_layers
 from igprune.files import IGPruneError, sha256_tensors
+from igprune.models import model_device
 from igprune.nll import output_logits, token_nll
 from igprune.stage1.pruner import clean_texts
 
@@ -103,7 +104,7 @@ class Scorer:
         self.model, self.calibration = model, calibration
         self.control = control_of(model)
         self.layers = decoder_layers(model)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)  # the first shard's, under a device_map
         self.ids = calibration.input_ids.to(self.device)
         self.batch_size, self.top_k, self.chunk_tokens = batch_size, top_k, chunk_tokens
         self.evaluations = 0  # masks scored (each on some rows): for the search logs

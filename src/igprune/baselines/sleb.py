@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from igprune.baselines.base import Problem, SearchResult
+from igprune.distributed import map_sharded
 from igprune.files import IGPruneError
 
 
@@ -35,11 +36,10 @@ def search(problem: Problem, start: Sequence[str] = ()) -> SearchResult:
     bar = tqdm(total=total, desc="sleb", unit="mask", disable=not problem.progress)
     for _ in range(len(off), k):
         with scorer.prefix(space.mask(off), metric="ppl") as base:
-            scores = {}
-            for unit in candidates:
-                if unit not in off:
-                    scores[unit] = scorer.perplexity(space.mask([*off, unit]))
-                    bar.update(1)
+            rest = [unit for unit in candidates if unit not in off]
+            scores = dict(zip(rest, map_sharded(lambda unit: scorer.perplexity(space.mask([*off, unit])), rest),
+                              strict=True))  # under torchrun each rank scores its share of the candidates
+            bar.update(len(rest))
         best = min(scores, key=lambda u: (scores[u], u))
         off.append(best)
         steps.append({"removed": space.name(best), "perplexity": scores[best], "before": base,

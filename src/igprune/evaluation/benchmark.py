@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.blocks import KVPolicy
 from igprune.bundle import Bundle, fingerprint
 from igprune.data import eval_dataset_path
@@ -161,10 +163,12 @@ class _Runner:
                 numpy_random_seed=self.seed, torch_random_seed=self.seed, fewshot_random_seed=self.seed)
         finally:
             lm_logger.setLevel(level)
-        entry = _task_result(output, task)
+        # under torchrun each rank scored a share of the documents and rank 0 holds the result: all get it
+        entry = distributed.on_main(lambda: _task_result(output, task))
         # CPU seconds as well as wall: on a shared machine wall time depends on the neighbours' load
         entry["seconds"] = round(time.perf_counter() - started, 1)
         entry["cpu_seconds"] = round(time.process_time() - cpu, 1)
-        routing = self.lm.routing.get(task)
+        shares = distributed.all_gather(self.lm.routing.get(task) or {})  # documents per cluster on each rank
+        routing = dict(sorted(sum((Counter(r) for r in shares), Counter()).items()))
         entry["routing"] = {str(k): v for k, v in routing.items()} if routing else None
         return entry

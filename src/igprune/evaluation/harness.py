@@ -11,6 +11,10 @@ the harness's. A pruned model only adds masks around HFLM's methods:
   what the dense one does, plus routing and at most one part-filled batch per cluster.
 
 `routing` counts documents per cluster for each task: routing collapse (every input to one cluster) shows there.
+
+Data parallel: HFLM gives up its own data parallelism when handed a loaded model, so under torchrun / accelerate
+launch IGPruneLM reports the process group's rank and size itself and gathers with torch.distributed; lm-eval's
+evaluator then gives each rank a strided share of every task's requests and gathers the results on rank 0.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.stage2.dynamic import DynamicPrunedModel
 
 DocKey = tuple[str | None, Any]  # (task name, doc id), or (task name, text) for requests without a doc id
@@ -58,6 +63,7 @@ class IGPruneLM(HFLM):
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hflm_kwargs)
         finally:
             lm_logger.setLevel(level)
+        self._rank, self._world_size = distributed.rank(), distributed.world_size()  # one process: 0, 1
         self.pruned = pruned
         self._routes: dict[str, int] = {}  # routed text -> cluster
         self._doc_cluster: dict[DocKey, int] = {}
@@ -73,6 +79,18 @@ class IGPruneLM(HFLM):
 
     def reset_routing(self) -> None:
         self._doc_cluster.clear()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor, concatenated along dim 0, a scalar taken as one row (as accelerate's gather)."""
+        if self.world_size <= 1:
+            return tensor
+        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        distributed.barrier()
 
     def get_model_info(self) -> dict:
         """HFLM's version asks the hub for a commit of `pretrained`, which is a model object here."""

@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from igprune.distributed import main_writes
 from igprune.files import IGPruneError, cache_root, read_json, write_json
 
 if TYPE_CHECKING:  # torch and transformers load only when a model is involved: `igprune table` stays fast
@@ -193,7 +194,9 @@ class ResultCache:
         return stored.get("value") if stored.get("key") == json.loads(json.dumps(key, default=str)) else None
 
     def put(self, key: dict[str, Any], value: dict[str, Any]) -> None:
-        write_json(self.path(key), {"key": key, "value": value})
+        with main_writes() as write:  # under torchrun every rank holds the same value
+            if write:
+                write_json(self.path(key), {"key": key, "value": value})
 
 
 # ------------------------------------------------------------------------------------------- comparison

@@ -150,6 +150,8 @@ Clock = tuple[float, float]  # (wall-clock seconds, CPU seconds of this process)
 
 
 def _clock() -> Clock:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU runs ahead of the host: time what it has finished
     return time.perf_counter(), time.process_time()
 
 
@@ -346,8 +348,8 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def run(model_name: str, bundles: Sequence[str | Path] = (), blocks: Sequence[int] = (8, 15, 22),
         kv_policies: Sequence[KVPolicy] = ("keep", "drop"), order: Order = "attention-first",
-        settings: SpeedSettings | None = None, out: str | Path | None = None, device: str = "cpu",
-        dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
+        settings: SpeedSettings | None = None, out: str | Path | None = None, device: str = "auto",
+        dtype: str = "auto", progress: bool = True) -> dict[str, Any]:
     """The `igprune bench-speed` job: load the model, take a held-out calibration prompt, time dense against
     each bundle's routed mask (or, with no bundles, canonical masks at `blocks` skipped), write JSON to `out`."""
     from igprune.data import load_calibration

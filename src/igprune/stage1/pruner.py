@@ -23,12 +23,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.blocks import num_blocks
 from igprune.bundle import Bundle, fingerprint
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
-from igprune.models import tokenizer_sides
+from igprune.models import model_device, tokenizer_sides
 from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
 
@@ -89,8 +90,9 @@ class IGPruner:
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
         check_n_clusters(self.n_clusters, len(texts))
-        embeddings = self._embed(texts)
-        self.clustering_: Clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
+        # on rank 0 only, the result sent to all: every rank must train on exactly the same clusters
+        self.clustering_: Clustering = distributed.on_main(
+            lambda: cluster(self._embed(texts), self.n_clusters, self.seed, self.min_cluster_size))
         if self.finder == "sleb":
             self._search(texts)
         else:
@@ -128,9 +130,9 @@ class IGPruner:
             with safe_open(cached, "pt") as f:
                 if f.metadata().get("key") == key:
                     return f.get_tensor("embeddings")
-        encoder = SentenceEncoder(self.encoder_name, max_tokens=self.encoder_tokens)
+        encoder = SentenceEncoder(self.encoder_name, device=model_device(self.model), max_tokens=self.encoder_tokens)
         embeddings = encoder.encode(texts, progress=self.progress)
-        if cached:
+        if cached and distributed.is_main():
             with atomic_path(cached) as tmp:
                 save_file({"embeddings": embeddings.contiguous()}, tmp, metadata={"key": key})
         return embeddings

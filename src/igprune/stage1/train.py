@@ -10,6 +10,10 @@ Training runs in two phases. A shared phase fits one mask on all samples (this i
 "static L0" baseline when there is one cluster); its log_alpha then warm-starts every cluster's mask
 for the cluster phase, where each cluster specialises on its own texts. The target sparsity ramps up
 linearly during the first phase's warm-up, and the Lagrange multipliers are learnt by gradient ascent.
+Data parallel (igprune.distributed, under torchrun): every rank draws the same random numbers, so the same
+global batch, gates and loss positions, runs the forwards of its strided share of each batch's samples, and the
+gate gradients (and the logged loss) are summed over the ranks before the Lagrangian term, the same on every rank,
+is added once; only rank 0 writes checkpoints.
 The shared phase trains one mask, held on its own (not as row 0 of the cluster masks), and draws the same
 random numbers whatever the number of clusters, so it computes the same thing bit for bit for any N: its end
 state, kept in `shared_dir`, starts the cluster phase of a fit with any number of clusters.
@@ -29,10 +33,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from igprune import distributed
 from igprune.blocks import control_of
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.masks import Granularity, expand, n_units, units_off
+from igprune.models import model_device
 from igprune.nll import output_logits, token_nll
 from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
@@ -64,6 +70,9 @@ class TrainConfig:
     # sparsity barely moves with log_alpha, and the Lagrangian cannot pull it against the LM loss.
     init_keep: float = 0.9
     seed: int = 0
+    # recompute each layer's activations in the backward pass: activation memory of one layer instead of all of
+    # them, for about one more forward of compute; same gradients (tests/test_scale.py)
+    gradient_checkpointing: bool = False
 
     def validate(self, n_blocks: int) -> None:
         units_off(self.sparsity, n_blocks, self.granularity)
@@ -118,7 +127,7 @@ class MaskTrainer:
         self.control = control_of(model)
         self.n_blocks = self.control.n_blocks
         config.validate(self.n_blocks)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)  # the first layer's, under a device_map; the gates live there
         self.n_units = n_units(self.n_blocks, config.granularity)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.shared_dir = Path(shared_dir) if shared_dir else None
@@ -157,15 +166,20 @@ class MaskTrainer:
         self.clusters = {"n_masks": self.n_masks, "labels": sha256_tensors(labels),
                          **{k: config[k] for k in CLUSTER_PHASE}}
         self._resume()
-        with frozen(self.model), self.control.active():
-            self._loop(input_ids, attention_mask, labels, until)
+        checkpoint, self.control.checkpoint = self.control.checkpoint, cfg.gradient_checkpointing
+        try:
+            with frozen(self.model), self.control.active():
+                self._loop(input_ids, attention_mask, labels, until)
+        finally:
+            self.control.checkpoint = checkpoint
         return self
 
     def _loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
               until: int | None) -> None:
         cfg = self.config
         total = cfg.shared_steps + cfg.cluster_steps
-        bar = tqdm(total=total, initial=self.step, desc="mask training", disable=not self.progress, unit="step")
+        bar = tqdm(total=total, initial=self.step, desc="mask training", unit="step",
+                   disable=not (self.progress and distributed.is_main()))
         while self.step < min(total, until if until is not None else total):
             shared = self.step < cfg.shared_steps
             if not shared and self.step == cfg.shared_steps:
@@ -179,13 +193,12 @@ class MaskTrainer:
             bar.update(1)
             bar.set_postfix(phase="shared" if shared else "cluster", loss=f"{loss:.3f}",
                             sparsity=f"{expected:.3f}", target=f"{target:.3f}")
-            if self.checkpoint_dir and self.step % 25 == 0:
+            if self.step % 25 == 0:
                 self.save_checkpoint(self.checkpoint_dir)
-            if self.shared_dir and self.step == cfg.shared_steps:
+            if self.step == cfg.shared_steps:
                 self.save_checkpoint(self.shared_dir)
         bar.close()
-        if self.checkpoint_dir:
-            self.save_checkpoint(self.checkpoint_dir)
+        self.save_checkpoint(self.checkpoint_dir)
         if cfg.cluster_steps == 0 and self.step == total:
             self._warm_start_clusters()  # every cluster gets the shared mask
 
@@ -233,6 +246,7 @@ class MaskTrainer:
         lm = 0.0
         for chunk in torch.arange(len(ids)).split(self.config.batch_size):
             lm += self._accumulate(ids[chunk], mask[chunk], rows[chunk], weights[chunk])
+        lm = self._sum_over_ranks(lm)
         expected = self.gates.expected_sparsity()
         self.lagrangian(expected, target)[active].sum().backward()
         self.opt_gates.step()
@@ -240,15 +254,32 @@ class MaskTrainer:
         return lm / int((counts > 0).sum()), expected[active].mean().item(), time.perf_counter() - start
 
     def _accumulate(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> float:
-        """Forward and backward of one batch under freshly sampled gates; returns its weighted loss."""
+        """Forward and backward of one batch under freshly sampled gates; returns its weighted loss.
+
+        The whole batch's random numbers are drawn on every rank; this rank runs only its share of the samples."""
         ids, mask, rows, weights = (t.to(self.device) for t in (ids, mask, rows, weights))
         positions = self._loss_positions(mask)
         z = self.gates.sample(rows, generator=self.generator)
-        with self.control.gated(expand(z, self.config.granularity)):
-            hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        loss = (self._loss(hidden, ids, mask, positions) * weights).sum()
-        loss.backward()
+        mine = torch.tensor(distributed.shard(range(len(ids))), dtype=torch.long, device=self.device)
+        if mine.numel() == 0:
+            return 0.0
+        ids, mask, weights, positions, z = (t[mine] for t in (ids, mask, weights, positions, z))
+        with self.control.gated(expand(z, self.config.granularity)):  # backward inside: checkpointing recomputes
+            hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            loss = (self._loss(hidden, ids, mask, positions) * weights).sum()
+            loss.backward()
         return loss.item()
+
+    def _sum_over_ranks(self, lm: float) -> float:
+        """Sum the gate gradients and the loss over the ranks (in float64): the single-process step's values."""
+        if distributed.world_size() == 1:
+            return lm
+        log_alpha = self.gates.log_alpha
+        grad = log_alpha.grad if log_alpha.grad is not None else torch.zeros_like(log_alpha)
+        flat = torch.cat([grad.flatten().double(), torch.tensor([lm], dtype=torch.float64, device=grad.device)])
+        distributed.all_reduce_sum_(flat)
+        log_alpha.grad = flat[:-1].view_as(log_alpha).to(log_alpha.dtype)
+        return flat[-1].item()
 
     def _loss_positions(self, mask: torch.Tensor) -> torch.Tensor:
         """(batch, P) positions whose next token is predicted; sampled among the valid ones."""
@@ -270,7 +301,7 @@ class MaskTrainer:
             token_loss = token_nll(logits, targets).flatten()
         else:
             with torch.no_grad(), self.control.masked(None):
-                dense_hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                dense_hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 dense_picked = torch.gather(dense_hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
                 dense_logp = F.log_softmax(output_logits(self.model, dense_picked), dim=-1)
             token_loss = F.kl_div(F.log_softmax(logits, dim=-1), dense_logp, log_target=True,
@@ -290,8 +321,13 @@ class MaskTrainer:
 
     # ---- checkpoint and resume ---------------------------------------------------------------------
 
-    def save_checkpoint(self, folder: Path) -> None:
-        """Gates, multipliers, optimiser moments, RNG and learning curve; written atomically."""
+    def save_checkpoint(self, folder: Path | None) -> None:
+        """Gates, multipliers, optimiser moments, RNG and learning curve; written atomically, by rank 0 only."""
+        with distributed.main_writes() as write:
+            if folder and write:
+                self._write_checkpoint(folder)
+
+    def _write_checkpoint(self, folder: Path) -> None:
         tensors = {"log_alpha": self.gates.log_alpha.detach().cpu(),
                    "lambda1": self.lagrangian.lambda1.detach().cpu(),
                    "lambda2": self.lagrangian.lambda2.detach().cpu(),

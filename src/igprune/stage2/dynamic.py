@@ -49,14 +49,20 @@ class DynamicPrunedModel:
     @classmethod
     def from_bundle(cls, model: PreTrainedModel, bundle: str | Path | Bundle,
                     tokenizer: PreTrainedTokenizerBase | None = None, kv_policy: KVPolicy = "keep",
-                    route_tokens: int | None = None, encoder_device: str | torch.device = "cpu") -> DynamicPrunedModel:
-        """Attach a bundle to its model; `route_tokens` overrides how much of a prompt the encoder reads."""
+                    route_tokens: int | None = None,
+                    encoder_device: str | torch.device | None = None) -> DynamicPrunedModel:
+        """Attach a bundle to its model; `route_tokens` overrides how much of a prompt the encoder reads; the
+        encoder runs on `encoder_device`, by default the model's (its first shard's)."""
         bundle, where = as_bundle(bundle)
         bundle.check_model(model, where or "")
         if tokenizer is None:
             from igprune.models import load_tokenizer
 
             tokenizer = load_tokenizer(model.name_or_path)
+        if encoder_device is None:
+            from igprune.models import model_device
+
+            encoder_device = model_device(model)
         router = Router.from_bundle(bundle, route_tokens, encoder_device)
         return cls(model, tokenizer, router, bundle.masks, kv_policy, bundle)
 

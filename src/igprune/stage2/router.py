@@ -25,7 +25,7 @@ class Router:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, route_tokens: int | None = None,
-                    device: str | torch.device = "cpu") -> Router:
+                    device: str | torch.device | None = "auto") -> Router:
         """The bundle's centroids with its encoder; `route_tokens` overrides how much of an input is read
         (default: as many tokens as the calibration texts were embedded from)."""
         if bundle.static:
