@@ -6,7 +6,7 @@ each domain's training passages; everything is scored on held-out passages, from
 clustering or fit passage comes from (igprune.data.is_heldout), by token-weighted perplexity.
 
     python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
-    python benchmarks/domains.py global --blocks 15   # one SLEB mask on the domains pool from the same prefix
+    python benchmarks/domains.py wide --source code   # SLEB on 8 x 128 tokens of one source, same prefix
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
@@ -92,22 +92,23 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {out}")
 
 
-def search_global(model, tokenizer, name: str, blocks: int) -> None:
-    """The best global static mask on the domains pool: SLEB from the same prefix on 8 x 128 pooled tokens
-    (the headline searches' budget), so it sees the same text as the fits, in equal shares of the domains."""
+def search_wide(model, tokenizer, name: str, blocks: int, source: str) -> None:
+    """SLEB from the same prefix on 8 x 128 tokens of one source (the headline searches' budget, 4x the domain
+    searches'): on "domains", the global static mask on the fits' text; on one domain, whether that domain's
+    mask needs more calibration than 4 x 64 tokens to beat the global masks on its held-out text."""
     from igprune.baselines import find_mask
     from igprune.data import load_calibration
     from igprune.files import write_json
 
-    out = folder(name) / f"global-b{blocks}.json"
+    out = folder(name) / f"wide-{source}-b{blocks}.json"
     if out.is_file():
         print(f"{out} exists")
         return
-    bundle = find_mask("sleb", model, tokenizer, load_calibration("domains", seed=SEED),
-                       blocks / (2 * len(model.model.layers)), "block", seed=SEED, source="domains",
-                       checkpoint=BUNDLES / name / f"domains-global-b{blocks}.checkpoint", samples=8, seq_len=128,
-                       start=shared_prefix(name, blocks))
-    write_json(out, {"model": name, "blocks": blocks, "order": bundle.logs["search"]["order"],
+    bundle = find_mask("sleb", model, tokenizer, load_calibration(source, seed=SEED),
+                       blocks / (2 * len(model.model.layers)), "block", seed=SEED, source=source,
+                       checkpoint=BUNDLES / name / f"domains-wide-{source}-b{blocks}.checkpoint", samples=8,
+                       seq_len=128, start=shared_prefix(name, blocks))
+    write_json(out, {"model": name, "blocks": blocks, "source": source, "order": bundle.logs["search"]["order"],
                      "calibration": bundle.config["calibration"], "seconds": bundle.config["fit_seconds"],
                      "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]})
     print(f"wrote {out}")
@@ -178,14 +179,18 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     found_path = folder(name) / f"search-b{blocks}.json"
     found = read_json(found_path) if found_path.is_file() else None  # the ceiling needs `search` first
     domain_masks = {}
-    global_path = folder(name) / f"global-b{blocks}.json"
-    if global_path.is_file():
-        masks["sleb-domains"] = find_order_mask(model, read_json(global_path)["order"], "block")
+    wide = {}  # SLEB on 8 x 128 tokens of a source: the pool is a static mask, a domain a check of the budget
+    for path in sorted(folder(name).glob(f"wide-*-b{blocks}.json")):
+        found_wide = read_json(path)
+        target = masks if found_wide["source"] == "domains" else wide
+        target[f"sleb-8x128-{found_wide['source']}"] = find_order_mask(model, found_wide["order"], "block")
     if found:
         domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
     matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
     for d, mask in domain_masks.items():
         matrix[f"mask of {d}"] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
+    for label, mask in wide.items():
+        matrix[label] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
     static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
     best = min(static, key=lambda label: _ppl(_all(static[label]))[0])
     report: dict[str, Any] = {
@@ -197,6 +202,7 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     if domain_masks:
         ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
         report["ceiling"] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, static[best])}
+        report["searched_tokens"] = _on_search_tokens(model, tokenizer, domain_masks, masks[best])
 
     headline = f"ig16-b{blocks}"  # the headline fit on the mixed pool, for comparison
     candidates = [(run, fit_dir(name, run, blocks)) for run in FITS] + [(headline, BUNDLES / name / headline)]
@@ -243,6 +249,21 @@ def _versus(ours: dict[str, list[list[float]]], static: dict[str, list[list[floa
                                        **{d: _paired(ours[d], static[d]) for d in ours}}}
 
 
+def _on_search_tokens(model, tokenizer, domain_masks: dict[str, torch.Tensor],
+                      best: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Each domain's own mask and the best static mask on the very 4 x 64 tokens that domain's search scored:
+    where the own mask wins there but loses on held-out text, the search fitted its calibration's noise."""
+    from igprune.baselines import Scorer, make_calibration
+    from igprune.data import load_calibration
+
+    out = {}
+    for d, mask in domain_masks.items():
+        scorer = Scorer(model, make_calibration(tokenizer, load_calibration(d, seed=SEED), SEARCH["samples"],
+                                                SEARCH["seq_len"], SEED, d))
+        out[d] = {"own": scorer.perplexity(mask), "best_static": scorer.perplexity(best)}
+    return out
+
+
 def _all(per_domain: dict[str, list[list[float]]]) -> list[list[float]]:
     return [x for d in sorted(per_domain) for x in per_domain[d]]
 
@@ -270,7 +291,8 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "global", "fit", "score", "tasks"])
+    parser.add_argument("step", choices=["search", "wide", "fit", "score", "tasks"])
+    parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit: comma-separated FITS names")
@@ -283,8 +305,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     if args.step == "search":
         search(model, tokenizer, args.model, args.blocks)
-    elif args.step == "global":
-        search_global(model, tokenizer, args.model, args.blocks)
+    elif args.step == "wide":
+        search_wide(model, tokenizer, args.model, args.blocks, args.source)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, set(args.only.split(",")) if args.only else None)
     elif args.step == "score":

@@ -275,6 +275,19 @@ def domain_gains(blocks: int) -> str:
             "mask its own text routes to; oracle: under the best of the bundle's cluster masks for that passage.")
 
 
+def domain_search_tokens(blocks: int) -> str:
+    """Each domain's own mask against the best static mask on the tokens its search scored and on held-out text."""
+    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    if report is None or "searched_tokens" not in report:
+        return "_not run yet_"
+    best = report["best_static"]
+    rows = [[DOMAIN_LABELS[d], f"{v['own']:.1f}", f"{v['best_static']:.1f}",
+             f"{report['matrix'][f'mask of {d}'][d][0]:.1f}", f"{report['matrix'][best][d][0]:.1f}"]
+            for d, v in report["searched_tokens"].items()]
+    return _rows(["Domain", "own mask, searched tokens", f"{best}, searched tokens", "own mask, held-out",
+                  f"{best}, held-out"], rows)
+
+
 def domain_routing(blocks: int) -> str:
     """Which cluster each domain's held-out passages route to, per IG bundle."""
     report = _json(f"domains/{SMOL}/score-b{blocks}.json")
@@ -358,6 +371,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-matrix-b15": lambda: domain_matrix(15),
     "domain-gains-b15": lambda: domain_gains(15),
     "domain-routing-b15": lambda: domain_routing(15),
+    "domain-search-tokens-b15": lambda: domain_search_tokens(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
 }
 
