@@ -120,6 +120,7 @@ def search_wide(model, tokenizer, name: str, blocks: int, source: str) -> None:
 def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each FITS entry with igprune fit's recipe (stage1.pruner.fit_bundle) on the domains pool."""
     from igprune.data import DOMAIN_SOURCES
+    from igprune.files import remove_tree
     from igprune.stage1.pruner import fit_bundle
     from igprune.stage1.train import TrainConfig
 
@@ -137,6 +138,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
                                       "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
         bundle.save(path)
+        remove_tree(path.with_name(path.name + ".checkpoint"))  # nothing left to resume
         print(f"wrote {path} ({bundle.config['benchmark']['seconds']} s)", flush=True)
 
 

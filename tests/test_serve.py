@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+from tiny_models import TOPICS, bundle_config, tiny_model, tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -236,7 +236,7 @@ def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypat
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     mask = torch.tensor([[True, False] + [True] * 6])
-    Bundle(mask, torch.zeros(1, 0), {"fingerprint": fingerprint(model), "model": str(folder)}).save(tmp_path / "b1")
+    Bundle(mask, torch.zeros(1, 0), bundle_config(mask, model, model=str(folder))).save(tmp_path / "b1")
     calls = []
     monkeypatch.setattr("igprune.serve.serve", lambda *args: calls.append(args))
     result = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--max-queue", "5"])
