@@ -8,6 +8,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
     python benchmarks/domains.py wide --source code   # SLEB on 8 x 128 tokens of one source, same prefix
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
+    python benchmarks/domains.py choose --blocks 15   # ig-sleb-n6 with masks chosen on fresh cluster text
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
     python benchmarks/report.py                       # then the tables in RESULTS.md
@@ -142,6 +143,31 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         print(f"wrote {path} ({bundle.config['benchmark']['seconds']} s)", flush=True)
 
 
+def choose(model, tokenizer, name: str, blocks: int) -> None:
+    """ig-sleb-n6 with each cluster's mask chosen among all six on that cluster's passages its search did not
+    score (stage1.search.choose_masks): same centroids, same candidate masks, no new search."""
+    from igprune.bundle import Bundle
+    from igprune.data import MIN_CHARS, load_calibration
+    from igprune.stage1.search import choose_masks
+    from igprune.stage2.router import Router
+
+    source, out = fit_dir(name, "ig-sleb-n6", blocks), fit_dir(name, "ig-sleb-n6-chosen", blocks)
+    bundle = Bundle.load(source)
+    # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
+    texts = load_calibration("domains", max_chars=max(MIN_CHARS, 4 * SEARCH["seq_len"]),
+                             limit=bundle.config["calibration"]["samples"], seed=SEED)
+    labels = [r.cluster for r in Router.from_bundle(bundle).route(texts)]
+    if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
+        raise SystemExit("routing the fit's passages does not give its clusters; refit")
+    groups = [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(bundle.n_clusters)]
+    masks, log = choose_masks(model, tokenizer, groups, bundle.masks, samples=8, seq_len=SEARCH["seq_len"],
+                              search_samples=SEARCH["samples"], seed=SEED)
+    config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
+    Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name}, None,
+           {**bundle.logs, "choose": log}).save(out)
+    print(f"wrote {out}: chosen {log['chosen']}")
+
+
 # ----------------------------------------------------------------------------------------------- score
 
 
@@ -207,7 +233,8 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
         report["searched_tokens"] = _on_search_tokens(model, tokenizer, domain_masks, masks[best])
 
     headline = f"ig16-b{blocks}"  # the headline fit on the mixed pool, for comparison
-    candidates = [(run, fit_dir(name, run, blocks)) for run in FITS] + [(headline, BUNDLES / name / headline)]
+    candidates = [(run, fit_dir(name, run, blocks)) for run in [*FITS, "ig-sleb-n6-chosen"]] + [
+        (headline, BUNDLES / name / headline)]
     for run, path in candidates:
         if not (path / "bundle.json").is_file():
             continue
@@ -293,7 +320,7 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "wide", "fit", "score", "tasks"])
+    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
@@ -311,6 +338,8 @@ def main() -> None:
         search_wide(model, tokenizer, args.model, args.blocks, args.source)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, set(args.only.split(",")) if args.only else None)
+    elif args.step == "choose":
+        choose(model, tokenizer, args.model, args.blocks)
     elif args.step == "score":
         score(model, tokenizer, args.model, args.blocks)
     else:

@@ -8,7 +8,7 @@ from igprune.baselines import find_mask, make_calibration
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import IGPruner
-from igprune.stage1.search import find_order_mask, search_cluster_masks
+from igprune.stage1.search import choose_masks, find_order_mask, search_cluster_masks
 
 OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3}
 
@@ -90,3 +90,21 @@ def test_a_given_prefix_replaces_the_shared_search(setup, tmp_path):
     with pytest.raises(IGPruneError, match="prefix names 5 units"):
         search_cluster_masks(model, tok, groups, 0.5, prefix=["attn0", "attn1", "attn2", "attn3", "ffn0"],
                              progress=False, **OPTIONS)
+
+
+def test_choose_masks_judges_every_candidate_on_text_the_searches_did_not_score(setup):
+    model, tok, groups = setup
+    groups = [[f"{t} {i}" for i, t in enumerate(texts)] for texts in groups]  # distinct texts
+    masks, _ = search_cluster_masks(model, tok, groups, 0.5, progress=False, **OPTIONS)
+    chosen, log = choose_masks(model, tok, groups, masks, samples=2, seq_len=16, search_samples=2)
+    assert chosen.shape == masks.shape and len(log["chosen"]) == 3
+    for i, texts in enumerate(groups):
+        searched = set(make_calibration(tok, texts, 2, 16, 0).texts)
+        fresh = make_calibration(tok, [t for t in texts if t not in searched], 2, 16, 0)
+        best = min(range(3), key=lambda j: (log["perplexity"][i][j], j != i))
+        assert log["chosen"][i] == best and torch.equal(chosen[i], masks[best])
+        assert not searched & set(fresh.texts)  # judged on other texts than its search scored
+    same, log = choose_masks(model, tok, groups, masks[[0, 0, 0]], samples=2, seq_len=16, search_samples=2)
+    assert log["chosen"] == [0, 1, 2]  # a tie keeps each cluster's own mask
+    with pytest.raises(IGPruneError, match="no text beyond"):
+        choose_masks(model, tok, [groups[0][:1]], masks[:1], samples=2, seq_len=16)

@@ -41,6 +41,7 @@ class Calibration:
 
     input_ids: torch.Tensor  # (M, T) long
     info: dict[str, Any] = field(default_factory=dict)
+    texts: tuple[str, ...] = ()  # the texts its tokens were cut from, so others can be kept apart from them
 
     @property
     def n_sequences(self) -> int:
@@ -83,7 +84,7 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_seq
     tensor = torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
     info = {"source": source, "sequences": rows, "seq_len": seq_len, "tokens": rows * seq_len,
             "texts_used": used, "seed": seed, "sha256": sha256_tensors(tensor)}
-    return Calibration(tensor, info)
+    return Calibration(tensor, info, tuple(texts[i] for i in order[:used]))
 
 
 @dataclass
