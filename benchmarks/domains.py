@@ -147,15 +147,15 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
     """ig-sleb-n6 with each cluster's mask chosen among all six on that cluster's passages its search did not
     score (stage1.search.choose_masks): same centroids, same candidate masks, no new search."""
     from igprune.bundle import Bundle
-    from igprune.data import MIN_CHARS, load_calibration
+    from igprune.stage1.pruner import fit_texts
     from igprune.stage1.search import choose_masks
     from igprune.stage2.router import Router
 
     source, out = fit_dir(name, "ig-sleb-n6", blocks), fit_dir(name, "ig-sleb-n6-chosen", blocks)
     bundle = Bundle.load(source)
     # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
-    texts = load_calibration("domains", max_chars=max(MIN_CHARS, 4 * SEARCH["seq_len"]),
-                             limit=bundle.config["calibration"]["samples"], seed=SEED)
+    texts = fit_texts("domains", bundle.config["calibration"]["samples"], bundle.config["calibration"]["seq_len"],
+                      SEED)
     labels = [r.cluster for r in Router.from_bundle(bundle).route(texts)]
     if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
         raise SystemExit("routing the fit's passages does not give its clusters; refit")

@@ -85,6 +85,7 @@ def test_a_given_prefix_replaces_the_shared_search(setup, tmp_path):
     masks, log = search_cluster_masks(model, tok, groups, 0.5, prefix=["attn3"], checkpoint=tmp_path,
                                       progress=False, **OPTIONS)
     assert log["shared_order"] == ["attn3"] and not (tmp_path / "shared").exists()
+    assert log["shared_calibration"] is None  # no shared search ran
     assert all(c["order"][0] == "attn3" and len(c["order"]) == 4 for c in log["clusters"])
     assert not masks[:, 6].any()  # attn3 is block 6
     with pytest.raises(IGPruneError, match="prefix names 5 units"):

@@ -40,6 +40,18 @@ SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "shared_samples"
                                    "prefix": None}
 
 
+def check_search(options: dict[str, Any]) -> dict[str, Any]:
+    """Search-finder options completed with SEARCH_DEFAULTS; unknown names and a shared_fraction outside [0, 1]
+    are one-line errors."""
+    unknown = sorted(set(options) - set(SEARCH_DEFAULTS))
+    if unknown:
+        raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
+    options = {**SEARCH_DEFAULTS, **options}
+    if not 0.0 <= options["shared_fraction"] <= 1.0:
+        raise IGPruneError(f"shared_fraction must be in [0, 1], got {options['shared_fraction']}")
+    return options
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (M, T) ids and attention mask, each text truncated to its first seq_len tokens."""
     with tokenizer_sides(tokenizer, padding="right"):
@@ -68,12 +80,7 @@ class IGPruner:
         if finder not in FINDERS:
             raise IGPruneError(f"finder must be one of {', '.join(FINDERS)}, not {finder!r}")
         self.model, self.tokenizer = model, tokenizer
-        unknown = sorted(set(search or {}) - set(SEARCH_DEFAULTS))
-        if unknown:
-            raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
-        self.finder, self.search_options = finder, {**SEARCH_DEFAULTS, **(search or {})}
-        if not 0.0 <= self.search_options["shared_fraction"] <= 1.0:  # checked before any slow step
-            raise IGPruneError(f"shared_fraction must be in [0, 1], got {self.search_options['shared_fraction']}")
+        self.finder, self.search_options = finder, check_search(search or {})  # before any slow step
         self.n_clusters, self.sparsity, self.seed = n_clusters, sparsity, seed
         # Texts are embedded from their first `encoder_tokens` tokens, here and when routing: a prefix
         # places a text well enough (64 tokens route 93% of evaluation prompts as 256 do) and keeps routing
@@ -173,6 +180,15 @@ class IGPruner:
         return self.to_bundle().save(path)
 
 
+def fit_texts(data: str, samples: int | None, seq_len: int, seed: int = 0, max_chars: int | None = None) -> list[str]:
+    """fit_bundle's calibration passages: `samples` training passages of `data`, about as long as a training
+    sample (4 x seq_len characters) unless `max_chars` says otherwise."""
+    from igprune.data import MIN_CHARS, load_calibration
+
+    return load_calibration(data, split="train", max_chars=max_chars or max(MIN_CHARS, 4 * seq_len), limit=samples,
+                            seed=seed)
+
+
 def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clusters: int, sparsity: float,
                train: TrainConfig, data: str = "mixed", samples: int | None = 4096, max_chars: int | None = None,
                seed: int = 0, checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
@@ -180,10 +196,7 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
     """The `igprune fit` recipe, which the benchmarks use too: `samples` training passages of `data` about as
     long as a training sample (4 x seq_len characters), so the text that is clustered is the text that is
     trained on; then IGPruner.fit. The bundle records where its calibration text came from."""
-    from igprune.data import MIN_CHARS, load_calibration
-
-    texts = load_calibration(data, split="train", max_chars=max_chars or max(MIN_CHARS, 4 * train.seq_len),
-                             limit=samples, seed=seed)
+    texts = fit_texts(data, samples, train.seq_len, seed, max_chars)
     pruner = IGPruner(model, tokenizer, n_clusters=n_clusters, sparsity=sparsity, seed=seed, train=train,
                       checkpoint_dir=checkpoint_dir, shared_dir=shared_dir, progress=progress, finder=finder,
                       search=search).fit(texts)

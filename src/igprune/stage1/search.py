@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.baselines import Calibration, find_mask, make_calibration
+from igprune.baselines.base import SearchSpace
 from igprune.blocks import num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.masks import Granularity, units_off
-from igprune.stage1.pruner import SEARCH_DEFAULTS
+from igprune.stage1.pruner import SEARCH_DEFAULTS, check_search
 
 
 def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
@@ -46,8 +47,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     budget, for comparison); its mask is in the log as "global_order".
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
     """
-    if not 0.0 <= shared_fraction <= 1.0:
-        raise IGPruneError(f"shared_fraction must be in [0, 1], got {shared_fraction}")
+    check_search({"shared_fraction": shared_fraction})
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
@@ -56,7 +56,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     folder = Path(checkpoint) if checkpoint else None
     own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}") for i, texts in enumerate(groups)]
-    pooled = _equal_shares(own, shared_samples)
+    pooled = _equal_shares(own, shared_samples) if prefix is None or full_shared else None  # shared search only
 
     def sleb(calibration: Calibration, units: int, start: list[str], name: str) -> list[str]:
         if units == len(start):
@@ -69,7 +69,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
     bar.update(1)
     logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,
-                            "seq_len": seq_len, "shared_calibration": pooled.info, "shared_order": prefix,
+                            "seq_len": seq_len, "shared_calibration": pooled and pooled.info, "shared_order": prefix,
                             "clusters": []}
     if full_shared:
         logs["global_order"] = sleb(pooled, k, prefix, "global")
@@ -112,8 +112,6 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
 
 def find_order_mask(model: PreTrainedModel, order: list[str], granularity: Granularity) -> torch.Tensor:
     """The block mask (B,) with the named units (SLEB's order, e.g. ["attn7", "ffn16"]) switched off."""
-    from igprune.baselines.base import SearchSpace
-
     space = SearchSpace(num_blocks(model), granularity)
     return space.mask([space.unit(name) for name in order])
 
