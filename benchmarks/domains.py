@@ -46,19 +46,34 @@ FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
 STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 # IG-Pruning fits on the domains pool: the search finder (one SLEB per cluster), and the paper's L0 trainer
 # with the headline's budget (benchmarks/headline.py FIT).
+# ig-sleb-n6 is the first search recipe: each cluster's own SLEB result, on 4 x 64 tokens. ig-sleb-n6-wide
+# searches each cluster on 8 x 128 tokens (the global mask's budget) and then chooses each cluster's mask
+# among all six and the global one on 16 x 128 tokens of cluster text no search scored (stage1/search.py).
 FITS: dict[str, dict[str, Any]] = {
-    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6},
+    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0}},
+    "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
+                        "search": {"samples": 8, "seq_len": 128, "choose_samples": 16}},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
 }
 
 
-def shared_prefix(name: str, blocks: int) -> list[str]:
-    """The first half of the global SLEB search's order: the units every domain's and cluster's search starts from."""
+# ig-sleb-n6's masks chosen afresh on unsearched cluster text (no new search): among the six cluster masks,
+# and among those and the global static mask
+CHOSEN: dict[str, dict[str, Any]] = {"ig-sleb-n6-chosen": {"global": False, "samples": 8},
+                                     "ig-sleb-n6-chosen-global": {"global": True, "samples": 16}}
+
+
+def global_order(name: str, blocks: int) -> list[str]:
+    """The global static SLEB mask's units (GLOBAL, on the mixed pool), in the order its search removed them."""
     from igprune.bundle import Bundle
 
-    order = Bundle.load(BUNDLES / name / GLOBAL.format(blocks=blocks)).logs["search"]["order"]
-    return order[: int(round(0.5 * blocks))]
+    return Bundle.load(BUNDLES / name / GLOBAL.format(blocks=blocks)).logs["search"]["order"]
+
+
+def shared_prefix(name: str, blocks: int) -> list[str]:
+    """The first half of the global SLEB search's order: the units every domain's and cluster's search starts from."""
+    return global_order(name, blocks)[: int(round(0.5 * blocks))]
 
 
 def folder(model: str) -> Path:
@@ -132,7 +147,11 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         print(f"== fit {run}", flush=True)
         started = time.perf_counter()
         train = TrainConfig(**spec.get("train", {}))
-        search = {**SEARCH, "prefix": shared_prefix(name, blocks)} if spec["finder"] == "sleb" else None
+        search = None
+        if spec["finder"] == "sleb":
+            search = {**spec["search"], "prefix": shared_prefix(name, blocks)}
+            if search["choose_samples"]:
+                search["global_order"] = global_order(name, blocks)
         bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,
                             "domains", FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED, finder=spec["finder"],
                             search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"))
@@ -144,14 +163,15 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
 
 
 def choose(model, tokenizer, name: str, blocks: int) -> None:
-    """ig-sleb-n6 with each cluster's mask chosen among all six on that cluster's passages its search did not
-    score (stage1.search.choose_masks): same centroids, same candidate masks, no new search."""
+    """Each CHOSEN bundle: ig-sleb-n6 with every cluster's mask chosen among the candidates on that cluster's
+    passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
+    from igprune.baselines import make_calibration
     from igprune.bundle import Bundle
     from igprune.stage1.pruner import fit_texts
-    from igprune.stage1.search import choose_masks
+    from igprune.stage1.search import choose_masks, find_order_mask
     from igprune.stage2.router import Router
 
-    source, out = fit_dir(name, "ig-sleb-n6", blocks), fit_dir(name, "ig-sleb-n6-chosen", blocks)
+    source = fit_dir(name, "ig-sleb-n6", blocks)
     bundle = Bundle.load(source)
     # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
     texts = fit_texts("domains", bundle.config["calibration"]["samples"], bundle.config["calibration"]["seq_len"],
@@ -160,12 +180,20 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
     if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
         raise SystemExit("routing the fit's passages does not give its clusters; refit")
     groups = [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(bundle.n_clusters)]
-    masks, log = choose_masks(model, tokenizer, groups, bundle.masks, samples=8, seq_len=SEARCH["seq_len"],
-                              search_samples=SEARCH["samples"], seed=SEED)
-    config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
-    Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name}, None,
-           {**bundle.logs, "choose": log}).save(out)
-    print(f"wrote {out}: chosen {log['chosen']}")
+    searched = [make_calibration(tokenizer, g, SEARCH["samples"], SEARCH["seq_len"], SEED).texts for g in groups]
+    for run, spec in CHOSEN.items():
+        out = fit_dir(name, run, blocks)
+        if (out / "bundle.json").is_file():
+            continue
+        candidates = bundle.masks
+        if spec["global"]:
+            candidates = torch.cat([candidates, find_order_mask(model, global_order(name, blocks), "block")[None]])
+        masks, log = choose_masks(model, tokenizer, groups, candidates, samples=spec["samples"],
+                                  seq_len=SEARCH["seq_len"], exclude=searched, seed=SEED)
+        config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
+        Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"]},
+               None, {**bundle.logs, "choose": log}).save(out)
+        print(f"wrote {out}: chosen {log['chosen']}")
 
 
 # ----------------------------------------------------------------------------------------------- score
@@ -233,7 +261,7 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
         report["searched_tokens"] = _on_search_tokens(model, tokenizer, domain_masks, masks[best])
 
     headline = f"ig16-b{blocks}"  # the headline fit on the mixed pool, for comparison
-    candidates = [(run, fit_dir(name, run, blocks)) for run in [*FITS, "ig-sleb-n6-chosen"]] + [
+    candidates = [(run, fit_dir(name, run, blocks)) for run in [*FITS, *CHOSEN]] + [
         (headline, BUNDLES / name / headline)]
     for run, path in candidates:
         if not (path / "bundle.json").is_file():

@@ -10,12 +10,13 @@ from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import IGPruner
 from igprune.stage1.search import choose_masks, find_order_mask, search_cluster_masks
 
-OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3}
+OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "choose_samples": 0}  # choosing has its own tests
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return tiny_model("llama", layers=4), tiny_tokenizer(), [texts * 4 for texts in TOPICS.values()]
+    groups = [[f"{t} ({i})" for i, t in enumerate(texts * 4)] for texts in TOPICS.values()]  # 12 distinct each
+    return tiny_model("llama", layers=4), tiny_tokenizer(), groups
 
 
 def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
@@ -36,12 +37,32 @@ def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
     assert log["shared_calibration"]["sha256"] == sha256_tensors(expected)
 
 
-def test_shared_fraction_one_gives_every_cluster_the_global_mask(setup):
+def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, tmp_path):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, full_shared=True,
-                                      progress=False, **OPTIONS)
+    options = {**OPTIONS, "choose_samples": 2}
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, checkpoint=tmp_path, progress=False, **options)
+    assert (tmp_path / "global" / "search.json").is_file()  # the global mask continued the shared search
+    assert log["global_order"][:2] == log["shared_order"] and len(log["global_order"]) == 4
+    searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
+    candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
+    exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
+    expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude)
+    assert torch.equal(masks, expected) and log["choose"]["chosen"] == table["chosen"]
+    assert len(log["choose"]["perplexity"][0]) == 4  # three cluster masks and the global one
+
+
+def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setup, tmp_path):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, progress=False,
+                                      **{**OPTIONS, "choose_samples": 2})
     glob = find_order_mask(model, log["global_order"], "block")
     assert all(torch.equal(m, glob) for m in masks)
+    order = ["attn3", "ffn3", "attn2", "ffn2"]
+    _, log = search_cluster_masks(model, tok, groups, 0.5, prefix=order[:1], global_order=order,
+                                  checkpoint=tmp_path, progress=False, **{**OPTIONS, "choose_samples": 2})
+    assert log["global_order"] == order and not (tmp_path / "global").exists()  # given, not searched
+    with pytest.raises(IGPruneError, match="global order names 2 units but 4"):
+        search_cluster_masks(model, tok, groups, 0.5, global_order=order[:2], progress=False, **OPTIONS)
 
 
 def test_searches_resume_from_their_checkpoint(setup, tmp_path):
@@ -76,6 +97,8 @@ def test_bad_finder_settings_are_one_line_errors(setup):
         IGPruner(model, tok, finder="sleb", search={"steps": 3})
     with pytest.raises(IGPruneError, match="shared_fraction"):
         search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.5, progress=False)
+    with pytest.raises(IGPruneError, match="choose_samples must be a whole number"):
+        IGPruner(model, tok, finder="sleb", search={"choose_samples": -1})
     with pytest.raises(IGPruneError, match="at least one calibration text"):
         search_cluster_masks(model, tok, [groups[0], []], 0.5, progress=False)
 
@@ -95,17 +118,16 @@ def test_a_given_prefix_replaces_the_shared_search(setup, tmp_path):
 
 def test_choose_masks_judges_every_candidate_on_text_the_searches_did_not_score(setup):
     model, tok, groups = setup
-    groups = [[f"{t} {i}" for i, t in enumerate(texts)] for texts in groups]  # distinct texts
     masks, _ = search_cluster_masks(model, tok, groups, 0.5, progress=False, **OPTIONS)
-    chosen, log = choose_masks(model, tok, groups, masks, samples=2, seq_len=16, search_samples=2)
+    exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
+    chosen, log = choose_masks(model, tok, groups, masks, samples=2, seq_len=16, exclude=exclude)
     assert chosen.shape == masks.shape and len(log["chosen"]) == 3
     for i, texts in enumerate(groups):
-        searched = set(make_calibration(tok, texts, 2, 16, 0).texts)
-        fresh = make_calibration(tok, [t for t in texts if t not in searched], 2, 16, 0)
+        fresh = make_calibration(tok, [t for t in texts if t not in exclude[i]], 2, 16, 0)
         best = min(range(3), key=lambda j: (log["perplexity"][i][j], j != i))
         assert log["chosen"][i] == best and torch.equal(chosen[i], masks[best])
-        assert not searched & set(fresh.texts)  # judged on other texts than its search scored
-    same, log = choose_masks(model, tok, groups, masks[[0, 0, 0]], samples=2, seq_len=16, search_samples=2)
+        assert not set(exclude[i]) & set(fresh.texts)  # judged on other texts than its search scored
+    same, log = choose_masks(model, tok, groups, masks[[0, 0, 0]], samples=2, seq_len=16, exclude=exclude)
     assert log["chosen"] == [0, 1, 2]  # a tie keeps each cluster's own mask
-    with pytest.raises(IGPruneError, match="no text beyond"):
-        choose_masks(model, tok, [groups[0][:1]], masks[:1], samples=2, seq_len=16)
+    with pytest.raises(IGPruneError, match="no text beyond what its search scored"):
+        choose_masks(model, tok, [groups[0][:1]], masks[:1], samples=2, seq_len=16, exclude=[groups[0][:1]])

@@ -155,6 +155,9 @@ def fit(
                                                 "cluster's search scores masks on")] = 8,
     shared_fraction: Annotated[float, typer.Option(help="--finder sleb: share of the blocks to skip that one "
                                                    "search on all clusters chooses before each cluster's own")] = 0.5,
+    choose_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of unsearched cluster text on "
+                                                "which each cluster's mask is chosen among all clusters' and "
+                                                "the global one (0: keep each search's own)")] = 8,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -169,7 +172,8 @@ def fit(
 
     _at_least(clusters=(clusters, 1), samples=(samples, 1), max_chars=(max_chars, MIN_CHARS), seq_len=(seq_len, 2),
               batch_size=(batch_size, 1), cluster_batch=(cluster_batch, 1), shared_steps=(shared_steps, 0),
-              cluster_steps=(cluster_steps, 0), search_samples=(search_samples, 1))
+              cluster_steps=(cluster_steps, 0), search_samples=(search_samples, 1),
+              choose_samples=(choose_samples, 0))
     if finder not in FINDERS:
         raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
     _join_ranks()
@@ -181,7 +185,8 @@ def fit(
     _on_main(tidy, checkpoint)  # what a killed run left half-written
     console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
                   f"(checkpoints in {checkpoint})")
-    search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction}
+    search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
+              "choose_samples": choose_samples}
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
                         seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search)
     _on_main(_save_bundle, bundle, out, checkpoint)

@@ -5,7 +5,10 @@ small budget a cluster mask barely leaves the shared one (benchmarks/RESULTS.md)
 every candidate mask exactly, on the cluster's own calibration tokens, so a cluster's mask moves where its
 text asks. To keep the cost near one search per cluster's share of the steps, every cluster continues one
 global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences, then each
-cluster's SLEB removes the rest on that cluster's sequences alone (SLEB's `start`).
+cluster's SLEB removes the rest on that cluster's sequences alone (SLEB's `start`). Last, each cluster's
+mask is chosen among all the clusters' masks and the global one on cluster text no search scored: a search
+on a few hundred tokens fits their noise, and a cluster should leave the global mask only where its text
+really asks (choose_masks).
 
     masks, log = search_cluster_masks(model, tokenizer, groups, sparsity=0.25)   # groups: texts per cluster
 """
@@ -13,7 +16,7 @@ cluster's SLEB removes the rest on that cluster's sequences alone (SLEB's `start
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from igprune.baselines import Calibration, find_mask, make_calibration
 from igprune.baselines.base import SearchSpace
 from igprune.blocks import num_blocks
 from igprune.files import IGPruneError, sha256_tensors
-from igprune.masks import Granularity, units_off
+from igprune.masks import Granularity, mask_row, units_off
 from igprune.stage1.pruner import SEARCH_DEFAULTS, check_search
 
 
@@ -34,7 +37,9 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          shared_fraction: float = SEARCH_DEFAULTS["shared_fraction"],
                          samples: int = SEARCH_DEFAULTS["samples"], seq_len: int = SEARCH_DEFAULTS["seq_len"],
                          shared_samples: int = SEARCH_DEFAULTS["shared_samples"],
-                         prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"], full_shared: bool = False,
+                         prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"],
+                         global_order: Sequence[str] | None = SEARCH_DEFAULTS["global_order"],
+                         choose_samples: int = SEARCH_DEFAULTS["choose_samples"],
                          checkpoint: str | Path | None = None,
                          progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """One block mask per group of texts (N, B), and the searches' logs.
@@ -42,21 +47,28 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     shared_fraction: the share of the units to remove that the shared search removes, before each group's
     search continues on its own sequences (0: independent searches; 1: one static mask for all).
     prefix: the shared units given instead of searched, e.g. an earlier SLEB bundle's first units
-    (`logs.search.order`); then shared_fraction and shared_samples are not used.
-    full_shared: also continue the shared search to all units (the best global SLEB mask at the same
-    budget, for comparison); its mask is in the log as "global_order".
+    (`logs.search.order`); then shared_fraction is not used.
+    choose_samples: each group's mask is then chosen (choose_masks) among every group's mask and the global
+    one on that many sequences of the group's text that no search scored, so a group keeps its own mask
+    only where it generalises and otherwise stays with the global mask or takes a neighbour's; 0 keeps
+    every group's own search result.
+    global_order: the global mask's units, e.g. a static SLEB bundle's order whose first units are `prefix`;
+    by default, when choosing, the shared search continues to all units on the pooled sequences.
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
     """
-    check_search({"shared_fraction": shared_fraction})
+    check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples})
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
     shared = len(prefix) if prefix is not None else int(round(shared_fraction * k))
     if shared > k:
         raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
+    if global_order is not None and len(global_order) != k:
+        raise IGPruneError(f"the global order names {len(global_order)} units but {k} are to be switched off")
     folder = Path(checkpoint) if checkpoint else None
     own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}") for i, texts in enumerate(groups)]
-    pooled = _equal_shares(own, shared_samples) if prefix is None or full_shared else None  # shared search only
+    search_global = choose_samples > 0 and global_order is None
+    pooled = _equal_shares(own, shared_samples) if prefix is None or search_global else None  # shared search only
 
     def sleb(calibration: Calibration, units: int, start: list[str], name: str) -> list[str]:
         if units == len(start):
@@ -65,14 +77,15 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                            progress=False, checkpoint=folder and folder / name, calibration=calibration, start=start)
         return bundle.logs["search"]["order"]
 
-    bar = tqdm(total=len(groups) + 1 + full_shared, desc="mask searches", unit="search", disable=not progress)
+    bar = tqdm(total=len(groups) + 1 + search_global + (choose_samples > 0), desc="mask searches", unit="search",
+               disable=not progress)
     prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
     bar.update(1)
     logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,
                             "seq_len": seq_len, "shared_calibration": pooled and pooled.info, "shared_order": prefix,
                             "clusters": []}
-    if full_shared:
-        logs["global_order"] = sleb(pooled, k, prefix, "global")
+    if search_global:
+        global_order = sleb(pooled, k, prefix, "global")
         bar.update(1)
     masks = []
     for i, calibration in enumerate(own):
@@ -80,32 +93,44 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         masks.append(find_order_mask(model, order, granularity))
         logs["clusters"].append({"order": order, "calibration": calibration.info})
         bar.update(1)
+    masks = torch.stack(masks)
+    if choose_samples > 0:
+        logs["global_order"] = list(global_order)
+        candidates = torch.cat([masks, find_order_mask(model, global_order, granularity)[None]])
+        masks, logs["choose"] = choose_masks(model, tokenizer, groups, candidates, choose_samples, seq_len,
+                                             exclude=[c.texts for c in own], seed=seed)
+        bar.update(1)
     bar.close()
-    return torch.stack(masks), logs
+    return masks, logs
 
 
 def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
-                 candidates: torch.Tensor, samples: int = 8, seq_len: int = 64, search_samples: int | None = None,
+                 candidates: torch.Tensor, samples: int = 8, seq_len: int = 64,
+                 exclude: Sequence[Collection[str]] | None = None,
                  seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-    """For each group, the candidate mask (of all the groups' masks) with the lowest perplexity on `samples` x
-    `seq_len` tokens of that group's texts that its own search did not score.
+    """For each group i, the candidate mask with the lowest perplexity on `samples` x `seq_len` tokens of
+    group i's texts outside `exclude[i]` (the texts its search scored); a tie keeps candidate i, its own.
 
     A search on a few hundred tokens fits their noise: its mask wins on them and may lose on the group's other
-    text to another group's mask (benchmarks/RESULTS.md, the domain benchmark). Judging every candidate on fresh
-    tokens of the group keeps a group's own mask only where it generalises. `search_samples` (default: `samples`)
-    and `seq_len` say which tokens the searches scored, so those texts are left out.
+    text to another group's mask or the global one (benchmarks/RESULTS.md, the domain benchmark). Judging every
+    candidate on fresh tokens of the group keeps a group's own mask only where it generalises.
     """
     from igprune.baselines import Scorer
 
     chosen, table = [], []
     for i, texts in enumerate(groups):
-        searched = set(make_calibration(tokenizer, texts, search_samples or samples, seq_len, seed).texts)
+        searched = set(exclude[i]) if exclude else set()
         fresh = [t for t in texts if t not in searched]
         if not fresh:
-            raise IGPruneError(f"cluster {i} has no text beyond what its search scored; give more calibration text")
+            raise IGPruneError(f"cluster {i} has no text beyond what its search scored to choose its mask on; "
+                               "give more calibration text, or choose_samples=0 (--choose-samples 0)")
         scorer = Scorer(model, make_calibration(tokenizer, fresh, samples, seq_len, seed, f"cluster{i} fresh"))
-        scores = [scorer.perplexity(mask) for mask in candidates]
-        chosen.append(min(range(len(scores)), key=lambda j: (scores[j], j != i)))  # ties keep the own mask
+        distinct: dict[str, float] = {}  # several clusters often share a mask: score each once
+        for m in candidates:
+            if mask_row(m) not in distinct:
+                distinct[mask_row(m)] = scorer.perplexity(m)
+        scores = [distinct[mask_row(m)] for m in candidates]
+        chosen.append(min(range(len(scores)), key=lambda j: (scores[j], j != i)))
         table.append(scores)
     return candidates[chosen], {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len}
 
