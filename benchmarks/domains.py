@@ -10,6 +10,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
     python benchmarks/domains.py choose --blocks 15   # ig-sleb-n6 with masks chosen on fresh cluster text
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
+    python benchmarks/domains.py gold --blocks 15     # GSM8K / MBPP reference solutions: bits per byte
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
     python benchmarks/report.py                       # then the tables in RESULTS.md
 
@@ -41,6 +42,7 @@ SEED = 0
 SEARCH = {"samples": 4, "seq_len": 64}
 GLOBAL = "sleb-b{blocks}-mixed"
 HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each scored on its first 128 tokens
+GOLD = {"limit": 32, "max_tokens": 512}  # held-out GSM8K and MBPP records per task, prompt + solution at most 512
 TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
 FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
 STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
@@ -201,37 +203,17 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
 
 def score(model, tokenizer, name: str, blocks: int) -> None:
     """Per-passage NLL of every distinct mask on every domain's held-out passages, then the report."""
-    from igprune.blocks import masked
-    from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES, load_calibration
-    from igprune.evaluation.perplexity import CHARS_PER_TOKEN, token_nll, truncate
+    from igprune.evaluation.perplexity import CHARS_PER_TOKEN, truncate
     from igprune.files import read_json, write_json
-    from igprune.masks import mask_row
     from igprune.stage1.search import find_order_mask
-    from igprune.stage2.router import Router
 
     seq_len, limit = HELDOUT["seq_len"], HELDOUT["limit"]
     texts = {d: load_calibration(d, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=SEED)
              for d in DOMAIN_SOURCES}
     ids = {d: truncate(tokenizer, t, seq_len) for d, t in texts.items()}
-    cache_path = folder(name) / f"passages-b{blocks}.json"
-    cache = read_json(cache_path) if cache_path.is_file() else {}
-
-    def nll(mask: torch.Tensor | None) -> dict[str, list[list[float]]]:
-        """{domain: [[nll, tokens] per passage]} under `mask` (None: dense), computed once per distinct mask."""
-        key = "dense" if mask is None else mask_row(mask)
-        if key not in cache:
-            print(f"scoring {key}", flush=True)
-            with masked(model, mask):
-                cache[key] = {d: [list(x) for x in token_nll(model, ids[d], 8)] for d in DOMAIN_SOURCES}
-            write_json(cache_path, cache)
-        return cache[key]
-
-    masks: dict[str, torch.Tensor | None] = {"dense": None}
-    for pattern in STATIC:
-        path = BUNDLES / name / pattern.format(blocks=blocks)
-        if (path / "bundle.json").is_file():
-            masks[path.name] = Bundle.load(path).masks[0]
+    nll = _cached_nll(model, folder(name) / f"passages-b{blocks}.json", ids)
+    masks = _static_masks(name, blocks)
     found_path = folder(name) / f"search-b{blocks}.json"
     found = read_json(found_path) if found_path.is_file() else None  # the ceiling needs `search` first
     domain_masks = {}
@@ -254,35 +236,126 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
         "passages": {d: len(v) for d, v in ids.items()}, "search": found and {
             k: found[k] for k in ("settings", "shared_order", "domain_orders", "seconds")},
         "matrix": matrix, "overall": {label: _ppl(_all(nll(mask))) for label, mask in masks.items()},
-        "best_static": best, "bundles": {}}
+        "best_static": best}
     if domain_masks:
         ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
         report["ceiling"] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, static[best])}
         report["searched_tokens"] = _on_search_tokens(model, tokenizer, domain_masks, masks[best])
-
-    headline = f"ig16-b{blocks}"  # the headline fit on the mixed pool, for comparison
-    candidates = [(run, fit_dir(name, run, blocks)) for run in [*FITS, *CHOSEN]] + [
-        (headline, BUNDLES / name / headline)]
-    for run, path in candidates:
-        if not (path / "bundle.json").is_file():
-            continue
-        bundle = Bundle.load(path)
-        router = Router.from_bundle(bundle)
-        per_cluster = [nll(m) for m in bundle.masks]
-        routed, oracle, table = {}, {}, {}
-        for d in DOMAIN_SOURCES:
-            clusters = [r.cluster for r in router.route(tokenizer.batch_decode(ids[d], skip_special_tokens=True))]
-            routed[d] = [per_cluster[c][d][i] for i, c in enumerate(clusters)]
-            oracle[d] = [min((p[d][i] for p in per_cluster), key=lambda x: x[0]) for i in range(len(ids[d]))]
-            table[d] = {str(c): clusters.count(c) for c in sorted(set(clusters))}
-        report["bundles"][run] = {
-            "path": str(path.relative_to(HERE)), "finder": bundle.config.get("finder", "l0"),
-            "clusters": bundle.n_clusters, "distinct_masks": len({mask_row(m) for m in bundle.masks}),
-            "fit_seconds": bundle.config.get("fit_seconds"), "routing": table,
-            "routed": {"overall": _ppl(_all(routed)), **_versus(routed, static[best])},
-            "oracle": {"overall": _ppl(_all(oracle)), **_versus(oracle, static[best])}}
+    if wide:  # each domain's 8 x 128-token mask on its own held-out text: the ceiling at the global mask's budget
+        ceiling = {d: nll(wide[f"sleb-8x128-{d}"])[d] for d in DOMAIN_SOURCES if f"sleb-8x128-{d}" in wide}
+        report["ceiling_8x128"] = {"overall": _ppl(_all(ceiling)),
+                                   **_versus(ceiling, {d: static[best][d] for d in ceiling})}
+    route_texts = {d: tokenizer.batch_decode(ids[d], skip_special_tokens=True) for d in DOMAIN_SOURCES}
+    report["bundles"] = {run: _bundle_report(path, nll, route_texts, static[best])
+                         for run, path in _ig_runs(name, blocks)}
     write_json(folder(name) / f"score-b{blocks}.json", report)
     print(f"wrote {folder(name) / f'score-b{blocks}.json'}")
+
+
+def gold(model, tokenizer, name: str, blocks: int) -> None:
+    """Log-likelihood tasks in the maths and code domains: bits per byte of the reference solutions of held-out
+    GSM8K and MBPP records given their prompts, each routed by its prompt (what a served request shows)."""
+    import random
+
+    from igprune.data import reference_solutions
+    from igprune.files import write_json
+
+    ids, context, weights, prompts = {}, {}, {}, {}
+    for task, pairs in reference_solutions("heldout").items():
+        rows = []
+        for prompt, solution in pairs:
+            head, tail = tokenizer(prompt).input_ids, tokenizer(solution, add_special_tokens=False).input_ids
+            if len(head) + len(tail) <= GOLD["max_tokens"]:
+                rows.append((prompt, head, tail, len(solution.encode("utf-8"))))
+        rows = random.Random(SEED).sample(rows, min(GOLD["limit"], len(rows)))
+        ids[task] = [head + tail for _, head, tail, _ in rows]
+        context[task] = [len(head) for _, head, _, _ in rows]
+        weights[task] = [n_bytes for *_, n_bytes in rows]
+        prompts[task] = [prompt for prompt, *_ in rows]
+    nll = _cached_nll(model, folder(name) / f"gold-b{blocks}.json", ids, context, weights)
+    masks = _static_masks(name, blocks)
+    static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
+    best = min(static, key=lambda label: _rate(_all(static[label]))[0])
+    report: dict[str, Any] = {
+        "model": name, "blocks": blocks, "settings": GOLD, "seed": SEED, "records": {t: len(v) for t, v in ids.items()},
+        "bpb": {label: {t: _bpb(v) for t, v in nll(mask).items()} | {"overall": _bpb(_all(nll(mask)))}
+                for label, mask in masks.items()},
+        "best_static": best,
+        "bundles": {run: _bundle_report(path, nll, prompts, static[best]) for run, path in _ig_runs(name, blocks)}}
+    out = folder(name) / f"gold-report-b{blocks}.json"
+    write_json(out, report)
+    print(f"wrote {out}")
+
+
+def _cached_nll(model, path: Path, ids: dict[str, list[list[int]]], context: dict[str, list[int]] | None = None,
+                weights: dict[str, list[int]] | None = None):
+    """nll(mask) -> {set: [[summed NLL, weight] per sequence]} under `mask` (None: dense), computed once per
+    distinct mask and kept in `path`, so an interrupted run resumes. A sequence's first `context` tokens are
+    read, not scored; its weight is the number of tokens scored, or `weights` (e.g. bytes)."""
+    from igprune.blocks import masked
+    from igprune.evaluation.perplexity import token_nll
+    from igprune.files import read_json, write_json
+    from igprune.masks import mask_row
+
+    cache = read_json(path) if path.is_file() else {}
+
+    def nll(mask: torch.Tensor | None) -> dict[str, list[list[float]]]:
+        key = "dense" if mask is None else mask_row(mask)
+        if key not in cache:
+            print(f"scoring {key}", flush=True)
+            scores = {}
+            with masked(model, mask):
+                for d, rows in ids.items():
+                    pairs = token_nll(model, rows, 8, context and context[d])
+                    scores[d] = [[x, weights[d][i] if weights else n] for i, (x, n) in enumerate(pairs)]
+            cache[key] = scores
+            write_json(path, cache)
+        return cache[key]
+
+    return nll
+
+
+def _static_masks(name: str, blocks: int) -> dict[str, torch.Tensor | None]:
+    """Dense (None) and every STATIC bundle's mask that exists."""
+    from igprune.bundle import Bundle
+
+    masks: dict[str, torch.Tensor | None] = {"dense": None}
+    for pattern in STATIC:
+        path = BUNDLES / name / pattern.format(blocks=blocks)
+        if (path / "bundle.json").is_file():
+            masks[path.name] = Bundle.load(path).masks[0]
+    return masks
+
+
+def _ig_runs(name: str, blocks: int) -> list[tuple[str, Path]]:
+    """The IG bundles that exist: the FITS, the CHOSEN, and the headline fit on the mixed pool for comparison."""
+    headline = f"ig16-b{blocks}"
+    runs = [(run, fit_dir(name, run, blocks)) for run in [*FITS, *CHOSEN]] + [(headline, BUNDLES / name / headline)]
+    return [(run, path) for run, path in runs if (path / "bundle.json").is_file()]
+
+
+def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
+                   static: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """One IG bundle on every set: each item under the mask its router picks from `route_texts`, and under the
+    best of the bundle's masks for it (the oracle), against the best static mask, with the routing table."""
+    from igprune.bundle import Bundle
+    from igprune.masks import mask_row
+    from igprune.stage2.router import Router
+
+    bundle = Bundle.load(path)
+    router = Router.from_bundle(bundle)
+    per_cluster = [nll(m) for m in bundle.masks]
+    routed, oracle, table = {}, {}, {}
+    for d, texts in route_texts.items():
+        clusters = [r.cluster for r in router.route(texts)]
+        routed[d] = [per_cluster[c][d][i] for i, c in enumerate(clusters)]
+        oracle[d] = [min((p[d][i] for p in per_cluster), key=lambda x: x[0]) for i in range(len(texts))]
+        table[d] = {str(c): clusters.count(c) for c in sorted(set(clusters))}
+    return {"path": str(path.relative_to(HERE)), "finder": bundle.config.get("finder", "l0"),
+            "clusters": bundle.n_clusters, "distinct_masks": len({mask_row(m) for m in bundle.masks}),
+            "fit_seconds": bundle.config.get("fit_seconds"), "routing": table,
+            "routed": {"overall": _ppl(_all(routed)), "bpb": _bpb(_all(routed)), **_versus(routed, static)},
+            "oracle": {"overall": _ppl(_all(oracle)), "bpb": _bpb(_all(oracle)), **_versus(oracle, static)}}
 
 
 def tasks(model, tokenizer, name: str, blocks: int) -> None:
@@ -334,6 +407,12 @@ def _rate(passages: list[list[float]]) -> tuple[float, float]:
     return rate, math.sqrt(var) / (tokens / m)
 
 
+def _bpb(items: list[list[float]]) -> list[float]:
+    """[bits per weight unit, its standard error]: bits per byte where the weights are bytes."""
+    rate, se = _rate(items)
+    return [rate / math.log(2), se / math.log(2)]
+
+
 def _ppl(passages: list[list[float]]) -> list[float]:
     """[perplexity, its standard error] (delta method)."""
     rate, se = _rate(passages)
@@ -348,7 +427,7 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "tasks"])
+    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "gold", "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
@@ -370,6 +449,8 @@ def main() -> None:
         choose(model, tokenizer, args.model, args.blocks)
     elif args.step == "score":
         score(model, tokenizer, args.model, args.blocks)
+    elif args.step == "gold":
+        gold(model, tokenizer, args.model, args.blocks)
     else:
         tasks(model, tokenizer, args.model, args.blocks)
 

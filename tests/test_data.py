@@ -216,6 +216,17 @@ def test_domain_sources_are_gsm8k_solutions_and_sciq_prose(prepared_data):
     assert not [d for d in qa[:100] if d.split("\nQuestion: ")[1].split("\n")[0] in eval_text]  # not a scored task
 
 
+def test_reference_solutions_split_instruct_records_into_prompt_and_solution(prepared_data):
+    held, train = data.reference_solutions("heldout"), data.reference_solutions("train")
+    assert {k: len(held[k]) + len(train[k]) for k in held} == {"gsm8k": 1319, "mbpp": 500}
+    assert all(p.endswith(data.RESPONSE) and s.strip() for pairs in held.values() for p, s in pairs)
+    assert all(s.startswith("```python") for _, s in held["mbpp"]) and held["gsm8k"][0][1].count("The answer is")
+    heldout_math = {d for d in documents("math") if data.is_heldout(d)}  # the maths domain holds them out too
+    assert {p + s for p, s in held["gsm8k"]} == heldout_math
+    with pytest.raises(data.IGPruneError, match="unknown split"):
+        data.reference_solutions("test")
+
+
 @pytest.mark.parametrize("source", [*TEXT_SOURCES, "instruct", "math", "qa"])
 def test_heldout_passages_come_from_documents_never_trained_on(prepared_data, source):
     docs = documents(source)

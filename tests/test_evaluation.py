@@ -130,6 +130,21 @@ def test_perplexity_matches_hf_loss_and_does_not_depend_on_batching():
     assert all(a == pytest.approx(b, rel=1e-4) for (a, _), (b, _) in zip(one_by_one, scores, strict=True))
 
 
+def test_token_nll_with_a_context_scores_only_the_continuation():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    question = tokenizer("Q: what is added?").input_ids
+    answer = tokenizer(" two and three", add_special_tokens=False).input_ids
+    ids = question + answer
+    (nll, n), = token_nll(model, [ids], 1, context=[len(question)])
+    labels = torch.tensor([[-100] * len(question) + answer])
+    assert n == len(answer)
+    assert nll / n == pytest.approx(float(model(input_ids=torch.tensor([ids]), labels=labels).loss), rel=1e-4)
+    (whole, _), = token_nll(model, [ids], 1)
+    assert whole > nll  # the question's tokens count only without the context
+    with pytest.raises(IGPruneError, match="at least one scored token"):
+        token_nll(model, [ids], 1, context=[len(ids)])
+
+
 def test_dynamic_perplexity_scores_each_text_under_its_routed_mask():
     model, tokenizer = tiny_model(), tiny_tokenizer()
     pruned = dynamic_model(model, tokenizer)

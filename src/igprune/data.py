@@ -282,8 +282,11 @@ def _text_builder(source: str) -> Callable[[zipfile.ZipFile], list[dict[str, Any
     return lambda zf: parse_calibration_file(source, zf.read(f"{EXL_CAL}/{source}.utf8").decode("utf-8"))
 
 
+RESPONSE = "\n\n### Response:\n"
+
+
 def instruction_text(instruction: str, response: str) -> str:
-    return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n{response.strip()}"
+    return f"### Instruction:\n{instruction.strip()}{RESPONSE}{response.strip()}"
 
 
 def gsm8k_answer(answer: str) -> str:
@@ -467,6 +470,25 @@ def documents(source: str) -> tuple[str, ...]:
 def is_heldout(document: str) -> bool:
     """The train/heldout split is by document, by a hash of its text: stable, and duplicates stay together."""
     return int(hashlib.sha256(document.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+def reference_solutions(split: str = "heldout") -> dict[str, list[tuple[str, str]]]:
+    """The "instruct" records as (prompt, reference solution) pairs per task ("gsm8k", "mbpp"), from the
+    documents of one split: log-likelihood tasks in the maths and code domains. The prompt ends where the
+    response begins; GSM8K records are the "math" source's documents, so held-out ones are held out there too."""
+    if split not in ("train", "heldout"):
+        raise IGPruneError(f"unknown split {split!r}; use train or heldout")
+    path = calibration_path("instruct")
+    if not path.is_file():
+        raise IGPruneError("calibration data 'instruct' is missing; run `igprune prepare`")
+    out: dict[str, list[tuple[str, str]]] = {"gsm8k": [], "mbpp": []}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if is_heldout(record["text"]) == (split == "heldout"):
+                prompt, solution = record["text"].split(RESPONSE, 1)
+                out[record["id"].split("-", 1)[0]].append((prompt + RESPONSE, solution))
+    return out
 
 
 def passages(document: str, max_chars: int) -> list[str]:

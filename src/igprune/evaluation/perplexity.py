@@ -37,8 +37,15 @@ def rows_per_batch(batch_size: int, seq_len: int, vocab: int) -> int:
 
 
 @torch.no_grad()
-def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int) -> list[tuple[float, int]]:
-    """(summed NLL, predicted tokens) per sequence, under whatever mask is active; longest sequences first."""
+def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int,
+              context: list[int] | None = None) -> list[tuple[float, int]]:
+    """(summed NLL, predicted tokens) per sequence, under whatever mask is active; longest sequences first.
+
+    context: per sequence, how many leading tokens are only read, not scored (default 1: all but the first are
+    predicted), e.g. a question whose reference answer is scored."""
+    context = context or [1] * len(ids)
+    if any(not 1 <= c < len(x) for c, x in zip(context, ids, strict=True)):
+        raise IGPruneError("every sequence needs at least one scored token after its context")
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     rows = rows_per_batch(batch_size, max((len(x) for x in ids), default=1), model.config.vocab_size)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(ids)
@@ -47,13 +54,15 @@ def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int) -> 
         width = len(ids[chunk[0]])
         batch = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        scored = torch.zeros(len(chunk), width, dtype=torch.bool)
         for r, i in enumerate(chunk):
             batch[r, :len(ids[i])] = torch.tensor(ids[i])
             mask[r, :len(ids[i])] = 1
+            scored[r, context[i]:len(ids[i])] = True
         logits = model(input_ids=batch.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
-        nll = next_token_nll(logits, batch.masked_fill(mask == 0, -100).to(logits.device))
+        nll = next_token_nll(logits, batch.masked_fill(~scored, -100).to(logits.device))
         for r, i in enumerate(chunk):
-            out[i] = (float(nll[r].sum()), len(ids[i]) - 1)
+            out[i] = (float(nll[r].sum()), len(ids[i]) - context[i])
         del logits, nll
     return out
 
