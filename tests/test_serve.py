@@ -26,19 +26,28 @@ PROMPTS = [texts[0] for texts in TOPICS.values()]  # cooking, code, sport: one p
 TIMEOUT = 60  # seconds any one call may take
 
 
-@pytest.fixture(scope="module")
-def dynamic():
-    """A tiny llama with one centroid per topic and a visibly different mask per cluster."""
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    encoder = SentenceEncoder()
-    centroids = torch.stack([encoder.encode(texts).mean(0) for texts in TOPICS.values()])
+def cluster_masks() -> torch.Tensor:
+    """A visibly different mask per cluster: cluster k skips the FFN of layer k."""
     masks = torch.ones(3, 8, dtype=torch.bool)
     for k in range(3):
         masks[k, 2 * k + 1] = False
+    return masks
+
+
+def routed_model(masks: torch.Tensor) -> DynamicPrunedModel:
+    """A tiny llama with one centroid per topic and the given mask per cluster."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    encoder = SentenceEncoder()
+    centroids = torch.stack([encoder.encode(texts).mean(0) for texts in TOPICS.values()])
     bundle = Bundle(masks, centroids, {"fingerprint": fingerprint(model), "encoder": DEFAULT_ENCODER, "model": "tiny"})
     dynamic = DynamicPrunedModel.from_bundle(model, bundle, tokenizer)
     assert [r.cluster for r in dynamic.route(PROMPTS)] == [0, 1, 2]
     return dynamic
+
+
+@pytest.fixture(scope="module")
+def dynamic():
+    return routed_model(cluster_masks())
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +185,32 @@ def test_concurrent_requests_batch_by_cluster_and_equal_offline(dynamic, app, cl
         assert out.choices[0].text == alone(dynamic, prompt, 10)[0]
         assert out.model_extra["igprune"]["cluster"] == cluster
         assert out.model_extra["igprune"]["batch_size"] == routes.count(cluster)
+
+
+def test_clusters_with_equal_masks_share_a_queue_and_its_batches():
+    """Clusters 0 and 2 with one mask: their held requests go out as one batch, as a static mask's would, and
+    each answer is still that prompt's offline generation under its cluster's mask."""
+    masks = cluster_masks()
+    masks[2] = masks[0]
+    shared = routed_model(masks)
+    app = create_app(shared, "tiny", ServeSettings(max_batch=8, max_wait_ms=20, max_queue=8, request_timeout=TIMEOUT))
+    scheduler = app.state.scheduler
+    assert scheduler.queue_of == [0, 1, 0]
+    prompts = [t for texts in TOPICS.values() for t in texts][:8]
+    with BackgroundServer(app).running() as url, ThreadPoolExecutor(8) as pool:
+        client = client_of(url)
+        with scheduler.hold():
+            futures = [pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=10, temperature=0)
+                       for p in prompts]
+            wait_until(lambda: sum(scheduler.depth(k) for k in range(3)) == 8)  # per cluster, in shared queues
+        outs = [f.result(timeout=TIMEOUT) for f in futures]
+    routes = [r.cluster for r in shared.route(prompts)]
+    assert {0, 2} <= set(routes)
+    for prompt, out, cluster in zip(prompts, outs, routes, strict=True):
+        assert out.choices[0].text == alone(shared, prompt, 10)[0]
+        assert out.model_extra["igprune"]["cluster"] == cluster
+        together = [c for c in routes if scheduler.queue_of[c] == scheduler.queue_of[cluster]]
+        assert out.model_extra["igprune"]["batch_size"] == len(together)
 
 
 def test_bad_requests_get_openai_error_bodies_and_the_server_lives(server, client):

@@ -54,18 +54,19 @@ class Metrics:
         self.ttft = Histogram("igprune_time_to_first_token_seconds", "Arrival to first text", ["cluster"], registry=r)
         self.queue_wait = Histogram("igprune_queue_wait_seconds", "Queued until its batch started", ["cluster"],
                                     registry=r)
-        self.batch_size = Histogram("igprune_batch_size", "Requests per batch", ["cluster"], registry=r,
+        # batches run per distinct mask, which clusters with equal masks share (serve/engine.py)
+        self.batch_size = Histogram("igprune_batch_size", "Requests per batch", ["mask"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.tokens_per_s = Gauge("igprune_tokens_per_second", "Generated tokens/s of the last batch", ["cluster"],
+        self.tokens_per_s = Gauge("igprune_tokens_per_second", "Generated tokens/s of the last batch", ["mask"],
                                   registry=r)
         depth = Gauge("igprune_queue_depth", "Requests waiting per cluster", ["cluster"], registry=r)
         for k in range(scheduler.n_clusters):
             depth.labels(cluster=str(k)).set_function(lambda k=k: scheduler.depth(k))
         Gauge("igprune_admitted_waiting", "Requests admitted, not started", registry=r).set_function(scheduler.depth)
 
-    def batch(self, cluster: int, size: int, tokens: int, seconds: float) -> None:
-        self.batch_size.labels(cluster=str(cluster)).observe(size)
-        self.tokens_per_s.labels(cluster=str(cluster)).set(tokens / max(seconds, 1e-9))
+    def batch(self, mask: int, size: int, tokens: int, seconds: float) -> None:
+        self.batch_size.labels(mask=str(mask)).observe(size)
+        self.tokens_per_s.labels(mask=str(mask)).set(tokens / max(seconds, 1e-9))
 
 
 def _error(err: APIError) -> JSONResponse:

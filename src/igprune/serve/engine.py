@@ -1,10 +1,12 @@
-"""The generation side of `igprune serve`: per-cluster queues, a fair batching scheduler, one worker thread.
+"""The generation side of `igprune serve`: one queue per distinct mask, a fair batching scheduler, one worker.
 
-A request is routed once, by its prompt, when it is admitted, and waits in its cluster's queue. The
-worker takes batches in round-robin order over the clusters with work: a cluster's batch starts once it
-is full (`max_batch`) or its oldest request has waited `max_wait` seconds, so a request waits behind at
-most one batch of every other cluster per round. All model calls run in that one thread (torch is not
-async); the asyncio side only admits, queues and reads each job's events.
+A request is routed once, by its prompt, when it is admitted, and waits in the queue of its cluster's mask.
+Clusters whose masks are equal share a queue (a fit's clusters often share masks: ig16-b15's 16 clusters
+have 4), so their requests share batches as a static mask's do. The worker takes batches in round-robin
+order over the masks with work: a batch starts once it is full (`max_batch`) or its oldest request has
+waited `max_wait` seconds, so a request waits behind at most one batch of every other mask per round. All
+model calls run in that one thread (torch is not async); the asyncio side only admits, queues and reads each
+job's events.
 
 A batch is left-padded and run by HF generate under its cluster's mask, exactly as
 DynamicPrunedModel.generate runs a group; sampling and stop conditions are per row (a logits processor
@@ -144,14 +146,18 @@ class Scheduler:
         if max_batch < 1 or max_queue < 1 or max_wait < 0:
             raise IGPruneError("max_batch and max_queue must be at least 1 and max_wait not negative")
         self.dynamic, self.max_batch, self.max_wait, self.max_queue = dynamic, max_batch, max_wait, max_queue
-        self.on_batch = on_batch  # (cluster, batch size, generated tokens, seconds), for metrics
+        self.on_batch = on_batch  # (mask queue, batch size, generated tokens, seconds), for metrics
         self.n_clusters = dynamic.masks.shape[0]
-        self.queues: dict[int, deque[Job]] = {k: deque() for k in range(self.n_clusters)}
+        distinct: dict[bytes, int] = {}
+        # cluster -> its mask's queue: clusters with equal masks share one
+        self.queue_of = [distinct.setdefault(dynamic.mask_for(k).cpu().numpy().tobytes(), len(distinct))
+                         for k in range(self.n_clusters)]
+        self.queues: dict[int, deque[Job]] = {q: deque() for q in range(len(distinct))}
         self.waiting = 0  # admitted and not yet started: routing or queued
         self.cond = threading.Condition()
         self.held = False
         self.stopping = False
-        self.next_cluster = 0
+        self.next_queue = 0
         self.tokenizer = dynamic.tokenizer
         eos = dynamic.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -180,12 +186,14 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self.cond:
-            self.queues[job.cluster].append(job)
+            self.queues[self.queue_of[job.cluster]].append(job)
             self.cond.notify_all()
 
     def depth(self, cluster: int | None = None) -> int:
-        """Requests waiting in one cluster's queue, or admitted and waiting overall."""
-        return self.waiting if cluster is None else len(self.queues[cluster])
+        """Requests of one cluster waiting in its mask's queue, or admitted and waiting overall."""
+        if cluster is None:
+            return self.waiting
+        return sum(job.cluster == cluster for job in self.queues[self.queue_of[cluster]])
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -201,12 +209,12 @@ class Scheduler:
 
     # --- the worker thread --------------------------------------------------------------------------
     def _take(self) -> tuple[int, list[Job]] | None:
-        """The next batch: the first cluster in round-robin order that is full or has waited long enough."""
+        """The next batch: the first mask queue in round-robin order that is full or has waited long enough."""
         with self.cond:
             while not self.stopping:
                 now, soonest = time.monotonic(), None
-                for step in range(self.n_clusters if not self.held else 0):
-                    k = (self.next_cluster + step) % self.n_clusters
+                for step in range(len(self.queues) if not self.held else 0):
+                    k = (self.next_queue + step) % len(self.queues)
                     queue = self.queues[k]
                     while queue and queue[0].cancelled:
                         queue.popleft()
@@ -217,7 +225,7 @@ class Scheduler:
                     if len(queue) >= self.max_batch or now >= due:
                         batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
                         self.waiting -= len(batch)
-                        self.next_cluster = k + 1
+                        self.next_queue = k + 1
                         return k, [job for job in batch if not job.cancelled]
                     soonest = due if soonest is None else min(soonest, due)
                 self.cond.wait(None if soonest is None else soonest - now)
@@ -225,17 +233,17 @@ class Scheduler:
 
     def _work(self) -> None:
         while (taken := self._take()) is not None:
-            cluster, batch = taken
+            queue, batch = taken
             if not batch:
                 continue
             try:
-                self._generate(cluster, batch)
+                self._generate(queue, batch)
             except Exception as err:  # a failed batch answers its requests; the server carries on
                 for job in batch:
                     if job.finish is None:
                         job.fail(500, f"generation failed: {type(err).__name__}: {err}")
 
-    def _generate(self, cluster: int, batch: list[Job]) -> None:
+    def _generate(self, queue: int, batch: list[Job]) -> None:
         pad = self.tokenizer.pad_token_id
         width = max(len(job.prompt_ids) for job in batch)
         input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
@@ -244,7 +252,7 @@ class Scheduler:
         for job in batch:
             job.started, job.batch_size = start, len(batch)
         sampler = _RowSampler(batch)
-        generate_under_mask(self.dynamic, cluster, input_ids.to(self.dynamic.device),
+        generate_under_mask(self.dynamic, batch[0].cluster, input_ids.to(self.dynamic.device),  # one mask for all
                             attention.to(self.dynamic.device), do_sample=False,
                             max_new_tokens=max(job.sampling.max_tokens for job in batch),
                             stopping_criteria=StoppingCriteriaList([_RowStops(batch, self._on_token)]),
@@ -253,7 +261,7 @@ class Scheduler:
             if job.finish is None:  # generate ended without this row deciding (should not happen)
                 self._finish(job, "length")
         if self.on_batch is not None:
-            self.on_batch(cluster, len(batch), sum(len(job.ids) for job in batch), time.monotonic() - start)
+            self.on_batch(queue, len(batch), sum(len(job.ids) for job in batch), time.monotonic() - start)
 
     def _on_token(self, job: Job, token: int) -> bool:
         """Take one new token for `job`: report new text, decide whether the row is done."""
