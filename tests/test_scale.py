@@ -258,3 +258,17 @@ def test_masked_forward_of_a_model_dispatched_with_a_device_map_runs_accelerates
         logits = sharded(ids).logits
     assert len(calls) == 4  # every layer's hook ran, under the gated forward
     torch.testing.assert_close(logits, expected)
+
+
+def test_progress_bars_are_drawn_on_rank_0_only(monkeypatch, capsys):
+    model, tokenizer = tiny_model("llama", layers=2), tiny_tokenizer()
+    texts = [t for ts in TOPICS.values() for t in ts]
+
+    def search_output() -> str:
+        find_mask("sleb", model, tokenizer, texts, 0.25, "block", progress=True, samples=2, seq_len=16)
+        return capsys.readouterr().err
+
+    assert "sleb" in search_output()
+    monkeypatch.setattr(distributed, "rank", lambda: 1)  # as another rank of the same run
+    assert not distributed.shows_progress(True)
+    assert "sleb" not in search_output()

@@ -36,6 +36,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def shows_progress(progress: bool) -> bool:
+    """Whether to draw a progress bar: asked for, and on rank 0 only (every rank runs the same loops)."""
+    return progress and is_main()
+
+
 def local_rank() -> int:
     """This process's index on its machine (torchrun's LOCAL_RANK): the GPU it uses."""
     return int(os.environ.get("LOCAL_RANK", "0"))

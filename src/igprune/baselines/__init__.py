@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.baselines import evopress, shortened, sleb, static_l0
 from igprune.baselines.base import Problem, SearchResult, SearchSpace
 from igprune.baselines.scoring import Calibration, Scorer, make_calibration
@@ -105,7 +106,8 @@ def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
         calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source)
     started = time.perf_counter()
     scorer = Scorer(model, calibration, batch_size=opts["batch_size"], top_k=opts.get("top_k", 64))
-    problem = Problem(model, scorer, space, k, seed, progress, Path(checkpoint) if checkpoint else None)
+    problem = Problem(model, scorer, space, k, seed, distributed.shows_progress(progress),
+                      Path(checkpoint) if checkpoint else None)
     problem.check()
     resumed = problem.checkpoint is not None and problem.checkpoint.is_dir() and any(problem.checkpoint.iterdir())
     search_options = {key: value for key, value in opts.items() if key not in _PROBLEM_OPTIONS}

@@ -89,7 +89,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
     runner: _Runner | None = None
     results: dict[str, Any] = {"kind": "accuracy", **config.describe(), "limit": limit, "kv_policy": kv_policy,
                                "batch_size": batch_size, "tasks": {}, "routing": {} if config.dynamic else None}
-    for task in tqdm(names, desc="tasks", unit="task", disable=not progress or None):
+    for task in tqdm(names, desc="tasks", unit="task", disable=not distributed.shows_progress(progress) or None):
         key = _task_key(model, config.content_sha256, task, limit, seed)
         entry = cache.get(key) if use_cache else None
         if entry is not None:

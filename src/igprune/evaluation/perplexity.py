@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.blocks import KVPolicy
 from igprune.bundle import Bundle
 from igprune.evaluation.results import Configuration, provenance
@@ -90,7 +91,8 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
         clusters = [r.cluster for r in pruned.route(tokenizer.batch_decode(ids, skip_special_tokens=True))]
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
     groups = sorted(set(clusters))
-    for cluster in tqdm(groups, desc="perplexity", unit="cluster", disable=not progress or len(groups) == 1 or None):
+    bar = distributed.shows_progress(progress) and len(groups) > 1
+    for cluster in tqdm(groups, desc="perplexity", unit="cluster", disable=not bar or None):
         rows = [i for i, c in enumerate(clusters) if c == cluster]
         if pruned is None:
             results = token_nll(model, [ids[i] for i in rows], batch_size)

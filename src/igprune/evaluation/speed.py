@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.blocks import KVPolicy, control_of, masked
 from igprune.bundle import Bundle
 from igprune.evaluation.flops import ORDERS, Order, canonical_mask, decode_flops, flops
@@ -232,7 +233,7 @@ def bench_speed(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_text: s
     from tqdm import tqdm
 
     rounds = tqdm(range(settings.warmup + settings.repeats), desc=f"timing {len(candidates)} configurations",
-                  unit="round", disable=not progress or None)
+                  unit="round", disable=not distributed.shows_progress(progress) or None)
     try:
         with control_of(model).active():  # installed once for the whole run, so no scope's cost is timed
             _rounds(model, ids, texts, candidates, routers, settings, rounds, times, route_times)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from igprune import distributed
 from igprune.baselines import Calibration, find_mask, make_calibration
 from igprune.baselines.base import SearchSpace
 from igprune.blocks import num_blocks
@@ -78,7 +79,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         return bundle.logs["search"]["order"]
 
     bar = tqdm(total=len(groups) + 1 + search_global + (choose_samples > 0), desc="mask searches", unit="search",
-               disable=not progress)
+               disable=not distributed.shows_progress(progress))
     prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
     bar.update(1)
     logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,

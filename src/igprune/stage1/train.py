@@ -179,7 +179,7 @@ class MaskTrainer:
         cfg = self.config
         total = cfg.shared_steps + cfg.cluster_steps
         bar = tqdm(total=total, initial=self.step, desc="mask training", unit="step",
-                   disable=not (self.progress and distributed.is_main()))
+                   disable=not distributed.shows_progress(self.progress))
         while self.step < min(total, until if until is not None else total):
             shared = self.step < cfg.shared_steps
             if not shared and self.step == cfg.shared_steps:
