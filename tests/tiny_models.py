@@ -20,8 +20,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", 
 VOCAB = 97
 
 
-def tiny_config(arch: str, layers: int = 4):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+def tiny_config(arch: str, layers: int = 4, vocab: int = VOCAB):
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if arch == "llama":
@@ -46,9 +46,9 @@ def tiny_config(arch: str, layers: int = 4):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0):
+def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, vocab), attn_implementation="eager")
     # random init leaves near-uniform logits; scale up so greedy choices are decisive
     with torch.no_grad():
         for p in model.parameters():
@@ -67,6 +67,22 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_bpe_tokenizer(size: int = 300):
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer and decoder) trained on TOPICS, with <pad> <s> </s> as
+    ids 0-2: the kind of tokenizer GGUF export writes (tokenizer.ggml.model gpt2). Pair it with
+    tiny_model(vocab=len(tokenizer))."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([t for texts in TOPICS.values() for t in texts] * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 

