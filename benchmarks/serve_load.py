@@ -5,10 +5,12 @@ clusters), one in-process server (127.0.0.1, ephemeral port) answers the same mi
 (load_calibration("mixed", split="heldout"), cut to --prompt-chars) sent by the openai client, streamed and
 greedy, from C threads at once. Reported per (method, C): requests/s, generated tokens/s, p50/p99
 time-to-first-token and latency over the requests, mean batch size, and the share of answers equal to the C=1
-answers (a batch of one is the offline path; larger batches are left-padded). With 16 requests, p99 is the
-slowest but one. Writes benchmarks/results/serve_load.json and prints a table:
+answers of the first round (a batch of one is the offline path; larger batches are left-padded). Every
+method runs in every one of --rounds rounds, so a machine's drift hits all three alike; the table gives the
+median over rounds, and each tokens/s ratio (IG over static, each over dense) is paired within a round.
+With 32 requests a C=16 row is several batches, not one wave. Writes benchmarks/results/serve_load.json:
 
-    nice -n 10 python benchmarks/serve_load.py [--requests 16 --max-tokens 16]
+    nice -n 10 python benchmarks/serve_load.py [--requests 32 --rounds 3 --max-tokens 16]
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def pruned(model, tokenizer, bundle: Path | None) -> DynamicPrunedModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=16, help="requests per (method, concurrency)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per (method, concurrency, round)")
+    parser.add_argument("--rounds", type=int, default=3, help="every method at every C, this many times")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-chars", type=int, default=200, help="each prompt's first characters")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -98,34 +101,56 @@ def main() -> None:
     prompts = [p[:args.prompt_chars] for p in load_calibration("mixed", "heldout", limit=args.requests, seed=args.seed)]
     model, tokenizer = load_model("smollm2-135m")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * args.requests)
-    rows = []
-    for method, bundle in METHODS.items():
-        app = create_app(pruned(model, tokenizer, bundle), method, settings)
-        with BackgroundServer(app).running() as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-            one_request(client, method, prompts[0], 2)  # warm-up
-            first = None
-            for concurrency in args.concurrency:
-                row, answers = load(client, method, prompts, concurrency, args.max_tokens)
-                texts = [a["text"] for a in answers]
-                first = first or texts
-                row["same_as_first_concurrency"] = round(sum(a == b for a, b in zip(texts, first, strict=True))
-                                                         / len(texts), 3)
-                rows.append({"method": method, **row})
-                print(f"{method} C={concurrency}: {row['tokens_per_second']} tok/s", flush=True)
+    rows, first = [], {}
+    for round_ in range(args.rounds):  # every method in every round: drift on a shared machine hits all alike
+        for method, bundle in METHODS.items():
+            app = create_app(pruned(model, tokenizer, bundle), method, settings)
+            with BackgroundServer(app).running() as url:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+                one_request(client, method, prompts[0], 2)  # warm-up
+                for concurrency in args.concurrency:
+                    row, answers = load(client, method, prompts, concurrency, args.max_tokens)
+                    texts = first.setdefault(method, [a["text"] for a in answers])  # round 0's lowest C
+                    row["same_as_first_concurrency"] = round(
+                        sum(a["text"] == b for a, b in zip(answers, texts, strict=True)) / len(texts), 3)
+                    rows.append({"method": method, "round": round_, **row})
+                    print(f"round {round_} {method} C={concurrency}: {row['tokens_per_second']} tok/s", flush=True)
+    summary = summarise(rows, args.concurrency)
     report = {"machine": machine_info(), "model": "smollm2-135m (fp32, CPU)", "bundles": {
         m: str(b.relative_to(ROOT)) if b else None for m, b in METHODS.items()},
         "settings": {**vars(args), "out": str(args.out), "kv_policy": "keep", "prompts": "mixed heldout",
-                     "max_queue": settings.max_queue}, "rows": rows}
+                     "max_queue": settings.max_queue}, "summary": summary, "rows": rows}
     write_json(args.out, report)
     head = ["method", "C", "req/s", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99", "batch",
             "same as C=1"]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in rows:
+    print(f"medians over {args.rounds} rounds\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in summary["medians"]:
         print(f"| {r['method']} | {r['concurrency']} | {r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | "
               f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p99'] * 1000:.0f} ms | {r['latency_p50'] * 1000:.0f} ms | "
               f"{r['latency_p99'] * 1000:.0f} ms | {r['mean_batch_size']:.1f} | {r['same_as_first_concurrency']:.0%} |")
+    for name, ratio in summary["ratios"].items():
+        print(f"{name}: median {ratio['median']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratio['rounds'])})")
     print(f"wrote {args.out}")
+
+
+def summarise(rows: list[dict], concurrencies: list[int]) -> dict:
+    """Per (method, C) the median of every measure over the rounds; and, per C, the tokens/s ratios that the
+    issue's aims are about (IG over static, static and IG over dense), each paired within a round."""
+    medians = []
+    for method in METHODS:
+        for c in concurrencies:
+            runs = [r for r in rows if r["method"] == method and r["concurrency"] == c]
+            measures = [k for k in runs[0] if k not in ("method", "concurrency", "round")]
+            medians.append({"method": method, "concurrency": c,
+                            **{k: statistics.median(r[k] for r in runs) for k in measures}})
+    ratios = {}
+    for c in concurrencies:
+        tps = {(r["method"], r["round"]): r["tokens_per_second"] for r in rows if r["concurrency"] == c}
+        rounds = sorted({r["round"] for r in rows})
+        for top, bottom in (("ig16-b15", "sleb-b15"), ("sleb-b15", "dense"), ("ig16-b15", "dense")):
+            values = [tps[top, k] / tps[bottom, k] for k in rounds]
+            ratios[f"{top} / {bottom} tok/s, C={c}"] = {"median": statistics.median(values), "rounds": values}
+    return {"medians": medians, "ratios": ratios}
 
 
 if __name__ == "__main__":
