@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable
 from functools import partial
@@ -238,7 +239,7 @@ def domain_matrix(blocks: int) -> str:
     header = ["Mask", *(DOMAIN_LABELS[d] for d in domains), "all"]
     rows = []
     for label, cells in report["matrix"].items():
-        own = label.removeprefix("mask of ")
+        own = label.removeprefix("mask of ").removeprefix("sleb-8x128-")
         name = f"**{label}**" if label == report["best_static"] else label
         rows.append([name, *(f"**{cells[d][0]:.1f}**" if d == own else f"{cells[d][0]:.1f}" for d in domains),
                      f"{report['overall'][label][0]:.1f}" if label in report["overall"] else "–"])
@@ -261,10 +262,14 @@ def domain_gains(blocks: int) -> str:
 
     def row(label: str, masks: str, entry: dict[str, Any]) -> list[str]:
         lower = entry["lower_than_best_static"]
-        return [label, masks, _pm(entry["overall"]), _lower(lower["overall"]), *(_lower(lower[d]) for d in domains)]
+        return [label, masks, _pm(entry["overall"]), _lower(lower["overall"]),
+                *(_lower(lower[d]) if d in lower else "–" for d in domains)]
 
     if "ceiling" in report:
-        rows.append(row("ceiling: each domain's own SLEB mask", str(len(domains)), report["ceiling"]))
+        rows.append(row("ceiling: each domain's own SLEB mask, 4 x 64 tokens", str(len(domains)), report["ceiling"]))
+    if "ceiling_8x128" in report:
+        found = len(report["ceiling_8x128"]["per_domain"])
+        rows.append(row("ceiling: each domain's own SLEB mask, 8 x 128 tokens", str(found), report["ceiling_8x128"]))
     for run, b in report["bundles"].items():
         masks = f"{b['distinct_masks']} of {b['clusters']}"
         rows.append(row(f"{run} ({b['finder']}), routed", masks, b["routed"]))
@@ -273,6 +278,34 @@ def domain_gains(blocks: int) -> str:
                   rows) + "\n\n% lower: how much lower the perplexity is than the best static mask's on the same "
             "passages, ± a paired standard error over passages; negative is worse. Routed: each passage under the "
             "mask its own text routes to; oracle: under the best of the bundle's cluster masks for that passage.")
+
+
+def domain_gold(blocks: int) -> str:
+    """Bits per byte of held-out GSM8K and MBPP reference solutions given their prompts (domains.py gold)."""
+    report = _json(f"domains/{SMOL}/gold-report-b{blocks}.json")
+    if report is None:
+        return "_not run yet_"
+    tasks, best = list(report["records"]), report["best_static"]
+    rows = [[f"**{label}**" if label == best else label, *(_pm(cells[t], 3) for t in tasks), _pm(cells["overall"], 3),
+             ""] for label, cells in report["bpb"].items()]
+    for run, b in report["bundles"].items():
+        for kind in ("routed", "oracle"):
+            entry = b[kind]
+            rows.append([f"{run}, {kind}", *(_bits(entry, t) for t in tasks),
+                         _pm(entry["bpb"], 3), _lower(entry["lower_than_best_static"]["overall"])])
+    n = report["records"]
+    return (_rows(["Mask", *(f"{t} bpb" for t in tasks), "all bpb", "% lower per-byte perplexity"], rows)
+            + f"\n\n{report['model']}, {blocks} of 60 blocks skipped; held-out records: "
+            f"{', '.join(f'{t} {k}' for t, k in n.items())} (prompt and solution at most "
+            f"{report['settings']['max_tokens']} tokens). Only the solution is scored, given the prompt; each "
+            "record is routed by its prompt. Bold: the best static mask. % lower: of 2^bpb against the best static "
+            "mask, ± a paired standard error over records.")
+
+
+def _bits(entry: dict[str, Any], task: str) -> str:
+    """A bundle's bpb on one task, from its per-byte perplexity."""
+    ppl, se = entry["per_domain"][task]
+    return f"{math.log2(ppl):.3f} ± {se / ppl / math.log(2):.3f}"
 
 
 def domain_search_tokens(blocks: int) -> str:
@@ -372,6 +405,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-gains-b15": lambda: domain_gains(15),
     "domain-routing-b15": lambda: domain_routing(15),
     "domain-search-tokens-b15": lambda: domain_search_tokens(15),
+    "domain-gold-b15": lambda: domain_gold(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
 }
 
