@@ -358,15 +358,16 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
             "oracle": {"overall": _ppl(_all(oracle)), "bpb": _bpb(_all(oracle)), **_versus(oracle, static)}}
 
 
-def tasks(model, tokenizer, name: str, blocks: int) -> None:
-    """Each fit on the paper's six tasks, the Percentage column against the headline's dense run at TASK_LIMIT."""
+def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
+    """Each fit and chosen bundle on the paper's six tasks, the Percentage column against the headline's dense
+    run at TASK_LIMIT."""
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import load_results, save_results
 
     dense = load_results(HERE / "results" / "headline" / name / f"dense-l{TASK_LIMIT}.json")
-    for run in FITS:
+    for run in [*FITS, *CHOSEN]:
         path, out = fit_dir(name, run, blocks), folder(name) / f"paper6-{run}-b{blocks}.json"
-        if (path / "bundle.json").is_file() and not out.is_file():
+        if (path / "bundle.json").is_file() and not out.is_file() and (not only or run in only):
             results = evaluate(model, tokenizer, path, tasks=["paper6"], limit=TASK_LIMIT, dense=dense, seed=SEED)
             save_results(out, results)
             print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
@@ -431,7 +432,7 @@ def main() -> None:
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
-    parser.add_argument("--only", help="fit: comma-separated FITS names")
+    parser.add_argument("--only", help="fit, tasks: comma-separated run names")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -439,12 +440,13 @@ def main() -> None:
     from igprune import load_model
 
     model, tokenizer = load_model(args.model)
+    only = set(args.only.split(",")) if args.only else None
     if args.step == "search":
         search(model, tokenizer, args.model, args.blocks)
     elif args.step == "wide":
         search_wide(model, tokenizer, args.model, args.blocks, args.source)
     elif args.step == "fit":
-        fit(model, tokenizer, args.model, args.blocks, set(args.only.split(",")) if args.only else None)
+        fit(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "choose":
         choose(model, tokenizer, args.model, args.blocks)
     elif args.step == "score":
@@ -452,7 +454,7 @@ def main() -> None:
     elif args.step == "gold":
         gold(model, tokenizer, args.model, args.blocks)
     else:
-        tasks(model, tokenizer, args.model, args.blocks)
+        tasks(model, tokenizer, args.model, args.blocks, only)
 
 
 if __name__ == "__main__":

@@ -337,12 +337,12 @@ def domain_routing(blocks: int) -> str:
 
 def domain_tasks(blocks: int) -> str:
     """The domain benchmark's fits on the paper's six tasks beside the headline runs at the same limit."""
-    from domains import FITS, TASK_LIMIT
+    from domains import CHOSEN, FITS, TASK_LIMIT
 
     runs = [_find(SMOL, f"dense-l{TASK_LIMIT}"), _find(SMOL, f"ig16-b{blocks}-l{TASK_LIMIT}"),
             _find(SMOL, f"sleb-b{blocks}-l{TASK_LIMIT}"), _find(SMOL, f"sleb-b{blocks}-mixed")]
     results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})} for r in runs]
-    for run in FITS:
+    for run in [*FITS, *CHOSEN]:
         path = HERE / "results" / "domains" / SMOL / f"paper6-{run}-b{blocks}.json"
         if path.is_file():
             results.append({**load_results(path), "method_label": f"IG-Pruning, {run} (domains pool)"})
