@@ -123,13 +123,20 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
 def export_bundle(bundle: str | Path | Bundle, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
                   out: str | Path, cluster: int = 0, inplace: bool = False) -> dict[str, Any]:
     """Export cluster `cluster`'s mask of a bundle (a folder or a loaded Bundle) made for `model`."""
+    mask, source = cluster_mask(bundle, model, cluster)
+    return export_model(model, tokenizer, mask, out, source, inplace=inplace)
+
+
+def cluster_mask(bundle: str | Path | Bundle, model: PreTrainedModel, cluster: int) -> tuple[torch.Tensor,
+                                                                                          dict[str, Any]]:
+    """One cluster's mask of a bundle checked against `model`, and where it came from (for the export record)."""
     bundle, where = as_bundle(bundle)
     bundle.check_model(model, where or "")
     if not 0 <= cluster < bundle.n_clusters:
         raise IGPruneError(f"cluster must be in [0, {bundle.n_clusters - 1}] for this bundle, not {cluster}")
     source = {"bundle": where, "method": bundle.config.get("method"), "cluster": cluster,
               "sparsity": bundle.config.get("sparsity")}
-    return export_model(model, tokenizer, bundle.masks[cluster], out, source, inplace=inplace)
+    return bundle.masks[cluster], source
 
 
 def _n_parameters(model: PreTrainedModel) -> int:

@@ -40,7 +40,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune.blocks import ATTN, FFN, decoder_layers
-from igprune.bundle import Bundle, as_bundle
+from igprune.bundle import Bundle
+from igprune.export import cluster_mask
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import mask_row
 
@@ -162,13 +163,8 @@ def export_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask
 def export_bundle_gguf(bundle: str | Path | Bundle, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        out: str | Path, cluster: int = 0, **options: Any) -> dict[str, Any]:
     """Export cluster `cluster`'s mask of a bundle (a folder or a loaded Bundle) made for `model` as GGUF."""
-    bundle, where = as_bundle(bundle)
-    bundle.check_model(model, where or "")
-    if not 0 <= cluster < bundle.n_clusters:
-        raise IGPruneError(f"cluster must be in [0, {bundle.n_clusters - 1}] for this bundle, not {cluster}")
-    source = {"bundle": where, "method": bundle.config.get("method"), "cluster": cluster,
-              "sparsity": bundle.config.get("sparsity")}
-    return export_gguf(model, tokenizer, bundle.masks[cluster], out, source=source, **options)
+    mask, source = cluster_mask(bundle, model, cluster)
+    return export_gguf(model, tokenizer, mask, out, source=source, **options)
 
 
 # ---- model side ---------------------------------------------------------------------------------------
