@@ -11,6 +11,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py choose --blocks 15   # ig-sleb-n6 with masks chosen on fresh cluster text
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
     python benchmarks/domains.py gold --blocks 15     # GSM8K / MBPP reference solutions: bits per byte
+    python benchmarks/domains.py fragments --blocks 15  # do short fit passages favour other masks?
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
     python benchmarks/report.py                       # then the tables in RESULTS.md
 
@@ -287,6 +288,36 @@ def gold(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {out}")
 
 
+def fragments(model, tokenizer, name: str, blocks: int) -> None:
+    """Does passage length change which mask wins? Per domain: the global mask, the domain's own 8 x 128-token
+    mask and the ig-sleb-n6-wide cluster mask its held-out passages route to most, each on 16 x 128 tokens of
+    the same held-out documents cut two ways: into fit-style fragments of at most 256 characters (fit_texts,
+    seq_len 64) and into passages of up to 2,048 (the domain searches'), each joined with EOS."""
+    from igprune.baselines import Scorer, make_calibration
+    from igprune.bundle import Bundle
+    from igprune.data import DOMAIN_SOURCES, load_calibration
+    from igprune.files import read_json, write_json
+    from igprune.stage1.search import find_order_mask
+
+    report = read_json(folder(name) / f"score-b{blocks}.json")
+    bundle_masks = Bundle.load(fit_dir(name, "ig-sleb-n6-wide", blocks)).masks
+    routing = report["bundles"]["ig-sleb-n6-wide"]["routing"]
+    out: dict[str, Any] = {"model": name, "blocks": blocks, "tokens": "16 x 128", "seed": SEED, "domains": {}}
+    for d in DOMAIN_SOURCES:
+        cluster = max(routing[d], key=routing[d].get)
+        masks = {"global": find_order_mask(model, global_order(name, blocks), "block"),
+                 "own 8x128": find_order_mask(model, read_json(folder(name) / f"wide-{d}-b{blocks}.json")["order"],
+                                              "block"),
+                 f"ig-sleb-n6-wide cluster {cluster}": bundle_masks[int(cluster)]}
+        out["domains"][d] = {}
+        for cut, max_chars in (("fragments", 256), ("passages", 2048)):
+            texts = load_calibration(d, split="heldout", max_chars=max_chars, seed=SEED)
+            scorer = Scorer(model, make_calibration(tokenizer, texts, 16, 128, SEED, f"{d} {cut}"))
+            out["domains"][d][cut] = {label: scorer.perplexity(mask) for label, mask in masks.items()}
+        print(d, out["domains"][d], flush=True)
+    write_json(folder(name) / f"fragments-b{blocks}.json", out)
+
+
 def _cached_nll(model, path: Path, ids: dict[str, list[list[int]]], context: dict[str, list[int]] | None = None,
                 weights: dict[str, list[int]] | None = None):
     """nll(mask) -> {set: [[summed NLL, weight] per sequence]} under `mask` (None: dense), computed once per
@@ -428,7 +459,7 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "gold", "tasks"])
+    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "gold", "fragments", "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
@@ -453,6 +484,8 @@ def main() -> None:
         score(model, tokenizer, args.model, args.blocks)
     elif args.step == "gold":
         gold(model, tokenizer, args.model, args.blocks)
+    elif args.step == "fragments":
+        fragments(model, tokenizer, args.model, args.blocks)
     else:
         tasks(model, tokenizer, args.model, args.blocks, only)
 

@@ -302,6 +302,20 @@ def domain_gold(blocks: int) -> str:
             "mask, ± a paired standard error over records.")
 
 
+def domain_fragments(blocks: int) -> str:
+    """Which mask wins on the same held-out documents cut short or long and joined with EOS (domains.py fragments)."""
+    report = _json(f"domains/{SMOL}/fragments-b{blocks}.json")
+    if report is None:
+        return "_not run yet_"
+    rows = []
+    for d, cuts in report["domains"].items():
+        labels = list(cuts["fragments"])
+        rows.append([DOMAIN_LABELS[d], labels[2].removeprefix("ig-sleb-n6-wide "),
+                     *(f"{cuts[cut][label]:.1f}" for cut in ("fragments", "passages") for label in labels)])
+    return _rows(["Domain", "routed to", "fragments: global", "own 8x128", "cluster", "passages: global",
+                  "own 8x128", "cluster"], rows)
+
+
 def _bits(entry: dict[str, Any], task: str) -> str:
     """A bundle's bpb on one task, from its per-byte perplexity."""
     ppl, se = entry["per_domain"][task]
@@ -406,6 +420,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-routing-b15": lambda: domain_routing(15),
     "domain-search-tokens-b15": lambda: domain_search_tokens(15),
     "domain-gold-b15": lambda: domain_gold(15),
+    "domain-fragments-b15": lambda: domain_fragments(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
 }
 
