@@ -302,10 +302,11 @@ def fragments(model, tokenizer, name: str, blocks: int) -> None:
     report = read_json(folder(name) / f"score-b{blocks}.json")
     bundle_masks = Bundle.load(fit_dir(name, "ig-sleb-n6-wide", blocks)).masks
     routing = report["bundles"]["ig-sleb-n6-wide"]["routing"]
+    global_mask = find_order_mask(model, global_order(name, blocks), "block")
     out: dict[str, Any] = {"model": name, "blocks": blocks, "tokens": "16 x 128", "seed": SEED, "domains": {}}
     for d in DOMAIN_SOURCES:
         cluster = max(routing[d], key=routing[d].get)
-        masks = {"global": find_order_mask(model, global_order(name, blocks), "block"),
+        masks = {"global": global_mask,
                  "own 8x128": find_order_mask(model, read_json(folder(name) / f"wide-{d}-b{blocks}.json")["order"],
                                               "block"),
                  f"ig-sleb-n6-wide cluster {cluster}": bundle_masks[int(cluster)]}

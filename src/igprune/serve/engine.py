@@ -28,6 +28,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from igprune.files import IGPruneError
+from igprune.masks import mask_row
 from igprune.stage2.dynamic import DynamicPrunedModel
 
 
@@ -148,9 +149,9 @@ class Scheduler:
         self.dynamic, self.max_batch, self.max_wait, self.max_queue = dynamic, max_batch, max_wait, max_queue
         self.on_batch = on_batch  # (mask queue, batch size, generated tokens, seconds), for metrics
         self.n_clusters = dynamic.masks.shape[0]
-        distinct: dict[bytes, int] = {}
+        distinct: dict[str, int] = {}
         # cluster -> its mask's queue: clusters with equal masks share one
-        self.queue_of = [distinct.setdefault(dynamic.mask_for(k).cpu().numpy().tobytes(), len(distinct))
+        self.queue_of = [distinct.setdefault(mask_row(dynamic.mask_for(k)), len(distinct))
                          for k in range(self.n_clusters)]
         self.queues: dict[int, deque[Job]] = {q: deque() for q in range(len(distinct))}
         self.waiting = 0  # admitted and not yet started: routing or queued

@@ -118,6 +118,7 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
     """
     from igprune.baselines import Scorer
 
+    keys = [mask_row(m) for m in candidates]  # several clusters often share a mask: score each once
     chosen, table = [], []
     for i, texts in enumerate(groups):
         searched = set(exclude[i]) if exclude else set()
@@ -126,11 +127,11 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
             raise IGPruneError(f"cluster {i} has no text beyond what its search scored to choose its mask on; "
                                "give more calibration text, or choose_samples=0 (--choose-samples 0)")
         scorer = Scorer(model, make_calibration(tokenizer, fresh, samples, seq_len, seed, f"cluster{i} fresh"))
-        distinct: dict[str, float] = {}  # several clusters often share a mask: score each once
-        for m in candidates:
-            if mask_row(m) not in distinct:
-                distinct[mask_row(m)] = scorer.perplexity(m)
-        scores = [distinct[mask_row(m)] for m in candidates]
+        distinct: dict[str, float] = {}
+        for key, m in zip(keys, candidates, strict=True):
+            if key not in distinct:
+                distinct[key] = scorer.perplexity(m)
+        scores = [distinct[key] for key in keys]
         chosen.append(min(range(len(scores)), key=lambda j: (scores[j], j != i)))
         table.append(scores)
     return candidates[chosen], {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len}
