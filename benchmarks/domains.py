@@ -52,10 +52,15 @@ STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{block
 # ig-sleb-n6 is the first search recipe: each cluster's own SLEB result, on 4 x 64 tokens. ig-sleb-n6-wide
 # searches each cluster on 8 x 128 tokens (the global mask's budget) and then chooses each cluster's mask
 # among all six and the global one on 16 x 128 tokens of cluster text no search scored (stage1/search.py).
+# ig-sleb-n6-texts is ig-sleb-n6-wide with its text cut and scored as the held-out passages are: passages of up
+# to 1,024 characters (perplexity.CHARS_PER_TOKEN x 128), and every search and choice row one passage from its
+# first token (packing "texts"), where the wide fit's rows were EOS-joined 256-character passages.
 FITS: dict[str, dict[str, Any]] = {
     "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0}},
     "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16}},
+    "ig-sleb-n6-texts": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
+                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
 }
@@ -157,7 +162,8 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
                 search["global_order"] = global_order(name, blocks)
         bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,
                             "domains", FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED, finder=spec["finder"],
-                            search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"))
+                            search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"),
+                            max_chars=spec.get("max_chars"))
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
                                       "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
         bundle.save(path)

@@ -160,6 +160,30 @@ def test_evopress_same_seed_same_result_and_best_fitness_never_worsens(llama):
     assert first.logs["search"]["best_fitness"] == curve[-1] >= 0
 
 
+def test_calibration_packing_joined_cuts_the_joined_texts_and_texts_starts_every_row_at_a_text():
+    tokenizer = tiny_tokenizer()
+    eos = [tokenizer.eos_token_id]
+    joined = make_calibration(tokenizer, TEXTS, 3, 12, seed=1)
+    stream = [t for text in joined.texts for t in tokenizer(text, add_special_tokens=False).input_ids + eos]
+    assert joined.input_ids.tolist() == [stream[i:i + 12] for i in (0, 12, 24)]
+    assert joined.info["packing"] == "joined"
+
+    rows = make_calibration(tokenizer, TEXTS, 3, 12, seed=1, packing="texts")
+    assert rows.input_ids.shape == (3, 12) and rows.info["packing"] == "texts"
+    starts = [tokenizer(t, add_special_tokens=True).input_ids for t in rows.texts]
+    row, used = 0, 0  # each row opens with the next unused text, as an evaluated input is tokenized
+    while row < 3:
+        assert rows.input_ids[row, :min(12, len(starts[used]))].tolist() == starts[used][:12]
+        filled = 0
+        while filled < 12:  # a short text is followed by the next ones, EOS-joined
+            filled += len(tokenizer(rows.texts[used], add_special_tokens=filled == 0).input_ids) + 1
+            used += 1
+        row += 1
+    assert used == len(rows.texts)
+    with pytest.raises(IGPruneError, match="packing must be one of"):
+        make_calibration(tokenizer, TEXTS, 3, 12, packing="windows")
+
+
 def test_ppl_and_kl_match_a_direct_computation_and_prefix_reuse_changes_nothing():
     for arch in ("llama", "gemma3_text"):
         model, tokenizer = tiny_model(arch, layers=4), tiny_tokenizer()

@@ -189,6 +189,8 @@ CASES = [
                                        "--shared-fraction", "1.5", "--samples", "8"], 2, "shared_fraction must be in"),
     Case("negative choose samples", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--choose-samples",
                                      "-1"], 2, "--choose-samples must be at least 0"),
+    Case("unknown packing", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--packing", "windows"], 2,
+         "packing must be 'joined' or 'texts'"),
     Case("more clusters than texts", ["fit", "-m", "MODEL_A", "-o", "out", "--clusters", "100000", "--samples", "8",
                                       "--seq-len", "16"], 2, "100000 clusters but only 8", data=True),
     Case("seq-len too short", ["fit", "-m", "MODEL_A", "-o", "out", "--seq-len", "1"], 2, "--seq-len must be at least"),

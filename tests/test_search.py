@@ -51,6 +51,23 @@ def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, t
     assert len(log["choose"]["perplexity"][0]) == 4  # three cluster masks and the global one
 
 
+def test_packing_texts_reaches_every_search_and_the_choice(setup):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, progress=False,
+                                      **{**OPTIONS, "choose_samples": 2, "packing": "texts"})
+    for i, texts in enumerate(groups):
+        rows = make_calibration(tok, texts, 2, 16, 0, packing="texts")
+        assert log["clusters"][i]["calibration"]["sha256"] == rows.info["sha256"]
+        assert rows.info["sha256"] != make_calibration(tok, texts, 2, 16, 0).info["sha256"]
+    exclude = [make_calibration(tok, texts, 2, 16, 0, packing="texts").texts for texts in groups]
+    searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
+    candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
+    expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, packing="texts")
+    assert torch.equal(masks, expected) and log["choose"] == table and table["packing"] == "texts"
+    with pytest.raises(IGPruneError, match="packing must be"):
+        IGPruner(model, tok, finder="sleb", search={"packing": "windows"})
+
+
 def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setup, tmp_path):
     model, tok, groups = setup
     masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, progress=False,

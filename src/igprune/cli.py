@@ -158,6 +158,9 @@ def fit(
     choose_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of unsearched cluster text on "
                                                 "which each cluster's mask is chosen among all clusters' and "
                                                 "the global one (0: keep each search's own)")] = 8,
+    packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows joined (EOS-joined texts cut into "
+                                         "rows) or texts (every row starts at a text's first token, as "
+                                         "evaluation scores an input)")] = "joined",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -167,7 +170,7 @@ def fit(
     from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
-    from igprune.stage1.pruner import FINDERS, fit_bundle
+    from igprune.stage1.pruner import FINDERS, check_search, fit_bundle
     from igprune.stage1.train import TrainConfig
 
     _at_least(clusters=(clusters, 1), samples=(samples, 1), max_chars=(max_chars, MIN_CHARS), seq_len=(seq_len, 2),
@@ -176,6 +179,9 @@ def fit(
               choose_samples=(choose_samples, 0))
     if finder not in FINDERS:
         raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
+    search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
+              "choose_samples": choose_samples, "packing": packing}
+    check_search(search)  # before the model loads
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
@@ -185,8 +191,6 @@ def fit(
     _on_main(tidy, checkpoint)  # what a killed run left half-written
     console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
                   f"(checkpoints in {checkpoint})")
-    search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
-              "choose_samples": choose_samples}
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
                         seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search)
     _on_main(_save_bundle, bundle, out, checkpoint)

@@ -28,8 +28,9 @@ from igprune.bundle import Bundle, fingerprint
 from igprune.files import IGPruneError
 from igprune.masks import Granularity, n_units, skipped_blocks, units_off
 
-# Options every method takes: calibration size, scoring batch, and layers kept out of the candidates.
-COMMON = {"samples": 16, "seq_len": 128, "batch_size": 8, "keep_first": 0, "keep_last": 0}
+# Options every method takes: calibration size and packing (scoring.make_calibration), scoring batch, and
+# layers kept out of the candidates.
+COMMON = {"samples": 16, "seq_len": 128, "packing": "joined", "batch_size": 8, "keep_first": 0, "keep_last": 0}
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 # options that shape the problem (data, scorer, candidates); the rest go to the method
-_PROBLEM_OPTIONS = ("samples", "seq_len", "batch_size", "top_k", "keep_first", "keep_last")
+_PROBLEM_OPTIONS = ("samples", "seq_len", "packing", "batch_size", "top_k", "keep_first", "keep_last")
 
 
 def get_method(name: str) -> Method:
@@ -103,7 +104,8 @@ def find_mask(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     k = units_off(sparsity, n_blocks, granularity)  # fails before any slow step
     space = SearchSpace(n_blocks, granularity).protect(opts["keep_first"], opts["keep_last"])
     if calibration is None:
-        calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source)
+        calibration = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], seed, source,
+                                       opts["packing"])
     started = time.perf_counter()
     scorer = Scorer(model, calibration, batch_size=opts["batch_size"], top_k=opts.get("top_k", 64))
     problem = Problem(model, scorer, space, k, seed, distributed.shows_progress(progress),

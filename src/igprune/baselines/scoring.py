@@ -1,8 +1,10 @@
 """Scoring a block mask on calibration data: perplexity, or KL divergence to the dense model.
 
-Calibration data is M sequences of T tokens cut from the concatenated texts (as SLEB, ShortenedLlama
-and EvoPress cut wikitext-2), so no position is padding. Memory stays bounded: sequences run in
-batches, and the vocabulary-sized logits are formed for a chunk of positions at a time. For KL the
+Calibration data is M sequences of T tokens, so no position is padding: by default cut from the
+concatenated texts (packing "joined", as SLEB, ShortenedLlama and EvoPress cut wikitext-2), or each row
+starting at a text's first token (packing "texts"), the way perplexity and the tasks score an input.
+Memory stays bounded: sequences run in batches, and the vocabulary-sized logits are formed for a chunk of
+positions at a time. For KL the
 dense model's next-token distribution is kept only as its top-k log-probabilities per position plus
 the log of the remaining tail mass; the KL between the two (k+1)-outcome distributions this gives
 (top-k tokens and "any other token") is a lower bound of the full KL and equal to it as k -> vocab.
@@ -52,38 +54,54 @@ class Calibration:
         return self.input_ids.shape[1]
 
 
-def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_sequences: int, seq_len: int,
-                     seed: int = 0, source: str = "texts") -> Calibration:
-    """Shuffle the texts (seeded), join them with EOS and cut the first n_sequences * seq_len tokens into rows.
+Packing = Literal["joined", "texts"]
+PACKINGS = ("joined", "texts")
 
+
+def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_sequences: int, seq_len: int,
+                     seed: int = 0, source: str = "texts", packing: Packing = "joined") -> Calibration:
+    """Shuffle the texts (seeded) and cut n_sequences rows of seq_len tokens from them.
+
+    packing "joined": the texts joined with EOS, cut into consecutive rows, so most rows start mid-text.
+    packing "texts": every row starts at a text's first token, tokenized as an evaluated input is (special
+    tokens included); a text shorter than a row is followed by the next texts, EOS-joined, and the end of the
+    text that overruns the row is not used. A mask searched on "texts" rows is judged on how it handles an
+    input's opening tokens, which is what held-out perplexity and the tasks score (benchmarks/RESULTS.md,
+    the domain benchmark's fragments study).
     With too little text there are fewer rows (a warning says so); text for less than one row gives one
     shorter row.
     """
     if n_sequences < 1 or seq_len < 2:
         raise IGPruneError("calibration needs at least 1 sequence of at least 2 tokens")
+    if packing not in PACKINGS:
+        raise IGPruneError(f"packing must be one of {', '.join(PACKINGS)}, not {packing!r}")
     texts = clean_texts(texts)
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    need = n_sequences * seq_len
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
+    rows: list[list[int]] = []
+    ids: list[int] = []  # the row being filled ("texts") or all text so far ("joined")
     used = 0
     for i in order:
-        if len(ids) >= need:
+        if len(rows) >= n_sequences or (packing == "joined" and len(ids) >= n_sequences * seq_len):
             break
-        ids += tokenizer(texts[i], add_special_tokens=False).input_ids + eos
+        ids += tokenizer(texts[i], add_special_tokens=packing == "texts" and not ids).input_ids + eos
         used += 1
-    rows = min(n_sequences, len(ids) // seq_len)
-    if rows == 0:
+        if packing == "texts" and len(ids) >= seq_len:
+            rows.append(ids[:seq_len])
+            ids = []
+    if packing == "joined":
+        rows = [ids[j:j + seq_len] for j in range(0, min(len(ids), n_sequences * seq_len) - seq_len + 1, seq_len)]
+    if not rows:
         if len(ids) < 2:
             raise IGPruneError("calibration texts give fewer than 2 tokens; give more text")
-        rows, seq_len = 1, len(ids)
-    if rows < n_sequences:
-        warnings.warn(f"calibration text fills only {rows} of {n_sequences} sequences of {seq_len} tokens",
+        rows, seq_len = [ids], len(ids)
+    if len(rows) < n_sequences:
+        warnings.warn(f"calibration text fills only {len(rows)} of {n_sequences} sequences of {seq_len} tokens",
                       stacklevel=2)
-    tensor = torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
-    info = {"source": source, "sequences": rows, "seq_len": seq_len, "tokens": rows * seq_len,
-            "texts_used": used, "seed": seed, "sha256": sha256_tensors(tensor)}
+    tensor = torch.tensor(rows, dtype=torch.long)
+    info = {"source": source, "sequences": len(rows), "seq_len": seq_len, "tokens": tensor.numel(),
+            "texts_used": used, "packing": packing, "seed": seed, "sha256": sha256_tensors(tensor)}
     return Calibration(tensor, info, tuple(texts[i] for i in order[:used]))
 
 

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from igprune import distributed
 from igprune.baselines import Calibration, find_mask, make_calibration
 from igprune.baselines.base import SearchSpace
+from igprune.baselines.scoring import Packing
 from igprune.blocks import num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.masks import Granularity, mask_row, units_off
@@ -37,6 +38,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          sparsity: float, granularity: Granularity = "block", seed: int = 0,
                          shared_fraction: float = SEARCH_DEFAULTS["shared_fraction"],
                          samples: int = SEARCH_DEFAULTS["samples"], seq_len: int = SEARCH_DEFAULTS["seq_len"],
+                         packing: Packing = SEARCH_DEFAULTS["packing"],
                          shared_samples: int = SEARCH_DEFAULTS["shared_samples"],
                          prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"],
                          global_order: Sequence[str] | None = SEARCH_DEFAULTS["global_order"],
@@ -55,6 +57,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     every group's own search result.
     global_order: the global mask's units, e.g. a static SLEB bundle's order whose first units are `prefix`;
     by default, when choosing, the shared search continues to all units on the pooled sequences.
+    packing: how calibration rows are cut from each group's texts (scoring.make_calibration); "texts" starts
+    every row at a text's first token, as evaluation scores an input.
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
     """
     check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples})
@@ -67,7 +71,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if global_order is not None and len(global_order) != k:
         raise IGPruneError(f"the global order names {len(global_order)} units but {k} are to be switched off")
     folder = Path(checkpoint) if checkpoint else None
-    own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}") for i, texts in enumerate(groups)]
+    own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}", packing)
+           for i, texts in enumerate(groups)]
     search_global = choose_samples > 0 and global_order is None
     pooled = _equal_shares(own, shared_samples) if prefix is None or search_global else None  # shared search only
 
@@ -83,7 +88,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
     bar.update(1)
     logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,
-                            "seq_len": seq_len, "shared_calibration": pooled and pooled.info, "shared_order": prefix,
+                            "seq_len": seq_len, "packing": packing, "shared_calibration": pooled and pooled.info,
+                            "shared_order": prefix,
                             "clusters": []}
     if search_global:
         global_order = sleb(pooled, k, prefix, "global")
@@ -99,7 +105,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         logs["global_order"] = list(global_order)
         candidates = torch.cat([masks, find_order_mask(model, global_order, granularity)[None]])
         masks, logs["choose"] = choose_masks(model, tokenizer, groups, candidates, choose_samples, seq_len,
-                                             exclude=[c.texts for c in own], seed=seed)
+                                             exclude=[c.texts for c in own], seed=seed, packing=packing)
         bar.update(1)
     bar.close()
     return masks, logs
@@ -107,8 +113,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
                  candidates: torch.Tensor, samples: int = 8, seq_len: int = 64,
-                 exclude: Sequence[Collection[str]] | None = None,
-                 seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+                 exclude: Sequence[Collection[str]] | None = None, seed: int = 0,
+                 packing: Packing = "joined") -> tuple[torch.Tensor, dict[str, Any]]:
     """For each group i, the candidate mask with the lowest perplexity on `samples` x `seq_len` tokens of
     group i's texts outside `exclude[i]` (the texts its search scored); a tie keeps candidate i, its own.
 
@@ -126,7 +132,8 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
         if not fresh:
             raise IGPruneError(f"cluster {i} has no text beyond what its search scored to choose its mask on; "
                                "give more calibration text, or choose_samples=0 (--choose-samples 0)")
-        scorer = Scorer(model, make_calibration(tokenizer, fresh, samples, seq_len, seed, f"cluster{i} fresh"))
+        fresh_rows = make_calibration(tokenizer, fresh, samples, seq_len, seed, f"cluster{i} fresh", packing)
+        scorer = Scorer(model, fresh_rows)
         distinct: dict[str, float] = {}
         for key, m in zip(keys, candidates, strict=True):
             if key not in distinct:
@@ -134,7 +141,8 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
         scores = [distinct[key] for key in keys]
         chosen.append(min(range(len(scores)), key=lambda j: (scores[j], j != i)))
         table.append(scores)
-    return candidates[chosen], {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len}
+    return candidates[chosen], {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len,
+                                "packing": packing}
 
 
 def find_order_mask(model: PreTrainedModel, order: list[str], granularity: Granularity) -> torch.Tensor:
