@@ -55,11 +55,15 @@ STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{block
 # ig-sleb-n6-texts is ig-sleb-n6-wide with its text cut and scored as the held-out passages are: passages of up
 # to 1,024 characters (perplexity.CHARS_PER_TOKEN x 128), and every search and choice row one passage from its
 # first token (packing "texts"), where the wide fit's rows were EOS-joined 256-character passages.
+# ig-sleb-n1-texts is the same recipe with one cluster: a static mask found exactly as each of the six cluster
+# masks is, so the gap between the two is what input guidance adds and nothing else.
 FITS: dict[str, dict[str, Any]] = {
-    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0}},
+    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0, "packing": "joined"}},
     "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
-                        "search": {"samples": 8, "seq_len": 128, "choose_samples": 16}},
+                        "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "joined"}},
     "ig-sleb-n6-texts": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
+                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
+    "ig-sleb-n1-texts": {"finder": "sleb", "n_clusters": 1, "max_chars": 8 * HELDOUT["seq_len"],
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},

@@ -10,7 +10,8 @@ from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import IGPruner
 from igprune.stage1.search import choose_masks, find_order_mask, search_cluster_masks
 
-OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "choose_samples": 0}  # choosing has its own tests
+# choosing and packing "texts" (the default) have their own tests
+OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "choose_samples": 0, "packing": "joined"}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def test_packing_texts_reaches_every_search_and_the_choice(setup):
     candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
     expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, packing="texts")
     assert torch.equal(masks, expected) and log["choose"] == table and table["packing"] == "texts"
+    assert IGPruner(model, tok, finder="sleb").search_options["packing"] == "texts"  # the default
     with pytest.raises(IGPruneError, match="packing must be"):
         IGPruner(model, tok, finder="sleb", search={"packing": "windows"})
 

@@ -158,9 +158,9 @@ def fit(
     choose_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of unsearched cluster text on "
                                                 "which each cluster's mask is chosen among all clusters' and "
                                                 "the global one (0: keep each search's own)")] = 8,
-    packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows joined (EOS-joined texts cut into "
-                                         "rows) or texts (every row starts at a text's first token, as "
-                                         "evaluation scores an input)")] = "joined",
+    packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
+                                         "text's first token, as evaluation scores an input) or joined "
+                                         "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

@@ -36,7 +36,7 @@ from igprune.stage1.train import MaskTrainer, TrainConfig
 Finder = Literal["l0", "sleb"]
 FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
-SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "joined", "shared_samples": 16,
+SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "texts", "shared_samples": 16,
                                    "shared_fraction": 0.5, "prefix": None, "global_order": None, "choose_samples": 8}
 
 
