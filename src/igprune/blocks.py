@@ -427,7 +427,7 @@ def masked_rows(model: PreTrainedModel, masks: torch.Tensor, kv_policy: KVPolicy
     Each row computes what it computes alone under its mask (`masked`), in one batch; a block is computed for the
     rows that keep it (an attention that only some rows keep runs for all, see the module docstring).
 
-        with igprune.blocks.masked_rows(model, bundle.masks[[3, 0]]):
+        with igprune.masked_rows(model, bundle.masks[[3, 0]]):  # two prompts: clusters 3 and 0
             out = model.generate(**two_prompts, num_return_sequences=2)
     """
     with control_of(model).masked_rows(masks, kv_policy):
