@@ -36,7 +36,7 @@ from igprune.stage2.dynamic import DynamicPrunedModel
 @dataclass
 class ServeSettings:
     max_batch: int = 8  # requests per batch
-    max_wait_ms: float = 10.0  # how long a cluster's first request waits for company
+    max_wait_ms: float = 10.0  # how long a mask's first request waits for company
     max_queue: int = 64  # requests admitted and not started; more get 429
     request_timeout: float = 300.0  # seconds from arrival to the last token; then 504
     max_tokens: int = 256  # default for chat when a request gives none (completions: 16, as OpenAI)
