@@ -1,10 +1,12 @@
 """Gated decoder layers: exactness when dense, real skipping, and KV-cache consistency under masks."""
 
+import functools
+
 import pytest
 import torch
 from tiny_models import ARCHS, tiny_model
 
-from igprune.blocks import ATTN, FFN, KEEP_FAMILIES, control_of, masked, patch, unpatch
+from igprune.blocks import ATTN, FFN, KEEP_FAMILIES, control_of, masked, masked_rows, patch, unpatch
 from igprune.files import IGPruneError
 
 L = 4
@@ -177,3 +179,105 @@ def test_keep_policy_refuses_an_untested_family_in_one_line():
         model(ids(), use_cache=True)
     with masked(model, mask, "drop"):
         model(ids(), use_cache=True)
+
+
+# ---- one mask per row ------------------------------------------------------------------------------------
+
+ROW_ARCHS = ["llama", "qwen2", "gemma2", "gemma3_text"]  # the pre-norm and the sandwich layouts
+
+
+def row_masks() -> torch.Tensor:
+    """Three rows, three masks: blocks every row keeps, one none keeps (layer 1's attention), mixed attentions
+    (layer 0's, whose cache length positions read) and mixed FFNs."""
+    masks = torch.ones(3, B, dtype=torch.bool)
+    masks[:, 2 * 1 + ATTN] = False
+    masks[0, 2 * 0 + ATTN] = False
+    masks[1, 2 * 2 + FFN] = False
+    masks[2, 2 * 2 + FFN] = False
+    masks[2, 2 * 3 + ATTN] = False
+    masks[0, 2 * 3 + FFN] = False
+    return masks
+
+
+@pytest.mark.parametrize("arch", ROW_ARCHS)
+def test_row_masks_give_each_row_what_it_gives_alone_under_its_mask(arch):
+    model = tiny_model(arch)
+    x, masks = ids(batch=3), row_masks()
+    with masked_rows(model, masks):
+        together = model(x).logits
+    for i in range(3):
+        with masked(model, masks[i]):
+            alone = model(x[i:i + 1]).logits[0]
+        assert torch.allclose(together[i], alone, atol=1e-5, rtol=1e-5), i
+    with masked(model, masks[0]):
+        assert not torch.allclose(together[1], model(x[1:2]).logits[0], atol=1e-3)  # the masks matter
+
+
+@pytest.mark.parametrize("kv_policy", ["keep", "drop"])
+@pytest.mark.parametrize("arch", ROW_ARCHS)
+def test_row_masks_in_cached_greedy_generation_equal_each_row_alone(arch, kv_policy):
+    model = tiny_model(arch)
+    prompt, masks, steps = ids(batch=3, length=5), row_masks(), 10  # past gemma's sliding window of 6
+    settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    with masked_rows(model, masks, kv_policy):
+        together = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+    for i in range(3):
+        with masked(model, masks[i], kv_policy):
+            alone = model.generate(prompt[i:i + 1], attention_mask=torch.ones_like(prompt[i:i + 1]), **settings)
+        assert torch.equal(together[i], alone[0]), i
+
+
+def test_row_masks_expand_for_generates_repeated_rows_and_refuse_other_batches():
+    model = tiny_model("llama")
+    x, masks = ids(batch=3), row_masks()
+    with masked_rows(model, masks):
+        repeated = model(x.repeat_interleave(2, dim=0)).logits  # what num_return_sequences / beams feed
+        beams = model.generate(x, attention_mask=torch.ones_like(x), num_beams=2, num_return_sequences=2,
+                               max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        with pytest.raises(IGPruneError, match="a batch of 4 rows cannot run under 3 row masks"):
+            model(x[:2].repeat(2, 1))
+    for i in range(3):
+        with masked(model, masks[i]):
+            alone = model(x[i:i + 1]).logits[0]
+            alone_beams = model.generate(x[i:i + 1], attention_mask=torch.ones_like(x[i:i + 1]), num_beams=2,
+                                         num_return_sequences=2, max_new_tokens=4, min_new_tokens=4,
+                                         do_sample=False, pad_token_id=0)
+        assert torch.allclose(repeated[2 * i], alone, atol=1e-5) and torch.allclose(repeated[2 * i + 1], alone,
+                                                                                   atol=1e-5)
+        assert torch.equal(beams[2 * i:2 * i + 2], alone_beams)
+    control = control_of(model)
+    for bad in (torch.ones(B, dtype=torch.bool), torch.ones(3, B + 1, dtype=torch.bool), torch.ones(0, B)):
+        with pytest.raises(IGPruneError, match="row masks must have shape"):
+            control.set_rows(bad)
+
+
+def test_row_masks_compute_each_block_only_where_needed():
+    """Blocks kept by every row or none take the one-mask path; a mixed FFN sees only the rows that keep it; a
+    row that skips a mixed attention keeps its hidden state exactly, even where the attention's output is not
+    finite (selected, not multiplied by 0)."""
+    model = tiny_model("llama")
+    control = patch(model)
+    masks = row_masks()
+    control.set_rows(masks)
+    assert [control.gate(b) if isinstance(control.gate(b), bool) else "mixed" for b in range(B)] == [
+        "mixed", True, False, True, True, "mixed", "mixed", "mixed"]
+    control.set_rows(masks[[0, 0]])
+    assert all(isinstance(control.gate(b), bool) for b in range(B))
+    control.set_mask(None)
+    rows_seen = {"attn": [], "ffn": []}
+
+    def attention(module, args, kwargs, out, i):
+        rows_seen["attn"].append((i, kwargs["hidden_states"].shape[0]))
+        if i == 0:  # row 0 skips this attention: what it would have added must not reach it
+            out = (out[0].index_fill(0, torch.tensor([0]), torch.nan), *out[1:])
+        return out
+
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(functools.partial(attention, i=i), with_kwargs=True)
+        layer.mlp.register_forward_hook(lambda m, args, out, i=i: rows_seen["ffn"].append((i, args[0].shape[0])))
+    x = ids(batch=3)
+    with control.masked_rows(masks):
+        together = model(x).logits
+    assert rows_seen == {"attn": [(0, 3), (2, 3), (3, 3)], "ffn": [(0, 3), (1, 3), (2, 1), (3, 2)]}
+    unpatch(model)
+    assert torch.isfinite(together).all()

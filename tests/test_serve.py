@@ -3,6 +3,7 @@
 Every greedy answer is checked token for token against DynamicPrunedModel.generate of that prompt alone.
 """
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -18,6 +19,7 @@ openai = pytest.importorskip("openai")
 from igprune.bundle import Bundle, fingerprint  # noqa: E402
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder  # noqa: E402
 from igprune.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
+from igprune.serve.engine import Job, Sampling, Scheduler  # noqa: E402
 from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -165,35 +167,64 @@ def test_seeded_sampling_repeats(client):
     assert len({sample(s) for s in range(4)}) > 1
 
 
-def test_concurrent_requests_batch_by_cluster_and_equal_offline(dynamic, app, client):
-    """Eight requests over three clusters arrive while the worker is held: they go out as one batch per cluster
-    (left-padded where lengths differ) and each answer is still that prompt's offline generation."""
+def test_concurrent_requests_of_different_masks_share_batches_and_equal_offline(dynamic, app, client):
+    """Eight requests over three clusters (3/3/2) arrive while the worker is held: with mixing on (the default)
+    they go out as two full batches of four, each with rows of several masks (left-padded where lengths
+    differ), and each answer is still that prompt's offline generation under its own cluster's mask."""
     prompts = [t for texts in TOPICS.values() for t in texts][:8]
     scheduler = app.state.scheduler
-    with ThreadPoolExecutor(8) as pool:
-        with scheduler.hold():
-            futures = [pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=10, temperature=0)
-                       for p in prompts]
-            wait_until(lambda: sum(scheduler.depth(k) for k in range(3)) == 8)  # routed and queued
-            with pytest.raises(openai.RateLimitError) as err:  # the queue holds 8
-                client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4)
-            assert err.value.body["code"] == "queue_full"
-        outs = [f.result(timeout=TIMEOUT) for f in futures]
+    batches, record = [], scheduler.on_batch
+    scheduler.on_batch = lambda queues, size, *rest: (batches.append((queues, size)), record(queues, size, *rest))
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            with scheduler.hold():
+                futures = [pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=10,
+                                       temperature=0) for p in prompts]
+                wait_until(lambda: sum(scheduler.depth(k) for k in range(3)) == 8)  # routed and queued
+                with pytest.raises(openai.RateLimitError) as err:  # the queue holds 8
+                    client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4)
+                assert err.value.body["code"] == "queue_full"
+            outs = [f.result(timeout=TIMEOUT) for f in futures]
+    finally:
+        scheduler.on_batch = record
     routes = [r.cluster for r in dynamic.route(prompts)]
-    assert len(set(routes)) == 3
+    assert sorted(routes.count(k) for k in range(3)) == [2, 3, 3]
+    assert [size for _, size in batches] == [4, 4] and all(len(queues) > 1 for queues, _ in batches)
     for prompt, out, cluster in zip(prompts, outs, routes, strict=True):
         assert out.choices[0].text == alone(dynamic, prompt, 10)[0]
-        assert out.model_extra["igprune"]["cluster"] == cluster
-        assert out.model_extra["igprune"]["batch_size"] == routes.count(cluster)
+        assert out.model_extra["igprune"]["cluster"] == cluster and out.model_extra["igprune"]["batch_size"] == 4
+
+
+def test_a_batch_fills_from_the_masks_that_add_the_fewest_blocks():
+    """The leading queue's requests first, then the mask that adds the fewest kept blocks, though another
+    mask's request is older; with mixing off a batch holds one mask, in round-robin order."""
+    masks = torch.ones(3, 8, dtype=torch.bool)
+    masks[0, [1, 3, 5]] = False
+    masks[1, [1, 3]] = False  # adds block 5 to cluster 0's
+    masks[2, 7] = False  # adds blocks 1, 3 and 5
+    shared = routed_model(masks)
+    loop = asyncio.new_event_loop()
+    try:
+        for mix, expected in ((True, [[0, 0, 1], [2]]), (False, [[0, 0], [1], [2]])):
+            scheduler = Scheduler(shared, max_batch=3, max_wait=0, mix=mix)
+            for cluster in (0, 0, 2, 1):
+                scheduler.admit()
+                scheduler.submit(Job([5], Sampling(4), cluster, loop))
+            assert [[job.cluster for job in scheduler._take()] for _ in expected] == expected
+            assert scheduler.depth() == 0
+    finally:
+        loop.close()
 
 
 def test_clusters_with_equal_masks_share_a_queue_and_its_batches():
-    """Clusters 0 and 2 with one mask: their held requests go out as one batch, as a static mask's would, and
-    each answer is still that prompt's offline generation under its cluster's mask."""
+    """Clusters 0 and 2 with one mask, mixing off: their held requests go out as one batch, as a static mask's
+    would, cluster 1's as another, and each answer is still that prompt's offline generation under its
+    cluster's mask."""
     masks = cluster_masks()
     masks[2] = masks[0]
     shared = routed_model(masks)
-    app = create_app(shared, "tiny", ServeSettings(max_batch=8, max_wait_ms=20, max_queue=8, request_timeout=TIMEOUT))
+    app = create_app(shared, "tiny", ServeSettings(max_batch=8, max_wait_ms=20, max_queue=8, request_timeout=TIMEOUT,
+                                                   mix_masks=False))
     scheduler = app.state.scheduler
     assert scheduler.queue_of == [0, 1, 0]
     prompts = [t for texts in TOPICS.values() for t in texts][:8]
@@ -244,6 +275,7 @@ def test_metrics_count_requests_and_tokens_per_cluster(server, client):
     assert 'igprune_requests_total{cluster="1",endpoint="completions",status="200"}' in text
     assert 'igprune_completion_tokens_total{cluster="1"}' in text and 'igprune_queue_depth{cluster="2"}' in text
     assert "igprune_time_to_first_token_seconds_bucket" in text and "igprune_batch_size_bucket" in text
+    assert 'igprune_batch_size_count{mask="1"}' in text and "igprune_batch_masks_bucket" in text
 
 
 def test_a_request_queued_too_long_times_out(dynamic):
@@ -274,8 +306,10 @@ def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypat
     Bundle(mask, torch.zeros(1, 0), bundle_config(mask, model, model=str(folder))).save(tmp_path / "b1")
     calls = []
     monkeypatch.setattr("igprune.serve.serve", lambda *args: calls.append(args))
-    result = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--max-queue", "5"])
-    assert result.exit_code == 0, result.output
-    (served, name, host, port, settings), = calls
-    assert (name, host, port, settings.max_queue) == ("b1", "127.0.0.1", 8000, 5)
+    for flags in ([], ["--no-mix-masks"]):
+        result = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--max-queue", "5", *flags])
+        assert result.exit_code == 0, result.output
+    (served, name, host, port, settings), (*_, unmixed) = calls
+    assert (name, host, port, settings.max_queue, settings.mix_masks) == ("b1", "127.0.0.1", 8000, 5, True)
+    assert not unmixed.mix_masks
     assert torch.equal(served.masks, mask)

@@ -1,10 +1,11 @@
-"""Stage 2 and the bundle: clustering, routing, bundle round trips, grouped dynamic inference."""
+"""Stage 2 and the bundle: clustering, routing, bundle round trips, dynamic inference under row masks."""
 
 import warnings
 
 import pytest
 import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from igprune.blocks import patch
 from igprune.bundle import Bundle
@@ -89,17 +90,28 @@ def test_not_a_bundle_is_a_clear_error(tmp_path):
         Bundle.load(tmp_path)
 
 
-def test_mixed_batch_is_split_by_mask_and_put_back_in_order(fitted):
+def three_mask_model(fitted) -> DynamicPrunedModel:
+    """The fitted bundle with a visibly different mask per cluster (cluster k skips the FFN of layer k)."""
     model, tokenizer, _, path = fitted
     dynamic = DynamicPrunedModel.from_bundle(model, path, tokenizer)
     dynamic.masks = torch.ones_like(dynamic.masks)
-    for k in range(3):  # give every cluster a visibly different mask
+    for k in range(3):
         dynamic.masks[k, 2 * k + 1] = False
+    return dynamic
+
+
+def test_a_mixed_batch_runs_each_row_under_its_mask_in_one_forward(fitted):
+    dynamic = three_mask_model(fitted)
+    model, tokenizer = dynamic.model, dynamic.tokenizer
     texts = [TEXTS[0], TEXTS[3], TEXTS[6], TEXTS[1]]
-    routes = [r.cluster for r in dynamic.route(texts)]
+    routes = dynamic.clusters(texts)
     assert len(set(routes)) == 3
     batch = tokenizer(texts, return_tensors="pt", padding=True)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
     together = dynamic(batch.input_ids, batch.attention_mask).logits
+    hook.remove()
+    assert len(calls) == 1
     control = patch(model)
     for i, text in enumerate(texts):
         one = tokenizer([text], return_tensors="pt")
@@ -107,6 +119,8 @@ def test_mixed_batch_is_split_by_mask_and_put_back_in_order(fitted):
             alone = model(**one).logits[0]
         n = one.input_ids.shape[1]
         assert torch.allclose(together[i, :n], alone, atol=1e-4)
+    with pytest.raises(IGPruneError, match="one text per row"):
+        dynamic(batch.input_ids, batch.attention_mask, texts=texts[:2])
 
 
 def test_generate_routes_each_prompt_and_keeps_order(fitted):
@@ -118,6 +132,44 @@ def test_generate_routes_each_prompt_and_keeps_order(fitted):
     assert together == alone
     with pytest.raises(IGPruneError, match="empty prompt"):
         dynamic.generate_text([""])
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.steps = []
+
+    def put(self, value):
+        self.steps.append(value.clone())
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("kv_policy", ["keep", "drop"])
+def test_a_mixed_batch_is_one_generate_with_everything_it_returns(fitted, kv_policy):
+    """Prompts of three clusters: one HF generate returns what it returns for one mask (dicts with scores,
+    streamers, repeated sequences), and each row equals its prompt generated alone under its mask."""
+    dynamic = three_mask_model(fitted)
+    dynamic.kv_policy = kv_policy
+    prompts = [TEXTS[6], TEXTS[0], TEXTS[3]]
+    assert sorted(dynamic.clusters(prompts)) == [0, 1, 2]
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+    def run(texts, **extra):
+        batch = encode_prompts(dynamic.tokenizer, dynamic.config, texts, 6)
+        return batch.input_ids.shape[1], dynamic.generate(batch.input_ids, batch.attention_mask, texts=texts,
+                                                          **settings, **extra)
+
+    streamer = Collect()
+    width, out = run(prompts, return_dict_in_generate=True, output_scores=True, streamer=streamer)
+    assert len(out.scores) == 6 and out.scores[0].shape[0] == 3
+    assert torch.equal(torch.cat(streamer.steps[1:], dim=-1).view(6, 3).T, out.sequences[:, width:])
+    _, beams = run(prompts, num_beams=2, num_return_sequences=2)
+    for i, prompt in enumerate(prompts):
+        n, alone = run([prompt], return_dict_in_generate=True)
+        assert out.sequences[i, width:].tolist() == alone.sequences[0, n:].tolist()
+        _, alone_beams = run([prompt], num_beams=2, num_return_sequences=2)
+        assert beams[2 * i:2 * i + 2, width:].tolist() == alone_beams[:, n:].tolist()
 
 
 def test_prompt_longer_than_the_context_keeps_its_end_with_a_warning(fitted):

@@ -18,7 +18,7 @@ from igprune.files import IGPruneError
 
 if TYPE_CHECKING:
     from igprune.baselines import find_mask
-    from igprune.blocks import masked
+    from igprune.blocks import masked, masked_rows
     from igprune.bundle import Bundle
     from igprune.export import export_model, prune_model
     from igprune.models import ZOO, load_model, load_tokenizer
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # public name -> the module that defines it
 _PUBLIC = {
     "masked": "igprune.blocks",
+    "masked_rows": "igprune.blocks",
     "IGPruner": "igprune.stage1.pruner",
     "TrainConfig": "igprune.stage1.train",
     "DynamicPrunedModel": "igprune.stage2.dynamic",
@@ -43,7 +44,7 @@ _PUBLIC = {
     "load_tokenizer": "igprune.models",
 }
 
-__all__ = ["IGPruneError", "masked", "IGPruner", "TrainConfig", "DynamicPrunedModel", "Router", "Bundle",
+__all__ = ["IGPruneError", "masked", "masked_rows", "IGPruner", "TrainConfig", "DynamicPrunedModel", "Router", "Bundle",
            "find_mask", "prune_model", "export_model", "ZOO", "load_model", "load_tokenizer"]
 __version__ = "0.1.0"
 

@@ -14,11 +14,18 @@ of a one-token decode step of smollm2-135m). The shared BlockControl lives outsi
 registry keyed by the model's layer list), so `state_dict()`, `parameters()`, `save_pretrained()` and
 `from_pretrained()` are exactly those of the untouched model.
 
-The gate values come from the BlockControl: per-sample soft gates while masks are trained, or one
-binary mask at inference. With a binary mask a skipped FFN is not computed at all, and a skipped
+The gate values come from the BlockControl: per-sample soft gates while masks are trained, one binary
+mask at inference, or one binary mask per row (`masked_rows`: a batch whose inputs route to different
+clusters runs as one batch). With a binary mask a skipped FFN is not computed at all, and a skipped
 attention either still writes its K and V to the KV cache (kv_policy="keep", the paper's scheme, so a
 cache stays valid for any later mask) or writes only a one-wide placeholder that keeps the cache's
 length right (kv_policy="drop": faster, valid while the mask is fixed for the sequence).
+
+With row masks a block that every row keeps (or none does) runs (or is skipped) as under one mask. A
+block that only some rows keep is "mixed": a mixed attention runs for the whole batch, so every row's K
+and V are written (what "keep" writes; under "drop" too, since the cache is one tensor for the batch and
+a block is mixed for the whole generation), and the rows that skip it keep their hidden state, selected
+exactly by torch.where; a mixed FFN runs only on the rows that keep it, so its compute is saved.
 
 Layers are recognised by structure (which norms exist), not by model name; see LAYOUTS. Writing K and V
 without running the attention ("keep") depends on each family's attention internals, so it is allowed
@@ -130,23 +137,39 @@ def gated_forward(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.
 def _gated_layer(layer: nn.Module, gate_info: _LayerGate, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     control, layout, first = gate_info.control, gate_info.layout, 2 * gate_info.index
     h = hidden_states
+    if control._rows is not None:  # also when no block is mixed: a wrong number of masks is always an error
+        control._rows.check(h.shape[0])
 
     gate = control.gate(first + ATTN)
     if gate is not False:
         out, _ = layer.self_attn(hidden_states=getattr(layer, layout.attn_norm)(h), **kwargs)
         if layout.attn_post_norm:
             out = getattr(layer, layout.attn_post_norm)(out)
-        h = h + _scale(out, gate)
+        if _mixed(control, gate):  # every row's K and V are in the cache; the rows that skip keep h as it is
+            keep, _ = control.rows_keeping(first + ATTN, h)
+            h = torch.where(keep.view(-1, *([1] * (h.dim() - 1))), h + out, h)
+        else:
+            h = h + _scale(out, gate)
     elif kwargs.get("past_key_values") is not None:
         _write_cache_only(layer, gate_info, h, kwargs)
 
     gate = control.gate(first + FFN)
-    if gate is not False:
-        out = layer.mlp(getattr(layer, layout.ffn_norm)(h))
-        if layout.ffn_post_norm:
-            out = getattr(layer, layout.ffn_post_norm)(out)
-        h = h + _scale(out, gate)
+    if _mixed(control, gate):  # only the rows that keep it run
+        _, rows = control.rows_keeping(first + FFN, h)
+        h = h.index_add(0, rows, _ffn(layer, layout, h.index_select(0, rows)))
+    elif gate is not False:
+        h = h + _scale(_ffn(layer, layout, h), gate)
     return h
+
+
+def _mixed(control: BlockControl, gate: torch.Tensor | bool) -> bool:
+    """Whether row masks are set and only some rows keep this block (gate is their keep column)."""
+    return control.rows is not None and not isinstance(gate, bool)
+
+
+def _ffn(layer: nn.Module, layout: LayerLayout, h: torch.Tensor) -> torch.Tensor:
+    out = layer.mlp(getattr(layer, layout.ffn_norm)(h))
+    return getattr(layer, layout.ffn_post_norm)(out) if layout.ffn_post_norm else out
 
 
 def is_gated(layer: nn.Module) -> bool:
@@ -198,13 +221,44 @@ def _write_cache_only(layer: nn.Module, gate_info: _LayerGate, h: torch.Tensor, 
 # ---- the control and its scopes ------------------------------------------------------------------------
 
 
+class _RowMasks:
+    """Binary masks per row, (rows, B): each block's all-keep / all-skip / mixed state, worked out once, and the
+    mixed blocks' keep columns and row indices per (batch, device), so a decode step reads no tensor to decide."""
+
+    def __init__(self, masks: torch.Tensor):
+        self.masks = masks
+        every, some = masks.all(0).tolist(), masks.any(0).tolist()
+        # per block: True (every row keeps it), False (none does) or None (mixed)
+        self.state = [True if e else None if s else False for e, s in zip(every, some, strict=True)]
+        self._fitted: dict[tuple[int, torch.device], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def fitted(self, batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, the (batch,) keep column and the indices of the rows that keep it, on `device`.
+
+        HF generate repeats each input row k times in place (num_return_sequences, beams): a batch of k times
+        the mask rows repeats each mask k times the same way.
+        """
+        key = (batch, device)
+        if key not in self._fitted:
+            self.check(batch)
+            masks = self.masks.repeat_interleave(batch // self.masks.shape[0], dim=0)
+            self._fitted[key] = [(column.to(device), column.nonzero().flatten().to(device)) for column in masks.T]
+        return self._fitted[key]
+
+    def check(self, batch: int) -> None:
+        if batch % self.masks.shape[0]:
+            raise IGPruneError(f"a batch of {batch} rows cannot run under {self.masks.shape[0]} row masks: give one "
+                               "mask per input row (generate repeats them for num_return_sequences and beams)")
+
+
 class BlockControl:
     """The gate values every layer of one model reads while a scope is active.
 
-    Values set outside a scope (`set_mask`, `set_soft`) take effect only inside one, or after `patch`.
-    Exactly one of `soft` or `mask` is set, or neither (dense).
+    Values set outside a scope (`set_mask`, `set_soft`, `set_rows`) take effect only inside one, or after
+    `patch`. At most one of `soft`, `mask` or `rows` is set; none is dense.
     soft: float tensor (batch, B), one gate row per sample (mask training).
     mask: bool tensor (B,), one binary mask for the whole batch (inference); True = run.
+    rows: bool tensor (batch, B), one binary mask per row of the batch (inference, mixed clusters).
     """
 
     def __init__(self, model: PreTrainedModel):
@@ -217,6 +271,7 @@ class BlockControl:
         self.soft: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self._mask_list: list[bool] | None = None  # python copy: no tensor sync per block at inference
+        self._rows: _RowMasks | None = None
         self.kv_policy: KVPolicy = "keep"
         self._depth = 0  # open scopes
         self._pinned = False  # patch() keeps the gated forward installed until unpatch()
@@ -229,26 +284,50 @@ class BlockControl:
             mask = torch.as_tensor(mask).to(torch.bool).flatten().cpu()
             if mask.numel() != self.n_blocks:
                 raise IGPruneError(f"mask has {mask.numel()} entries but the model has {self.n_blocks} blocks")
+        self._set_policy(kv_policy)
+        self.mask, self.soft, self._rows = mask, None, None
+        self._mask_list = mask.tolist() if mask is not None else None
+
+    def set_rows(self, masks: torch.Tensor, kv_policy: KVPolicy | None = None) -> None:
+        """One binary mask per row of the batch, (batch, B); True = run."""
+        masks = torch.as_tensor(masks).to(torch.bool).cpu()
+        if masks.dim() != 2 or masks.shape[0] == 0 or masks.shape[1] != self.n_blocks:
+            raise IGPruneError(f"row masks must have shape (batch, {self.n_blocks}), got {tuple(masks.shape)}")
+        self._set_policy(kv_policy)
+        self.mask, self.soft, self._mask_list, self._rows = None, None, None, _RowMasks(masks)
+
+    def _set_policy(self, kv_policy: KVPolicy | None) -> None:
         if kv_policy is not None:
             if kv_policy not in ("keep", "drop"):
                 raise IGPruneError(f"kv_policy must be 'keep' or 'drop', not {kv_policy!r}")
             self.kv_policy = kv_policy
-        self.mask, self.soft = mask, None
-        self._mask_list = mask.tolist() if mask is not None else None
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return None if self._rows is None else self._rows.masks
 
     def set_soft(self, gates: torch.Tensor | None) -> None:
         if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.n_blocks):
             raise IGPruneError(f"soft gates must have shape (batch, {self.n_blocks}), got {tuple(gates.shape)}")
-        self.soft, self.mask, self._mask_list = gates, None, None
+        self.soft, self.mask, self._mask_list, self._rows = gates, None, None, None
 
     def gate(self, block: int) -> torch.Tensor | bool:
-        """True: run unscaled; False: skip; a (batch,) tensor: run and scale each sample's output."""
+        """True: run unscaled; False: skip; a float (batch,) tensor: run and scale each sample's output; a bool
+        (rows,) tensor: run for the rows that keep the block (row masks, some rows keep it and some do not)."""
         if self._mask_list is not None:
             return self._mask_list[block]
+        if self._rows is not None:
+            state = self._rows.state[block]
+            return self._rows.masks[:, block] if state is None else state
         if self.soft is not None:
             column = self.soft[:, block]
             return column if bool(column.any()) else False  # all-zero gates: skipping is exact
         return True
+
+    def rows_keeping(self, block: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a mixed block under row masks: the keep column and the indices of the rows that keep it, fitted to
+        the batch of `h` (its rows and device)."""
+        return self._rows.fitted(h.shape[0], h.device)[block]
 
     # ---- scopes
 
@@ -257,6 +336,13 @@ class BlockControl:
         """Run under a binary mask (None = dense) for the duration of a with-block."""
         with self._restoring(), self.active():
             self.set_mask(mask, kv_policy)
+            yield
+
+    @contextlib.contextmanager
+    def masked_rows(self, masks: torch.Tensor, kv_policy: KVPolicy | None = None) -> Iterator[None]:
+        """Run each row of the batch under its own binary mask, (batch, B), for the duration of a with-block."""
+        with self._restoring(), self.active():
+            self.set_rows(masks, kv_policy)
             yield
 
     @contextlib.contextmanager
@@ -285,11 +371,11 @@ class BlockControl:
 
     @contextlib.contextmanager
     def _restoring(self) -> Iterator[None]:
-        saved = (self.mask, self.soft, self._mask_list, self.kv_policy)
+        saved = (self.mask, self.soft, self._mask_list, self._rows, self.kv_policy)
         try:
             yield
         finally:
-            self.mask, self.soft, self._mask_list, self.kv_policy = saved
+            self.mask, self.soft, self._mask_list, self._rows, self.kv_policy = saved
 
     def _install(self) -> None:
         # an instance attribute shadows the class's forward; it is no parameter, buffer or submodule
@@ -331,6 +417,20 @@ def masked(model: PreTrainedModel, mask: torch.Tensor | list[bool] | None,
             out = model.generate(**batch, do_sample=True, num_return_sequences=2)
     """
     with control_of(model).masked(mask, kv_policy):
+        yield model
+
+
+@contextlib.contextmanager
+def masked_rows(model: PreTrainedModel, masks: torch.Tensor, kv_policy: KVPolicy = "keep") -> Iterator[PreTrainedModel]:
+    """Run `model` with row i of every batch under its own binary mask `masks[i]` ((batch, B), True = run).
+
+    Each row computes what it computes alone under its mask (`masked`), in one batch; a block is computed for the
+    rows that keep it (an attention that only some rows keep runs for all, see the module docstring).
+
+        with igprune.masked_rows(model, bundle.masks[[3, 0]]):  # two prompts: clusters 3 and 0
+            out = model.generate(**two_prompts, num_return_sequences=2)
+    """
+    with control_of(model).masked_rows(masks, kv_policy):
         yield model
 
 

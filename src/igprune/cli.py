@@ -284,15 +284,17 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the bundle folder's name)")]
     = None,
-    max_batch: Annotated[int, typer.Option(help="requests of one cluster per batch")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(help="how long a cluster's first request waits for company")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="requests per batch")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="how long a mask's first request waits for company")] = 10.0,
     max_queue: Annotated[int, typer.Option(help="requests waiting at most; more are answered 429")] = 64,
     timeout: Annotated[float, typer.Option(help="seconds a request may take in all; then 504")] = 300.0,
+    mix_masks: Annotated[bool, typer.Option("--mix-masks/--no-mix-masks", help="fill a batch's free places with "
+                                            "requests of other masks, each row under its own")] = True,
     kv_policy: KVOpt = "keep",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """OpenAI-compatible HTTP server: each request routed by its prompt, batched with its cluster's."""
+    """OpenAI-compatible HTTP server: each request routed by its prompt and batched, each row under its mask."""
     try:
         from igprune.serve import ServeSettings
         from igprune.serve import serve as run_server
@@ -304,7 +306,7 @@ def serve(
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
     dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)
     run_server(dynamic, name or bundle.resolve().name, host, port,
-               ServeSettings(max_batch, max_wait_ms, max_queue, timeout))
+               ServeSettings(max_batch, max_wait_ms, max_queue, timeout, mix_masks=mix_masks))
 
 
 @app.command("bench-speed")

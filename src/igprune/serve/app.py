@@ -35,11 +35,12 @@ from igprune.stage2.dynamic import DynamicPrunedModel
 
 @dataclass
 class ServeSettings:
-    max_batch: int = 8  # requests of one cluster per batch
-    max_wait_ms: float = 10.0  # how long a cluster's first request waits for company
+    max_batch: int = 8  # requests per batch
+    max_wait_ms: float = 10.0  # how long a mask's first request waits for company
     max_queue: int = 64  # requests admitted and not started; more get 429
     request_timeout: float = 300.0  # seconds from arrival to the last token; then 504
     max_tokens: int = 256  # default for chat when a request gives none (completions: 16, as OpenAI)
+    mix_masks: bool = True  # a batch fills its free places with requests of other masks (serve/engine.py)
 
 
 class Metrics:
@@ -54,19 +55,23 @@ class Metrics:
         self.ttft = Histogram("igprune_time_to_first_token_seconds", "Arrival to first text", ["cluster"], registry=r)
         self.queue_wait = Histogram("igprune_queue_wait_seconds", "Queued until its batch started", ["cluster"],
                                     registry=r)
-        # batches run per distinct mask, which clusters with equal masks share (serve/engine.py)
+        # per distinct mask (clusters with equal masks share one), or "mixed" for a batch of several masks
         self.batch_size = Histogram("igprune_batch_size", "Requests per batch", ["mask"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.tokens_per_s = Gauge("igprune_tokens_per_second", "Generated tokens/s of the last batch", ["mask"],
                                   registry=r)
+        self.batch_masks = Histogram("igprune_batch_masks", "Distinct masks per batch", registry=r,
+                                     buckets=(1, 2, 4, 8, 16))
         depth = Gauge("igprune_queue_depth", "Requests waiting per cluster", ["cluster"], registry=r)
         for k in range(scheduler.n_clusters):
             depth.labels(cluster=str(k)).set_function(lambda k=k: scheduler.depth(k))
         Gauge("igprune_admitted_waiting", "Requests admitted, not started", registry=r).set_function(scheduler.depth)
 
-    def batch(self, mask: int, size: int, tokens: int, seconds: float) -> None:
-        self.batch_size.labels(mask=str(mask)).observe(size)
-        self.tokens_per_s.labels(mask=str(mask)).set(tokens / max(seconds, 1e-9))
+    def batch(self, queues: list[int], size: int, tokens: int, seconds: float) -> None:
+        label = str(queues[0]) if len(queues) == 1 else "mixed"
+        self.batch_size.labels(mask=label).observe(size)
+        self.tokens_per_s.labels(mask=label).set(tokens / max(seconds, 1e-9))
+        self.batch_masks.observe(len(queues))
 
 
 def _error(err: APIError) -> JSONResponse:
@@ -80,7 +85,8 @@ def _sse(data: dict | str) -> str:
 def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings | None = None) -> FastAPI:
     """The app serving `dynamic` as model `name`; its scheduler thread runs while the app is up."""
     settings = settings or ServeSettings()
-    scheduler = Scheduler(dynamic, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
+    scheduler = Scheduler(dynamic, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                          settings.mix_masks)
     metrics = Metrics(scheduler)
     scheduler.on_batch = metrics.batch
     tokenizer = dynamic.tokenizer

@@ -2,15 +2,22 @@
 
 A request is routed once, by its prompt, when it is admitted, and waits in the queue of its cluster's mask.
 Clusters whose masks are equal share a queue (a fit's clusters often share masks: ig16-b15's 16 clusters
-have 4), so their requests share batches as a static mask's do. The worker takes batches in round-robin
-order over the masks with work: a batch starts once it is full (`max_batch`) or its oldest request has
-waited `max_wait` seconds, so a request waits behind at most one batch of every other mask per round. All
-model calls run in that one thread (torch is not async); the asyncio side only admits, queues and reads each
-job's events.
+have 4). The worker leads each batch from one queue, in round-robin order over the masks with work: a
+queue leads once the batch would be full (`max_batch`) or its oldest request has waited `max_wait`
+seconds, so a request waits behind at most one batch led by every other mask per round. The batch takes
+the leading queue's requests first, oldest first; with mixing on (`mix`, the default) it then fills its
+free places from the other queues, first from the masks that add the fewest kept blocks to those the batch
+already runs. Each row runs under its own cluster's mask (igprune.blocks.masked_rows): a block kept by
+some rows runs for those rows (an attention for all of them), so a mixed batch costs about its union of
+kept blocks per step, where split batches would each cost a step; on a CPU a step costs nearly the same
+for 2 rows as for 8 (benchmarks/serve_load.py). With mixing off every batch has one mask. All model calls
+run in that one thread (torch is not async); the asyncio side only admits, queues and reads each job's
+events.
 
-A batch is left-padded and run by HF generate under its cluster's mask, exactly as
-DynamicPrunedModel.generate runs a group; sampling and stop conditions are per row (a logits processor
-and a stopping criterion), so greedy rows see unchanged logits and a batch of one is the offline path.
+A batch is left-padded and run by one HF generate with row masks, exactly as DynamicPrunedModel.generate
+runs a batch; sampling and stop conditions are per row (a logits processor and a stopping criterion), so
+greedy rows see unchanged logits and a batch of one is the offline path. Metrics label a batch by its mask
+queue, or "mixed" when its rows have several masks (with how many masks each batch had).
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from igprune.masks import mask_row
 from igprune.stage2.dynamic import DynamicPrunedModel
 
 
-def generate_under_mask(dynamic: DynamicPrunedModel, cluster: int, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-    """The one place the server runs the model: HF generate under `cluster`'s mask, as stage 2 does."""
-    with dynamic.control.masked(dynamic.mask_for(cluster), dynamic.kv_policy):
+def generate_under_masks(dynamic: DynamicPrunedModel, clusters: list[int], input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    """The one place the server runs the model: HF generate with row i under cluster `clusters[i]`'s mask, as
+    stage 2 does."""
+    with dynamic.use_clusters(clusters):
         return dynamic.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                       pad_token_id=dynamic.tokenizer.pad_token_id, **generate_kwargs)
 
@@ -140,19 +148,22 @@ class _RowStops(StoppingCriteria):
 
 
 class Scheduler:
-    """Bounded admission, one queue per cluster, fair round-robin batching, one generation thread."""
+    """Bounded admission, one queue per distinct mask, fair round-robin batching, one generation thread."""
 
     def __init__(self, dynamic: DynamicPrunedModel, max_batch: int = 8, max_wait: float = 0.01,
-                 max_queue: int = 64, on_batch: Callable[[int, int, int, float], None] | None = None):
+                 max_queue: int = 64, mix: bool = True,
+                 on_batch: Callable[[list[int], int, int, float], None] | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait < 0:
             raise IGPruneError("max_batch and max_queue must be at least 1 and max_wait not negative")
         self.dynamic, self.max_batch, self.max_wait, self.max_queue = dynamic, max_batch, max_wait, max_queue
-        self.on_batch = on_batch  # (mask queue, batch size, generated tokens, seconds), for metrics
+        self.mix = mix
+        self.on_batch = on_batch  # (the batch's mask queues, batch size, generated tokens, seconds), for metrics
         self.n_clusters = dynamic.masks.shape[0]
         distinct: dict[str, int] = {}
         # cluster -> its mask's queue: clusters with equal masks share one
         self.queue_of = [distinct.setdefault(mask_row(dynamic.mask_for(k)), len(distinct))
                          for k in range(self.n_clusters)]
+        self.queue_masks = [dynamic.mask_for(self.queue_of.index(q)) for q in range(len(distinct))]
         self.queues: dict[int, deque[Job]] = {q: deque() for q in range(len(distinct))}
         self.waiting = 0  # admitted and not yet started: routing or queued
         self.cond = threading.Condition()
@@ -209,42 +220,62 @@ class Scheduler:
                 self.cond.notify_all()
 
     # --- the worker thread --------------------------------------------------------------------------
-    def _take(self) -> tuple[int, list[Job]] | None:
-        """The next batch: the first mask queue in round-robin order that is full or has waited long enough."""
+    def _take(self) -> list[Job] | None:
+        """The next batch, led by the first mask queue in round-robin order whose oldest request has waited long
+        enough or whose batch would be full (with mixing: counting every queue's requests)."""
         with self.cond:
             while not self.stopping:
                 now, soonest = time.monotonic(), None
-                for step in range(len(self.queues) if not self.held else 0):
-                    k = (self.next_queue + step) % len(self.queues)
-                    queue = self.queues[k]
-                    while queue and queue[0].cancelled:
-                        queue.popleft()
-                        self.waiting -= 1
-                    if not queue:
-                        continue
-                    due = queue[0].enqueued + self.max_wait
-                    if len(queue) >= self.max_batch or now >= due:
-                        batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
-                        self.waiting -= len(batch)
-                        self.next_queue = k + 1
-                        return k, [job for job in batch if not job.cancelled]
-                    soonest = due if soonest is None else min(soonest, due)
+                if not self.held:
+                    for queue in self.queues.values():
+                        while queue and queue[0].cancelled:
+                            queue.popleft()
+                            self.waiting -= 1
+                    queued = sum(len(queue) for queue in self.queues.values())
+                    for step in range(len(self.queues)):
+                        k = (self.next_queue + step) % len(self.queues)
+                        queue = self.queues[k]
+                        if not queue:
+                            continue
+                        due = queue[0].enqueued + self.max_wait
+                        if (queued if self.mix else len(queue)) >= self.max_batch or now >= due:
+                            self.next_queue = k + 1
+                            batch = self._batch(k)
+                            self.waiting -= len(batch)
+                            return [job for job in batch if not job.cancelled]
+                        soonest = due if soonest is None else min(soonest, due)
                 self.cond.wait(None if soonest is None else soonest - now)
         return None
 
+    def _batch(self, lead: int) -> list[Job]:
+        """Queue `lead`'s oldest requests; with mixing, the free places then go to the queues whose masks add the
+        fewest blocks to those the batch runs already (ties: the oldest request first)."""
+        batch = self._pop(lead, self.max_batch)
+        kept = self.queue_masks[lead].clone()
+        others = [k for k, queue in self.queues.items() if k != lead and queue] if self.mix else []
+        while others and len(batch) < self.max_batch:
+            best = min(others, key=lambda k: (int((self.queue_masks[k] & ~kept).sum()), self.queues[k][0].enqueued))
+            batch += self._pop(best, self.max_batch - len(batch))
+            kept |= self.queue_masks[best]
+            others.remove(best)
+        return batch
+
+    def _pop(self, k: int, n: int) -> list[Job]:
+        queue = self.queues[k]
+        return [queue.popleft() for _ in range(min(n, len(queue)))]
+
     def _work(self) -> None:
-        while (taken := self._take()) is not None:
-            queue, batch = taken
+        while (batch := self._take()) is not None:
             if not batch:
                 continue
             try:
-                self._generate(queue, batch)
+                self._generate(batch)
             except Exception as err:  # a failed batch answers its requests; the server carries on
                 for job in batch:
                     if job.finish is None:
                         job.fail(500, f"generation failed: {type(err).__name__}: {err}")
 
-    def _generate(self, queue: int, batch: list[Job]) -> None:
+    def _generate(self, batch: list[Job]) -> None:
         pad = self.tokenizer.pad_token_id
         width = max(len(job.prompt_ids) for job in batch)
         input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
@@ -253,16 +284,17 @@ class Scheduler:
         for job in batch:
             job.started, job.batch_size = start, len(batch)
         sampler = _RowSampler(batch)
-        generate_under_mask(self.dynamic, batch[0].cluster, input_ids.to(self.dynamic.device),  # one mask for all
-                            attention.to(self.dynamic.device), do_sample=False,
-                            max_new_tokens=max(job.sampling.max_tokens for job in batch),
-                            stopping_criteria=StoppingCriteriaList([_RowStops(batch, self._on_token)]),
-                            logits_processor=LogitsProcessorList([sampler] if sampler.rows else []))
+        generate_under_masks(self.dynamic, [job.cluster for job in batch], input_ids.to(self.dynamic.device),
+                             attention.to(self.dynamic.device), do_sample=False,
+                             max_new_tokens=max(job.sampling.max_tokens for job in batch),
+                             stopping_criteria=StoppingCriteriaList([_RowStops(batch, self._on_token)]),
+                             logits_processor=LogitsProcessorList([sampler] if sampler.rows else []))
         for job in batch:
             if job.finish is None:  # generate ended without this row deciding (should not happen)
                 self._finish(job, "length")
         if self.on_batch is not None:
-            self.on_batch(queue, len(batch), sum(len(job.ids) for job in batch), time.monotonic() - start)
+            queues = sorted({self.queue_of[job.cluster] for job in batch})
+            self.on_batch(queues, len(batch), sum(len(job.ids) for job in batch), time.monotonic() - start)
 
     def _on_token(self, job: Job, token: int) -> bool:
         """Take one new token for `job`: report new text, decide whether the row is done."""

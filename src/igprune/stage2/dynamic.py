@@ -1,25 +1,24 @@
 """DynamicPrunedModel: an HF causal LM that routes every input to its cluster's mask (paper stage 2).
 
 Each input is routed once, by its prompt, and its mask stays fixed for the whole generation. A batch
-whose inputs route to different clusters is split into one group per mask, each group runs under its
-mask, and the results are put back in the original order. Static bundles (one cluster) skip routing.
+whose inputs route to different clusters runs as one batch, each row under its own cluster's mask
+(igprune.blocks.masked_rows): one forward or one HF generate, with its return value, for the whole batch.
+Static bundles (one cluster) skip routing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import BatchEncoding, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from igprune.blocks import KVPolicy, control_of, masked
+from igprune.blocks import KVPolicy, control_of, masked, masked_rows
 from igprune.bundle import Bundle, as_bundle
 from igprune.files import IGPruneError
 from igprune.models import tokenizer_sides
@@ -31,8 +30,9 @@ class DynamicPrunedModel:
     """A user's HF model, a tokenizer, a router and one binary mask per cluster.
 
     It behaves like the HF model where users expect it to (config, generation_config, device, dtype,
-    forward, generate with its arguments), and `use_cluster(k)` runs the user's own model under cluster k's
-    mask. The model itself is not changed: outside those calls it runs, saves and trains as before.
+    forward, generate with its arguments), `use_cluster(k)` runs the user's own model under cluster k's
+    mask and `use_clusters(ks)` each row of a batch under its own. The model itself is not changed: outside
+    those calls it runs, saves and trains as before.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, router: Router,
@@ -102,18 +102,27 @@ class DynamicPrunedModel:
         with masked(self.model, self.masks[cluster], self.kv_policy) as model:
             yield model
 
-    def groups(self, texts: list[str]) -> dict[int, list[int]]:
-        """Row indices per cluster, for inputs given as text."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, route in enumerate(self.route(texts)):
-            groups[route.cluster].append(i)
-        return dict(groups)
+    @contextlib.contextmanager
+    def use_clusters(self, clusters: list[int]) -> Iterator[PreTrainedModel]:
+        """The user's own model with row i of the batch under cluster `clusters[i]`'s mask (generate's repeated
+        rows for num_return_sequences or beams follow their prompt's), for the duration of a with-block."""
+        with masked_rows(self.model, self.masks[clusters], self.kv_policy) as model:
+            yield model
 
-    def _texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
-        if attention_mask is None:
-            return self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        rows = [r[m.bool()] for r, m in zip(input_ids, attention_mask, strict=True)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+    def clusters(self, texts: list[str]) -> list[int]:
+        """Each input's cluster, for inputs given as text."""
+        return [route.cluster for route in self.route(texts)]
+
+    def _row_clusters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      texts: list[str] | None) -> list[int]:
+        """Each input row's cluster, routed by `texts` when given, else by decoding the row."""
+        if texts is None:
+            rows = input_ids if attention_mask is None else [r[m.bool()] for r, m in
+                                                             zip(input_ids, attention_mask, strict=True)]
+            texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        if len(texts) != input_ids.shape[0]:
+            raise IGPruneError(f"{len(texts)} texts for {input_ids.shape[0]} input rows: give one text per row")
+        return self.clusters(texts)
 
     # ---- running
 
@@ -124,16 +133,9 @@ class DynamicPrunedModel:
 
         Rows are routed by `texts` when given, else by decoding `input_ids`.
         """
-        texts = texts if texts is not None else self._texts(input_ids, attention_mask)
-        logits = None
-        for cluster, rows in self.groups(texts).items():
-            with self.use_cluster(cluster):
-                # no KV cache: nothing reads it, and under "keep" skipped attentions would still fill it
-                out = self.model(input_ids=input_ids[rows], use_cache=False,
-                                 attention_mask=None if attention_mask is None else attention_mask[rows])
-            if logits is None:
-                logits = out.logits.new_empty((input_ids.shape[0], *out.logits.shape[1:]))
-            logits[rows] = out.logits
+        with self.use_clusters(self._row_clusters(input_ids, attention_mask, texts)):
+            # no KV cache: nothing reads it, and under "keep" skipped attentions would still fill it
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         loss = None
         if labels is not None:
             loss = next_token_nll(logits, labels, reduction="mean")
@@ -146,39 +148,16 @@ class DynamicPrunedModel:
                  texts: list[str] | None = None, **generate_kwargs: Any) -> torch.Tensor | Any:
         """HF generate, with any of its arguments; each row routed by its prompt, mask fixed for the generation.
 
-        A batch that routes to one cluster is exactly `model.generate` under that mask (its return value,
-        streamers and all). A batch that routes to several runs one generate per cluster and returns the
-        sequences (num_return_sequences rows per prompt, in prompt order) right-padded to a common length.
-        Prompts must be left-padded when batched.
+        One `model.generate` for the whole batch, each row under its cluster's mask: its return value,
+        streamers and all. Prompts must be left-padded when batched.
         """
         input_ids = generate_kwargs.pop("inputs", input_ids)
         if input_ids is None or input_ids.shape[1] == 0:
             raise IGPruneError("empty prompt: give at least one token to generate from")
-        texts = texts if texts is not None else self._texts(input_ids, attention_mask)
-        pad = self.tokenizer.pad_token_id
-        generate_kwargs.setdefault("pad_token_id", pad)
-        groups = self.groups(texts)
-        if len(groups) == 1:
-            with self.use_cluster(next(iter(groups))):
-                return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        defaults = self.generation_config
-        if (generate_kwargs.get("return_dict_in_generate", defaults.return_dict_in_generate)
-                or generate_kwargs.get("streamer") is not None):
-            raise IGPruneError("return_dict_in_generate and streamer need prompts that route to one cluster; "
-                               "generate them per cluster (see DynamicPrunedModel.groups)")
-        copies = generate_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1
-        outputs: dict[int, torch.Tensor] = {}
-        for cluster, rows in groups.items():
-            with self.use_cluster(cluster):
-                out = self.model.generate(input_ids=input_ids[rows],
-                                          attention_mask=None if attention_mask is None else attention_mask[rows],
-                                          **generate_kwargs)
-            for j, row in enumerate(rows):
-                for c in range(copies):
-                    outputs[row * copies + c] = out[j * copies + c]
-        width = max(o.shape[0] for o in outputs.values())
-        return torch.stack([F.pad(outputs[i], (0, width - outputs[i].shape[0]), value=pad)
-                            for i in range(len(outputs))])
+        clusters = self._row_clusters(input_ids, attention_mask, texts)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        with self.use_clusters(clusters):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def generate_text(self, prompts: list[str], max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
         """Convenience: prompts in, continuations out (greedy unless told otherwise)."""
