@@ -7,6 +7,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
 
     python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
     python benchmarks/domains.py wide --source code   # SLEB on 8 x 128 tokens of one source, same prefix
+    python benchmarks/domains.py wide --source code --packing texts  # the same, rows cut as held-out passages
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
     python benchmarks/domains.py choose --blocks 15   # ig-sleb-n6 with masks chosen on fresh cluster text
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
@@ -57,6 +58,8 @@ STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{block
 # first token (packing "texts"), where the wide fit's rows were EOS-joined 256-character passages.
 # ig-sleb-n1-texts is the same recipe with one cluster: a static mask found exactly as each of the six cluster
 # masks is, so the gap between the two is what input guidance adds and nothing else.
+# ig-sleb-n7-texts is ig-sleb-n6-texts with seven clusters: on these passages K-means at six puts code and
+# wiki in one cluster (254 and 229 of 256 each), at seven code has its own (203 of 256).
 FITS: dict[str, dict[str, Any]] = {
     "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0, "packing": "joined"}},
     "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
@@ -64,6 +67,8 @@ FITS: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-texts": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
     "ig-sleb-n1-texts": {"finder": "sleb", "n_clusters": 1, "max_chars": 8 * HELDOUT["seq_len"],
+                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
+    "ig-sleb-n7-texts": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"],
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
@@ -120,26 +125,35 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {out}")
 
 
-def search_wide(model, tokenizer, name: str, blocks: int, source: str) -> None:
+def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: str) -> None:
     """SLEB from the same prefix on 8 x 128 tokens of one source (the headline searches' budget, 4x the domain
     searches'): on "domains", the global static mask on the fits' text; on one domain, whether that domain's
-    mask needs more calibration than 4 x 64 tokens to beat the global masks on its held-out text."""
+    mask needs more calibration than 4 x 64 tokens to beat the global masks on its held-out text. With packing
+    "texts", every row is one passage of up to 1,024 characters from its first token, cut and scored as the
+    held-out passages and ig-sleb-n6-texts's cluster text are: that fit's per-domain ceiling."""
     from igprune.baselines import find_mask
     from igprune.data import load_calibration
     from igprune.files import write_json
 
-    out = folder(name) / f"wide-{source}-b{blocks}.json"
+    out = folder(name) / f"{wide_name(source, packing)}-b{blocks}.json"
     if out.is_file():
         print(f"{out} exists")
         return
-    bundle = find_mask("sleb", model, tokenizer, load_calibration(source, seed=SEED),
+    max_chars = 8 * HELDOUT["seq_len"] if packing == "texts" else 2048
+    bundle = find_mask("sleb", model, tokenizer, load_calibration(source, max_chars=max_chars, seed=SEED),
                        blocks / (2 * len(model.model.layers)), "block", seed=SEED, source=source,
-                       checkpoint=BUNDLES / name / f"domains-wide-{source}-b{blocks}.checkpoint", samples=8,
-                       seq_len=128, start=shared_prefix(name, blocks))
-    write_json(out, {"model": name, "blocks": blocks, "source": source, "order": bundle.logs["search"]["order"],
-                     "calibration": bundle.config["calibration"], "seconds": bundle.config["fit_seconds"],
-                     "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]})
+                       checkpoint=BUNDLES / name / f"domains-{wide_name(source, packing)}-b{blocks}.checkpoint",
+                       samples=8, seq_len=128, packing=packing, start=shared_prefix(name, blocks))
+    write_json(out, {"model": name, "blocks": blocks, "source": source, "packing": packing, "max_chars": max_chars,
+                     "order": bundle.logs["search"]["order"], "calibration": bundle.config["calibration"],
+                     "seconds": bundle.config["fit_seconds"], "threads": torch.get_num_threads(),
+                     "load_average": os.getloadavg()[0]})
     print(f"wrote {out}")
+
+
+def wide_name(source: str, packing: str) -> str:
+    """wide-<source> for the first (joined) searches, wide-texts-<source> for those with packing "texts"."""
+    return f"wide-{source}" if packing == "joined" else f"wide-{packing}-{source}"
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -228,18 +242,24 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     found_path = folder(name) / f"search-b{blocks}.json"
     found = read_json(found_path) if found_path.is_file() else None  # the ceiling needs `search` first
     domain_masks = {}
-    wide = {}  # SLEB on 8 x 128 tokens of a source: the pool is a static mask, a domain a check of the budget
+    wide: dict[str, dict[str, torch.Tensor]] = {}  # per packing, each domain's SLEB mask on 8 x 128 tokens
     for path in sorted(folder(name).glob(f"wide-*-b{blocks}.json")):
         found_wide = read_json(path)
-        target = masks if found_wide["source"] == "domains" else wide
-        target[f"sleb-8x128-{found_wide['source']}"] = find_order_mask(model, found_wide["order"], "block")
+        packing = found_wide.get("packing", "joined")
+        mask = find_order_mask(model, found_wide["order"], "block")
+        if found_wide["source"] == "domains":  # on the pool: one more global static mask
+            masks["sleb-8x128-" + wide_name("domains", packing).removeprefix("wide-")] = mask
+        else:
+            wide.setdefault(packing, {})[found_wide["source"]] = mask
     if found:
         domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
     matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
     for d, mask in domain_masks.items():
         matrix[f"mask of {d}"] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
-    for label, mask in wide.items():
-        matrix[label] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
+    for packing, own in wide.items():
+        for d, mask in own.items():
+            matrix["sleb-8x128-" + wide_name(d, packing).removeprefix("wide-")] = {
+                j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
     static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
     best = min(static, key=lambda label: _ppl(_all(static[label]))[0])
     report: dict[str, Any] = {
@@ -252,10 +272,10 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
         ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
         report["ceiling"] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, static[best])}
         report["searched_tokens"] = _on_search_tokens(model, tokenizer, domain_masks, masks[best])
-    if wide:  # each domain's 8 x 128-token mask on its own held-out text: the ceiling at the global mask's budget
-        ceiling = {d: nll(wide[f"sleb-8x128-{d}"])[d] for d in DOMAIN_SOURCES if f"sleb-8x128-{d}" in wide}
-        report["ceiling_8x128"] = {"overall": _ppl(_all(ceiling)),
-                                   **_versus(ceiling, {d: static[best][d] for d in ceiling})}
+    for packing, own in wide.items():  # each domain's 8 x 128-token mask on its own held-out text
+        ceiling = {d: nll(own[d])[d] for d in DOMAIN_SOURCES if d in own}
+        key = "ceiling_8x128" if packing == "joined" else f"ceiling_8x128_{packing}"
+        report[key] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, {d: static[best][d] for d in ceiling})}
     route_texts = {d: tokenizer.batch_decode(ids[d], skip_special_tokens=True) for d in DOMAIN_SOURCES}
     report["bundles"] = {run: _bundle_report(path, nll, route_texts, static[best])
                          for run, path in _ig_runs(name, blocks)}
@@ -472,6 +492,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "gold", "fragments", "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
+    parser.add_argument("--packing", default="joined", choices=["joined", "texts"], help="wide: calibration rows")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit, tasks: comma-separated run names")
@@ -486,7 +507,7 @@ def main() -> None:
     if args.step == "search":
         search(model, tokenizer, args.model, args.blocks)
     elif args.step == "wide":
-        search_wide(model, tokenizer, args.model, args.blocks, args.source)
+        search_wide(model, tokenizer, args.model, args.blocks, args.source, args.packing)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "choose":

@@ -239,7 +239,7 @@ def domain_matrix(blocks: int) -> str:
     header = ["Mask", *(DOMAIN_LABELS[d] for d in domains), "all"]
     rows = []
     for label, cells in report["matrix"].items():
-        own = label.removeprefix("mask of ").removeprefix("sleb-8x128-")
+        own = label.removeprefix("mask of ").removeprefix("sleb-8x128-").removeprefix("texts-")
         name = f"**{label}**" if label == report["best_static"] else label
         rows.append([name, *(f"**{cells[d][0]:.1f}**" if d == own else f"{cells[d][0]:.1f}" for d in domains),
                      f"{report['overall'][label][0]:.1f}" if label in report["overall"] else "–"])
@@ -267,9 +267,10 @@ def domain_gains(blocks: int) -> str:
 
     if "ceiling" in report:
         rows.append(row("ceiling: each domain's own SLEB mask, 4 x 64 tokens", str(len(domains)), report["ceiling"]))
-    if "ceiling_8x128" in report:
-        found = len(report["ceiling_8x128"]["per_domain"])
-        rows.append(row("ceiling: each domain's own SLEB mask, 8 x 128 tokens", str(found), report["ceiling_8x128"]))
+    for key, rows_are in (("ceiling_8x128", "8 x 128 tokens"), ("ceiling_8x128_texts", "8 x 128 tokens, texts")):
+        if key in report:
+            found = len(report[key]["per_domain"])
+            rows.append(row(f"ceiling: each domain's own SLEB mask, {rows_are}", str(found), report[key]))
     for run, b in report["bundles"].items():
         masks = f"{b['distinct_masks']} of {b['clusters']}"
         rows.append(row(f"{run} ({b['finder']}), routed", masks, b["routed"]))
