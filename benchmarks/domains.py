@@ -125,35 +125,39 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {out}")
 
 
-def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: str) -> None:
+def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: str, metric: str) -> None:
     """SLEB from the same prefix on 8 x 128 tokens of one source (the headline searches' budget, 4x the domain
     searches'): on "domains", the global static mask on the fits' text; on one domain, whether that domain's
     mask needs more calibration than 4 x 64 tokens to beat the global masks on its held-out text. With packing
     "texts", every row is one passage of up to 1,024 characters from its first token, cut and scored as the
-    held-out passages and ig-sleb-n6-texts's cluster text are: that fit's per-domain ceiling."""
+    held-out passages and ig-sleb-n6-texts's cluster text are: that fit's per-domain ceiling. With metric "kl"
+    SLEB judges removals by KL divergence from the dense model, not by perplexity."""
     from igprune.baselines import find_mask
     from igprune.data import load_calibration
     from igprune.files import write_json
 
-    out = folder(name) / f"{wide_name(source, packing)}-b{blocks}.json"
+    stem = "-".join(["wide", *wide_variant(packing, metric), source])
+    out = folder(name) / f"{stem}-b{blocks}.json"
     if out.is_file():
         print(f"{out} exists")
         return
     max_chars = 8 * HELDOUT["seq_len"] if packing == "texts" else 2048
     bundle = find_mask("sleb", model, tokenizer, load_calibration(source, max_chars=max_chars, seed=SEED),
                        blocks / (2 * len(model.model.layers)), "block", seed=SEED, source=source,
-                       checkpoint=BUNDLES / name / f"domains-{wide_name(source, packing)}-b{blocks}.checkpoint",
-                       samples=8, seq_len=128, packing=packing, start=shared_prefix(name, blocks))
-    write_json(out, {"model": name, "blocks": blocks, "source": source, "packing": packing, "max_chars": max_chars,
+                       checkpoint=BUNDLES / name / f"domains-{stem}-b{blocks}.checkpoint",
+                       samples=8, seq_len=128, packing=packing, metric=metric, start=shared_prefix(name, blocks))
+    write_json(out, {"model": name, "blocks": blocks, "source": source, "packing": packing, "metric": metric,
+                     "max_chars": max_chars,
                      "order": bundle.logs["search"]["order"], "calibration": bundle.config["calibration"],
                      "seconds": bundle.config["fit_seconds"], "threads": torch.get_num_threads(),
                      "load_average": os.getloadavg()[0]})
     print(f"wrote {out}")
 
 
-def wide_name(source: str, packing: str) -> str:
-    """wide-<source> for the first (joined) searches, wide-texts-<source> for those with packing "texts"."""
-    return f"wide-{source}" if packing == "joined" else f"wide-{packing}-{source}"
+def wide_variant(packing: str, metric: str) -> list[str]:
+    """What a wide search does unlike the first ones (joined rows, perplexity): [], ["texts"], ["texts", "kl"];
+    it names the search's file (wide-texts-code), its matrix row (sleb-8x128-texts-code) and its ceiling."""
+    return [*([packing] if packing != "joined" else []), *([metric] if metric != "ppl" else [])]
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -242,24 +246,23 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     found_path = folder(name) / f"search-b{blocks}.json"
     found = read_json(found_path) if found_path.is_file() else None  # the ceiling needs `search` first
     domain_masks = {}
-    wide: dict[str, dict[str, torch.Tensor]] = {}  # per packing, each domain's SLEB mask on 8 x 128 tokens
+    wide: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}  # per variant, each domain's 8 x 128-token mask
     for path in sorted(folder(name).glob(f"wide-*-b{blocks}.json")):
         found_wide = read_json(path)
-        packing = found_wide.get("packing", "joined")
+        variant = tuple(wide_variant(found_wide.get("packing", "joined"), found_wide.get("metric", "ppl")))
         mask = find_order_mask(model, found_wide["order"], "block")
         if found_wide["source"] == "domains":  # on the pool: one more global static mask
-            masks["sleb-8x128-" + wide_name("domains", packing).removeprefix("wide-")] = mask
+            masks["-".join(["sleb-8x128", *variant, "domains"])] = mask
         else:
-            wide.setdefault(packing, {})[found_wide["source"]] = mask
+            wide.setdefault(variant, {})[found_wide["source"]] = mask
     if found:
         domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
     matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
     for d, mask in domain_masks.items():
         matrix[f"mask of {d}"] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
-    for packing, own in wide.items():
+    for variant, own in wide.items():
         for d, mask in own.items():
-            matrix["sleb-8x128-" + wide_name(d, packing).removeprefix("wide-")] = {
-                j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
+            matrix["-".join(["sleb-8x128", *variant, d])] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
     static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
     best = min(static, key=lambda label: _ppl(_all(static[label]))[0])
     report: dict[str, Any] = {
@@ -272,9 +275,9 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
         ceiling = {d: nll(domain_masks[d])[d] for d in DOMAIN_SOURCES}
         report["ceiling"] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, static[best])}
         report["searched_tokens"] = _on_search_tokens(model, tokenizer, domain_masks, masks[best])
-    for packing, own in wide.items():  # each domain's 8 x 128-token mask on its own held-out text
+    for variant, own in wide.items():  # each domain's 8 x 128-token mask on its own held-out text
         ceiling = {d: nll(own[d])[d] for d in DOMAIN_SOURCES if d in own}
-        key = "ceiling_8x128" if packing == "joined" else f"ceiling_8x128_{packing}"
+        key = "_".join(["ceiling_8x128", *variant])
         report[key] = {"overall": _ppl(_all(ceiling)), **_versus(ceiling, {d: static[best][d] for d in ceiling})}
     route_texts = {d: tokenizer.batch_decode(ids[d], skip_special_tokens=True) for d in DOMAIN_SOURCES}
     report["bundles"] = {run: _bundle_report(path, nll, route_texts, static[best])
@@ -493,6 +496,7 @@ def main() -> None:
     parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "gold", "fragments", "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--packing", default="joined", choices=["joined", "texts"], help="wide: calibration rows")
+    parser.add_argument("--metric", default="ppl", choices=["ppl", "kl"], help="wide: what SLEB minimises")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit, tasks: comma-separated run names")
@@ -507,7 +511,7 @@ def main() -> None:
     if args.step == "search":
         search(model, tokenizer, args.model, args.blocks)
     elif args.step == "wide":
-        search_wide(model, tokenizer, args.model, args.blocks, args.source, args.packing)
+        search_wide(model, tokenizer, args.model, args.blocks, args.source, args.packing, args.metric)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "choose":

@@ -239,7 +239,7 @@ def domain_matrix(blocks: int) -> str:
     header = ["Mask", *(DOMAIN_LABELS[d] for d in domains), "all"]
     rows = []
     for label, cells in report["matrix"].items():
-        own = label.removeprefix("mask of ").removeprefix("sleb-8x128-").removeprefix("texts-")
+        own = label.replace(" ", "-").rsplit("-", 1)[-1]  # "mask of code", "sleb-8x128-texts-code": code
         name = f"**{label}**" if label == report["best_static"] else label
         rows.append([name, *(f"**{cells[d][0]:.1f}**" if d == own else f"{cells[d][0]:.1f}" for d in domains),
                      f"{report['overall'][label][0]:.1f}" if label in report["overall"] else "–"])
@@ -267,7 +267,8 @@ def domain_gains(blocks: int) -> str:
 
     if "ceiling" in report:
         rows.append(row("ceiling: each domain's own SLEB mask, 4 x 64 tokens", str(len(domains)), report["ceiling"]))
-    for key, rows_are in (("ceiling_8x128", "8 x 128 tokens"), ("ceiling_8x128_texts", "8 x 128 tokens, texts")):
+    for key, rows_are in (("ceiling_8x128", "8 x 128 tokens"), ("ceiling_8x128_texts", "8 x 128 tokens, texts"),
+                          ("ceiling_8x128_texts_kl", "8 x 128 tokens, texts, by KL")):
         if key in report:
             found = len(report[key]["per_domain"])
             rows.append(row(f"ceiling: each domain's own SLEB mask, {rows_are}", str(found), report[key]))

@@ -112,6 +112,22 @@ def test_sleb_extended_from_a_smaller_search_is_the_larger_search(llama):
         run("sleb", model, tokenizer, sparsity=0.17, start=["attn1", "attn1"])
 
 
+def test_sleb_by_kl_removes_the_unit_whose_removal_is_closest_to_dense(llama):
+    model, tokenizer = llama
+    by_kl = run("sleb", model, tokenizer, sparsity=0.09, metric="kl")  # 1 of 12 blocks: one step
+    scorer = Scorer(model, make_calibration(tokenizer, TEXTS, SMALL["samples"], SMALL["seq_len"]))
+    space = SearchSpace(12, "block")
+    kl = {space.name(u): scorer.kl(space.mask([u])) for u in space.candidates()}
+    ppl = {space.name(u): scorer.perplexity(space.mask([u])) for u in space.candidates()}
+    step = by_kl.logs["search"]["steps"][0]
+    assert by_kl.logs["search"]["order"] == [min(kl, key=kl.get)] and step["metric"] == "kl"
+    assert step["score"] == pytest.approx(min(kl.values()))
+    by_ppl = run("sleb", model, tokenizer, sparsity=0.09)
+    assert by_ppl.logs["search"]["order"] == [min(ppl, key=ppl.get)] and by_ppl.logs["search"]["metric"] == "ppl"
+    with pytest.raises(IGPruneError, match="metric must be 'ppl' or 'kl'"):
+        run("sleb", model, tokenizer, metric="nll")
+
+
 class Interrupted(Exception):
     pass
 
