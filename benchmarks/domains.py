@@ -75,10 +75,17 @@ FITS: dict[str, dict[str, Any]] = {
 }
 
 
-# ig-sleb-n6's masks chosen afresh on unsearched cluster text (no new search): among the six cluster masks,
-# and among those and the global static mask
-CHOSEN: dict[str, dict[str, Any]] = {"ig-sleb-n6-chosen": {"global": False, "samples": 8},
-                                     "ig-sleb-n6-chosen-global": {"global": True, "samples": 16}}
+# A fit's cluster searches chosen afresh on unsearched cluster text (no new search), with the fit's own search
+# settings: ig-sleb-n6's among its six cluster masks, and among those and the global static mask;
+# ig-sleb-n6-texts-pool's among ig-sleb-n6-texts's six, the global mask and the other static finders' masks
+# (`pool`: bundles found without any domain label, on wiki or the mixed pool).
+CHOSEN: dict[str, dict[str, Any]] = {
+    "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
+    "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
+    "ig-sleb-n6-texts-pool": {"from": "ig-sleb-n6-texts", "global": True, "samples": 16,
+                              "pool": ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}",
+                                       "static-l0-b{blocks}"]},
+}
 
 
 def global_order(name: str, blocks: int) -> list[str]:
@@ -194,7 +201,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
 
 
 def choose(model, tokenizer, name: str, blocks: int) -> None:
-    """Each CHOSEN bundle: ig-sleb-n6 with every cluster's mask chosen among the candidates on that cluster's
+    """Each CHOSEN bundle: its fit with every cluster's mask chosen among the candidates on that cluster's
     passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
     from igprune.baselines import make_calibration
     from igprune.bundle import Bundle
@@ -202,29 +209,33 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.stage1.search import choose_masks, find_order_mask
     from igprune.stage2.router import Router
 
-    source = fit_dir(name, "ig-sleb-n6", blocks)
-    bundle = Bundle.load(source)
-    # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
-    texts = fit_texts("domains", bundle.config["calibration"]["samples"], bundle.config["calibration"]["seq_len"],
-                      SEED)
-    labels = [r.cluster for r in Router.from_bundle(bundle).route(texts)]
-    if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
-        raise SystemExit("routing the fit's passages does not give its clusters; refit")
-    groups = [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(bundle.n_clusters)]
-    searched = [make_calibration(tokenizer, g, SEARCH["samples"], SEARCH["seq_len"], SEED).texts for g in groups]
     for run, spec in CHOSEN.items():
         out = fit_dir(name, run, blocks)
         if (out / "bundle.json").is_file():
             continue
-        candidates = bundle.masks
+        source, settings = fit_dir(name, spec["from"], blocks), FITS[spec["from"]]["search"]
+        bundle = Bundle.load(source)
+        # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
+        texts = fit_texts("domains", bundle.config["calibration"]["samples"],
+                          bundle.config["calibration"]["seq_len"], SEED, FITS[spec["from"]].get("max_chars"))
+        labels = [r.cluster for r in Router.from_bundle(bundle).route(texts)]
+        if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
+            raise SystemExit("routing the fit's passages does not give its clusters; refit")
+        groups = [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(bundle.n_clusters)]
+        searched = [make_calibration(tokenizer, g, settings["samples"], settings["seq_len"], SEED,
+                                     packing=settings["packing"]).texts for g in groups]
+        candidates = [find_order_mask(model, c["order"], "block") for c in bundle.logs["search"]["clusters"]]
         if spec["global"]:
-            candidates = torch.cat([candidates, find_order_mask(model, global_order(name, blocks), "block")[None]])
-        masks, log = choose_masks(model, tokenizer, groups, candidates, samples=spec["samples"],
-                                  seq_len=SEARCH["seq_len"], exclude=searched, seed=SEED)
+            candidates.append(find_order_mask(model, global_order(name, blocks), "block"))
+        pool = [pattern.format(blocks=blocks) for pattern in spec.get("pool", [])]
+        candidates += [Bundle.load(BUNDLES / name / b).masks[0] for b in pool]
+        masks, log = choose_masks(model, tokenizer, groups, torch.stack(candidates), samples=spec["samples"],
+                                  seq_len=settings["seq_len"], exclude=searched, seed=SEED,
+                                  packing=settings["packing"])
         config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
-        Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"]},
-               None, {**bundle.logs, "choose": log}).save(out)
-        print(f"wrote {out}: chosen {log['chosen']}")
+        Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"],
+                                         "chosen_with_pool": pool}, None, {**bundle.logs, "choose": log}).save(out)
+        print(f"wrote {out}: chosen {log['chosen']}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- score
@@ -232,6 +243,7 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
 
 def score(model, tokenizer, name: str, blocks: int) -> None:
     """Per-passage NLL of every distinct mask on every domain's held-out passages, then the report."""
+    from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.evaluation.perplexity import CHARS_PER_TOKEN, truncate
     from igprune.files import read_json, write_json
@@ -282,6 +294,14 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     route_texts = {d: tokenizer.batch_decode(ids[d], skip_special_tokens=True) for d in DOMAIN_SOURCES}
     report["bundles"] = {run: _bundle_report(path, nll, route_texts, static[best])
                          for run, path in _ig_runs(name, blocks)}
+    found_masks = {label: mask for label, mask in masks.items() if mask is not None}  # all but dense
+    found_masks.update({f"mask of {d}": mask for d, mask in domain_masks.items()})
+    found_masks.update({"-".join(["sleb-8x128", *variant, d]): mask for variant, own in wide.items()
+                        for d, mask in own.items()})
+    for run, path in _ig_runs(name, blocks):
+        found_masks.update({f"{run} cluster {k}": mask for k, mask in enumerate(Bundle.load(path).masks)})
+    report["ceiling_chosen"] = _cross_chosen({label: nll(mask) for label, mask in found_masks.items()},
+                                             static[best])
     write_json(folder(name) / f"score-b{blocks}.json", report)
     print(f"wrote {folder(name) / f'score-b{blocks}.json'}")
 
@@ -436,6 +456,26 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> No
             results = evaluate(model, tokenizer, path, tasks=["paper6"], limit=TASK_LIMIT, dense=dense, seed=SEED)
             save_results(out, results)
             print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
+
+
+def _cross_chosen(candidates: dict[str, dict[str, list[list[float]]]],
+                  static: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Each domain's passages under the one candidate mask with the lowest perplexity on the domain's other
+    passages (the even-numbered choose for the odd and back): the best per-domain mask among every mask found,
+    chosen by the domain's name and yet never scored on a passage that chose it. An estimate of the headroom
+    that, unlike the per-passage oracle, does not fit the scored text's noise."""
+    scored, chosen = {}, {}
+    for d, reference in static.items():
+        n = len(reference)
+        scored[d], chosen[d] = [None] * n, []
+        for half in (0, 1):
+            judges = [i for i in range(n) if i % 2 == half]
+            best = min(candidates, key=lambda label: _rate([candidates[label][d][i] for i in judges])[0])
+            chosen[d].append(best)
+            for i in range(1 - half, n, 2):
+                scored[d][i] = candidates[best][d][i]
+    return {"candidates": len(candidates), "chosen": chosen, "overall": _ppl(_all(scored)),
+            **_versus(scored, static)}
 
 
 def _versus(ours: dict[str, list[list[float]]], static: dict[str, list[list[float]]]) -> dict[str, Any]:

@@ -272,6 +272,10 @@ def domain_gains(blocks: int) -> str:
         if key in report:
             found = len(report[key]["per_domain"])
             rows.append(row(f"ceiling: each domain's own SLEB mask, {rows_are}", str(found), report[key]))
+    if "ceiling_chosen" in report:
+        entry = report["ceiling_chosen"]
+        rows.append(row(f"ceiling: per domain the best of the {entry['candidates']} masks found, chosen on its other "
+                        "passages", str(len({m for pair in entry["chosen"].values() for m in pair})), entry))
     for run, b in report["bundles"].items():
         masks = f"{b['distinct_masks']} of {b['clusters']}"
         rows.append(row(f"{run} ({b['finder']}), routed", masks, b["routed"]))
