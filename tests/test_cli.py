@@ -6,8 +6,10 @@ import pytest
 from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
+from igprune.bundle import Bundle
 from igprune.cli import app
 from igprune.evaluation import results
+from igprune.stage1.search import candidate_blocks
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,12 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     sleb = tmp_path / "sleb"
     invoke("baseline", "sleb", "--model", model, "--blocks", "2", "--samples", "2", "--seq-len", "16", "--out", sleb)
     assert "matches the masked model" in invoke("export", "--bundle", sleb, "--out", tmp_path / "plain")
+    searched = tmp_path / "searched"  # SLEB per cluster, each cluster free to choose the static SLEB mask too
+    invoke("fit", "--model", model, "--out", searched, "--clusters", "2", "--samples", "40", "--finder", "sleb",
+           "--blocks", "2", "--seq-len", "16", "--search-samples", "2", "--choose-samples", "2", "--candidate", sleb)
+    fitted = Bundle.load(searched)
+    assert fitted.config["search"]["candidates"] == [candidate_blocks(Bundle.load(sleb).masks[0])]
+    assert len(fitted.logs["search"]["choose"]["perplexity"][0]) == 4  # 2 cluster masks, the global one, SLEB's
     scores = tmp_path / "eval.json"
     invoke("eval", "--bundle", bundle, "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", scores)
     assert "|" in invoke("table", scores)

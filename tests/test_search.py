@@ -8,7 +8,7 @@ from igprune.baselines import find_mask, make_calibration
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import IGPruner
-from igprune.stage1.search import choose_masks, find_order_mask, search_cluster_masks
+from igprune.stage1.search import candidate_blocks, choose_masks, find_order_mask, search_cluster_masks
 
 # choosing and packing "texts" (the default) have their own tests
 OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "choose_samples": 0, "packing": "joined"}
@@ -50,6 +50,25 @@ def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, t
     expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude)
     assert torch.equal(masks, expected) and log["choose"]["chosen"] == table["chosen"]
     assert len(log["choose"]["perplexity"][0]) == 4  # three cluster masks and the global one
+
+
+def test_extra_candidates_join_the_choice(setup):
+    model, tok, groups = setup
+    options = {**OPTIONS, "choose_samples": 2}
+    extra = [["attn0", "ffn0", "attn1", "ffn1"], ["attn3", "ffn3", "ffn2", "attn2"]]  # the first or last layers
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, candidates=extra, progress=False, **options)
+    searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
+    pool = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None],
+                      torch.stack([find_order_mask(model, blocks, "block") for blocks in extra])])
+    exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
+    expected, table = choose_masks(model, tok, groups, pool, 2, 16, exclude=exclude)
+    assert torch.equal(masks, expected) and log["choose"]["chosen"] == table["chosen"]
+    assert len(log["choose"]["perplexity"][0]) == 6 and log["candidates"] == extra
+    assert candidate_blocks(pool[4]) == ["attn0", "ffn0", "attn1", "ffn1"]  # a mask back to its skipped blocks
+    with pytest.raises(IGPruneError, match="must skip 4 blocks"):
+        search_cluster_masks(model, tok, groups, 0.5, candidates=[["attn0"]], progress=False, **options)
+    with pytest.raises(IGPruneError, match="only used when each cluster chooses"):
+        search_cluster_masks(model, tok, groups, 0.5, candidates=extra, progress=False, **OPTIONS)
 
 
 def test_packing_texts_reaches_every_search_and_the_choice(setup):

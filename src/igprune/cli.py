@@ -161,16 +161,21 @@ def fit(
     packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
                                          "text's first token, as evaluation scores an input) or joined "
                                          "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",
+    candidates: Annotated[list[Path] | None, typer.Option(
+        "--candidate", help="--finder sleb: a static bundle (e.g. `igprune baseline evopress`) whose mask each "
+        "cluster may choose too; repeat for several")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
+    from igprune.bundle import Bundle
     from igprune.data import MIN_CHARS
     from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
     from igprune.stage1.pruner import FINDERS, check_search, fit_bundle
+    from igprune.stage1.search import candidate_blocks
     from igprune.stage1.train import TrainConfig
 
     _at_least(clusters=(clusters, 1), samples=(samples, 1), max_chars=(max_chars, MIN_CHARS), seq_len=(seq_len, 2),
@@ -179,11 +184,20 @@ def fit(
               choose_samples=(choose_samples, 0))
     if finder not in FINDERS:
         raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
+    if candidates and finder != "sleb":
+        raise IGPruneError("--candidate masks are chosen among by the search finder: add --finder sleb")
+    pool = [Bundle.load(path) for path in candidates or []]
+    for path, bundle in zip(candidates or [], pool, strict=True):
+        if not bundle.static:
+            raise IGPruneError(f"--candidate {path} has {bundle.n_clusters} cluster masks; give static bundles")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
-              "choose_samples": choose_samples, "packing": packing}
+              "choose_samples": choose_samples, "packing": packing,
+              "candidates": [candidate_blocks(bundle.masks[0]) for bundle in pool] or None}
     check_search(search)  # before the model loads
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    for path, bundle in zip(candidates or [], pool, strict=True):
+        bundle.check_model(lm, str(path))
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
                          granularity=granularity, gradient_checkpointing=gradient_checkpointing)

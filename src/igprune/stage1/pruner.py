@@ -37,12 +37,13 @@ Finder = Literal["l0", "sleb"]
 FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
 SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "texts", "shared_samples": 16,
-                                   "shared_fraction": 0.5, "prefix": None, "global_order": None, "choose_samples": 8}
+                                   "shared_fraction": 0.5, "prefix": None, "global_order": None, "choose_samples": 8,
+                                   "candidates": None}
 
 
 def check_search(options: dict[str, Any]) -> dict[str, Any]:
     """Search-finder options completed with SEARCH_DEFAULTS; unknown names, a shared_fraction outside [0, 1],
-    an unknown packing and a negative choose_samples are one-line errors."""
+    an unknown packing, a negative choose_samples and candidates with nothing to choose them are one-line errors."""
     unknown = sorted(set(options) - set(SEARCH_DEFAULTS))
     if unknown:
         raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
@@ -54,6 +55,9 @@ def check_search(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(options["choose_samples"], int) or options["choose_samples"] < 0:
         raise IGPruneError(f"choose_samples must be a whole number >= 0 (0: no choosing), "
                            f"got {options['choose_samples']!r}")
+    if options["candidates"] and not options["choose_samples"]:
+        raise IGPruneError("extra candidate masks are only used when each cluster chooses its mask: give "
+                           "choose_samples > 0 (--choose-samples)")
     return options
 
 

@@ -8,7 +8,8 @@ global search: SLEB removes its first `shared` units on equal shares of every cl
 cluster's SLEB removes the rest on that cluster's sequences alone (SLEB's `start`). Last, each cluster's
 mask is chosen among all the clusters' masks and the global one on cluster text no search scored: a search
 on a few hundred tokens fits their noise, and a cluster should leave the global mask only where its text
-really asks (choose_masks).
+really asks (choose_masks). Other masks may join that choice (`candidates`, e.g. the static masks other
+finders found: EvoPress or SLEB on other text), so a cluster takes one of them where its text prefers it.
 
     masks, log = search_cluster_masks(model, tokenizer, groups, sparsity=0.25)   # groups: texts per cluster
 """
@@ -28,7 +29,7 @@ from igprune import distributed
 from igprune.baselines import Calibration, find_mask, make_calibration
 from igprune.baselines.base import SearchSpace
 from igprune.baselines.scoring import Packing
-from igprune.blocks import num_blocks
+from igprune.blocks import block_name, num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.masks import Granularity, mask_row, units_off
 from igprune.stage1.pruner import SEARCH_DEFAULTS, check_search
@@ -43,6 +44,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"],
                          global_order: Sequence[str] | None = SEARCH_DEFAULTS["global_order"],
                          choose_samples: int = SEARCH_DEFAULTS["choose_samples"],
+                         candidates: Sequence[Sequence[str]] | None = SEARCH_DEFAULTS["candidates"],
                          checkpoint: str | Path | None = None,
                          progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """One block mask per group of texts (N, B), and the searches' logs.
@@ -57,11 +59,13 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     every group's own search result.
     global_order: the global mask's units, e.g. a static SLEB bundle's order whose first units are `prefix`;
     by default, when choosing, the shared search continues to all units on the pooled sequences.
+    candidates: more masks to choose among, each as the blocks it skips (e.g. ["attn7", "ffn16", ...]; a static
+    bundle's, `candidate_blocks`); each must skip as many blocks as the cluster masks.
     packing: how calibration rows are cut from each group's texts (scoring.make_calibration); "texts" starts
     every row at a text's first token, as evaluation scores an input.
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
     """
-    check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples})
+    check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples, "candidates": candidates})
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
@@ -70,6 +74,11 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     if global_order is not None and len(global_order) != k:
         raise IGPruneError(f"the global order names {len(global_order)} units but {k} are to be switched off")
+    extra = [find_order_mask(model, list(blocks), "block") for blocks in candidates or []]
+    blocks_off = k if granularity == "block" else 2 * k
+    if any(int((~m).sum()) != blocks_off for m in extra):
+        raise IGPruneError(f"every extra candidate must skip {blocks_off} blocks, as the cluster masks do; got "
+                           f"{sorted({int((~m).sum()) for m in extra})}")
     folder = Path(checkpoint) if checkpoint else None
     own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}", packing)
            for i, texts in enumerate(groups)]
@@ -103,8 +112,9 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     masks = torch.stack(masks)
     if choose_samples > 0:
         logs["global_order"] = list(global_order)
-        candidates = torch.cat([masks, find_order_mask(model, global_order, granularity)[None]])
-        masks, logs["choose"] = choose_masks(model, tokenizer, groups, candidates, choose_samples, seq_len,
+        logs["candidates"] = [list(blocks) for blocks in candidates or []]
+        pool = torch.stack([*masks, find_order_mask(model, global_order, granularity), *extra])
+        masks, logs["choose"] = choose_masks(model, tokenizer, groups, pool, choose_samples, seq_len,
                                              exclude=[c.texts for c in own], seed=seed, packing=packing)
         bar.update(1)
     bar.close()
@@ -143,6 +153,11 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
         table.append(scores)
     return candidates[chosen], {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len,
                                 "packing": packing}
+
+
+def candidate_blocks(mask: torch.Tensor) -> list[str]:
+    """The blocks a mask (B,) skips, by name: how a static bundle's mask joins `candidates`."""
+    return [block_name(int(i)) for i in (~mask.to(torch.bool)).nonzero().flatten()]
 
 
 def find_order_mask(model: PreTrainedModel, order: list[str], granularity: Granularity) -> torch.Tensor:
