@@ -78,13 +78,14 @@ FITS: dict[str, dict[str, Any]] = {
 # A fit's cluster searches chosen afresh on unsearched cluster text (no new search), with the fit's own search
 # settings: ig-sleb-n6's among its six cluster masks, and among those and the global static mask;
 # ig-sleb-n6-texts-pool's among ig-sleb-n6-texts's six, the global mask and the other static finders' masks
-# (`pool`: bundles found without any domain label, on wiki or the mixed pool).
+# (`pool`: bundles found without any domain label, on wiki or the mixed pool; `igprune fit --candidate`);
+# ig-sleb-n7-texts-pool the same for ig-sleb-n7-texts.
+POOL = ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
-    "ig-sleb-n6-texts-pool": {"from": "ig-sleb-n6-texts", "global": True, "samples": 16,
-                              "pool": ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}",
-                                       "static-l0-b{blocks}"]},
+    "ig-sleb-n6-texts-pool": {"from": "ig-sleb-n6-texts", "global": True, "samples": 16, "pool": POOL},
+    "ig-sleb-n7-texts-pool": {"from": "ig-sleb-n7-texts", "global": True, "samples": 16, "pool": POOL},
 }
 
 
@@ -211,7 +212,7 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
 
     for run, spec in CHOSEN.items():
         out = fit_dir(name, run, blocks)
-        if (out / "bundle.json").is_file():
+        if (out / "bundle.json").is_file() or not (fit_dir(name, spec["from"], blocks) / "bundle.json").is_file():
             continue
         source, settings = fit_dir(name, spec["from"], blocks), FITS[spec["from"]]["search"]
         bundle = Bundle.load(source)
