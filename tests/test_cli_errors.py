@@ -191,6 +191,8 @@ CASES = [
                                      "-1"], 2, "--choose-samples must be at least 0"),
     Case("unknown packing", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--packing", "windows"], 2,
          "packing must be 'joined' or 'texts'"),
+    Case("unknown search metric", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--search-metric", "nll"],
+         2, "metric must be 'ppl' or 'kl'"),
     Case("candidate without the search", ["fit", "-m", "MODEL_A", "-o", "out", "--candidate", "BUNDLE"], 2,
          "add --finder sleb", "static"),
     Case("candidate with clusters", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--candidate", "BUNDLE"],

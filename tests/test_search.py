@@ -71,6 +71,18 @@ def test_extra_candidates_join_the_choice(setup):
         search_cluster_masks(model, tok, groups, 0.5, candidates=extra, progress=False, **OPTIONS)
 
 
+def test_metric_kl_reaches_every_search(setup):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, metric="kl", progress=False, **OPTIONS)
+    assert log["metric"] == "kl"
+    for i, texts in enumerate(groups):
+        alone = find_mask("sleb", model, tok, texts, 0.5, "block", progress=False, samples=2, seq_len=16,
+                          start=log["shared_order"], metric="kl")
+        assert torch.equal(masks[i], alone.masks[0])
+    with pytest.raises(IGPruneError, match="metric must be 'ppl' or 'kl'"):
+        IGPruner(model, tok, finder="sleb", search={"metric": "nll"})
+
+
 def test_packing_texts_reaches_every_search_and_the_choice(setup):
     model, tok, groups = setup
     masks, log = search_cluster_masks(model, tok, groups, 0.5, progress=False,

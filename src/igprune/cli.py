@@ -161,6 +161,9 @@ def fit(
     packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
                                          "text's first token, as evaluation scores an input) or joined "
                                          "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",
+    search_metric: Annotated[str, typer.Option(help="--finder sleb: what each search minimises: ppl "
+                                               "(perplexity, SLEB's) or kl (divergence from the dense model)")
+                             ] = "ppl",
     candidates: Annotated[list[Path] | None, typer.Option(
         "--candidate", help="--finder sleb: a static bundle (e.g. `igprune baseline evopress`) whose mask each "
         "cluster may choose too; repeat for several")] = None,
@@ -191,7 +194,7 @@ def fit(
         if not bundle.static:
             raise IGPruneError(f"--candidate {path} has {bundle.n_clusters} cluster masks; give static bundles")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
-              "choose_samples": choose_samples, "packing": packing,
+              "choose_samples": choose_samples, "packing": packing, "metric": search_metric,
               "candidates": [candidate_blocks(bundle.masks[0]) for bundle in pool] or None}
     check_search(search)  # before the model loads
     _join_ranks()

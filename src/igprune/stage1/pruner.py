@@ -38,12 +38,13 @@ FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
 SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "texts", "shared_samples": 16,
                                    "shared_fraction": 0.5, "prefix": None, "global_order": None, "choose_samples": 8,
-                                   "candidates": None}
+                                   "candidates": None, "metric": "ppl"}
 
 
 def check_search(options: dict[str, Any]) -> dict[str, Any]:
     """Search-finder options completed with SEARCH_DEFAULTS; unknown names, a shared_fraction outside [0, 1],
-    an unknown packing, a negative choose_samples and candidates with nothing to choose them are one-line errors."""
+    an unknown packing or metric, a negative choose_samples and candidates with nothing to choose them are
+    one-line errors."""
     unknown = sorted(set(options) - set(SEARCH_DEFAULTS))
     if unknown:
         raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
@@ -52,6 +53,8 @@ def check_search(options: dict[str, Any]) -> dict[str, Any]:
         raise IGPruneError(f"shared_fraction must be in [0, 1], got {options['shared_fraction']}")
     if options["packing"] not in ("joined", "texts"):
         raise IGPruneError(f"packing must be 'joined' or 'texts', got {options['packing']!r}")
+    if options["metric"] not in ("ppl", "kl"):
+        raise IGPruneError(f"metric must be 'ppl' or 'kl', got {options['metric']!r}")
     if not isinstance(options["choose_samples"], int) or options["choose_samples"] < 0:
         raise IGPruneError(f"choose_samples must be a whole number >= 0 (0: no choosing), "
                            f"got {options['choose_samples']!r}")

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from igprune import distributed
 from igprune.baselines import Calibration, find_mask, make_calibration
 from igprune.baselines.base import SearchSpace
-from igprune.baselines.scoring import Packing
+from igprune.baselines.scoring import Metric, Packing
 from igprune.blocks import block_name, num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.masks import Granularity, mask_row, units_off
@@ -45,6 +45,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          global_order: Sequence[str] | None = SEARCH_DEFAULTS["global_order"],
                          choose_samples: int = SEARCH_DEFAULTS["choose_samples"],
                          candidates: Sequence[Sequence[str]] | None = SEARCH_DEFAULTS["candidates"],
+                         metric: Metric = SEARCH_DEFAULTS["metric"],
                          checkpoint: str | Path | None = None,
                          progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """One block mask per group of texts (N, B), and the searches' logs.
@@ -63,9 +64,12 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     bundle's, `candidate_blocks`); each must skip as many blocks as the cluster masks.
     packing: how calibration rows are cut from each group's texts (scoring.make_calibration); "texts" starts
     every row at a text's first token, as evaluation scores an input.
+    metric: what every SLEB search minimises, "ppl" or "kl" (to the dense model; sleb.search); the choice is
+    always by perplexity on the fresh text, as held-out text is scored.
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
     """
-    check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples, "candidates": candidates})
+    check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples, "candidates": candidates,
+                  "metric": metric})
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
@@ -89,7 +93,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         if units == len(start):
             return start
         bundle = find_mask("sleb", model, tokenizer, [], sparsity * units / k, granularity, seed=seed,
-                           progress=False, checkpoint=folder and folder / name, calibration=calibration, start=start)
+                           progress=False, checkpoint=folder and folder / name, calibration=calibration, start=start,
+                           metric=metric)
         return bundle.logs["search"]["order"]
 
     bar = tqdm(total=len(groups) + 1 + search_global + (choose_samples > 0), desc="mask searches", unit="search",
@@ -97,9 +102,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
     bar.update(1)
     logs: dict[str, Any] = {"finder": "sleb", "units_off": k, "shared_units": shared, "samples": samples,
-                            "seq_len": seq_len, "packing": packing, "shared_calibration": pooled and pooled.info,
-                            "shared_order": prefix,
-                            "clusters": []}
+                            "seq_len": seq_len, "packing": packing, "metric": metric,
+                            "shared_calibration": pooled and pooled.info, "shared_order": prefix, "clusters": []}
     if search_global:
         global_order = sleb(pooled, k, prefix, "global")
         bar.update(1)
