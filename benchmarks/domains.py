@@ -58,8 +58,8 @@ STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{block
 # first token (packing "texts"), where the wide fit's rows were EOS-joined 256-character passages.
 # ig-sleb-n1-texts is the same recipe with one cluster: a static mask found exactly as each of the six cluster
 # masks is, so the gap between the two is what input guidance adds and nothing else.
-# ig-sleb-n7-texts is ig-sleb-n6-texts with seven clusters: on these passages K-means at six puts code and
-# wiki in one cluster (254 and 229 of 256 each), at seven code has its own (203 of 256).
+# ig-sleb-n7-texts is ig-sleb-n6-texts with seven clusters: at six K-means puts code and wiki in one cluster
+# (ig-sleb-n6-texts routes all held-out code and 20 of 24 wiki passages to it), at seven code has its own.
 FITS: dict[str, dict[str, Any]] = {
     "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0, "packing": "joined"}},
     "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
