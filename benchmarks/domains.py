@@ -270,12 +270,10 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
             wide.setdefault(variant, {})[found_wide["source"]] = mask
     if found:
         domain_masks = {d: find_order_mask(model, order, "block") for d, order in found["domain_orders"].items()}
-    matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in masks.items()}
-    for d, mask in domain_masks.items():
-        matrix[f"mask of {d}"] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
-    for variant, own in wide.items():
-        for d, mask in own.items():
-            matrix["-".join(["sleb-8x128", *variant, d])] = {j: _ppl(nll(mask)[j]) for j in DOMAIN_SOURCES}
+    per_domain = {f"mask of {d}": mask for d, mask in domain_masks.items()}  # each searched on one domain's text
+    per_domain.update({"-".join(["sleb-8x128", *variant, d]): mask for variant, own in wide.items()
+                       for d, mask in own.items()})
+    matrix = {label: {d: _ppl(nll(mask)[d]) for d in DOMAIN_SOURCES} for label, mask in {**masks, **per_domain}.items()}
     static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
     best = min(static, key=lambda label: _ppl(_all(static[label]))[0])
     report: dict[str, Any] = {
@@ -295,10 +293,7 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     route_texts = {d: tokenizer.batch_decode(ids[d], skip_special_tokens=True) for d in DOMAIN_SOURCES}
     report["bundles"] = {run: _bundle_report(path, nll, route_texts, static[best])
                          for run, path in _ig_runs(name, blocks)}
-    found_masks = {label: mask for label, mask in masks.items() if mask is not None}  # all but dense
-    found_masks.update({f"mask of {d}": mask for d, mask in domain_masks.items()})
-    found_masks.update({"-".join(["sleb-8x128", *variant, d]): mask for variant, own in wide.items()
-                        for d, mask in own.items()})
+    found_masks = {label: mask for label, mask in {**masks, **per_domain}.items() if mask is not None}  # not dense
     for run, path in _ig_runs(name, blocks):
         found_masks.update({f"{run} cluster {k}": mask for k, mask in enumerate(Bundle.load(path).masks)})
     report["ceiling_chosen"] = _cross_chosen({label: nll(mask) for label, mask in found_masks.items()},
