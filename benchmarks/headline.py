@@ -11,6 +11,7 @@ own result cache. Runs are ordered by priority: the 25% comparison first.
     python benchmarks/headline.py                 # everything still missing, in priority order
     python benchmarks/headline.py --list          # done, bundle (not evaluated), begun or todo
     python benchmarks/headline.py --only ig16-b15,sleb-b15
+    python benchmarks/headline.py --only sleb-b22-mixed --bundles-only   # the mask now, its tasks later
     python benchmarks/report.py                   # then write benchmarks/RESULTS.md
 """
 
@@ -106,6 +107,9 @@ RUNS: list[Run] = [
     # SLEB's greedy steps do not depend on k: the 22-block search continues the 15-block one
     *_table1(SMOL, 22, 250, [m for m in STATIC if m != "sleb"]),
     Run("sleb-b22", SMOL, "sleb", 22, 250, options=OPTIONS["sleb"], extends="sleb-b15"),
+    # the global static masks of benchmarks/domains.py at 8 and 22 of 60 (its 15 is sleb-b15-mixed)
+    *[Run(f"sleb-b{b}-mixed", SMOL, "sleb", b, 250, data="mixed", options=OPTIONS["sleb"], table="domains",
+          label="SLEB, mixed", extends="sleb-b15-mixed") for b in (8, 22)],
     Run("dense", QWEN, "dense", limit=200, table="dense"),
     *_table1(QWEN, 12, 200, ["sleb", "evopress"]),
 ]
@@ -154,7 +158,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
             ours = make_calibration(tokenizer, texts, opts["samples"], opts["seq_len"], SEED, run.calibration).info
             if any(ours.get(k) != v for k, v in prior.config["calibration"].items()):  # older bundles: no sha256
                 raise SystemExit(f"{run.name}: {run.extends} searched other calibration data; remove `extends`")
-            options["start"] = prior.logs["search"]["order"]
+            options["start"] = prior.logs["search"]["order"][: run.blocks]  # greedy: a shorter search is a prefix
         bundle = find_mask(run.method, model, tokenizer, texts, sparsity, run.granularity, seed=SEED,
                            source=run.calibration, checkpoint=checkpoint, **options)
     bundle.config["benchmark"] = {"run": run.name, "seconds": round(time.perf_counter() - started, 1),
@@ -172,7 +176,7 @@ def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
     return BUNDLES / run.model / f"shared-{run.calibration}-{run.granularity}-b{run.blocks}-{digest}.checkpoint"
 
 
-def execute(run: Run, loaded: dict) -> None:
+def execute(run: Run, loaded: dict, bundle_only: bool = False) -> None:
     from igprune import load_model
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import save_results
@@ -182,6 +186,9 @@ def execute(run: Run, loaded: dict) -> None:
         loaded[run.model] = load_model(run.model)
     model, tokenizer = loaded[run.model]
     bundle = None if run.method == "dense" else make_bundle(run, model, tokenizer)
+    if bundle_only:
+        print(f"{run.model} {run.name}: {bundle}", flush=True)
+        return
     results = evaluate(model, tokenizer, bundle, tasks=["paper6"], limit=run.limit, seed=SEED)
     results["benchmark_run"] = dataclasses.asdict(run)
     save_results(result_path(run), results)
@@ -196,6 +203,7 @@ def main() -> None:
     parser.add_argument("--model", help="only runs of this model")
     parser.add_argument("--list", action="store_true", help="show each run's state and exit")
     parser.add_argument("--threads", type=int, help="torch threads (a busy machine may prefer 1)")
+    parser.add_argument("--bundles-only", action="store_true", help="make the bundles, evaluate nothing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,10 +220,11 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     loaded: dict = {}
     for run in runs:
-        if result_path(run).is_file():
+        made = run.method == "dense" or (bundle_dir(run) / "bundle.json").is_file()
+        if result_path(run).is_file() or (args.bundles_only and made):
             continue
         print(f"== {run.model}/{run.name}", flush=True)
-        execute(run, loaded)
+        execute(run, loaded, args.bundles_only)
 
 
 if __name__ == "__main__":
