@@ -107,7 +107,11 @@ RUNS: list[Run] = [
     # SLEB's greedy steps do not depend on k: the 22-block search continues the 15-block one
     *_table1(SMOL, 22, 250, [m for m in STATIC if m != "sleb"]),
     Run("sleb-b22", SMOL, "sleb", 22, 250, options=OPTIONS["sleb"], extends="sleb-b15"),
-    # the global static masks of benchmarks/domains.py at 8 and 22 of 60 (its 15 is sleb-b15-mixed)
+    # the global static masks of benchmarks/domains.py at 8 and 22 of 60 (its 15 is sleb-b15-mixed), and the
+    # headline's masks at 8 of 60 at its task limit
+    Run("ig16-b8-l250", SMOL, "ig-pruning", 8, 250, table="domains", bundle="ig16-b8"),
+    *[Run(f"{m}-b8-l250", SMOL, m, 8, 250, options=OPTIONS[m], table="domains", bundle=f"{m}-b8")
+      for m in ("sleb", "static-l0")],
     *[Run(f"sleb-b{b}-mixed", SMOL, "sleb", b, 250, data="mixed", options=OPTIONS["sleb"], table="domains",
           label="SLEB, mixed", extends="sleb-b15-mixed") for b in (8, 22)],
     Run("dense", QWEN, "dense", limit=200, table="dense"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster_phase import RECIPES
-from headline import QWEN, RUNS, SMOL, Run, bundle_dir, result_path
+from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
 from igprune.evaluation.results import load_results, results_table
@@ -359,8 +359,10 @@ def domain_tasks(blocks: int) -> str:
     """The domain benchmark's fits on the paper's six tasks beside the headline runs at the same limit."""
     from domains import CHOSEN, FITS, TASK_LIMIT
 
-    runs = [_find(SMOL, f"dense-l{TASK_LIMIT}"), _find(SMOL, f"ig16-b{blocks}-l{TASK_LIMIT}"),
-            _find(SMOL, f"sleb-b{blocks}-l{TASK_LIMIT}"), _find(SMOL, f"sleb-b{blocks}-mixed")]
+    names = [f"{m}-b{blocks}{tail}" for m in ("ig16", *STATIC) for tail in ("", f"-l{TASK_LIMIT}")]
+    runs = [_find(SMOL, f"dense-l{TASK_LIMIT}")] + [  # the headline's fits and static masks at the same limit
+        r for r in RUNS if r.model == SMOL and r.limit == TASK_LIMIT and r.name in [*names, f"sleb-b{blocks}-mixed"]
+        and result_path(r).is_file()]
     results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})} for r in runs]
     for run in [*FITS, *CHOSEN]:
         path = HERE / "results" / "domains" / SMOL / f"paper6-{run}-b{blocks}.json"
@@ -428,6 +430,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-gold-b15": lambda: domain_gold(15),
     "domain-fragments-b15": lambda: domain_fragments(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
+    **{f"domain-{part}-b{b}": (lambda make=make, b=b: make(b)) for b in (8, 22) for part, make in (
+        ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold), ("tasks", domain_tasks))},
 }
 
 
