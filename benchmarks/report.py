@@ -431,7 +431,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-fragments-b15": lambda: domain_fragments(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
     **{f"domain-{part}-b{b}": (lambda make=make, b=b: make(b)) for b in (8, 22) for part, make in (
-        ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold), ("tasks", domain_tasks))},
+        ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
+        ("tasks", domain_tasks))},
 }
 
 
