@@ -39,10 +39,14 @@ HERE = Path(__file__).parent
 BUNDLES = HERE / "bundles"
 RESULTS = HERE / "results" / "domains"
 SEED = 0
-# Every domain's (or cluster's) SLEB scores 4 x 64 tokens of its own text (SLEB's registry default) and continues
-# the first half of the global SLEB search on the mixed pool (the headline's sleb-b<blocks>-mixed, 8 x 128 tokens).
-SEARCH = {"samples": 4, "seq_len": 64}
+# Every domain's (or cluster's) SLEB scores 4 x 64 tokens of its own text (SLEB's registry default), rows cut from
+# EOS-joined passages, and continues the first half of the global SLEB search on the mixed pool (the headline's
+# sleb-b<blocks>-mixed, 8 x 128 tokens); each keeps its own result (no choice on fresh text, no global search).
+SEARCH = {"samples": 4, "seq_len": 64, "packing": "joined", "choose_samples": 0}
 GLOBAL = "sleb-b{blocks}-mixed"
+# qwen2.5-0.5b has no SLEB search on the mixed pool (81 minutes at 8 x 128 tokens here): its domains continue
+# the headline's SLEB on wiki, found at the same budget.
+GLOBAL_BY_MODEL = {"qwen2.5-0.5b": "sleb-b{blocks}"}
 HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each scored on its first 128 tokens
 GOLD = {"limit": 32, "max_tokens": 512}  # held-out GSM8K and MBPP records per task, prompt + solution at most 512
 TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
@@ -61,7 +65,7 @@ STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{block
 # ig-sleb-n7-texts is ig-sleb-n6-texts with seven clusters: at six K-means puts code and wiki in one cluster
 # (ig-sleb-n6-texts routes all held-out code and 20 of 24 wiki passages to it), at seven code has its own.
 FITS: dict[str, dict[str, Any]] = {
-    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": {**SEARCH, "choose_samples": 0, "packing": "joined"}},
+    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": SEARCH},
     "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "joined"}},
     "ig-sleb-n6-texts": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
@@ -93,7 +97,8 @@ def global_order(name: str, blocks: int) -> list[str]:
     """The global static SLEB mask's units (GLOBAL, on the mixed pool), in the order its search removed them."""
     from igprune.bundle import Bundle
 
-    return Bundle.load(BUNDLES / name / GLOBAL.format(blocks=blocks)).logs["search"]["order"]
+    pattern = GLOBAL_BY_MODEL.get(name, GLOBAL)
+    return Bundle.load(BUNDLES / name / pattern.format(blocks=blocks)).logs["search"]["order"]
 
 
 def shared_prefix(name: str, blocks: int) -> list[str]:

@@ -23,6 +23,7 @@ from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
 from igprune.evaluation.results import load_results, results_table
+from igprune.models import ZOO
 
 HERE = Path(__file__).parent
 REPORT = HERE / "RESULTS.md"
@@ -37,6 +38,11 @@ def _find(model: str, name: str) -> Run:
 def _json(name: str) -> dict[str, Any] | None:
     path = HERE / "results" / name
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _units(model: str) -> int:
+    """A zoo model's 2L blocks, for the footnotes."""
+    return 2 * ZOO[model].layers
 
 
 def _rows(header: list[str], rows: list[list[str]]) -> str:
@@ -230,9 +236,9 @@ def _lower(diff: dict[str, float]) -> str:
     return f"{diff['lower_percent']:+.1f} ± {diff['stderr_percent']:.1f}"
 
 
-def domain_matrix(blocks: int) -> str:
+def domain_matrix(blocks: int, model: str = SMOL) -> str:
     """Held-out perplexity of every static and per-domain mask on every domain (benchmarks/domains.py score)."""
-    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    report = _json(f"domains/{model}/score-b{blocks}.json")
     if report is None:
         return "_not run yet_"
     domains = report["domains"]
@@ -244,16 +250,16 @@ def domain_matrix(blocks: int) -> str:
         rows.append([name, *(f"**{cells[d][0]:.1f}**" if d == own else f"{cells[d][0]:.1f}" for d in domains),
                      f"{report['overall'][label][0]:.1f}" if label in report["overall"] else "–"])
     n = report["passages"]
-    return (_rows(header, rows) + f"\n\n{report['model']}, {blocks} of 60 blocks skipped; held-out passages per "
-            f"domain: {', '.join(f'{DOMAIN_LABELS[d]} {n[d]}' for d in domains)}, first "
+    return (_rows(header, rows) + f"\n\n{report['model']}, {blocks} of {_units(model)} blocks skipped; held-out "
+            f"passages per domain: {', '.join(f'{DOMAIN_LABELS[d]} {n[d]}' for d in domains)}, first "
             f"{report['heldout']['seq_len']} tokens of each. Bold row: the best global static mask overall; bold "
             "cells: a domain's own mask on its own text (the diagonal).")
 
 
-def domain_gains(blocks: int) -> str:
+def domain_gains(blocks: int, model: str = SMOL) -> str:
     """The ceiling (each domain under its own mask) and every IG bundle, routed and oracle, against the best
     static mask: perplexity overall and how much lower than the static mask's, per domain (paired stderr)."""
-    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    report = _json(f"domains/{model}/score-b{blocks}.json")
     if report is None:
         return "_not run yet_"
     domains = report["domains"]
@@ -286,9 +292,9 @@ def domain_gains(blocks: int) -> str:
             "mask its own text routes to; oracle: under the best of the bundle's cluster masks for that passage.")
 
 
-def domain_gold(blocks: int) -> str:
+def domain_gold(blocks: int, model: str = SMOL) -> str:
     """Bits per byte of held-out GSM8K and MBPP reference solutions given their prompts (domains.py gold)."""
-    report = _json(f"domains/{SMOL}/gold-report-b{blocks}.json")
+    report = _json(f"domains/{model}/gold-report-b{blocks}.json")
     if report is None:
         return "_not run yet_"
     tasks, best = list(report["records"]), report["best_static"]
@@ -301,7 +307,7 @@ def domain_gold(blocks: int) -> str:
                          _pm(entry["bpb"], 3), _lower(entry["lower_than_best_static"]["overall"])])
     n = report["records"]
     return (_rows(["Mask", *(f"{t} bpb" for t in tasks), "all bpb", "% lower per-byte perplexity"], rows)
-            + f"\n\n{report['model']}, {blocks} of 60 blocks skipped; held-out records: "
+            + f"\n\n{report['model']}, {blocks} of {_units(model)} blocks skipped; held-out records: "
             f"{', '.join(f'{t} {k}' for t, k in n.items())} (prompt and solution at most "
             f"{report['settings']['max_tokens']} tokens). Only the solution is scored, given the prompt; each "
             "record is routed by its prompt. Bold: the best static mask. % lower: of 2^bpb against the best static "
@@ -341,9 +347,9 @@ def domain_search_tokens(blocks: int) -> str:
                   f"{best}, held-out"], rows)
 
 
-def domain_routing(blocks: int) -> str:
+def domain_routing(blocks: int, model: str = SMOL) -> str:
     """Which cluster each domain's held-out passages route to, per IG bundle."""
-    report = _json(f"domains/{SMOL}/score-b{blocks}.json")
+    report = _json(f"domains/{model}/score-b{blocks}.json")
     if report is None or not report["bundles"]:
         return "_not run yet_"
     parts = []
@@ -433,6 +439,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     **{f"domain-{part}-b{b}": (lambda make=make, b=b: make(b)) for b in (8, 22) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
         ("tasks", domain_tasks))},
+    **{f"domain-{part}-qwen-b12": partial(make, 12, QWEN) for part, make in (
+        ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold))},
 }
 
 
