@@ -94,7 +94,7 @@ CHOSEN: dict[str, dict[str, Any]] = {
 
 
 def global_order(name: str, blocks: int) -> list[str]:
-    """The global static SLEB mask's units (GLOBAL, on the mixed pool), in the order its search removed them."""
+    """The global static SLEB mask's units (GLOBAL, or the model's GLOBAL_BY_MODEL), in its search's order."""
     from igprune.bundle import Bundle
 
     pattern = GLOBAL_BY_MODEL.get(name, GLOBAL)
