@@ -436,7 +436,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-gold-b15": lambda: domain_gold(15),
     "domain-fragments-b15": lambda: domain_fragments(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
-    **{f"domain-{part}-b{b}": (lambda make=make, b=b: make(b)) for b in (8, 22) for part, make in (
+    **{f"domain-{part}-b{b}": partial(make, b) for b in (8, 22) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
         ("tasks", domain_tasks))},
     **{f"domain-{part}-qwen-b12": partial(make, 12, QWEN) for part, make in (
