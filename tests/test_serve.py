@@ -185,6 +185,7 @@ def test_concurrent_requests_of_different_masks_share_batches_and_equal_offline(
                     client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4)
                 assert err.value.body["code"] == "queue_full"
             outs = [f.result(timeout=TIMEOUT) for f in futures]
+        wait_until(lambda: len(batches) == 2)  # a batch is recorded just after its last row is answered
     finally:
         scheduler.on_batch = record
     routes = [r.cluster for r in dynamic.route(prompts)]
@@ -270,8 +271,13 @@ def test_bad_requests_get_openai_error_bodies_and_the_server_lives(server, clien
 
 def test_metrics_count_requests_and_tokens_per_cluster(server, client):
     client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=3, temperature=0)
-    with urllib.request.urlopen(server + "/metrics", timeout=TIMEOUT) as response:
-        text = response.read().decode()
+
+    def metrics() -> str:
+        with urllib.request.urlopen(server + "/metrics", timeout=TIMEOUT) as response:
+            return response.read().decode()
+
+    wait_until(lambda: 'igprune_batch_size_count{mask="1"}' in metrics())  # recorded just after the answer
+    text = metrics()
     assert 'igprune_requests_total{cluster="1",endpoint="completions",status="200"}' in text
     assert 'igprune_completion_tokens_total{cluster="1"}' in text and 'igprune_queue_depth{cluster="2"}' in text
     assert "igprune_time_to_first_token_seconds_bucket" in text and "igprune_batch_size_bucket" in text
