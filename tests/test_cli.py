@@ -41,8 +41,10 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert "matches the masked model" in invoke("export", "--bundle", sleb, "--out", tmp_path / "plain")
     searched = tmp_path / "searched"  # SLEB per cluster, each cluster free to choose the static SLEB mask too
     invoke("fit", "--model", model, "--out", searched, "--clusters", "2", "--samples", "40", "--finder", "sleb",
-           "--blocks", "2", "--seq-len", "16", "--search-samples", "2", "--choose-samples", "2", "--candidate", sleb)
+           "--blocks", "2", "--seq-len", "16", "--search-samples", "2", "--choose-samples", "2",
+           "--choose-margin", "1.5", "--candidate", sleb)
     fitted = Bundle.load(searched)
+    assert fitted.config["search"]["choose_margin"] == 1.5 and fitted.logs["search"]["choose"]["margin"] == 1.5
     assert fitted.config["search"]["candidates"] == [candidate_blocks(Bundle.load(sleb).masks[0])]
     assert len(fitted.logs["search"]["choose"]["perplexity"][0]) == 4  # 2 cluster masks, the global one, SLEB's
     scores = tmp_path / "eval.json"

@@ -189,6 +189,8 @@ CASES = [
                                        "--shared-fraction", "1.5", "--samples", "8"], 2, "shared_fraction must be in"),
     Case("negative choose samples", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--choose-samples",
                                      "-1"], 2, "--choose-samples must be at least 0"),
+    Case("negative choose margin", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--choose-margin",
+                                    "-1"], 2, "choose_margin must be a number of standard errors >= 0"),
     Case("unknown packing", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--packing", "windows"], 2,
          "packing must be 'joined' or 'texts'"),
     Case("unknown search metric", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--search-metric", "nll"],

@@ -1,5 +1,7 @@
 """Cluster masks by search (stage1/search.py and IGPruner(finder="sleb")) on a tiny model."""
 
+import math
+
 import pytest
 import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
@@ -36,6 +38,38 @@ def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
         assert log["clusters"][i]["calibration"]["sha256"] == make_calibration(tok, texts, 2, 16, 0, "x").info["sha256"]
     expected = torch.stack([rows[0] for rows in own])  # round-robin: the first sequence of each cluster
     assert log["shared_calibration"]["sha256"] == sha256_tensors(expected)
+
+
+def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup):
+    model, tok, groups = setup
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, progress=False, **{**OPTIONS, "samples": 1})
+    candidates = torch.cat([masks, find_order_mask(model, ["attn0", "ffn0", "attn1", "ffn1"], "block")[None]])
+    exclude = [make_calibration(tok, texts, 1, 16, 0).texts for texts in groups]
+    free, free_log = choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, default=3)
+    z = free_log["z_best_vs_default"]
+    assert free_log["default"] == 3 and free_log["margin"] == 0.0 and len(z) == 3
+    assert all((zi == 0.0) == (c == 3) for zi, c in zip(z, free_log["chosen"], strict=True))  # only 3 vs 3 is 0
+    strict, strict_log = choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, default=3, margin=1e9)
+    assert strict_log["chosen"] == [3, 3, 3] and torch.equal(strict, candidates[[3, 3, 3]])
+    assert strict_log["perplexity"] == free_log["perplexity"]  # the margin changes the choice, not the scores
+    cut = sorted(abs(x) for x in z)[1]  # between the z of the choices: some keep their best, some fall back
+    _, mid_log = choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, default=3, margin=cut)
+    assert mid_log["chosen"] == [c if zi > cut else 3 for zi, c in zip(z, free_log["chosen"], strict=True)]
+    with pytest.raises(IGPruneError, match="needs the default candidate"):
+        choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, margin=1.0)
+    with pytest.raises(IGPruneError, match="choose_margin must be a number"):
+        IGPruner(model, tok, finder="sleb", search={"choose_margin": -1})
+
+
+def test_row_nll_adds_up_to_the_perplexity(setup):
+    from igprune.baselines import Scorer
+
+    model, tok, groups = setup
+    scorer = Scorer(model, make_calibration(tok, groups[0], 3, 16, 0), batch_size=2)
+    mask = find_order_mask(model, ["attn1", "ffn2"], "block")
+    pairs = scorer.row_nll(mask)
+    assert len(pairs) == 3 and all(n == 15 for _, n in pairs)
+    assert math.exp(sum(x for x, _ in pairs) / 45) == pytest.approx(scorer.perplexity(mask), rel=1e-5)
 
 
 def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, tmp_path):
@@ -94,7 +128,8 @@ def test_packing_texts_reaches_every_search_and_the_choice(setup):
     exclude = [make_calibration(tok, texts, 2, 16, 0, packing="texts").texts for texts in groups]
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
     candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
-    expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, packing="texts")
+    expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, packing="texts",
+                                   default=3)
     assert torch.equal(masks, expected) and log["choose"] == table and table["packing"] == "texts"
     assert IGPruner(model, tok, finder="sleb").search_options["packing"] == "texts"  # the default
     with pytest.raises(IGPruneError, match="packing must be"):

@@ -158,6 +158,10 @@ def fit(
     choose_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of unsearched cluster text on "
                                                 "which each cluster's mask is chosen among all clusters' and "
                                                 "the global one (0: keep each search's own)")] = 8,
+    choose_margin: Annotated[float, typer.Option(help="--finder sleb: a cluster leaves the global mask only "
+                                                 "for a mask better on its unsearched text by more than this "
+                                                 "many paired standard errors (0: the lowest perplexity wins)")
+                             ] = 0.0,
     packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
                                          "text's first token, as evaluation scores an input) or joined "
                                          "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",
@@ -194,7 +198,8 @@ def fit(
         if not bundle.static:
             raise IGPruneError(f"--candidate {path} has {bundle.n_clusters} cluster masks; give static bundles")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
-              "choose_samples": choose_samples, "packing": packing, "metric": search_metric,
+              "choose_samples": choose_samples, "choose_margin": choose_margin, "packing": packing,
+              "metric": search_metric,
               "candidates": [candidate_blocks(bundle.masks[0]) for bundle in pool] or None}
     check_search(search)  # before the model loads
     _join_ranks()

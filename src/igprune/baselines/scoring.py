@@ -151,6 +151,17 @@ class Scorer:
     def kl(self, mask: torch.Tensor, rows: list[int] | None = None) -> float:
         return self.score(mask, "kl", rows)
 
+    @torch.no_grad()
+    def row_nll(self, mask: torch.Tensor, rows: list[int] | None = None) -> list[tuple[float, int]]:
+        """(summed NLL, predicted tokens) of each row under `mask`: what a paired comparison of two masks,
+        row by row, needs (stage1.search.choose_masks' margin)."""
+        pairs = []
+        for batch in self.batches(self._rows(rows)):
+            hidden = self._hidden(mask, batch, None)
+            pairs += [self._nll([r], hidden[j:j + 1]) for j, r in enumerate(batch)]
+        self.evaluations += 1
+        return pairs
+
     @contextlib.contextmanager
     def prefix(self, base: torch.Tensor, rows: list[int] | None = None,
                metric: Metric | None = None) -> Iterator[float | None]:

@@ -38,7 +38,7 @@ FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
 SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "texts", "shared_samples": 16,
                                    "shared_fraction": 0.5, "prefix": None, "global_order": None, "choose_samples": 8,
-                                   "candidates": None, "metric": "ppl"}
+                                   "choose_margin": 0.0, "candidates": None, "metric": "ppl"}
 
 
 def check_search(options: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +58,8 @@ def check_search(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(options["choose_samples"], int) or options["choose_samples"] < 0:
         raise IGPruneError(f"choose_samples must be a whole number >= 0 (0: no choosing), "
                            f"got {options['choose_samples']!r}")
+    if not isinstance(options["choose_margin"], int | float) or not options["choose_margin"] >= 0:
+        raise IGPruneError(f"choose_margin must be a number of standard errors >= 0, got {options['choose_margin']!r}")
     if options["candidates"] and not options["choose_samples"]:
         raise IGPruneError("extra candidate masks are only used when each cluster chooses its mask: give "
                            "choose_samples > 0 (--choose-samples)")

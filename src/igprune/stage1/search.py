@@ -44,6 +44,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"],
                          global_order: Sequence[str] | None = SEARCH_DEFAULTS["global_order"],
                          choose_samples: int = SEARCH_DEFAULTS["choose_samples"],
+                         choose_margin: float = SEARCH_DEFAULTS["choose_margin"],
                          candidates: Sequence[Sequence[str]] | None = SEARCH_DEFAULTS["candidates"],
                          metric: Metric = SEARCH_DEFAULTS["metric"],
                          checkpoint: str | Path | None = None,
@@ -58,6 +59,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     one on that many sequences of the group's text that no search scored, so a group keeps its own mask
     only where it generalises and otherwise stays with the global mask or takes a neighbour's; 0 keeps
     every group's own search result.
+    choose_margin: a cluster leaves the global mask only for a candidate better on its fresh text by more than
+    this many paired standard errors (choose_masks' margin); 0 takes whichever scores lowest.
     global_order: the global mask's units, e.g. a static SLEB bundle's order whose first units are `prefix`;
     by default, when choosing, the shared search continues to all units on the pooled sequences.
     candidates: more masks to choose among, each as the blocks it skips (e.g. ["attn7", "ffn16", ...]; a static
@@ -69,7 +72,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     With a `checkpoint` folder every search keeps its progress there and a rerun continues it.
     """
     check_search({"shared_fraction": shared_fraction, "choose_samples": choose_samples, "candidates": candidates,
-                  "metric": metric})
+                  "metric": metric, "choose_margin": choose_margin})
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
@@ -119,7 +122,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         logs["candidates"] = [list(blocks) for blocks in candidates or []]
         pool = torch.stack([*masks, find_order_mask(model, global_order, granularity), *extra])
         masks, logs["choose"] = choose_masks(model, tokenizer, groups, pool, choose_samples, seq_len,
-                                             exclude=[c.texts for c in own], seed=seed, packing=packing)
+                                             exclude=[c.texts for c in own], seed=seed, packing=packing,
+                                             default=len(groups), margin=choose_margin)
         bar.update(1)
     bar.close()
     return masks, logs
@@ -128,18 +132,24 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
                  candidates: torch.Tensor, samples: int = 8, seq_len: int = 64,
                  exclude: Sequence[Collection[str]] | None = None, seed: int = 0,
-                 packing: Packing = "joined") -> tuple[torch.Tensor, dict[str, Any]]:
+                 packing: Packing = "joined", default: int | None = None,
+                 margin: float = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """For each group i, the candidate mask with the lowest perplexity on `samples` x `seq_len` tokens of
     group i's texts outside `exclude[i]` (the texts its search scored); a tie keeps candidate i, its own.
 
     A search on a few hundred tokens fits their noise: its mask wins on them and may lose on the group's other
     text to another group's mask or the global one (benchmarks/RESULTS.md, the domain benchmark). Judging every
     candidate on fresh tokens of the group keeps a group's own mask only where it generalises.
+    default, margin: a group leaves candidate `default` (the global mask) only for a candidate whose mean
+    per-token NLL on the fresh rows is lower by more than `margin` paired standard errors over those rows, so
+    a cluster whose text does not clearly ask for another mask keeps the one every input does well with.
     """
     from igprune.baselines import Scorer
 
+    if margin < 0 or (margin > 0 and default is None):
+        raise IGPruneError("a choice margin is a number of standard errors >= 0, and needs the default candidate")
     keys = [mask_row(m) for m in candidates]  # several clusters often share a mask: score each once
-    chosen, table = [], []
+    chosen, table, z_table = [], [], []
     for i, texts in enumerate(groups):
         searched = set(exclude[i]) if exclude else set()
         fresh = [t for t in texts if t not in searched]
@@ -148,15 +158,33 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
                                "give more calibration text, or choose_samples=0 (--choose-samples 0)")
         fresh_rows = make_calibration(tokenizer, fresh, samples, seq_len, seed, f"cluster{i} fresh", packing)
         scorer = Scorer(model, fresh_rows)
-        distinct: dict[str, float] = {}
+        distinct: dict[str, list[tuple[float, int]]] = {}
         for key, m in zip(keys, candidates, strict=True):
             if key not in distinct:
-                distinct[key] = scorer.perplexity(m)
-        scores = [distinct[key] for key in keys]
-        chosen.append(min(range(len(scores)), key=lambda j: (scores[j], j != i)))
+                distinct[key] = scorer.row_nll(m)
+        rows = [distinct[key] for key in keys]
+        scores = [math.exp(sum(x for x, _ in r) / sum(n for _, n in r)) for r in rows]
+        best = min(range(len(scores)), key=lambda j: (scores[j], j != i))
+        z = None if default is None else _paired_z(rows[default], rows[best])
+        if margin > 0 and best != default and not z > margin:
+            best = default
+        chosen.append(best)
         table.append(scores)
-    return candidates[chosen], {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len,
-                                "packing": packing}
+        z_table.append(z)
+    log = {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len, "packing": packing}
+    if default is not None:
+        log.update({"default": default, "margin": margin, "z_best_vs_default": z_table})
+    return candidates[chosen], log
+
+
+def _paired_z(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> float:
+    """How many paired standard errors lower `other`'s mean per-token NLL per row is than `base`'s (0 if same)."""
+    gains = [b / nb - o / no for (b, nb), (o, no) in zip(base, other, strict=True)]
+    mean = sum(gains) / len(gains)
+    if len(gains) < 2:
+        return 0.0
+    se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains))
+    return mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
 
 
 def candidate_blocks(mask: torch.Tensor) -> list[str]:
