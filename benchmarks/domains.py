@@ -86,7 +86,8 @@ FITS: dict[str, dict[str, Any]] = {
 # ig-sleb-n7-texts-pool the same for ig-sleb-n7-texts. ig-sleb-n6-texts-pool-m3 is ig-sleb-n6-texts-pool where
 # a cluster leaves the global mask only for a candidate better on its 16 fresh rows by more than 3 paired
 # standard errors (`margin`; about a one-sided t-test at 5% over ten candidates): a cluster whose gain is within
-# the noise of its few rows keeps the mask that every input does well with.
+# the noise of its few rows keeps the mask that every input does well with. ig-sleb-n6-texts-pool-m3-64 makes
+# the same choice on 64 fresh rows per cluster, whose standard errors are half as wide.
 POOL = ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
@@ -95,6 +96,8 @@ CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n7-texts-pool": {"from": "ig-sleb-n7-texts", "global": True, "samples": 16, "pool": POOL},
     "ig-sleb-n6-texts-pool-m3": {"from": "ig-sleb-n6-texts", "global": True, "samples": 16, "pool": POOL,
                                  "margin": 3.0},
+    "ig-sleb-n6-texts-pool-m3-64": {"from": "ig-sleb-n6-texts", "global": True, "samples": 64, "pool": POOL,
+                                    "margin": 3.0},
 }
 
 
