@@ -22,7 +22,7 @@ from cluster_phase import RECIPES
 from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
-from igprune.evaluation.results import load_results, results_table
+from igprune.evaluation.results import METHOD_NAMES, load_results, results_table
 from igprune.models import ZOO
 
 HERE = Path(__file__).parent
@@ -363,6 +363,11 @@ def domain_routing(blocks: int, model: str = SMOL) -> str:
 
 def domain_tasks(blocks: int) -> str:
     """The domain benchmark's fits on the paper's six tasks beside the headline runs at the same limit."""
+    return results_table(_domain_task_results(blocks), stderr=True)
+
+
+def _domain_task_results(blocks: int) -> list[dict[str, Any]]:
+    """Dense, the headline's fits and static masks at TASK_LIMIT, then every domain fit's six-task results."""
     from domains import CHOSEN, FITS, TASK_LIMIT
 
     names = [f"{m}-b{blocks}{tail}" for m in ("ig16", *STATIC) for tail in ("", f"-l{TASK_LIMIT}")]
@@ -373,8 +378,36 @@ def domain_tasks(blocks: int) -> str:
     for run in [*FITS, *CHOSEN]:
         path = HERE / "results" / "domains" / SMOL / f"paper6-{run}-b{blocks}.json"
         if path.is_file():
-            results.append({**load_results(path), "method_label": f"IG-Pruning, {run} (domains pool)"})
-    return results_table(results, stderr=True)
+            results.append({**load_results(path), "method_label": f"IG-Pruning, {run} (domains pool)", "run": run})
+    return results
+
+
+def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-texts-pool-m3",
+                                           "ig-sleb-n6-texts-pool-m3-64")) -> str:
+    """One choice recipe per row at every block count: held-out gain, its worst domain, the GSM8K/MBPP solutions
+    and the six tasks against the best static method there, all routed."""
+    rows = []
+    for blocks in (8, 15, 22):
+        score, gold = _json(f"domains/{SMOL}/score-b{blocks}.json"), _json(f"domains/{SMOL}/gold-report-b{blocks}.json")
+        tasks = _domain_task_results(blocks)
+        dense = next(r["average"] for r in tasks if r["method"] == "dense")
+        best = max((r for r in tasks if r["method"] not in ("dense", "ig-pruning")), key=lambda r: r["average"])
+        best_label = best.get("method_label") or METHOD_NAMES.get(best["method"], best["method"])
+        ours = {r["run"]: r for r in tasks if "run" in r}
+        for run in runs:
+            if score is None or run not in score["bundles"] or run not in ours:
+                continue
+            lower = score["bundles"][run]["routed"]["lower_than_best_static"]
+            worst = min(score["domains"], key=lambda d: lower[d]["lower_percent"])
+            rows.append([str(blocks), run, _lower(lower["overall"]),
+                         f"{DOMAIN_LABELS[worst]} {_lower(lower[worst])}",
+                         _lower(gold["bundles"][run]["routed"]["lower_than_best_static"]["overall"]),
+                         f"{100 * ours[run]['average'] / dense:.2f}%",
+                         f"{100 * best['average'] / dense:.2f}% ({best_label})"])
+    return (_rows(["Blocks", "Choice", "% lower held-out perplexity", "worst domain", "% lower GSM8K/MBPP",
+                   "six tasks, % of dense", "best static on the six tasks"], rows)
+            + "\n\nAll routed; % lower against the best static mask on held-out perplexity (each block count's "
+            "domain-gains table), ± a paired stderr. Six tasks at limit 250 (each count's domain-tasks table).")
 
 
 def cluster_phase() -> str:
@@ -436,6 +469,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-gold-b15": lambda: domain_gold(15),
     "domain-fragments-b15": lambda: domain_fragments(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
+    "domain-margin": domain_margin,
     **{f"domain-{part}-b{b}": partial(make, b) for b in (8, 22) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
         ("tasks", domain_tasks))},
