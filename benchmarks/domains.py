@@ -200,7 +200,8 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         train = TrainConfig(**spec.get("train", {}))
         search = None
         if spec["finder"] == "sleb":
-            search = {**spec["search"], "prefix": shared_prefix(name, blocks)}
+            # these fits predate the choice margin and choose by the lowest perplexity; CHOSEN adds margins
+            search = {"choose_margin": 0.0, **spec["search"], "prefix": shared_prefix(name, blocks)}
             if search["choose_samples"]:
                 search["global_order"] = global_order(name, blocks)
         bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,

@@ -9,10 +9,11 @@ from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 from igprune.baselines import find_mask, make_calibration
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError, sha256_tensors
-from igprune.stage1.pruner import IGPruner
+from igprune.stage1.pruner import SEARCH_DEFAULTS, IGPruner
 from igprune.stage1.search import candidate_blocks, choose_masks, find_order_mask, search_cluster_masks
 
 # choosing and packing "texts" (the default) have their own tests
+MARGIN = SEARCH_DEFAULTS["choose_margin"]  # what every search's choice uses unless told
 OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "choose_samples": 0, "packing": "joined"}
 
 
@@ -81,7 +82,7 @@ def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, t
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
     candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
     exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
-    expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude)
+    expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, default=3, margin=MARGIN)
     assert torch.equal(masks, expected) and log["choose"]["chosen"] == table["chosen"]
     assert len(log["choose"]["perplexity"][0]) == 4  # three cluster masks and the global one
 
@@ -95,7 +96,7 @@ def test_extra_candidates_join_the_choice(setup):
     pool = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None],
                       torch.stack([find_order_mask(model, blocks, "block") for blocks in extra])])
     exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
-    expected, table = choose_masks(model, tok, groups, pool, 2, 16, exclude=exclude)
+    expected, table = choose_masks(model, tok, groups, pool, 2, 16, exclude=exclude, default=3, margin=MARGIN)
     assert torch.equal(masks, expected) and log["choose"]["chosen"] == table["chosen"]
     assert len(log["choose"]["perplexity"][0]) == 6 and log["candidates"] == extra
     assert candidate_blocks(pool[4]) == ["attn0", "ffn0", "attn1", "ffn1"]  # a mask back to its skipped blocks
@@ -129,7 +130,7 @@ def test_packing_texts_reaches_every_search_and_the_choice(setup):
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
     candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
     expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, packing="texts",
-                                   default=3)
+                                   default=3, margin=MARGIN)
     assert torch.equal(masks, expected) and log["choose"] == table and table["packing"] == "texts"
     assert IGPruner(model, tok, finder="sleb").search_options["packing"] == "texts"  # the default
     with pytest.raises(IGPruneError, match="packing must be"):
