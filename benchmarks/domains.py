@@ -8,6 +8,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
     python benchmarks/domains.py wide --source code   # SLEB on 8 x 128 tokens of one source, same prefix
     python benchmarks/domains.py wide --source code --packing texts  # the same, rows cut as held-out passages
+    python benchmarks/domains.py wide --source code --packing texts --prefix 0  # the same from no shared prefix
     python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
     python benchmarks/domains.py choose --blocks 15   # ig-sleb-n6 with masks chosen on fresh cluster text
     python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
@@ -146,18 +147,21 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     print(f"wrote {out}")
 
 
-def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: str, metric: str) -> None:
+def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: str, metric: str,
+                prefix: int | None) -> None:
     """SLEB from the same prefix on 8 x 128 tokens of one source (the headline searches' budget, 4x the domain
     searches'): on "domains", the global static mask on the fits' text; on one domain, whether that domain's
     mask needs more calibration than 4 x 64 tokens to beat the global masks on its held-out text. With packing
     "texts", every row is one passage of up to 1,024 characters from its first token, cut and scored as the
     held-out passages and ig-sleb-n6-texts's cluster text are: that fit's per-domain ceiling. With metric "kl"
-    SLEB judges removals by KL divergence from the dense model, not by perplexity."""
+    SLEB judges removals by KL divergence from the dense model, not by perplexity. `prefix` starts from the global
+    search's first that many units instead of its first half (0: a search from the dense model), to see whether
+    the shared prefix caps how far a domain's mask can move."""
     from igprune.baselines import find_mask
     from igprune.data import load_calibration
     from igprune.files import write_json
 
-    stem = "-".join(["wide", *wide_variant(packing, metric), source])
+    stem = "-".join(["wide", *wide_variant(packing, metric, prefix), source])
     out = folder(name) / f"{stem}-b{blocks}.json"
     if out.is_file():
         print(f"{out} exists")
@@ -166,19 +170,22 @@ def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: 
     bundle = find_mask("sleb", model, tokenizer, load_calibration(source, max_chars=max_chars, seed=SEED),
                        blocks / (2 * len(model.model.layers)), "block", seed=SEED, source=source,
                        checkpoint=BUNDLES / name / f"domains-{stem}-b{blocks}.checkpoint",
-                       samples=8, seq_len=128, packing=packing, metric=metric, start=shared_prefix(name, blocks))
+                       samples=8, seq_len=128, packing=packing, metric=metric,
+                       start=shared_prefix(name, blocks) if prefix is None else global_order(name, blocks)[:prefix])
     write_json(out, {"model": name, "blocks": blocks, "source": source, "packing": packing, "metric": metric,
-                     "max_chars": max_chars,
+                     "prefix": prefix, "max_chars": max_chars,
                      "order": bundle.logs["search"]["order"], "calibration": bundle.config["calibration"],
                      "seconds": bundle.config["fit_seconds"], "threads": torch.get_num_threads(),
                      "load_average": os.getloadavg()[0]})
     print(f"wrote {out}")
 
 
-def wide_variant(packing: str, metric: str) -> list[str]:
-    """What a wide search does unlike the first ones (joined rows, perplexity): [], ["texts"], ["texts", "kl"];
-    it names the search's file (wide-texts-code), its matrix row (sleb-8x128-texts-code) and its ceiling."""
-    return [*([packing] if packing != "joined" else []), *([metric] if metric != "ppl" else [])]
+def wide_variant(packing: str, metric: str, prefix: int | None = None) -> list[str]:
+    """What a wide search does unlike the first ones (joined rows, perplexity, the shared prefix): [], ["texts"],
+    ["texts", "kl"], ["texts", "p0"]; it names the search's file (wide-texts-code), its matrix row
+    (sleb-8x128-texts-code) and its ceiling."""
+    return [*([packing] if packing != "joined" else []), *([metric] if metric != "ppl" else []),
+            *([f"p{prefix}"] if prefix is not None else [])]
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -277,7 +284,8 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     wide: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}  # per variant, each domain's 8 x 128-token mask
     for path in sorted(folder(name).glob(f"wide-*-b{blocks}.json")):
         found_wide = read_json(path)
-        variant = tuple(wide_variant(found_wide.get("packing", "joined"), found_wide.get("metric", "ppl")))
+        variant = tuple(wide_variant(found_wide.get("packing", "joined"), found_wide.get("metric", "ppl"),
+                                     found_wide.get("prefix")))
         mask = find_order_mask(model, found_wide["order"], "block")
         if found_wide["source"] == "domains":  # on the pool: one more global static mask
             masks["-".join(["sleb-8x128", *variant, "domains"])] = mask
@@ -548,6 +556,7 @@ def main() -> None:
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--packing", default="joined", choices=["joined", "texts"], help="wide: calibration rows")
     parser.add_argument("--metric", default="ppl", choices=["ppl", "kl"], help="wide: what SLEB minimises")
+    parser.add_argument("--prefix", type=int, help="wide: units of the global order to start from (default half)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit, tasks: comma-separated run names")
@@ -562,7 +571,7 @@ def main() -> None:
     if args.step == "search":
         search(model, tokenizer, args.model, args.blocks)
     elif args.step == "wide":
-        search_wide(model, tokenizer, args.model, args.blocks, args.source, args.packing, args.metric)
+        search_wide(model, tokenizer, args.model, args.blocks, args.source, args.packing, args.metric, args.prefix)
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "choose":
