@@ -15,6 +15,7 @@ from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
 from igprune import distributed
 from igprune.baselines import find_mask
+from igprune.stage1.search import search_cluster_masks
 from igprune.stage1.train import MaskTrainer
 
 # the 1-process and 2-process fits differ only in how the per-sample gradients are summed (two shards, then
@@ -89,6 +90,21 @@ def test_two_process_search_equals_one_process_search(method):
         assert r["log"]["order"] == one["log"]["order"]
         assert r["log"].get("steps") == one["log"].get("steps")  # sleb: every step's perplexities, exactly
         assert r["log"]["masks_scored"] < one["log"]["masks_scored"]  # each rank scored only its share
+
+
+def cluster_search() -> dict:
+    groups = [[f"{t} ({i})" for i, t in enumerate(texts * 4)] for texts in TOPICS.values()]
+    masks, log = search_cluster_masks(tiny_model("llama", layers=4), tiny_tokenizer(), groups, 0.5, progress=False,
+                                      samples=2, seq_len=16, shared_samples=3, choose_samples=2, choose_margin=0.0)
+    return {"masks": masks, "log": log}
+
+
+def test_two_process_cluster_search_and_choice_equal_one_process():
+    one = cluster_search()
+    for r in on_ranks(cluster_search):  # the searches and the choice each split their masks over the ranks
+        assert torch.equal(r["masks"], one["masks"])
+        assert r["log"]["choose"] == one["log"]["choose"]  # every candidate's perplexity, exactly
+        assert [c["order"] for c in r["log"]["clusters"]] == [c["order"] for c in one["log"]["clusters"]]
 
 
 def gradients(checkpointing: bool) -> torch.Tensor:

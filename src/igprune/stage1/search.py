@@ -158,10 +158,11 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
                                "give more calibration text, or choose_samples=0 (--choose-samples 0)")
         fresh_rows = make_calibration(tokenizer, fresh, samples, seq_len, seed, f"cluster{i} fresh", packing)
         scorer = Scorer(model, fresh_rows)
-        distinct: dict[str, list[tuple[float, int]]] = {}
+        first: dict[str, torch.Tensor] = {}
         for key, m in zip(keys, candidates, strict=True):
-            if key not in distinct:
-                distinct[key] = scorer.row_nll(m)
+            first.setdefault(key, m)
+        # each distinct mask once; under torchrun each rank scores its share
+        distinct = dict(zip(first, distributed.map_sharded(scorer.row_nll, list(first.values())), strict=True))
         rows = [distinct[key] for key in keys]
         scores = [math.exp(sum(x for x, _ in r) / sum(n for _, n in r)) for r in rows]
         best = min(range(len(scores)), key=lambda j: (scores[j], j != i))
