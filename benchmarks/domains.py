@@ -53,6 +53,9 @@ GOLD = {"limit": 32, "max_tokens": 512}  # held-out GSM8K and MBPP records per t
 TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
 FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
 STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
+# The static masks found without any domain label (on wiki or the mixed pool) that a cluster may choose instead of
+# its own or the global one (`igprune fit --candidate`); those that exist for the model.
+POOL = ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 # IG-Pruning fits on the domains pool: the search finder (one SLEB per cluster), and the paper's L0 trainer
 # with the headline's budget (benchmarks/headline.py FIT).
 # ig-sleb-n6 is the first search recipe: each cluster's own SLEB result, on 4 x 64 tokens. ig-sleb-n6-wide
@@ -75,6 +78,13 @@ FITS: dict[str, dict[str, Any]] = {
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
     "ig-sleb-n7-texts": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"],
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
+    # The library's search defaults (8 x 64 tokens, packing texts), a 3-stderr margin on 32 fresh rows and every
+    # other finder's static mask as a candidate: `igprune fit --finder sleb --candidate ...` as a user runs it, at
+    # half the search cost of the 8 x 128-token fits (for qwen2.5-0.5b, whose forwards cost 4 times smollm2's).
+    "ig-sleb-n6-texts64-pool-m3": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
+                                   "pool": POOL,
+                                   "search": {"samples": 8, "seq_len": 64, "choose_samples": 32, "choose_margin": 3.0,
+                                              "packing": "texts"}},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
 }
@@ -89,7 +99,6 @@ FITS: dict[str, dict[str, Any]] = {
 # standard errors (`margin`; about a one-sided t-test at 5% over ten candidates): a cluster whose gain is within
 # the noise of its few rows keeps the mask that every input does well with. ig-sleb-n6-texts-pool-m3-64 makes
 # the same choice on 64 fresh rows per cluster, whose standard errors are half as wide.
-POOL = ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -192,10 +201,13 @@ def wide_variant(packing: str, metric: str, prefix: int | None = None) -> list[s
 
 
 def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
-    """Each FITS entry with igprune fit's recipe (stage1.pruner.fit_bundle) on the domains pool."""
+    """Each FITS entry with igprune fit's recipe (stage1.pruner.fit_bundle) on the domains pool; under torchrun
+    (`torchrun --nproc-per-node 2 benchmarks/domains.py fit ...`) the ranks split every search's masks."""
+    from igprune import distributed
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import remove_tree
     from igprune.stage1.pruner import fit_bundle
+    from igprune.stage1.search import candidate_blocks
     from igprune.stage1.train import TrainConfig
 
     for run, spec in FITS.items():
@@ -211,15 +223,20 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
             search = {"choose_margin": 0.0, **spec["search"], "prefix": shared_prefix(name, blocks)}
             if search["choose_samples"]:
                 search["global_order"] = global_order(name, blocks)
+            if spec.get("pool"):
+                search["candidates"] = [candidate_blocks(m) for m in pool_masks(name, blocks, spec["pool"]).values()]
         bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,
                             "domains", FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED, finder=spec["finder"],
                             search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"),
                             max_chars=spec.get("max_chars"))
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
-                                      "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
-        bundle.save(path)
-        remove_tree(path.with_name(path.name + ".checkpoint"))  # nothing left to resume
-        print(f"wrote {path} ({bundle.config['benchmark']['seconds']} s)", flush=True)
+                                      "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
+                                      "ranks": distributed.world_size()}
+        with distributed.main_writes() as write:
+            if write:
+                bundle.save(path)
+                remove_tree(path.with_name(path.name + ".checkpoint"))  # nothing left to resume
+                print(f"wrote {path} ({bundle.config['benchmark']['seconds']} s)", flush=True)
 
 
 def choose(model, tokenizer, name: str, blocks: int) -> None:
@@ -249,8 +266,9 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
         candidates = [find_order_mask(model, c["order"], "block") for c in bundle.logs["search"]["clusters"]]
         if spec["global"]:
             candidates.append(find_order_mask(model, global_order(name, blocks), "block"))
-        pool = [pattern.format(blocks=blocks) for pattern in spec.get("pool", [])]
-        candidates += [Bundle.load(BUNDLES / name / b).masks[0] for b in pool]
+        found = pool_masks(name, blocks, spec.get("pool", []))
+        pool = list(found)
+        candidates += found.values()
         default = bundle.n_clusters if spec["global"] else None  # the global mask follows the cluster masks
         masks, log = choose_masks(model, tokenizer, groups, torch.stack(candidates), samples=spec["samples"],
                                   seq_len=settings["seq_len"], exclude=searched, seed=SEED,
@@ -419,6 +437,14 @@ def _cached_nll(model, path: Path, ids: dict[str, list[list[int]]], context: dic
     return nll
 
 
+def pool_masks(name: str, blocks: int, patterns: list[str]) -> dict[str, torch.Tensor]:
+    """The masks of the static bundles a pool names that exist for this model (qwen2.5-0.5b has fewer)."""
+    from igprune.bundle import Bundle
+
+    paths = [BUNDLES / name / pattern.format(blocks=blocks) for pattern in patterns]
+    return {path.name: Bundle.load(path).masks[0] for path in paths if (path / "bundle.json").is_file()}
+
+
 def _static_masks(name: str, blocks: int) -> dict[str, torch.Tensor | None]:
     """Dense (None) and every STATIC bundle's mask that exists."""
     from igprune.bundle import Bundle
@@ -564,7 +590,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from igprune import load_model
+    from igprune import distributed, load_model
+
+    if distributed.init_from_env() and args.step != "fit":
+        raise SystemExit("only `fit` runs on several ranks; run the other steps in one process")
 
     model, tokenizer = load_model(args.model)
     only = set(args.only.split(",")) if args.only else None
