@@ -126,9 +126,10 @@ def global_order(name: str, blocks: int) -> list[str]:
     return Bundle.load(BUNDLES / name / pattern.format(blocks=blocks)).logs["search"]["order"]
 
 
-def shared_prefix(name: str, blocks: int) -> list[str]:
-    """The first half of the global SLEB search's order: the units every domain's and cluster's search starts from."""
-    return global_order(name, blocks)[: int(round(0.5 * blocks))]
+def shared_prefix(name: str, blocks: int, units: int | None = None) -> list[str]:
+    """The units every domain's and cluster's search starts from: the global SLEB search's first `units`, by
+    default its first half."""
+    return global_order(name, blocks)[: int(round(0.5 * blocks)) if units is None else units]
 
 
 def folder(model: str) -> Path:
@@ -187,7 +188,7 @@ def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: 
                        blocks / (2 * len(model.model.layers)), "block", seed=SEED, source=source,
                        checkpoint=BUNDLES / name / f"domains-{stem}-b{blocks}.checkpoint",
                        samples=8, seq_len=128, packing=packing, metric=metric,
-                       start=shared_prefix(name, blocks) if prefix is None else global_order(name, blocks)[:prefix])
+                       start=shared_prefix(name, blocks, prefix))
     write_json(out, {"model": name, "blocks": blocks, "source": source, "packing": packing, "metric": metric,
                      "prefix": prefix, "max_chars": max_chars,
                      "order": bundle.logs["search"]["order"], "calibration": bundle.config["calibration"],
@@ -227,9 +228,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         search = None
         if spec["finder"] == "sleb":
             # these fits predate the choice margin and choose by the lowest perplexity; CHOSEN adds margins
-            units = spec.get("prefix")
-            prefix = shared_prefix(name, blocks) if units is None else global_order(name, blocks)[:units]
-            search = {"choose_margin": 0.0, **spec["search"], "prefix": prefix}
+            search = {"choose_margin": 0.0, **spec["search"], "prefix": shared_prefix(name, blocks, spec.get("prefix"))}
             if search["choose_samples"]:
                 search["global_order"] = global_order(name, blocks)
             if spec.get("pool"):
