@@ -72,3 +72,19 @@ def test_what_a_killed_writer_left_is_swept_by_the_next_write(tmp_path):
     with atomic_path(final) as tmp:
         tmp.mkdir()
     assert sorted(p.name for p in final.parent.iterdir()) == [live.name, "masks"]
+
+
+def test_removing_a_folder_sweeps_what_a_killed_removal_left_aside(tmp_path):
+    """remove_tree renames the folder aside before deleting it; a kill between the two leaves the aside copy, which
+    the next removal of that folder (e.g. a rerun's, after it wrote its bundle) must take away."""
+    import subprocess
+    import sys
+
+    from igprune.files import remove_tree
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".out.checkpoint.{int(dead.stdout)}.abc.tmp"
+    (aside / "out.checkpoint").mkdir(parents=True)
+    (aside / "out.checkpoint" / "trainer.json").write_text("{}")
+    remove_tree(tmp_path / "out.checkpoint")  # already gone: only the aside copy is left
+    assert list(tmp_path.iterdir()) == []

@@ -114,8 +114,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 
 def remove_tree(folder: Path) -> None:
-    """Remove a folder all at once: renamed aside first, so a kill midway never leaves a part of it to be read."""
+    """Remove a folder all at once: renamed aside first, so a kill midway never leaves a part of it to be read;
+    what an earlier removal killed midway left aside is swept too."""
     folder = Path(folder)
+    _sweep(folder)
     if not folder.exists():
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
