@@ -78,16 +78,12 @@ FITS: dict[str, dict[str, Any]] = {
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
     "ig-sleb-n7-texts": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"],
                          "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
-    # The library's search defaults (8 x 64 tokens, packing texts), a 3-stderr margin on 32 fresh rows and every
-    # other finder's static mask as a candidate: `igprune fit --finder sleb --candidate ...` as a user runs it, at
-    # half the search cost of the 8 x 128-token fits (for qwen2.5-0.5b, whose forwards cost 4 times smollm2's).
-    "ig-sleb-n6-texts64-pool-m3": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
-                                   "pool": POOL,
-                                   "search": {"samples": 8, "seq_len": 64, "choose_samples": 32, "choose_margin": 3.0,
-                                              "packing": "texts"}},
-    # From no shared prefix (`prefix`: 0 of the global order's units; `igprune fit --shared-fraction 0`): every
-    # cluster's search starts from the dense model, as the wide --prefix 0 searches whose masks gained 21.5% on code
-    # and 16.6% on maths where the prefixed ones gained 4.7 and 13.9; seven clusters, so that code has its own.
+    # `igprune fit --finder sleb --shared-fraction 0 --candidate ...` as a user runs it: the library's search
+    # settings (8 x 64 tokens, packing texts), every cluster's search from the dense model (`prefix`: 0 units of the
+    # global order), as the wide --prefix 0 searches whose masks gained 21.5% on code and 16.6% on maths where the
+    # prefixed ones gained 4.7 and 13.9; seven clusters, so that code has its own; each cluster's mask then chosen
+    # among all of them, the global mask and every other finder's static mask (`pool`), leaving the global mask only
+    # for one better by more than 3 paired standard errors on 32 fresh rows.
     "ig-sleb-n7-texts64-p0-pool-m3": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"],
                                       "pool": POOL, "prefix": 0,
                                       "search": {"samples": 8, "seq_len": 64, "choose_samples": 32,
