@@ -451,14 +451,7 @@ def pool_masks(name: str, blocks: int, patterns: list[str]) -> dict[str, torch.T
 
 def _static_masks(name: str, blocks: int) -> dict[str, torch.Tensor | None]:
     """Dense (None) and every STATIC bundle's mask that exists."""
-    from igprune.bundle import Bundle
-
-    masks: dict[str, torch.Tensor | None] = {"dense": None}
-    for pattern in STATIC:
-        path = BUNDLES / name / pattern.format(blocks=blocks)
-        if (path / "bundle.json").is_file():
-            masks[path.name] = Bundle.load(path).masks[0]
-    return masks
+    return {"dense": None, **pool_masks(name, blocks, STATIC)}
 
 
 def _ig_runs(name: str, blocks: int) -> list[tuple[str, Path]]:

@@ -291,7 +291,8 @@ def domain_gains(blocks: int, model: str = SMOL) -> str:
 
 
 def _wide_label(key: str) -> str:
-    """How a wide search's ceiling key (ceiling_8x128_texts_kl_p0) reads: 8 x 128 tokens, texts, by KL, no prefix."""
+    """How a wide search's ceiling key reads: ceiling_8x128_texts_p0 is "8 x 128 tokens, texts, from the dense
+    model (no shared prefix)"."""
     words = {"texts": "texts", "kl": "by KL", "p0": "from the dense model (no shared prefix)"}
     return ", ".join(["8 x 128 tokens", *(words.get(part, f"from the first {part[1:]} global units")
                                           for part in key.split("_")[2:])])
