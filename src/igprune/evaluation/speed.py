@@ -38,6 +38,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from igprune import distributed
 from igprune.blocks import KVPolicy, control_of, masked
 from igprune.bundle import Bundle
+from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.evaluation.flops import ORDERS, Order, canonical_mask, decode_flops, flops
 from igprune.files import IGPruneError
 from igprune.masks import skipped_blocks
@@ -72,12 +73,11 @@ class Candidate:
     source: dict[str, Any] = field(default_factory=dict)  # where the mask came from (bundle, order, cluster)
 
 
-def stand_in_router(n_clusters: int = 16, encoder_tokens: int = 64, seed: int = 0) -> Router:
-    """For masks without a bundle: the default encoder and random unit centroids, which cost exactly what a
-    fitted pool of that size costs (routing time does not depend on where the centroids are)."""
-    from igprune.encoder import SentenceEncoder
-
-    encoder = SentenceEncoder(max_tokens=encoder_tokens)
+def stand_in_router(n_clusters: int = 16, encoder_tokens: int = 64, seed: int = 0,
+                    encoder: str = DEFAULT_ENCODER) -> Router:
+    """For masks without a bundle: the encoder and random unit centroids, which cost exactly what a fitted pool
+    of that size costs (routing time does not depend on where the centroids are)."""
+    encoder = SentenceEncoder(encoder, max_tokens=encoder_tokens)
     centroids = torch.randn(n_clusters, encoder.dim, generator=torch.Generator().manual_seed(seed))
     return Router(centroids / centroids.norm(dim=1, keepdim=True), encoder)
 
@@ -350,9 +350,10 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def run(model_name: str, bundles: Sequence[str | Path] = (), blocks: Sequence[int] = (8, 15, 22),
         kv_policies: Sequence[KVPolicy] = ("keep", "drop"), order: Order = "attention-first",
         settings: SpeedSettings | None = None, out: str | Path | None = None, device: str = "auto",
-        dtype: str = "auto", progress: bool = True) -> dict[str, Any]:
+        dtype: str = "auto", progress: bool = True, encoder: str = DEFAULT_ENCODER) -> dict[str, Any]:
     """The `igprune bench-speed` job: load the model, take a held-out calibration prompt, time dense against
-    each bundle's routed mask (or, with no bundles, canonical masks at `blocks` skipped), write JSON to `out`."""
+    each bundle's routed mask (or, with no bundles, canonical masks at `blocks` skipped, routed by `encoder`
+    with random centroids), write JSON to `out`."""
     from igprune.data import load_calibration
     from igprune.files import write_json
     from igprune.models import load_model
@@ -370,7 +371,7 @@ def run(model_name: str, bundles: Sequence[str | Path] = (), blocks: Sequence[in
         candidates, routers = bundle_candidates(model, bundles, prompt_text, kv_policies)
     else:
         n_blocks = control_of(model).n_blocks
-        routers = {"stand-in (16 random centroids)": stand_in_router()}
+        routers = {"stand-in (16 random centroids)": stand_in_router(encoder=encoder)}
         candidates = order_candidates(n_blocks, blocks, kv_policies, order, next(iter(routers)))
     report = bench_speed(model, prompt_ids, prompt_text, candidates, routers, settings, progress)
     report["prompt"] = {"source": "load_calibration('mixed', split='heldout'), joined",
