@@ -112,7 +112,7 @@ def fits(args: argparse.Namespace) -> dict[str, Any]:
     from igprune.models import load_model
 
     model, tokenizer = load_model(args.model)  # device and dtype auto: this rank's GPU, bf16
-    out: dict[str, Any] = {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."),
+    out: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch."),
                            "ranks": distributed.world_size(), "clusters": args.clusters, "sparsity": args.sparsity}
     paper, out["paper_budget"] = fit(model, tokenizer, "paper budget", PAPER_FIT, None, args.clusters,
                                      args.sparsity, args.gradient_checkpointing, args.encoder)

@@ -247,6 +247,32 @@ def test_gpu_benchmark_stops_at_once_with_one_line_without_cuda():
     assert done.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in done.stderr
 
 
+def test_gpu_benchmark_kit_carries_configs_tokenizers_and_calibration_text_but_no_weights(tmp_path):
+    """--make-kit is what travels to a GPU machine the weights cannot reach: it must stay small (no weights)
+    and hold all that --random-weights builds from."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    from igprune.data import CALIBRATION_SOURCES, calibration_path
+
+    tiny_model("qwen2", layers=2).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "tiny"), "--make-kit",
+                           str(tmp_path / "kit")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kit = tmp_path / "kit"
+    assert not [p for p in kit.rglob("*") if p.suffix in (".safetensors", ".bin", ".gguf")]
+    assert AutoConfig.from_pretrained(kit / "model").num_hidden_layers == 2
+    assert (kit / "model" / "tokenizer_config.json").is_file() and (kit / "encoder" / "modules.json").is_file()
+    assert AutoConfig.from_pretrained(kit / "encoder").model_type == "bert"
+    shipped = sorted(p.name for p in (kit / "home" / "data" / "calibration").iterdir())
+    assert shipped == sorted(calibration_path(s).name for s in CALIBRATION_SOURCES if calibration_path(s).is_file())
+    assert shipped  # the data is prepared wherever the tests run
+
+
 def test_masked_forward_of_a_model_dispatched_with_a_device_map_runs_accelerates_hooks(tmp_path):
     """Under a device_map accelerate wraps each layer's forward with a hook that moves the inputs to the layer's
     device (and loads offloaded weights); the gated forward replaces that wrapper, so it must run the hook itself.
