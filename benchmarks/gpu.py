@@ -171,7 +171,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.make_kit:
-        make_kit(args.model, args.encoder, args.make_kit)
+        from igprune.files import IGPruneError
+
+        try:
+            make_kit(args.model, args.encoder, args.make_kit)
+        except IGPruneError as error:  # an unprepared model or encoder: the one line says what to run
+            sys.exit(f"benchmarks/gpu.py: {error}")
         return
     need_cuda()  # before the slow imports
     from igprune import distributed
