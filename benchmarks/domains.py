@@ -102,6 +102,11 @@ FITS: dict[str, dict[str, Any]] = {
 # standard errors (`margin`; about a one-sided t-test at 5% over ten candidates): a cluster whose gain is within
 # the noise of its few rows keeps the mask that every input does well with. ig-sleb-n6-texts-pool-m3-64 makes
 # the same choice on 64 fresh rows per cluster, whose standard errors are half as wide.
+# ig-sleb-n7-texts64-p0-domains-m3 adds to ig-sleb-n7-texts64-p0-pool-m3's candidates every domain's own search
+# from the dense model (`domains`: the wide searches of that variant, 8 x 128 tokens of one calibration source):
+# masks found WITH domain labels, on calibration text, offered to clusters that know nothing of domains. Routing
+# stays by nearest centroid; each cluster picks on 64 fresh rows that neither its search nor any domain search
+# scored. It asks how near the ceiling a fit gets once its candidates are as good as the domains' own masks.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -111,6 +116,8 @@ CHOSEN: dict[str, dict[str, Any]] = {
                                  "margin": 3.0},
     "ig-sleb-n6-texts-pool-m3-64": {"from": "ig-sleb-n6-texts", "global": True, "samples": 64, "pool": POOL,
                                     "margin": 3.0},
+    "ig-sleb-n7-texts64-p0-domains-m3": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True, "samples": 64,
+                                         "pool": POOL, "margin": 3.0, "domains": "texts-p0"},
 }
 
 
@@ -271,6 +278,10 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
         if spec["global"]:
             candidates.append(find_order_mask(model, global_order(name, blocks), "block"))
         found = pool_masks(name, blocks, spec.get("pool", []))
+        if spec.get("domains"):
+            domain_found, domain_rows = domain_masks(model, tokenizer, name, blocks, spec["domains"])
+            found.update(domain_found)
+            searched = [[*texts, *domain_rows] for texts in searched]
         pool = list(found)
         candidates += found.values()
         default = bundle.n_clusters if spec["global"] else None  # the global mask follows the cluster masks
@@ -439,6 +450,26 @@ def _cached_nll(model, path: Path, ids: dict[str, list[list[int]]], context: dic
         return cache[key]
 
     return nll
+
+
+def domain_masks(model, tokenizer, name: str, blocks: int, variant: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every domain's wide search of `variant` (e.g. "texts-p0"), and the texts those searches scored (rebuilt
+    as search_wide cut them, checked against the recorded hash), so that a choice can keep away from them."""
+    from igprune.baselines import make_calibration
+    from igprune.data import DOMAIN_SOURCES, load_calibration
+    from igprune.files import read_json
+    from igprune.stage1.search import find_order_mask
+
+    masks, rows = {}, []
+    for domain in DOMAIN_SOURCES:
+        wide = read_json(folder(name) / f"wide-{variant}-{domain}-b{blocks}.json")
+        calibration = make_calibration(tokenizer, load_calibration(domain, max_chars=wide["max_chars"], seed=SEED),
+                                       8, 128, SEED, source=domain, packing=wide["packing"])
+        if calibration.info.get("sha256") != wide["calibration"]["sha256"]:
+            raise SystemExit(f"the {domain} search's rows cannot be rebuilt (hash differs); rerun its wide search")
+        masks[f"wide-{variant}-{domain}"] = find_order_mask(model, wide["order"], "block")
+        rows += calibration.texts
+    return masks, rows
 
 
 def pool_masks(name: str, blocks: int, patterns: list[str]) -> dict[str, torch.Tensor]:
