@@ -107,6 +107,8 @@ FITS: dict[str, dict[str, Any]] = {
 # masks found WITH domain labels, on calibration text, offered to clusters that know nothing of domains. Routing
 # stays by nearest centroid; each cluster picks on 64 fresh rows that neither its search nor any domain search
 # scored. It asks how near the ceiling a fit gets once its candidates are as good as the domains' own masks.
+# ig-sleb-n7-texts64-p0-domains-m3-128 chooses on 32 rows of 128 tokens, as long as the held-out passages (`seq_len`;
+# the same tokens per cluster): on 64-token rows code's own mask was not clearly better than the global one.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -118,6 +120,8 @@ CHOSEN: dict[str, dict[str, Any]] = {
                                     "margin": 3.0},
     "ig-sleb-n7-texts64-p0-domains-m3": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True, "samples": 64,
                                          "pool": POOL, "margin": 3.0, "domains": "texts-p0"},
+    "ig-sleb-n7-texts64-p0-domains-m3-128": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True, "samples": 32,
+                                             "seq_len": 128, "pool": POOL, "margin": 3.0, "domains": "texts-p0"},
 }
 
 
@@ -286,7 +290,7 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
         candidates += found.values()
         default = bundle.n_clusters if spec["global"] else None  # the global mask follows the cluster masks
         masks, log = choose_masks(model, tokenizer, groups, torch.stack(candidates), samples=spec["samples"],
-                                  seq_len=settings["seq_len"], exclude=searched, seed=SEED,
+                                  seq_len=spec.get("seq_len", settings["seq_len"]), exclude=searched, seed=SEED,
                                   packing=settings["packing"], default=default, margin=spec.get("margin", 0.0))
         config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
         Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"],
