@@ -467,8 +467,10 @@ def domain_masks(model, tokenizer, name: str, blocks: int, variant: str) -> tupl
     masks, rows = {}, []
     for domain in DOMAIN_SOURCES:
         wide = read_json(folder(name) / f"wide-{variant}-{domain}-b{blocks}.json")
+        rows_of = wide["calibration"]
         calibration = make_calibration(tokenizer, load_calibration(domain, max_chars=wide["max_chars"], seed=SEED),
-                                       8, 128, SEED, source=domain, packing=wide["packing"])
+                                       rows_of["sequences"], rows_of["seq_len"], SEED, source=domain,
+                                       packing=wide["packing"])
         if calibration.info.get("sha256") != wide["calibration"]["sha256"]:
             raise SystemExit(f"the {domain} search's rows cannot be rebuilt (hash differs); rerun its wide search")
         masks[f"wide-{variant}-{domain}"] = find_order_mask(model, wide["order"], "block")

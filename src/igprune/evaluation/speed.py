@@ -77,9 +77,9 @@ def stand_in_router(n_clusters: int = 16, encoder_tokens: int = 64, seed: int = 
                     encoder: str = DEFAULT_ENCODER) -> Router:
     """For masks without a bundle: the encoder and random unit centroids, which cost exactly what a fitted pool
     of that size costs (routing time does not depend on where the centroids are)."""
-    encoder = SentenceEncoder(encoder, max_tokens=encoder_tokens)
-    centroids = torch.randn(n_clusters, encoder.dim, generator=torch.Generator().manual_seed(seed))
-    return Router(centroids / centroids.norm(dim=1, keepdim=True), encoder)
+    embedder = SentenceEncoder(encoder, max_tokens=encoder_tokens)
+    centroids = torch.randn(n_clusters, embedder.dim, generator=torch.Generator().manual_seed(seed))
+    return Router(centroids / centroids.norm(dim=1, keepdim=True), embedder)
 
 
 def order_candidates(n_blocks: int, counts: Sequence[int], kv_policies: Sequence[KVPolicy],
