@@ -190,18 +190,20 @@ def main() -> None:
     started = time.perf_counter()
     report: dict[str, Any] = {"model": args.model, "device": torch.cuda.get_device_name(),
                               "torch": torch.__version__, "weights": "real"}
-    if args.random_weights:
-        built = Path(tempfile.mkdtemp(prefix="igprune-gpu-"))
-        args.model = with_random_weights(args.random_weights / "model", built / "model", torch.bfloat16)
-        args.encoder = with_random_weights(args.random_weights / "encoder", built / "encoder", torch.float32, True)
-        report["weights"] = f"random (seed {SEED}) in {args.random_weights}'s architectures: time and memory only"
-    for part, measure in (("speed", speed), ("fit", fits)):  # the quick part first; the report after each
-        if args.only in (None, part) and (part == "fit" or distributed.is_main()):
-            report[part] = measure(args)
-            report["seconds"] = round(time.perf_counter() - started, 1)
-            if distributed.is_main():
-                write_json(args.out, report)
-                print(f"wrote {args.out} ({part}) at {report['seconds']:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="igprune-gpu-") as scratch:  # the random-weight copies, gone after
+        if args.random_weights:
+            built = Path(scratch)
+            args.model = with_random_weights(args.random_weights / "model", built / "model", torch.bfloat16)
+            args.encoder = with_random_weights(args.random_weights / "encoder", built / "encoder", torch.float32,
+                                               True)
+            report["weights"] = f"random (seed {SEED}) in {args.random_weights}'s architectures: time and memory only"
+        for part, measure in (("speed", speed), ("fit", fits)):  # the quick part first; the report after each
+            if args.only in (None, part) and (part == "fit" or distributed.is_main()):
+                report[part] = measure(args)
+                report["seconds"] = round(time.perf_counter() - started, 1)
+                if distributed.is_main():
+                    write_json(args.out, report)
+                    print(f"wrote {args.out} ({part}) at {report['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
