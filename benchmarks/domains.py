@@ -51,6 +51,7 @@ GLOBAL_BY_MODEL = {"qwen2.5-0.5b": "sleb-b{blocks}"}
 HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each scored on its first 128 tokens
 GOLD = {"limit": 32, "max_tokens": 512}  # held-out GSM8K and MBPP records per task, prompt + solution at most 512
 TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
+TASK_LIMIT_BY_MODEL = {"qwen2.5-0.5b": 200}  # the limit of qwen2.5-0.5b's headline (its dense, SLEB, EvoPress runs)
 FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
 STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 # The static masks found without any domain label (on wiki or the mixed pool) that a cluster may choose instead of
@@ -88,6 +89,12 @@ FITS: dict[str, dict[str, Any]] = {
                                       "pool": POOL, "prefix": 0,
                                       "search": {"samples": 8, "seq_len": 64, "choose_samples": 32,
                                                  "choose_margin": 3.0, "packing": "texts"}},
+    # No cluster searches: the seven clusters of ig-sleb-n7-texts, every one starting with the global mask (`prefix`
+    # "all": the global order's every unit), so a CHOSEN run below gives each cluster a mask found elsewhere. For a
+    # model where a fit's cluster searches cost hours of CPU (qwen2.5-0.5b: about 3.5), the domain searches it
+    # already has are the candidates.
+    "ig-global-n7-texts": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"], "prefix": "all",
+                           "search": {"samples": 8, "seq_len": 128, "choose_samples": 0, "packing": "texts"}},
     "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
                                                               "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
 }
@@ -111,6 +118,9 @@ FITS: dict[str, dict[str, Any]] = {
 # the same tokens per cluster): on 64-token rows code's own mask was not clearly better than the global one.
 # ig-sleb-n7-texts64-p0-domains-m3-128x64 chooses on 64 rows of 128 tokens, twice the tokens: at 32 rows code's
 # own mask was 14.7% better than the global one at z = 2.7, just under the margin.
+# ig-global-n7-texts-domains-m3 gives ig-global-n7-texts's clusters (no cluster search) the choice among the global
+# mask, the static pool and the six domains' own 8 x 128-token searches (`domains` "texts": on qwen2.5-0.5b the
+# searches continuing the global prefix), on 32 fresh 128-token rows per cluster: the cheapest way to the ceiling.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -127,6 +137,8 @@ CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n7-texts64-p0-domains-m3-128x64": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True,
                                                 "samples": 64, "seq_len": 128, "pool": POOL, "margin": 3.0,
                                                 "domains": "texts-p0"},
+    "ig-global-n7-texts-domains-m3": {"from": "ig-global-n7-texts", "global": True, "samples": 32, "seq_len": 128,
+                                      "pool": POOL, "margin": 3.0, "domains": "texts"},
 }
 
 
@@ -138,10 +150,16 @@ def global_order(name: str, blocks: int) -> list[str]:
     return Bundle.load(BUNDLES / name / pattern.format(blocks=blocks)).logs["search"]["order"]
 
 
-def shared_prefix(name: str, blocks: int, units: int | None = None) -> list[str]:
+def shared_prefix(name: str, blocks: int, units: int | str | None = None) -> list[str]:
     """The units every domain's and cluster's search starts from: the global SLEB search's first `units`, by
-    default its first half."""
-    return global_order(name, blocks)[: int(round(0.5 * blocks)) if units is None else units]
+    default its first half ("all": the global mask itself, nothing left to search)."""
+    order = global_order(name, blocks)
+    return order if units == "all" else order[: int(round(0.5 * blocks)) if units is None else units]
+
+
+def task_limit(model: str) -> int:
+    """Documents per six-task run: the limit of the model's headline runs it is set beside."""
+    return TASK_LIMIT_BY_MODEL.get(model, TASK_LIMIT)
 
 
 def folder(model: str) -> Path:
@@ -533,15 +551,19 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
 
 def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each fit and chosen bundle on the paper's six tasks, the Percentage column against the headline's dense
-    run at TASK_LIMIT."""
+    run at the model's task limit."""
+    from headline import RUNS, result_path
+
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import load_results, save_results
 
-    dense = load_results(HERE / "results" / "headline" / name / f"dense-l{TASK_LIMIT}.json")
+    limit = task_limit(name)
+    dense = load_results(result_path(next(r for r in RUNS if r.model == name and r.method == "dense"
+                                          and r.limit == limit)))
     for run in [*FITS, *CHOSEN]:
         path, out = fit_dir(name, run, blocks), folder(name) / f"paper6-{run}-b{blocks}.json"
         if (path / "bundle.json").is_file() and not out.is_file() and (not only or run in only):
-            results = evaluate(model, tokenizer, path, tasks=["paper6"], limit=TASK_LIMIT, dense=dense, seed=SEED)
+            results = evaluate(model, tokenizer, path, tasks=["paper6"], limit=limit, dense=dense, seed=SEED)
             save_results(out, results)
             print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
 

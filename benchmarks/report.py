@@ -367,22 +367,22 @@ def domain_routing(blocks: int, model: str = SMOL) -> str:
     return "\n\n".join(parts)
 
 
-def domain_tasks(blocks: int) -> str:
+def domain_tasks(blocks: int, model: str = SMOL) -> str:
     """The domain benchmark's fits on the paper's six tasks beside the headline runs at the same limit."""
-    return results_table(_domain_task_results(blocks), stderr=True)
+    return results_table(_domain_task_results(blocks, model), stderr=True)
 
 
-def _domain_task_results(blocks: int) -> list[dict[str, Any]]:
-    """Dense, the headline's fits and static masks at TASK_LIMIT, then every domain fit's six-task results."""
-    from domains import CHOSEN, FITS, TASK_LIMIT
+def _domain_task_results(blocks: int, model: str = SMOL) -> list[dict[str, Any]]:
+    """Dense, the headline's fits and static masks at the model's task limit, then every domain fit's results."""
+    from domains import CHOSEN, FITS, task_limit
 
-    names = [f"{m}-b{blocks}{tail}" for m in ("ig16", *STATIC) for tail in ("", f"-l{TASK_LIMIT}")]
-    runs = [_find(SMOL, f"dense-l{TASK_LIMIT}")] + [  # the headline's fits and static masks at the same limit
-        r for r in RUNS if r.model == SMOL and r.limit == TASK_LIMIT and r.name in [*names, f"sleb-b{blocks}-mixed"]
-        and result_path(r).is_file()]
+    limit = task_limit(model)
+    names = [f"{m}-b{blocks}{tail}" for m in ("ig16", *STATIC) for tail in ("", f"-l{limit}")]
+    runs = [r for r in RUNS if r.model == model and r.limit == limit and result_path(r).is_file()  # same limit
+            and (r.method == "dense" or r.name in [*names, f"sleb-b{blocks}-mixed"])]
     results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})} for r in runs]
     for run in [*FITS, *CHOSEN]:
-        path = HERE / "results" / "domains" / SMOL / f"paper6-{run}-b{blocks}.json"
+        path = HERE / "results" / "domains" / model / f"paper6-{run}-b{blocks}.json"
         if path.is_file():
             results.append({**load_results(path), "method_label": f"IG-Pruning, {run} (domains pool)", "run": run})
     return results
@@ -481,7 +481,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
         ("tasks", domain_tasks))},
     **{f"domain-{part}-qwen-b12": partial(make, 12, QWEN) for part, make in (
-        ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold))},
+        ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
+        ("tasks", domain_tasks))},
 }
 
 
