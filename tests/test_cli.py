@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from igprune.bundle import Bundle
 from igprune.cli import app
 from igprune.evaluation import results
+from igprune.masks import mask_row
 from igprune.stage1.search import candidate_blocks
 
 
@@ -47,6 +48,17 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert fitted.config["search"]["choose_margin"] == 1.5 and fitted.logs["search"]["choose"]["margin"] == 1.5
     assert fitted.config["search"]["candidates"] == [candidate_blocks(Bundle.load(sleb).masks[0])]
     assert len(fitted.logs["search"]["choose"]["perplexity"][0]) == 4  # 2 cluster masks, the global one, SLEB's
+    shortened = tmp_path / "shortened"
+    invoke("baseline", "shortened-ppl", "--model", model, "--blocks", "2", "--samples", "2", "--seq-len", "16",
+           "--out", shortened)
+    chosen = tmp_path / "chosen"  # nothing searched: each cluster chooses between SLEB's mask and ShortenedLlama's
+    invoke("fit", "--model", model, "--out", chosen, "--clusters", "2", "--samples", "40", "--finder", "sleb",
+           "--blocks", "2", "--seq-len", "16", "--shared-fraction", "1", "--global", sleb, "--candidate", shortened,
+           "--choose-samples", "2", "--choose-margin", "0")
+    fitted, statics = Bundle.load(chosen), [Bundle.load(sleb).masks[0], Bundle.load(shortened).masks[0]]
+    assert {mask_row(m) for m in fitted.masks} <= {mask_row(m) for m in statics}
+    assert fitted.logs["search"]["shared_calibration"] is None  # no shared search ran
+    assert all(c["order"] == candidate_blocks(statics[0]) for c in fitted.logs["search"]["clusters"])
     scores = tmp_path / "eval.json"
     invoke("eval", "--bundle", bundle, "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", scores)
     assert "|" in invoke("table", scores)

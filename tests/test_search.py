@@ -147,7 +147,7 @@ def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setu
     _, log = search_cluster_masks(model, tok, groups, 0.5, prefix=order[:1], global_order=order,
                                   checkpoint=tmp_path, progress=False, **{**OPTIONS, "choose_samples": 2})
     assert log["global_order"] == order and not (tmp_path / "global").exists()  # given, not searched
-    with pytest.raises(IGPruneError, match="global order names 2 units but 4"):
+    with pytest.raises(IGPruneError, match="global mask skips 2 units but 4"):
         search_cluster_masks(model, tok, groups, 0.5, global_order=order[:2], progress=False, **OPTIONS)
 
 

@@ -171,6 +171,10 @@ def fit(
     candidates: Annotated[list[Path] | None, typer.Option(
         "--candidate", help="--finder sleb: a static bundle (e.g. `igprune baseline evopress`) whose mask each "
         "cluster may choose too; repeat for several")] = None,
+    global_mask: Annotated[Path | None, typer.Option(
+        "--global", help="--finder sleb: a static bundle whose mask is the global one, each cluster's default in the "
+        "choice, instead of a search on every cluster's text; with --shared-fraction 1 nothing is searched: each "
+        "cluster only chooses among it and the --candidate masks")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -191,21 +195,29 @@ def fit(
               choose_samples=(choose_samples, 0))
     if finder not in FINDERS:
         raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
-    if candidates and finder != "sleb":
-        raise IGPruneError("--candidate masks are chosen among by the search finder: add --finder sleb")
-    pool = [Bundle.load(path) for path in candidates or []]
-    for path, bundle in zip(candidates or [], pool, strict=True):
-        if not bundle.static:
-            raise IGPruneError(f"--candidate {path} has {bundle.n_clusters} cluster masks; give static bundles")
+    if (candidates or global_mask) and finder != "sleb":
+        option = "--candidate" if candidates else "--global"
+        raise IGPruneError(f"{option} masks are chosen among by the search finder: add --finder sleb")
+    if global_mask and granularity != "block":
+        raise IGPruneError("--global gives a mask by its blocks: use it with --granularity block")
+    given = [("--candidate", path) for path in candidates or []] + ([("--global", global_mask)] if global_mask else [])
+    statics = {path: Bundle.load(path) for _, path in given}
+    for option, path in given:
+        if not statics[path].static:
+            raise IGPruneError(f"{option} {path} has {statics[path].n_clusters} cluster masks; give static bundles")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
               "choose_samples": choose_samples, "choose_margin": choose_margin, "packing": packing,
               "metric": search_metric,
-              "candidates": [candidate_blocks(bundle.masks[0]) for bundle in pool] or None}
+              "candidates": [candidate_blocks(statics[path].masks[0]) for path in candidates or []] or None}
+    if global_mask:
+        search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
+        if shared_fraction == 1.0:  # every cluster starts and, unless a candidate wins, ends with the global mask
+            search["prefix"] = search["global_order"]
     check_search(search)  # before the model loads
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    for path, bundle in zip(candidates or [], pool, strict=True):
-        bundle.check_model(lm, str(path))
+    for option, path in given:
+        statics[path].check_model(lm, f"{option} {path}")
     config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
                          cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
                          granularity=granularity, gradient_checkpointing=gradient_checkpointing)

@@ -43,8 +43,8 @@ SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "text
 
 def check_search(options: dict[str, Any]) -> dict[str, Any]:
     """Search-finder options completed with SEARCH_DEFAULTS; unknown names, a shared_fraction outside [0, 1],
-    an unknown packing or metric, a negative choose_samples and candidates with nothing to choose them are
-    one-line errors."""
+    an unknown packing or metric, a negative choose_samples and candidates or a global order with nothing to choose
+    them are one-line errors."""
     unknown = sorted(set(options) - set(SEARCH_DEFAULTS))
     if unknown:
         raise IGPruneError(f"unknown search option {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
@@ -60,8 +60,8 @@ def check_search(options: dict[str, Any]) -> dict[str, Any]:
                            f"got {options['choose_samples']!r}")
     if not isinstance(options["choose_margin"], int | float) or not options["choose_margin"] >= 0:
         raise IGPruneError(f"choose_margin must be a number of standard errors >= 0, got {options['choose_margin']!r}")
-    if options["candidates"] and not options["choose_samples"]:
-        raise IGPruneError("extra candidate masks are only used when each cluster chooses its mask: give "
+    if (options["candidates"] or options["global_order"]) and not options["choose_samples"]:
+        raise IGPruneError("extra candidate and global masks are only used when each cluster chooses its mask: give "
                            "choose_samples > 0 (--choose-samples)")
     return options
 

@@ -80,7 +80,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if shared > k:
         raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     if global_order is not None and len(global_order) != k:
-        raise IGPruneError(f"the global order names {len(global_order)} units but {k} are to be switched off")
+        raise IGPruneError(f"the global mask skips {len(global_order)} units but {k} are to be switched off: give "
+                           "one found at the same sparsity")
     extra = [find_order_mask(model, list(blocks), "block") for blocks in candidates or []]
     blocks_off = k if granularity == "block" else 2 * k
     if any(int((~m).sum()) != blocks_off for m in extra):
