@@ -147,6 +147,11 @@ def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setu
     _, log = search_cluster_masks(model, tok, groups, 0.5, prefix=order[:1], global_order=order,
                                   checkpoint=tmp_path, progress=False, **{**OPTIONS, "choose_samples": 2})
     assert log["global_order"] == order and not (tmp_path / "global").exists()  # given, not searched
+    given = tmp_path / "given"  # the whole mask shared and given: every cluster starts there, nothing is searched
+    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, global_order=order,
+                                      checkpoint=given, progress=False, **{**OPTIONS, "choose_samples": 2})
+    assert all(c["order"] == order for c in log["clusters"]) and log["shared_calibration"] is None
+    assert all(torch.equal(m, find_order_mask(model, order, "block")) for m in masks) and not given.exists()
     with pytest.raises(IGPruneError, match="global mask skips 2 units but 4"):
         search_cluster_masks(model, tok, groups, 0.5, global_order=order[:2], progress=False, **OPTIONS)
 

@@ -211,8 +211,6 @@ def fit(
               "candidates": [candidate_blocks(statics[path].masks[0]) for path in candidates or []] or None}
     if global_mask:
         search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
-        if shared_fraction == 1.0:  # every cluster starts and, unless a candidate wins, ends with the global mask
-            search["prefix"] = search["global_order"]
     check_search(search)  # before the model loads
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)

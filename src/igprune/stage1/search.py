@@ -62,7 +62,9 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     choose_margin: a cluster leaves the global mask only for a candidate better on its fresh text by more than
     this many paired standard errors (choose_masks' margin); 0 takes whichever scores lowest.
     global_order: the global mask's units, e.g. a static SLEB bundle's order whose first units are `prefix`;
-    by default, when choosing, the shared search continues to all units on the pooled sequences.
+    by default, when choosing, the shared search continues to all units on the pooled sequences. With
+    shared_fraction 1 and no prefix, every group starts from it and nothing is searched: each group only chooses
+    among it and the `candidates`.
     candidates: more masks to choose among, each as the blocks it skips (e.g. ["attn7", "ffn16", ...]; a static
     bundle's, `candidate_blocks`); each must skip as many blocks as the cluster masks.
     packing: how calibration rows are cut from each group's texts (scoring.make_calibration); "texts" starts
@@ -76,12 +78,14 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
     k = units_off(sparsity, num_blocks(model), granularity)
-    shared = len(prefix) if prefix is not None else int(round(shared_fraction * k))
-    if shared > k:
-        raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     if global_order is not None and len(global_order) != k:
         raise IGPruneError(f"the global mask skips {len(global_order)} units but {k} are to be switched off: give "
                            "one found at the same sparsity")
+    if prefix is None and global_order is not None and shared_fraction == 1.0:
+        prefix = global_order  # the whole mask is shared and given: nothing is left to search
+    shared = len(prefix) if prefix is not None else int(round(shared_fraction * k))
+    if shared > k:
+        raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     extra = [find_order_mask(model, list(blocks), "block") for blocks in candidates or []]
     blocks_off = k if granularity == "block" else 2 * k
     if any(int((~m).sum()) != blocks_off for m in extra):
