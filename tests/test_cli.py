@@ -54,9 +54,13 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     chosen = tmp_path / "chosen"  # nothing searched: each cluster chooses between SLEB's mask and ShortenedLlama's
     invoke("fit", "--model", model, "--out", chosen, "--clusters", "2", "--samples", "40", "--finder", "sleb",
            "--blocks", "2", "--seq-len", "16", "--shared-fraction", "1", "--global", sleb, "--candidate", shortened,
-           "--choose-samples", "2", "--choose-margin", "0")
+           "--choose-samples", "2", "--choose-margin", "auto")
     fitted, statics = Bundle.load(chosen), [Bundle.load(sleb).masks[0], Bundle.load(shortened).masks[0]]
     assert {mask_row(m) for m in fitted.masks} <= {mask_row(m) for m in statics}
+    choice = fitted.logs["search"]["choose"]  # a cluster left the global mask only past its Bonferroni bar
+    assert fitted.config["search"]["choose_margin"] == "auto" and len(choice["margins"]) == 2
+    assert all(c == choice["default"] or z > bar
+               for c, z, bar in zip(choice["chosen"], choice["z_best_vs_default"], choice["margins"], strict=True))
     assert fitted.logs["search"]["shared_calibration"] is None  # no shared search ran
     assert all(c["order"] == candidate_blocks(statics[0]) for c in fitted.logs["search"]["clusters"])
     scores = tmp_path / "eval.json"

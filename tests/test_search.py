@@ -10,7 +10,13 @@ from igprune.baselines import find_mask, make_calibration
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.stage1.pruner import SEARCH_DEFAULTS, IGPruner
-from igprune.stage1.search import candidate_blocks, choose_masks, find_order_mask, search_cluster_masks
+from igprune.stage1.search import (
+    bonferroni_margin,
+    candidate_blocks,
+    choose_masks,
+    find_order_mask,
+    search_cluster_masks,
+)
 
 # choosing and packing "texts" (the default) have their own tests
 MARGIN = SEARCH_DEFAULTS["choose_margin"]  # what every search's choice uses unless told
@@ -60,6 +66,25 @@ def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup
         choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, margin=1.0)
     with pytest.raises(IGPruneError, match="choose_margin must be a number"):
         IGPruner(model, tok, finder="sleb", search={"choose_margin": -1})
+    # "auto": each cluster's bar is the Bonferroni t for its 4 rows and the 3 distinct masks beside the default
+    duplicated = torch.cat([candidates, candidates[:1]])  # a repeated mask is no further chance to win
+    _, auto_log = choose_masks(model, tok, groups, duplicated, 4, 16, exclude=exclude, default=3, margin="auto")
+    distinct = len({tuple(m.tolist()) for m in duplicated}) - 1
+    assert auto_log["margin"] == "auto" and auto_log["margins"] == [bonferroni_margin(4, distinct)] * 3
+    assert auto_log["chosen"] == [c if zi > auto_log["margins"][0] else 3
+                                  for zi, c in zip(z, free_log["chosen"], strict=True)]
+    with pytest.raises(IGPruneError, match="or 'auto'"):
+        IGPruner(model, tok, finder="sleb", search={"choose_margin": "loose"})
+
+
+def test_the_bonferroni_margin_rises_with_candidates_and_falls_with_rows():
+    from scipy.stats import t
+
+    assert bonferroni_margin(16, 1) == pytest.approx(t.ppf(0.95, 15))  # one rival: a one-sided t-test at 5%
+    assert bonferroni_margin(16, 10) == pytest.approx(t.ppf(1 - 0.005, 15))
+    assert bonferroni_margin(16, 1) < bonferroni_margin(16, 10) < bonferroni_margin(16, 100)
+    assert bonferroni_margin(64, 10) < bonferroni_margin(16, 10) < bonferroni_margin(4, 10)
+    assert bonferroni_margin(1, 10) == math.inf  # one row has no standard error: nothing leaves the default
 
 
 def test_row_nll_adds_up_to_the_perplexity(setup):
@@ -192,6 +217,22 @@ def test_bad_finder_settings_are_one_line_errors(setup):
         IGPruner(model, tok, finder="sleb", search={"choose_samples": -1})
     with pytest.raises(IGPruneError, match="at least one calibration text"):
         search_cluster_masks(model, tok, [groups[0], []], 0.5, progress=False)
+
+
+@pytest.mark.parametrize("given", [{"global_order": ["attn0", "ffn1"]}, {"candidates": [["attn0", "ffn1"]]}])
+def test_a_given_mask_at_another_sparsity_fails_before_anything_is_embedded(setup, tmp_path, given):
+    model, tok, groups = setup
+
+    def never(self, texts):
+        raise AssertionError("embedded before the given masks were checked")
+
+    pruner = IGPruner(model, tok, n_clusters=3, sparsity=0.5, min_cluster_size=1, finder="sleb",
+                      checkpoint_dir=tmp_path / "fit.checkpoint", progress=False,
+                      search={"choose_samples": 2, **given})
+    pruner._embed = never.__get__(pruner)
+    with pytest.raises(IGPruneError, match="skips? 2 .*4|must skip 4 blocks"):
+        pruner.fit([t for g in groups for t in g])
+    assert not (tmp_path / "fit.checkpoint").exists()
 
 
 def test_a_given_prefix_replaces_the_shared_search(setup, tmp_path):

@@ -98,6 +98,14 @@ def _at_least(**options: tuple[int | None, int]) -> None:
             raise IGPruneError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
 
 
+def _margin(text: str) -> float | str:
+    """--choose-margin: "auto" or a number (check_search judges it)."""
+    try:
+        return text if text == "auto" else float(text)
+    except ValueError:
+        raise IGPruneError(f"--choose-margin must be a number of standard errors >= 0 or auto, not {text!r}") from None
+
+
 def _no_empty(texts: list[str], what: str) -> None:
     if any(not t.strip() for t in texts):
         raise IGPruneError(f"empty text: give some text to {what}")
@@ -158,10 +166,11 @@ def fit(
     choose_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of unsearched cluster text on "
                                                 "which each cluster's mask is chosen among all clusters' and "
                                                 "the global one (0: keep each search's own)")] = 8,
-    choose_margin: Annotated[float, typer.Option(help="--finder sleb: a cluster leaves the global mask only "
-                                                 "for a mask better on its unsearched text by more than this "
-                                                 "many paired standard errors (0: the lowest perplexity wins)")
-                             ] = 3.0,
+    choose_margin: Annotated[str, typer.Option(help="--finder sleb: a cluster leaves the global mask only "
+                                               "for a mask better on its unsearched text by more than this "
+                                               "many paired standard errors (0: the lowest perplexity wins; "
+                                               "auto: the Bonferroni t for its rows and the candidates)")
+                             ] = "3",
     packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
                                          "text's first token, as evaluation scores an input) or joined "
                                          "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",
@@ -206,7 +215,7 @@ def fit(
         if not statics[path].static:
             raise IGPruneError(f"{option} {path} has {statics[path].n_clusters} cluster masks; give static bundles")
     search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
-              "choose_samples": choose_samples, "choose_margin": choose_margin, "packing": packing,
+              "choose_samples": choose_samples, "choose_margin": _margin(choose_margin), "packing": packing,
               "metric": search_metric,
               "candidates": [candidate_blocks(statics[path].masks[0]) for path in candidates or []] or None}
     if global_mask:

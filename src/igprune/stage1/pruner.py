@@ -34,6 +34,7 @@ from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
 
 Finder = Literal["l0", "sleb"]
+Margin = float | Literal["auto"]
 FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
 SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "texts", "shared_samples": 16,
@@ -58,12 +59,17 @@ def check_search(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(options["choose_samples"], int) or options["choose_samples"] < 0:
         raise IGPruneError(f"choose_samples must be a whole number >= 0 (0: no choosing), "
                            f"got {options['choose_samples']!r}")
-    if not isinstance(options["choose_margin"], int | float) or not options["choose_margin"] >= 0:
-        raise IGPruneError(f"choose_margin must be a number of standard errors >= 0, got {options['choose_margin']!r}")
+    check_margin(options["choose_margin"])
     if (options["candidates"] or options["global_order"]) and not options["choose_samples"]:
         raise IGPruneError("extra candidate and global masks are only used when each cluster chooses its mask: give "
                            "choose_samples > 0 (--choose-samples)")
     return options
+
+
+def check_margin(margin: Margin) -> None:
+    """A choice margin is a number of standard errors >= 0 or "auto" (stage1.search.bonferroni_margin)."""
+    if margin != "auto" and not (isinstance(margin, int | float) and not isinstance(margin, bool) and margin >= 0):
+        raise IGPruneError(f"choose_margin must be a number of standard errors >= 0 or 'auto', got {margin!r}")
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +117,11 @@ class IGPruner:
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
         check_n_clusters(self.n_clusters, len(texts))
+        if self.finder == "sleb":
+            from igprune.stage1.search import check_given_masks
+
+            check_given_masks(self.model, self.sparsity, self.train_config.granularity,
+                              self.search_options["global_order"], self.search_options["candidates"])
         # on rank 0 only, the result sent to all: every rank must train on exactly the same clusters
         self.clustering_: Clustering = distributed.on_main(
             lambda: cluster(self._embed(texts), self.n_clusters, self.seed, self.min_cluster_size))

@@ -32,7 +32,7 @@ from igprune.baselines.scoring import Metric, Packing
 from igprune.blocks import block_name, num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.masks import Granularity, mask_row, units_off
-from igprune.stage1.pruner import SEARCH_DEFAULTS, check_search
+from igprune.stage1.pruner import SEARCH_DEFAULTS, Margin, check_margin, check_search
 
 
 def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
@@ -44,7 +44,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          prefix: Sequence[str] | None = SEARCH_DEFAULTS["prefix"],
                          global_order: Sequence[str] | None = SEARCH_DEFAULTS["global_order"],
                          choose_samples: int = SEARCH_DEFAULTS["choose_samples"],
-                         choose_margin: float = SEARCH_DEFAULTS["choose_margin"],
+                         choose_margin: Margin = SEARCH_DEFAULTS["choose_margin"],
                          candidates: Sequence[Sequence[str]] | None = SEARCH_DEFAULTS["candidates"],
                          metric: Metric = SEARCH_DEFAULTS["metric"],
                          checkpoint: str | Path | None = None,
@@ -60,7 +60,8 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     only where it generalises and otherwise stays with the global mask or takes a neighbour's; 0 keeps
     every group's own search result.
     choose_margin: a cluster leaves the global mask only for a candidate better on its fresh text by more than
-    this many paired standard errors (choose_masks' margin); 0 takes whichever scores lowest.
+    this many paired standard errors (choose_masks' margin); 0 takes whichever scores lowest; "auto" the
+    Bonferroni margin for the rows and candidates (bonferroni_margin).
     global_order: the global mask's units, e.g. a static SLEB bundle's order whose first units are `prefix`;
     by default, when choosing, the shared search continues to all units on the pooled sequences. With
     shared_fraction 1 and no prefix, every group starts from it and nothing is searched: each group only chooses
@@ -77,20 +78,13 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                   "metric": metric, "choose_margin": choose_margin})
     if any(not texts for texts in groups):
         raise IGPruneError("every cluster needs at least one calibration text to search on")
-    k = units_off(sparsity, num_blocks(model), granularity)
-    if global_order is not None and len(global_order) != k:
-        raise IGPruneError(f"the global mask skips {len(global_order)} units but {k} are to be switched off: give "
-                           "one found at the same sparsity")
+    k = check_given_masks(model, sparsity, granularity, global_order, candidates)
     if prefix is None and global_order is not None and shared_fraction == 1.0:
         prefix = global_order  # the whole mask is shared and given: nothing is left to search
     shared = len(prefix) if prefix is not None else int(round(shared_fraction * k))
     if shared > k:
         raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     extra = [find_order_mask(model, list(blocks), "block") for blocks in candidates or []]
-    blocks_off = k if granularity == "block" else 2 * k
-    if any(int((~m).sum()) != blocks_off for m in extra):
-        raise IGPruneError(f"every extra candidate must skip {blocks_off} blocks, as the cluster masks do; got "
-                           f"{sorted({int((~m).sum()) for m in extra})}")
     folder = Path(checkpoint) if checkpoint else None
     own = [make_calibration(tokenizer, texts, samples, seq_len, seed, f"cluster{i}", packing)
            for i, texts in enumerate(groups)]
@@ -134,11 +128,27 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return masks, logs
 
 
+def check_given_masks(model: PreTrainedModel, sparsity: float, granularity: Granularity,
+                      global_order: Sequence[str] | None, candidates: Sequence[Sequence[str]] | None) -> int:
+    """The units a search switches off; a given global or candidate mask that skips another number is a one-line
+    error. IGPruner.fit asks before it embeds anything, so a wrong bundle costs no wait and leaves no checkpoint."""
+    k = units_off(sparsity, num_blocks(model), granularity)
+    if global_order is not None and len(global_order) != k:
+        raise IGPruneError(f"the global mask skips {len(global_order)} units but {k} are to be switched off: give "
+                           "one found at the same sparsity")
+    blocks_off = k if granularity == "block" else 2 * k
+    skipped = {int((~find_order_mask(model, list(blocks), "block")).sum()) for blocks in candidates or []}
+    if skipped - {blocks_off}:
+        raise IGPruneError(f"every extra candidate must skip {blocks_off} blocks, as the cluster masks do; got "
+                           f"{sorted(skipped)}")
+    return k
+
+
 def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
                  candidates: torch.Tensor, samples: int = 8, seq_len: int = 64,
                  exclude: Sequence[Collection[str]] | None = None, seed: int = 0,
                  packing: Packing = "joined", default: int | None = None,
-                 margin: float = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
+                 margin: Margin = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """For each group i, the candidate mask with the lowest perplexity on `samples` x `seq_len` tokens of
     group i's texts outside `exclude[i]` (the texts its search scored); a tie keeps candidate i, its own.
 
@@ -148,13 +158,18 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
     default, margin: a group leaves candidate `default` (the global mask) only for a candidate whose mean
     per-token NLL on the fresh rows is lower by more than `margin` paired standard errors over those rows, so
     a cluster whose text does not clearly ask for another mask keeps the one every input does well with.
+    margin "auto": the Bonferroni margin (bonferroni_margin) for the cluster's rows and the distinct candidates
+    other than the default, so the bar rises with the number of masks that could win by chance and falls as the
+    rows grow.
     """
     from igprune.baselines import Scorer
 
-    if margin < 0 or (margin > 0 and default is None):
-        raise IGPruneError("a choice margin is a number of standard errors >= 0, and needs the default candidate")
+    check_margin(margin)
+    if margin != 0 and default is None:
+        raise IGPruneError("a choice margin needs the default candidate (the global mask) to leave")
     keys = [mask_row(m) for m in candidates]  # several clusters often share a mask: score each once
-    chosen, table, z_table = [], [], []
+    alternatives = len(set(keys)) - 1
+    chosen, table, z_table, margins = [], [], [], []
     for i, texts in enumerate(groups):
         searched = set(exclude[i]) if exclude else set()
         fresh = [t for t in texts if t not in searched]
@@ -172,15 +187,28 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
         scores = [math.exp(sum(x for x, _ in r) / sum(n for _, n in r)) for r in rows]
         best = min(range(len(scores)), key=lambda j: (scores[j], j != i))
         z = None if default is None else _paired_z(rows[default], rows[best])
-        if margin > 0 and best != default and not z > margin:
+        bar = bonferroni_margin(fresh_rows.n_sequences, alternatives) if margin == "auto" else margin
+        if bar > 0 and best != default and not z > bar:
             best = default
         chosen.append(best)
         table.append(scores)
         z_table.append(z)
+        margins.append(bar)
     log = {"chosen": chosen, "perplexity": table, "samples": samples, "seq_len": seq_len, "packing": packing}
     if default is not None:
         log.update({"default": default, "margin": margin, "z_best_vs_default": z_table})
+        if margin == "auto":
+            log["margins"] = margins
     return candidates[chosen], log
+
+
+def bonferroni_margin(rows: int, alternatives: int, alpha: float = 0.05) -> float:
+    """The paired z a choice's best candidate must beat: the one-sided t quantile at alpha / alternatives with
+    rows - 1 degrees of freedom. Choosing the best of `alternatives` masks that are no better than the default
+    then leaves it with probability at most alpha (Bonferroni); with under two rows nothing can leave it."""
+    from scipy.stats import t
+
+    return math.inf if rows < 2 else float(t.ppf(1 - alpha / max(alternatives, 1), rows - 1))
 
 
 def _paired_z(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> float:
