@@ -126,6 +126,7 @@ FITS: dict[str, dict[str, Any]] = {
 # 3 ignores how many rows and candidates there are), and rows from `texts` "fresh": the domains pool's training
 # passages that the fit never clustered (routed to their nearest centroid), so no earlier choice scored them. The
 # rule came after 128x64's code cluster missed the margin of 3 at z = 3.0; new rows judge it afresh.
+# ig-global-n7-texts-domains-auto-fresh is ig-global-n7-texts-domains-m3 with the same two changes.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -147,6 +148,12 @@ CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n7-texts64-p0-domains-auto-fresh": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True,
                                                  "samples": 64, "seq_len": 128, "pool": POOL, "margin": "auto",
                                                  "domains": "texts-p0", "texts": "fresh"},
+    "ig-sleb-n7-texts64-p0-domains-auto-unscored": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True,
+                                                    "samples": 64, "seq_len": 128, "pool": POOL, "margin": "auto",
+                                                    "domains": "texts-p0", "texts": "unscored"},
+    "ig-global-n7-texts-domains-auto-fresh": {"from": "ig-global-n7-texts", "global": True, "samples": 32,
+                                              "seq_len": 128, "pool": POOL, "margin": "auto", "domains": "texts",
+                                              "texts": "fresh"},
 }
 
 
@@ -289,7 +296,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
                 print(f"wrote {path} ({bundle.config['benchmark']['seconds']} s)", flush=True)
 
 
-def choose(model, tokenizer, name: str, blocks: int) -> None:
+def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each CHOSEN bundle: its fit with every cluster's mask chosen among the candidates on that cluster's
     passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
     from igprune.baselines import make_calibration
@@ -300,7 +307,8 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
 
     for run, spec in CHOSEN.items():
         out = fit_dir(name, run, blocks)
-        if (out / "bundle.json").is_file() or not (fit_dir(name, spec["from"], blocks) / "bundle.json").is_file():
+        if ((only and run not in only) or (out / "bundle.json").is_file()
+                or not (fit_dir(name, spec["from"], blocks) / "bundle.json").is_file()):
             continue
         source, settings = fit_dir(name, spec["from"], blocks), FITS[spec["from"]]["search"]
         bundle = Bundle.load(source)
@@ -313,8 +321,14 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
         groups = [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(bundle.n_clusters)]
         searched = [make_calibration(tokenizer, g, settings["samples"], settings["seq_len"], SEED,
                                      packing=settings["packing"]).texts for g in groups]
-        if spec.get("texts") == "fresh":  # the pool's other training passages, which the fit never saw
-            groups, searched = unseen_groups(Router.from_bundle(bundle), texts, FITS[spec["from"]].get("max_chars"))
+        if spec.get("texts"):  # the pool's other training passages, which the fit never saw
+            unseen = unseen_groups(Router.from_bundle(bundle), texts, FITS[spec["from"]].get("max_chars"))
+            if spec["texts"] == "fresh":
+                groups, searched = unseen, [[] for _ in unseen]
+            else:  # "unscored": with the fit's passages that no search and no earlier choice scored
+                scored = scored_rows(model, tokenizer, name, blocks, spec["from"], groups, searched)
+                groups = [[*g, *u] for g, u in zip(groups, unseen, strict=True)]
+                searched = [[*s, *rows] for s, rows in zip(searched, scored, strict=True)]
         candidates = [find_order_mask(model, c["order"], "block") for c in bundle.logs["search"]["clusters"]]
         if spec["global"]:
             candidates.append(find_order_mask(model, global_order(name, blocks), "block"))
@@ -335,9 +349,9 @@ def choose(model, tokenizer, name: str, blocks: int) -> None:
         print(f"wrote {out}: chosen {log['chosen']}", flush=True)
 
 
-def unseen_groups(router, seen: list[str], max_chars: int | None) -> tuple[list[list[str]], list[list[str]]]:
+def unseen_groups(router, seen: list[str], max_chars: int | None) -> list[list[str]]:
     """The domains pool's training passages outside `seen` (a fit's), each in the cluster its embedding is nearest
-    to, and for each cluster no searched texts (no search scored any of them)."""
+    to: text that no search and no choice scored."""
     from igprune.stage1.pruner import fit_texts
 
     skip = set(seen)
@@ -345,7 +359,30 @@ def unseen_groups(router, seen: list[str], max_chars: int | None) -> tuple[list[
     labels = [r.cluster for r in router.route(unseen)]
     groups = [[t for t, label in zip(unseen, labels, strict=True) if label == k] for k in range(router.n_clusters)]
     print(f"{len(unseen)} unseen passages, per cluster {[len(g) for g in groups]}", flush=True)
-    return groups, [[] for _ in groups]
+    return groups
+
+
+def scored_rows(model, tokenizer, name: str, blocks: int, fit: str, groups: list[list[str]],
+                searched: list[list[str]]) -> list[list[str]]:
+    """Per cluster, the texts of every row that the fit's own choice and each CHOSEN choice on its passages
+    scored, cut again as choose_masks cut them (same exclusions, seed and sizes)."""
+    from igprune.baselines import make_calibration
+
+    settings = FITS[fit]["search"]
+    earlier = [spec for spec in CHOSEN.values() if spec["from"] == fit and not spec.get("texts")]
+    if settings["choose_samples"]:
+        earlier.append({"samples": settings["choose_samples"]})
+    rows: list[list[str]] = [[] for _ in groups]
+    for spec in earlier:
+        excluded = searched
+        if spec.get("domains"):
+            domain_rows = domain_masks(model, tokenizer, name, blocks, spec["domains"])[1]
+            excluded = [[*s, *domain_rows] for s in searched]
+        for i, (texts, skip) in enumerate(zip(groups, map(set, excluded), strict=True)):
+            rows[i] += make_calibration(tokenizer, [t for t in texts if t not in skip], spec["samples"],
+                                        spec.get("seq_len", settings["seq_len"]), SEED,
+                                        packing=settings["packing"]).texts
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- score
@@ -673,7 +710,7 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, help="wide: units of the global order to start from (default half)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
-    parser.add_argument("--only", help="fit, tasks: comma-separated run names")
+    parser.add_argument("--only", help="fit, choose, tasks: comma-separated run names")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -692,7 +729,7 @@ def main() -> None:
     elif args.step == "fit":
         fit(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "choose":
-        choose(model, tokenizer, args.model, args.blocks)
+        choose(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "score":
         score(model, tokenizer, args.model, args.blocks)
     elif args.step == "gold":

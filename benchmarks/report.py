@@ -391,7 +391,8 @@ def _domain_task_results(blocks: int, model: str = SMOL) -> list[dict[str, Any]]
 def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-texts-pool-m3",
                                            "ig-sleb-n6-texts-pool-m3-64", "ig-sleb-n7-texts64-p0-pool-m3",
                                            "ig-sleb-n7-texts64-p0-domains-m3",
-                                           "ig-sleb-n7-texts64-p0-domains-m3-128x64")) -> str:
+                                           "ig-sleb-n7-texts64-p0-domains-m3-128x64",
+                                           "ig-sleb-n7-texts64-p0-domains-auto-fresh")) -> str:
     """One choice recipe per row at every block count: held-out gain, its worst domain, the GSM8K/MBPP solutions
     and the six tasks against the best static method there, all routed."""
     rows = []

@@ -61,6 +61,7 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert fitted.config["search"]["choose_margin"] == "auto" and len(choice["margins"]) == 2
     assert all(c == choice["default"] or z > bar
                for c, z, bar in zip(choice["chosen"], choice["z_best_vs_default"], choice["margins"], strict=True))
+    assert "bar" in invoke("inspect", chosen)  # inspect shows each cluster's choice
     assert fitted.logs["search"]["shared_calibration"] is None  # no shared search ran
     assert all(c["order"] == candidate_blocks(statics[0]) for c in fitted.logs["search"]["clusters"])
     scores = tmp_path / "eval.json"

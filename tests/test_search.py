@@ -14,6 +14,7 @@ from igprune.stage1.search import (
     bonferroni_margin,
     candidate_blocks,
     choose_masks,
+    describe_choice,
     find_order_mask,
     search_cluster_masks,
 )
@@ -75,6 +76,15 @@ def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup
                                   for zi, c in zip(z, free_log["chosen"], strict=True)]
     with pytest.raises(IGPruneError, match="or 'auto'"):
         IGPruner(model, tok, finder="sleb", search={"choose_margin": "loose"})
+
+
+def test_describe_choice_names_each_clusters_mask_and_how_sure_it_was():
+    log = {"chosen": [0, 2, 2, 5], "default": 4, "margin": 3.0, "z_best_vs_default": [4.5, 3.25, 0.0, 2.999]}
+    assert describe_choice(log, 4) == ["own (z 4.500, bar 3.000)", "cluster 2 (z 3.250, bar 3.000)",
+                                       "own (z 0.000, bar 3.000)", "candidate 1 (z 2.999, bar 3.000)"]
+    auto = {**log, "chosen": [4, 1, 4, 4], "margin": "auto", "margins": [2.851, 3.147, 2.9, 3.0]}
+    assert describe_choice(auto, 4)[:2] == ["global (z 4.500, bar 2.851)", "own (z 3.250, bar 3.147)"]
+    assert describe_choice({"chosen": [1, 1]}, 2) == ["cluster 1", "own"]  # no global mask to leave: no z
 
 
 def test_the_bonferroni_margin_rises_with_candidates_and_falls_with_rows():

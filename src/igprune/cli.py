@@ -244,9 +244,11 @@ def fit(
 
 @app.command()
 def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> None:
-    """Show what a bundle is: method, model, sparsity, clusters and every mask."""
+    """Show what a bundle is: method, model, sparsity, clusters and every mask (and, for a search fit, which mask
+    each cluster chose and how surely)."""
     from igprune.bundle import Bundle
     from igprune.masks import mask_row, skipped_blocks
+    from igprune.stage1.search import describe_choice
 
     loaded = Bundle.load(bundle)
     cfg = loaded.config
@@ -256,10 +258,14 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> No
         if key in cfg:
             console.print(f"{key:>16}: {cfg[key]}", highlight=False)
     sizes = cfg.get("cluster_sizes", [None] * loaded.n_clusters)
-    table = Table("cluster", "texts", "attn off", "ffn off", "mask (per layer: A/F run, . skipped)")
+    choice = loaded.logs.get("choose") or (loaded.logs.get("search") or {}).get("choose")  # --finder sleb
+    chosen = describe_choice(choice, loaded.n_clusters) if choice and loaded.n_clusters > 1 else None
+    table = Table("cluster", "texts", "attn off", "ffn off", "mask (per layer: A/F run, . skipped)",
+                  *(["chosen (z vs global, bar)"] if chosen else []))
     for k, mask in enumerate(loaded.masks):
         off = skipped_blocks(mask)
-        table.add_row(str(k), str(sizes[k]), str(off["attn"]), str(off["ffn"]), mask_row(mask))
+        table.add_row(str(k), str(sizes[k]), str(off["attn"]), str(off["ffn"]), mask_row(mask),
+                      *([chosen[k]] if chosen else []))
     console.print(table)
 
 

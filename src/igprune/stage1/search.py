@@ -202,6 +202,20 @@ def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gro
     return candidates[chosen], log
 
 
+def describe_choice(log: dict[str, Any], n_clusters: int) -> list[str]:
+    """Per cluster, which mask its choice took and how surely, for `igprune inspect`: "own", "cluster j",
+    "global" or "candidate c" (search_cluster_masks' pool order: cluster masks, the global one, candidates), then
+    the best mask's paired z against the global one and the bar it had to clear."""
+    bars = log.get("margins") or [log.get("margin")] * len(log["chosen"])
+    zs = log.get("z_best_vs_default") or [None] * len(log["chosen"])
+    said = []
+    for k, (j, z, bar) in enumerate(zip(log["chosen"], zs, bars, strict=True)):
+        name = ("own" if j == k else f"cluster {j}") if j < n_clusters else (
+            "global" if j == n_clusters else f"candidate {j - n_clusters}")
+        said.append(name if z is None else f"{name} (z {z:.3f}, bar {bar:.3f})")
+    return said
+
+
 def bonferroni_margin(rows: int, alternatives: int, alpha: float = 0.05) -> float:
     """The paired z a choice's best candidate must beat: the one-sided t quantile at alpha / alternatives with
     rows - 1 degrees of freedom. Choosing the best of `alternatives` masks that are no better than the default
