@@ -169,8 +169,9 @@ def fit(
     choose_margin: Annotated[str, typer.Option(help="--finder sleb: a cluster leaves the global mask only "
                                                "for a mask better on its unsearched text by more than this "
                                                "many paired standard errors (0: the lowest perplexity wins; "
-                                               "auto: the Bonferroni t for its rows and the candidates)")
-                             ] = "3",
+                                               "auto, the default: the Bonferroni t for its rows and the "
+                                               "candidates)")
+                             ] = "auto",
     packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
                                          "text's first token, as evaluation scores an input) or joined "
                                          "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",

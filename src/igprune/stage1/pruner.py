@@ -39,7 +39,7 @@ FINDERS: tuple[str, ...] = ("l0", "sleb")
 # stage1/search.py's defaults, here so the constructor can record them without importing the baselines
 SEARCH_DEFAULTS: dict[str, Any] = {"samples": 8, "seq_len": 64, "packing": "texts", "shared_samples": 16,
                                    "shared_fraction": 0.5, "prefix": None, "global_order": None, "choose_samples": 8,
-                                   "choose_margin": 3.0, "candidates": None, "metric": "ppl"}
+                                   "choose_margin": "auto", "candidates": None, "metric": "ppl"}
 
 
 def check_search(options: dict[str, Any]) -> dict[str, Any]:
