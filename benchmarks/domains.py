@@ -126,6 +126,9 @@ FITS: dict[str, dict[str, Any]] = {
 # 3 ignores how many rows and candidates there are), and rows from `texts` "fresh": the domains pool's training
 # passages that the fit never clustered (routed to their nearest centroid), so no earlier choice scored them. The
 # rule came after 128x64's code cluster missed the margin of 3 at z = 3.0; new rows judge it afresh.
+# ig-sleb-n7-texts64-p0-domains-auto-unscored chooses on those passages and on the fit's own that no search and no
+# earlier choice of that fit scored (scored_rows): the multilingual source is small, so fresh rows alone leave the
+# non-English clusters 18 and about 30 rows.
 # ig-global-n7-texts-domains-auto-fresh is ig-global-n7-texts-domains-m3 with the same two changes.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},

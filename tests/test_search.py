@@ -85,6 +85,7 @@ def test_describe_choice_names_each_clusters_mask_and_how_sure_it_was():
     auto = {**log, "chosen": [4, 1, 4, 4], "margin": "auto", "margins": [2.851, 3.147, 2.9, 3.0]}
     assert describe_choice(auto, 4)[:2] == ["global (z 4.500, bar 2.851)", "own (z 3.250, bar 3.147)"]
     assert describe_choice({"chosen": [1, 1]}, 2) == ["cluster 1", "own"]  # no global mask to leave: no z
+    assert describe_choice({"chosen": [1], "z_best_vs_default": [0.5]}, 1) == ["global (z 0.500)"]  # no bar logged
 
 
 def test_the_bonferroni_margin_rises_with_candidates_and_falls_with_rows():

@@ -212,7 +212,7 @@ def describe_choice(log: dict[str, Any], n_clusters: int) -> list[str]:
     for k, (j, z, bar) in enumerate(zip(log["chosen"], zs, bars, strict=True)):
         name = ("own" if j == k else f"cluster {j}") if j < n_clusters else (
             "global" if j == n_clusters else f"candidate {j - n_clusters}")
-        said.append(name if z is None else f"{name} (z {z:.3f}, bar {bar:.3f})")
+        said.append(name if z is None else f"{name} (z {z:.3f}" + ("" if bar is None else f", bar {bar:.3f}") + ")")
     return said
 
 
