@@ -318,14 +318,15 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
         # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
         texts = fit_texts("domains", bundle.config["calibration"]["samples"],
                           bundle.config["calibration"]["seq_len"], SEED, FITS[spec["from"]].get("max_chars"))
-        labels = [r.cluster for r in Router.from_bundle(bundle).route(texts)]
+        router = Router.from_bundle(bundle)
+        labels = [r.cluster for r in router.route(texts)]
         if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
             raise SystemExit("routing the fit's passages does not give its clusters; refit")
         groups = [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(bundle.n_clusters)]
         searched = [make_calibration(tokenizer, g, settings["samples"], settings["seq_len"], SEED,
                                      packing=settings["packing"]).texts for g in groups]
         if spec.get("texts"):  # the pool's other training passages, which the fit never saw
-            unseen = unseen_groups(Router.from_bundle(bundle), texts, FITS[spec["from"]].get("max_chars"))
+            unseen = unseen_groups(router, texts, FITS[spec["from"]].get("max_chars"))
             if spec["texts"] == "fresh":
                 groups, searched = unseen, [[] for _ in unseen]
             else:  # "unscored": with the fit's passages that no search and no earlier choice scored
@@ -375,12 +376,12 @@ def scored_rows(model, tokenizer, name: str, blocks: int, fit: str, groups: list
     earlier = [spec for spec in CHOSEN.values() if spec["from"] == fit and not spec.get("texts")]
     if settings["choose_samples"]:
         earlier.append({"samples": settings["choose_samples"]})
+    variants = {spec["domains"] for spec in earlier if spec.get("domains")}  # each variant's rows rebuilt once
+    domain_rows = {v: domain_masks(model, tokenizer, name, blocks, v)[1] for v in variants}
     rows: list[list[str]] = [[] for _ in groups]
     for spec in earlier:
-        excluded = searched
-        if spec.get("domains"):
-            domain_rows = domain_masks(model, tokenizer, name, blocks, spec["domains"])[1]
-            excluded = [[*s, *domain_rows] for s in searched]
+        extra = domain_rows.get(spec.get("domains"), [])
+        excluded = [[*s, *extra] for s in searched]
         for i, (texts, skip) in enumerate(zip(groups, map(set, excluded), strict=True)):
             rows[i] += make_calibration(tokenizer, [t for t in texts if t not in skip], spec["samples"],
                                         spec.get("seq_len", settings["seq_len"]), SEED,
