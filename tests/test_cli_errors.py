@@ -138,6 +138,7 @@ class Case:
     bundle: str | None = None  # "static" or "ig": the bundle to copy
     damage: str | None = None
     data: bool = False  # needs the prepared calibration data
+    texts: str | None = None  # the contents of TEXTS, a file of the user's own inputs
 
 
 LONG = "word " * 10_000  # 50,000 characters
@@ -222,6 +223,14 @@ CASES = [
          data=True),
     Case("more clusters than texts", ["fit", "-m", "MODEL_A", "-o", "out", "--clusters", "100000", "--samples", "8",
                                       "--seq-len", "16"], 2, "100000 clusters but only 8", data=True),
+    Case("texts file missing", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "nope.jsonl"], 2,
+         "nope.jsonl: cannot read it as UTF-8 JSONL"),
+    Case("texts not JSON", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
+         "texts.jsonl:2: not valid JSON", texts='{"text": "fine"}\ndef f(): pass\n'),
+    Case("texts without text", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
+         'texts.jsonl:1: no non-empty string under "text"', texts='{"prompt": "hi"}\n'),
+    Case("texts file empty", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
+         "texts.jsonl: no texts", texts="\n"),
     Case("seq-len too short", ["fit", "-m", "MODEL_A", "-o", "out", "--seq-len", "1"], 2, "--seq-len must be at least"),
     Case("max-chars too short", ["fit", "-m", "MODEL_A", "-o", "out", "--max-chars", "10"], 2,
          "--max-chars must be at least 200"),
@@ -259,8 +268,10 @@ def _prepare(case: Case, originals: dict[str, Path], work: Path) -> list[str]:
         shutil.copytree(originals[case.bundle], work / "bundle")
         if case.damage:
             damage(case.damage)(work / "bundle")
+    if case.texts is not None:
+        (work / "texts.jsonl").write_text(case.texts)
     names = {"BUNDLE": str(work / "bundle"), "MODEL_A": str(originals["model_a"]),
-             "MODEL_B": str(originals["model_b"])}
+             "MODEL_B": str(originals["model_b"]), "TEXTS": str(work / "texts.jsonl")}
     return [names.get(a, a) for a in case.args]
 
 

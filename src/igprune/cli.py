@@ -185,13 +185,17 @@ def fit(
         "--global", help="--finder sleb: a static bundle whose mask is the global one, each cluster's default in the "
         "choice, instead of a search on every cluster's text; with --shared-fraction 1 nothing is searched: each "
         "cluster only chooses among it and the --candidate masks")] = None,
+    texts: Annotated[Path | None, typer.Option(
+        help="a JSONL file of your own inputs ({\"text\": ...} per line), clustered and fit on beside --data's "
+        "passages: requests your deployment expects that no source holds get clusters and masks of their own")
+                     ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
     from igprune.bundle import Bundle
-    from igprune.data import MIN_CHARS
+    from igprune.data import MIN_CHARS, read_texts
     from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
@@ -222,6 +226,7 @@ def fit(
     if global_mask:
         search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
     check_search(search)  # before the model loads
+    extra = read_texts(texts) if texts else []
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     for option, path in given:
@@ -231,10 +236,11 @@ def fit(
                          granularity=granularity, gradient_checkpointing=gradient_checkpointing)
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
-    console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages "
-                  f"(checkpoints in {checkpoint})")
+    console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages"
+                  f"{f' and {len(extra)} of {texts}' if extra else ''} (checkpoints in {checkpoint})")
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
-                        seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search)
+                        seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search,
+                        extra=extra)
     _on_main(_save_bundle, bundle, out, checkpoint)
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
                   f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "

@@ -467,6 +467,32 @@ def documents(source: str) -> tuple[str, ...]:
     return _read_documents(str(path), stat.st_mtime_ns, stat.st_size)
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """A user's own inputs: a JSONL file with one {"text": ...} object per line (blank lines skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise IGPruneError(f"{path}: cannot read it as UTF-8 JSONL ({err.__class__.__name__}); give a file with "
+                           'one {"text": ...} object per line') from None
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise IGPruneError(f"{path}:{number}: not valid JSON; give one {{\"text\": ...}} object per line") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise IGPruneError(f"{path}:{number}: no non-empty string under \"text\"; give one {{\"text\": ...}} "
+                               "object per line")
+        texts.append(text)
+    if not texts:
+        raise IGPruneError(f"{path}: no texts; give one {{\"text\": ...}} object per line")
+    return texts
+
+
 def is_heldout(document: str) -> bool:
     """The train/heldout split is by document, by a hash of its text: stable, and duplicates stay together."""
     return int(hashlib.sha256(document.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT

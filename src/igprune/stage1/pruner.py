@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,15 +219,16 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
                train: TrainConfig, data: str = "mixed", samples: int | None = 4096, max_chars: int | None = None,
                seed: int = 0, checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
                progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None,
-               encoder: str = DEFAULT_ENCODER) -> Bundle:
+               encoder: str = DEFAULT_ENCODER, extra: Sequence[str] = ()) -> Bundle:
     """The `igprune fit` recipe, which the benchmarks use too: `samples` training passages of `data` about as
     long as a training sample (4 x seq_len characters), so the text that is clustered is the text that is
-    trained on; then IGPruner.fit. The bundle records where its calibration text came from."""
-    texts = fit_texts(data, samples, train.seq_len, seed, max_chars)
+    trained on; then IGPruner.fit. `extra` texts join them whole (inputs a deployment expects that no source
+    holds). The bundle records where its calibration text came from."""
+    texts = [*fit_texts(data, samples, train.seq_len, seed, max_chars), *extra]
     pruner = IGPruner(model, tokenizer, n_clusters=n_clusters, sparsity=sparsity, encoder=encoder, seed=seed,
                       train=train, checkpoint_dir=checkpoint_dir, shared_dir=shared_dir, progress=progress,
                       finder=finder, search=search).fit(texts)
     bundle = pruner.to_bundle()
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "samples": samples,
-                                    "seq_len": train.seq_len}
+                                    "seq_len": train.seq_len, **({"extra": len(extra)} if extra else {})}
     return bundle
