@@ -1,5 +1,6 @@
 """Every command once through the CLI, on a tiny random model saved as an HF folder (`--model /path`)."""
 
+import hashlib
 import json
 
 import pytest
@@ -74,6 +75,7 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert "and 12 of" in out and "requests.jsonl" in out
     fitted = Bundle.load(tmp_path / "requests")
     assert fitted.config["calibration"]["extra"] == 12 and sum(fitted.config["cluster_sizes"]) == 52
+    assert fitted.config["calibration"]["extra_sha256"] == hashlib.sha256("\0".join(own).encode()).hexdigest()
     assert len({r.cluster for r in Router.from_bundle(fitted).route(own)}) == 1  # alike requests share a cluster
     scores = tmp_path / "eval.json"
     invoke("eval", "--bundle", bundle, "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", scores)

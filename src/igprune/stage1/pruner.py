@@ -230,5 +230,8 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
                       finder=finder, search=search).fit(texts)
     bundle = pruner.to_bundle()
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "samples": samples,
-                                    "seq_len": train.seq_len, **({"extra": len(extra)} if extra else {})}
+                                    "seq_len": train.seq_len}
+    if extra:  # the user's own texts: how many, and a digest to tell whether a refit had the same ones
+        bundle.config["calibration"].update(extra=len(extra),
+                                            extra_sha256=hashlib.sha256("\0".join(extra).encode()).hexdigest())
     return bundle
