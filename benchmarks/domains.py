@@ -31,6 +31,7 @@ import argparse
 import math
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -485,7 +486,7 @@ def gold(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.data import reference_solutions
     from igprune.files import write_json
 
-    ids, context, weights, prompts = {}, {}, {}, {}
+    ids, context, weights, prompts, lengths = {}, {}, {}, {}, {}
     for task, pairs in reference_solutions("heldout").items():
         rows = []
         for prompt, solution in pairs:
@@ -497,12 +498,15 @@ def gold(model, tokenizer, name: str, blocks: int) -> None:
         context[task] = [len(head) for _, head, _, _ in rows]
         weights[task] = [n_bytes for *_, n_bytes in rows]
         prompts[task] = [prompt for prompt, *_ in rows]
+        lengths[task] = {"prompt": statistics.median(context[task]),  # what a choice row of 128 tokens holds
+                         "solution": statistics.median(len(tail) for _, _, tail, _ in rows)}
     nll = _cached_nll(model, folder(name) / f"gold-b{blocks}.json", ids, context, weights)
     masks = _static_masks(name, blocks)
     static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
     best = min(static, key=lambda label: _rate(_all(static[label]))[0])
     report: dict[str, Any] = {
         "model": name, "blocks": blocks, "settings": GOLD, "seed": SEED, "records": {t: len(v) for t, v in ids.items()},
+        "median_tokens": lengths,
         "bpb": {label: {t: _bpb(v) for t, v in nll(mask).items()} | {"overall": _bpb(_all(nll(mask)))}
                 for label, mask in masks.items()},
         "best_static": best,
