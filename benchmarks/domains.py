@@ -140,7 +140,10 @@ FITS: dict[str, dict[str, Any]] = {
 # ig-global-n7-texts-domains-auto-unscored is ig-global-n7-texts-domains-m3 with the auto margin and the unscored
 # rows: on qwen2.5-0.5b too the multilingual source leaves too few fresh passages alone.
 # ig-global-n8-texts-requests-auto gives ig-global-n8-texts-requests's clusters the auto-unscored choice among the
-# global mask, the static pool and the six domains' own searches from the dense model.
+# global mask, the static pool and the six domains' own searches from the dense model. Its rows are 128 tokens, and
+# an MBPP record's prompt alone is a median of about 110, so the requests cluster chose on prompts; -256 chooses
+# that cluster's mask again (`again`: only the clusters that are mostly requests) on the same texts as rows of 256
+# tokens cut from that cluster's texts, which reach the solutions, and keeps every other cluster's mask.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -171,6 +174,9 @@ CHOSEN: dict[str, dict[str, Any]] = {
     "ig-global-n8-texts-requests-auto": {"from": "ig-global-n8-texts-requests", "global": True, "samples": 64,
                                          "seq_len": 128, "pool": POOL, "margin": "auto", "domains": "texts-p0",
                                          "texts": "unscored"},
+    "ig-global-n8-texts-requests-auto-256": {"from": "ig-global-n8-texts-requests", "global": True, "samples": 64,
+                                             "seq_len": 256, "pool": POOL, "margin": "auto", "domains": "texts-p0",
+                                             "texts": "unscored", "again": "ig-global-n8-texts-requests-auto"},
 }
 
 
@@ -371,9 +377,24 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
         pool = list(found)
         candidates += found.values()
         default = bundle.n_clusters if spec["global"] else None  # the global mask follows the cluster masks
-        masks, log = choose_masks(model, tokenizer, groups, torch.stack(candidates), samples=spec["samples"],
-                                  seq_len=spec.get("seq_len", settings["seq_len"]), exclude=searched, seed=SEED,
-                                  packing=settings["packing"], default=default, margin=spec.get("margin", 0.0))
+        picked = range(len(groups))
+        if spec.get("again"):  # only the clusters that are mostly requests; the rest keep the earlier choice's
+            asked = set(requests(FITS[spec["from"]]))
+            picked = [k for k, g in enumerate(groups) if 2 * sum(t in asked for t in g) > len(g)]
+        chosen, log = choose_masks(model, tokenizer, [groups[k] for k in picked], torch.stack(candidates),
+                                  samples=spec["samples"], seq_len=spec.get("seq_len", settings["seq_len"]),
+                                  exclude=[searched[k] for k in picked], seed=SEED, packing=settings["packing"],
+                                  default=default, margin=spec.get("margin", 0.0))
+        masks = chosen
+        if spec.get("again"):
+            earlier = Bundle.load(fit_dir(name, spec["again"], blocks))
+            masks, again = earlier.masks.clone(), log
+            masks[list(picked)] = chosen.to(masks.dtype)
+            log = {**earlier.logs["choose"], "again": {"clusters": picked, "seq_len": again["seq_len"]}}
+            for key in ("chosen", "perplexity", "z_best_vs_default", "margins"):
+                log[key] = list(log[key])
+                for j, k in enumerate(picked):
+                    log[key][k] = again[key][j]
         config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
         Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"],
                                          "chosen_with_pool": pool}, None, {**bundle.logs, "choose": log}).save(out)
