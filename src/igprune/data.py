@@ -469,12 +469,11 @@ def documents(source: str) -> tuple[str, ...]:
 
 def read_texts(path: str | Path) -> list[str]:
     """A user's own inputs: a JSONL file with one {"text": ...} object per line (blank lines skipped)."""
-    path = Path(path)
+    path, hint = Path(path), 'give one {"text": ...} object per line'
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise IGPruneError(f"{path}: cannot read it as UTF-8 JSONL ({err.__class__.__name__}); give a file with "
-                           'one {"text": ...} object per line') from None
+        raise IGPruneError(f"{path}: cannot read it as UTF-8 JSONL ({err.__class__.__name__}); {hint}") from None
     texts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -482,14 +481,13 @@ def read_texts(path: str | Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise IGPruneError(f"{path}:{number}: not valid JSON; give one {{\"text\": ...}} object per line") from None
+            raise IGPruneError(f"{path}:{number}: not valid JSON; {hint}") from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise IGPruneError(f"{path}:{number}: no non-empty string under \"text\"; give one {{\"text\": ...}} "
-                               "object per line")
+            raise IGPruneError(f'{path}:{number}: no non-empty string under "text"; {hint}')
         texts.append(text)
     if not texts:
-        raise IGPruneError(f"{path}: no texts; give one {{\"text\": ...}} object per line")
+        raise IGPruneError(f"{path}: no texts; {hint}")
     return texts
 
 
