@@ -143,7 +143,7 @@ FITS: dict[str, dict[str, Any]] = {
 # global mask, the static pool and the six domains' own searches from the dense model. Its rows are 128 tokens, and
 # an MBPP record's prompt alone is a median of about 110, so the requests cluster chose on prompts; -256 chooses
 # that cluster's mask again (`again`: only the clusters that are mostly requests) on rows of 256 tokens, which hold
-# whole records, solutions too, and keeps every other cluster's mask.
+# most records whole, solutions too, and keeps every other cluster's mask.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
