@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from igprune.texts import Request
+
 HERE = Path(__file__).parent
 BUNDLES = HERE / "bundles"
 RESULTS = HERE / "results" / "domains"
@@ -143,7 +145,9 @@ FITS: dict[str, dict[str, Any]] = {
 # global mask, the static pool and the six domains' own searches from the dense model. Its rows are 128 tokens, and
 # an MBPP record's prompt alone is a median of about 110, so the requests cluster chose on prompts; -256 chooses
 # that cluster's mask again (`again`: only the clusters that are mostly requests) on rows of 256 tokens, which hold
-# most records whole, solutions too, and keeps every other cluster's mask.
+# most records whole, solutions too, and keeps every other cluster's mask. -responses chooses it again on those
+# rows with each request's prompt read and only its solution scored (texts.Request), as the gold step scores a
+# held-out record: on whole records the prompts still outweigh the solutions.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -177,6 +181,10 @@ CHOSEN: dict[str, dict[str, Any]] = {
     "ig-global-n8-texts-requests-auto-256": {"from": "ig-global-n8-texts-requests", "global": True, "samples": 64,
                                              "seq_len": 256, "pool": POOL, "margin": "auto", "domains": "texts-p0",
                                              "texts": "unscored", "again": "ig-global-n8-texts-requests-auto"},
+    "ig-global-n8-texts-requests-auto-responses": {"from": "ig-global-n8-texts-requests", "global": True,
+                                                   "samples": 64, "seq_len": 256, "pool": POOL, "margin": "auto",
+                                                   "domains": "texts-p0", "texts": "unscored", "responses": True,
+                                                   "again": "ig-global-n8-texts-requests-auto"},
 }
 
 
@@ -191,12 +199,17 @@ def global_order(name: str, blocks: int) -> list[str]:
 def requests(fit: dict[str, Any]) -> list[str]:
     """FIT_PASSAGES whole training records (task and solution) of the instruct set's task that a FITS entry adds
     to the domains pool: requests for code, which no domain source holds."""
+    return [prompt + response for prompt, response in request_pairs(fit)]
+
+
+def request_pairs(fit: dict[str, Any]) -> list[Request]:
+    """The records of `requests`, each as a Request: its prompt read, its solution scored."""
     from igprune.data import reference_solutions
 
     task = fit.get("requests")
     if not task:
         return []
-    records = [prompt + solution for prompt, solution in reference_solutions("train")[task]]
+    records = [Request(prompt, solution) for prompt, solution in reference_solutions("train")[task]]
     return random.Random(SEED).sample(records, min(FIT_PASSAGES, len(records)))  # as many as each domain's
 
 
@@ -381,6 +394,10 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
         if spec.get("again"):  # only the clusters that are mostly requests; the rest keep the earlier choice's
             asked = set(requests(FITS[spec["from"]]))
             picked = [k for k, g in enumerate(groups) if 2 * sum(t in asked for t in g) > len(g)]
+        if spec.get("responses"):  # requests scored on their solutions, as the gold step scores them
+            pairs = {prompt + response: Request(prompt, response)
+                     for prompt, response in request_pairs(FITS[spec["from"]])}
+            groups, searched = ([[pairs.get(t, t) for t in g] for g in lists] for lists in (groups, searched))
         chosen, log = choose_masks(model, tokenizer, [groups[k] for k in picked], torch.stack(candidates),
                                   samples=spec["samples"], seq_len=spec.get("seq_len", settings["seq_len"]),
                                   exclude=[searched[k] for k in picked], seed=SEED, packing=settings["packing"],
@@ -397,7 +414,8 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
                     log[key][k] = again[key][j]
         config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
         Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"],
-                                         "chosen_with_pool": pool}, None, {**bundle.logs, "choose": log}).save(out)
+                                         "chosen_with_pool": pool, "chosen_on_responses": bool(spec.get("responses"))},
+               None, {**bundle.logs, "choose": log}).save(out)
         print(f"wrote {out}: chosen {log['chosen']}", flush=True)
 
 

@@ -1,6 +1,5 @@
 """Every command once through the CLI, on a tiny random model saved as an HF folder (`--model /path`)."""
 
-import hashlib
 import json
 
 import pytest
@@ -13,6 +12,7 @@ from igprune.evaluation import results
 from igprune.masks import mask_row
 from igprune.stage1.search import candidate_blocks
 from igprune.stage2.router import Router
+from igprune.texts import Request, digest
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,17 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert all(c["order"] == candidate_blocks(statics[0]) for c in fitted.logs["search"]["clusters"])
     requests = tmp_path / "requests.jsonl"  # the user's own inputs, clustered beside the calibration passages
     own = [f"SELECT name, total FROM orders WHERE customer_id = {i} ORDER BY total DESC;" for i in range(12)]
-    requests.write_text("".join(json.dumps({"text": t}) + "\n" for t in own))
-    out = invoke("fit", "--model", model, "--out", tmp_path / "requests", "--clusters", "2", "--samples", "40",
-                 "--shared-steps", "2", "--cluster-steps", "2", "--batch-size", "4", "--seq-len", "64",
-                 "--texts", requests)
+    answered = [Request(t, f"  -- returns {i} rows") for i, t in enumerate(own[:4])]  # prompt read, answer scored
+    requests.write_text("".join(json.dumps({"text": t}) + "\n" for t in own[4:])
+                        + "".join(json.dumps(r._asdict()) + "\n" for r in answered))
+    with pytest.warns(UserWarning, match="4 request.* no response token within their first 64"):  # SQL prompts
+        out = invoke("fit", "--model", model, "--out", tmp_path / "requests", "--clusters", "2", "--samples", "40",
+                     "--shared-steps", "2", "--cluster-steps", "2", "--batch-size", "4", "--seq-len", "64",
+                     "--texts", requests)
     assert "and 12 of" in out and "requests.jsonl" in out
     fitted = Bundle.load(tmp_path / "requests")
     assert fitted.config["calibration"]["extra"] == 12 and sum(fitted.config["cluster_sizes"]) == 52
-    assert fitted.config["calibration"]["extra_sha256"] == hashlib.sha256("\0".join(own).encode()).hexdigest()
+    assert fitted.config["calibration"]["extra_sha256"] == digest([*own[4:], *answered])
     assert len({r.cluster for r in Router.from_bundle(fitted).route(own)}) == 1  # alike requests share a cluster
     scores = tmp_path / "eval.json"
     invoke("eval", "--bundle", bundle, "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", scores)

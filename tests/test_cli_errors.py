@@ -228,7 +228,7 @@ CASES = [
     Case("texts not JSON", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
          "texts.jsonl:2: not valid JSON", texts='{"text": "fine"}\ndef f(): pass\n'),
     Case("texts without text", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
-         'texts.jsonl:1: no non-empty string under "text"', texts='{"prompt": "hi"}\n'),
+         "texts.jsonl:1: no non-empty string under 'prompt' and 'response'", texts='{"prompt": "hi"}\n'),
     Case("texts file empty", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
          "texts.jsonl: no texts", texts="\n"),
     Case("seq-len too short", ["fit", "-m", "MODEL_A", "-o", "out", "--seq-len", "1"], 2, "--seq-len must be at least"),

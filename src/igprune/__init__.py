@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from igprune.stage1.train import TrainConfig
     from igprune.stage2.dynamic import DynamicPrunedModel
     from igprune.stage2.router import Router
+    from igprune.texts import Request
 
 # public name -> the module that defines it
 _PUBLIC = {
@@ -42,10 +43,11 @@ _PUBLIC = {
     "ZOO": "igprune.models",
     "load_model": "igprune.models",
     "load_tokenizer": "igprune.models",
+    "Request": "igprune.texts",
 }
 
 __all__ = ["IGPruneError", "masked", "masked_rows", "IGPruner", "TrainConfig", "DynamicPrunedModel", "Router", "Bundle",
-           "find_mask", "prune_model", "export_model", "ZOO", "load_model", "load_tokenizer"]
+           "find_mask", "prune_model", "export_model", "ZOO", "load_model", "load_tokenizer", "Request"]
 __version__ = "0.1.0"
 
 

@@ -186,8 +186,9 @@ def fit(
         "choice, instead of a search on every cluster's text; with --shared-fraction 1 nothing is searched: each "
         "cluster only chooses among it and the --candidate masks")] = None,
     texts: Annotated[Path | None, typer.Option(
-        help="a JSONL file of your own inputs ({\"text\": ...} per line), clustered and fit on beside --data's "
-        "passages: requests your deployment expects that no source holds get clusters and masks of their own")
+        help="a JSONL file of your own inputs, clustered and fit on beside --data's passages: requests your deployment "
+        "expects that no source holds get clusters and masks of their own. One {\"text\": ...} per line, or "
+        "{\"prompt\": ..., \"response\": ...}: clustered by the prompt (what routing sees), scored on the response")
                      ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",

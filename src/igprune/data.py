@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from igprune.files import IGPruneError, atomic_path, cache_root, read_json, sha256_file, write_json
+from igprune.texts import Request, Text
 
 FORMAT = 1  # bump when a builder's output changes: files recorded with another format are rebuilt
 
@@ -467,14 +468,15 @@ def documents(source: str) -> tuple[str, ...]:
     return _read_documents(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """A user's own inputs: a JSONL file with one {"text": ...} object per line (blank lines skipped)."""
-    path, hint = Path(path), 'give one {"text": ...} object per line'
+def read_texts(path: str | Path) -> list[Text]:
+    """A user's own inputs: a JSONL file with one {"text": ...} or {"prompt": ..., "response": ...} object per line
+    (blank lines skipped); a prompt and response become a Request, clustered by its prompt, scored on its response."""
+    path, hint = Path(path), 'give one {"text": ...} or {"prompt": ..., "response": ...} object per line'
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise IGPruneError(f"{path}: cannot read it as UTF-8 JSONL ({err.__class__.__name__}); {hint}") from None
-    texts = []
+    texts: list[Text] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -482,10 +484,13 @@ def read_texts(path: str | Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise IGPruneError(f"{path}:{number}: not valid JSON; {hint}") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise IGPruneError(f'{path}:{number}: no non-empty string under "text"; {hint}')
-        texts.append(text)
+        record = record if isinstance(record, dict) else {}
+        fields = ("prompt", "response") if "text" not in record and ("prompt" in record or "response" in record) \
+            else ("text",)
+        values = [record.get(name) for name in fields]
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise IGPruneError(f"{path}:{number}: no non-empty string under {' and '.join(map(repr, fields))}; {hint}")
+        texts.append(Request(*values) if len(values) == 2 else values[0])
     if not texts:
         raise IGPruneError(f"{path}: no texts; {hint}")
     return texts

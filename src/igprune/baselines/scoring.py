@@ -32,7 +32,7 @@ from igprune.blocks import control_of, decoder_layers
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.models import model_device
 from igprune.nll import output_logits, token_nll
-from igprune.stage1.pruner import clean_texts
+from igprune.texts import Request, Text, clean_texts, tokens
 
 Metric = Literal["ppl", "kl"]
 
@@ -43,7 +43,8 @@ class Calibration:
 
     input_ids: torch.Tensor  # (M, T) long
     info: dict[str, Any] = field(default_factory=dict)
-    texts: tuple[str, ...] = ()  # the texts its tokens were cut from, so others can be kept apart from them
+    texts: tuple[Text, ...] = ()  # the texts its tokens were cut from, so others can be kept apart from them
+    scored: torch.Tensor | None = None  # (M, T) bool: which tokens are scored as targets; None: all
 
     @property
     def n_sequences(self) -> int:
@@ -58,7 +59,7 @@ Packing = Literal["joined", "texts"]
 PACKINGS = ("joined", "texts")
 
 
-def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_sequences: int, seq_len: int,
+def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[Text], n_sequences: int, seq_len: int,
                      seed: int = 0, source: str = "texts", packing: Packing = "joined") -> Calibration:
     """Shuffle the texts (seeded) and cut n_sequences rows of seq_len tokens from them.
 
@@ -68,6 +69,8 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_seq
     text that overruns the row is not used. A mask searched on "texts" rows is judged on how it handles an
     input's opening tokens, which is what held-out perplexity and the tasks score (benchmarks/RESULTS.md,
     the domain benchmark's fragments study).
+    A Request's prompt is read, not scored: only its response tokens are targets (`scored`), as a log-likelihood
+    task scores a reference answer; a row with no target left is dropped.
     With too little text there are fewer rows (a warning says so); text for less than one row gives one
     shorter row.
     """
@@ -79,29 +82,39 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_seq
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    rows: list[list[int]] = []
+    rows: list[tuple[list[int], list[bool]]] = []
     ids: list[int] = []  # the row being filled ("texts") or all text so far ("joined")
+    scored: list[bool] = []  # per token of ids: a target
     used = 0
     for i in order:
         if len(rows) >= n_sequences or (packing == "joined" and len(ids) >= n_sequences * seq_len):
             break
-        ids += tokenizer(texts[i], add_special_tokens=packing == "texts" and not ids).input_ids + eos
+        text_ids, text_scored = tokens(tokenizer, texts[i], add_special_tokens=packing == "texts" and not ids)
+        ids += text_ids + eos
+        scored += text_scored + [not isinstance(texts[i], Request)] * len(eos)  # a response's end is not scored
         used += 1
         if packing == "texts" and len(ids) >= seq_len:
-            rows.append(ids[:seq_len])
-            ids = []
+            if any(scored[1:seq_len]):
+                rows.append((ids[:seq_len], scored[:seq_len]))
+            ids, scored = [], []
     if packing == "joined":
-        rows = [ids[j:j + seq_len] for j in range(0, min(len(ids), n_sequences * seq_len) - seq_len + 1, seq_len)]
+        rows = [(ids[j:j + seq_len], scored[j:j + seq_len])
+                for j in range(0, min(len(ids), n_sequences * seq_len) - seq_len + 1, seq_len)
+                if any(scored[j + 1:j + seq_len])]
     if not rows:
-        if len(ids) < 2:
-            raise IGPruneError("calibration texts give fewer than 2 tokens; give more text")
-        rows, seq_len = [ids], len(ids)
+        if len(ids) < 2 or not any(scored[1:]):
+            raise IGPruneError("calibration texts give fewer than 2 tokens to score; give more text")
+        rows, seq_len = [(ids, scored)], len(ids)
     if len(rows) < n_sequences:
         warnings.warn(f"calibration text fills only {len(rows)} of {n_sequences} sequences of {seq_len} tokens",
                       stacklevel=2)
-    tensor = torch.tensor(rows, dtype=torch.long)
+    tensor = torch.tensor([r for r, _ in rows], dtype=torch.long)
+    targets = torch.tensor([s for _, s in rows], dtype=torch.bool)
     info = {"source": source, "sequences": len(rows), "seq_len": seq_len, "tokens": tensor.numel(),
             "texts_used": used, "packing": packing, "seed": seed, "sha256": sha256_tensors(tensor)}
+    if not targets.all():  # requests: only their responses are scored
+        info["scored_tokens"] = int(targets[:, 1:].sum())
+        return Calibration(tensor, info, tuple(texts[i] for i in order[:used]), targets)
     return Calibration(tensor, info, tuple(texts[i] for i in order[:used]))
 
 
@@ -125,6 +138,7 @@ class Scorer:
         self.layers = decoder_layers(model)
         self.device = model_device(model)  # the first shard's, under a device_map
         self.ids = calibration.input_ids.to(self.device)
+        self.scored = None if calibration.scored is None else calibration.scored.to(self.device)
         self.batch_size, self.top_k, self.chunk_tokens = batch_size, top_k, chunk_tokens
         self.evaluations = 0  # masks scored (each on some rows): for the search logs
         self.tokens = 0.0  # tokens run, counted in full-model forwards (a suffix counts its share)
@@ -152,7 +166,7 @@ class Scorer:
         return self.score(mask, "kl", rows)
 
     @torch.no_grad()
-    def row_nll(self, mask: torch.Tensor, rows: list[int] | None = None) -> list[tuple[float, int]]:
+    def row_nll(self, mask: torch.Tensor, rows: list[int] | None = None) -> list[tuple[float, float]]:
         """(summed NLL, predicted tokens) of each row under `mask`: what a paired comparison of two masks,
         row by row, needs (stage1.search.choose_masks' margin)."""
         pairs = []
@@ -216,7 +230,7 @@ class Scorer:
         return _combine(metric, parts)
 
     @torch.no_grad()
-    def _reduce(self, metric: Metric, batch: list[int], hidden: torch.Tensor) -> tuple[float, int]:
+    def _reduce(self, metric: Metric, batch: list[int], hidden: torch.Tensor) -> tuple[float, float]:
         """(sum, count) of per-position NLL or KL for one batch's final hidden states."""
         return self._nll(batch, hidden) if metric == "ppl" else self._kl(batch, hidden)
 
@@ -248,17 +262,28 @@ class Scorer:
         for i in range(0, n, self.chunk_tokens):
             yield slice(i, min(n, i + self.chunk_tokens))
 
-    def _nll(self, batch: list[int], hidden: torch.Tensor) -> tuple[float, int]:
+    def _weights(self, batch: list[int], positions: int) -> torch.Tensor | None:
+        """(b * positions,) float weights of the batch's positions: 1 where position t's next token is scored (the
+        last position, which predicts past the row, weighs as the row's last token); None when all are scored."""
+        if self.scored is None:
+            return None
+        targets = self.scored[batch]
+        return torch.cat([targets[:, 1:], targets[:, -1:]], dim=1)[:, :positions].reshape(-1).float()
+
+    def _nll(self, batch: list[int], hidden: torch.Tensor) -> tuple[float, float]:
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = self.ids[batch][:, 1:].reshape(-1)
+        weights = self._weights(batch, hidden.shape[1] - 1)
         total = 0.0
         for part in self.chunks(len(h)):
-            total += float(token_nll(self.logits(h[part]), targets[part], reduction="sum"))
-        return total, len(h)
+            nll = token_nll(self.logits(h[part]), targets[part])
+            total += float(nll.sum() if weights is None else (nll * weights[part]).sum())
+        return total, len(h) if weights is None else float(weights.sum())
 
-    def _kl(self, batch: list[int], hidden: torch.Tensor) -> tuple[float, int]:
+    def _kl(self, batch: list[int], hidden: torch.Tensor) -> tuple[float, float]:
         top_logp, top_ids, tail_logp = (t[batch].reshape(-1, *t.shape[2:]) for t in self._dense)
         h = hidden.reshape(-1, hidden.shape[-1])
+        weights = self._weights(batch, hidden.shape[1])
         total = 0.0
         for part in self.chunks(len(h)):
             logq = F.log_softmax(self.logits(h[part]), dim=-1)
@@ -266,8 +291,8 @@ class Scorer:
             p_top, p_tail = top_logp[part], tail_logp[part]
             kl = (p_top.exp() * (p_top - q_top)).sum(-1)
             tail = torch.where(p_tail > -math.inf, p_tail.exp() * (p_tail - q_tail), torch.zeros_like(p_tail))
-            total += float((kl + tail).sum())
-        return total, len(h)
+            total += float((kl + tail).sum() if weights is None else ((kl + tail) * weights[part]).sum())
+        return total, len(h) if weights is None else float(weights.sum())
 
     @torch.no_grad()
     def _dense_cache(self) -> None:
@@ -298,7 +323,7 @@ class Scorer:
         self._dense = (top_logp, top_ids, tail)
 
 
-def _combine(metric: Metric, parts: list[tuple[float, int]]) -> float:
+def _combine(metric: Metric, parts: list[tuple[float, float]]) -> float:
     total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return math.exp(total / count) if metric == "ppl" else total / count
 

@@ -30,9 +30,10 @@ from igprune.bundle import Bundle, fingerprint
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
 from igprune.masks import skipped_blocks
-from igprune.models import model_device, tokenizer_sides
+from igprune.models import model_device
 from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.texts import Text, clean_texts, digest, routed, tokens
 
 Finder = Literal["l0", "sleb"]
 Margin = float | Literal["auto"]
@@ -73,21 +74,17 @@ def check_margin(margin: Margin) -> None:
         raise IGPruneError(f"choose_margin must be a number of standard errors >= 0 or 'auto', got {margin!r}")
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (M, T) ids and attention mask, each text truncated to its first seq_len tokens."""
-    with tokenizer_sides(tokenizer, padding="right"):
-        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
-    return batch.input_ids, batch.attention_mask
-
-
-def clean_texts(texts: list[str]) -> list[str]:
-    """Drop empty calibration texts with a warning; none left is an error."""
-    kept = [t for t in texts if isinstance(t, str) and t.strip()]
-    if len(kept) < len(texts):
-        warnings.warn(f"dropped {len(texts) - len(kept)} empty calibration text(s)", stacklevel=3)
-    if not kept:
-        raise IGPruneError("no calibration texts: give at least one non-empty text")
-    return kept
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[Text],
+             seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (M, T) ids, attention mask and scored mask (the tokens the loss scores: a passage's, a
+    request's response), each text cut to its first seq_len tokens."""
+    rows = [[part[:seq_len] for part in tokens(tokenizer, t)] for t in texts]
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+    scored = torch.tensor([flags + [False] * (width - len(flags)) for _, flags in rows], dtype=torch.bool)
+    return ids, attention, scored
 
 
 class IGPruner:
@@ -113,7 +110,7 @@ class IGPruner:
         self.checkpoint_dir, self.shared_dir = checkpoint_dir, shared_dir
         self.progress = progress
 
-    def fit(self, texts: list[str]) -> IGPruner:
+    def fit(self, texts: Sequence[Text]) -> IGPruner:
         started = time.perf_counter()
         self.train_config.validate(num_blocks(self.model))  # fail before the slow steps
         texts = clean_texts(texts)
@@ -123,9 +120,11 @@ class IGPruner:
 
             check_given_masks(self.model, self.sparsity, self.train_config.granularity,
                               self.search_options["global_order"], self.search_options["candidates"])
-        # on rank 0 only, the result sent to all: every rank must train on exactly the same clusters
+        # on rank 0 only, the result sent to all: every rank must train on exactly the same clusters; a request is
+        # placed by its prompt, which is all the router will see of it
         self.clustering_: Clustering = distributed.on_main(
-            lambda: cluster(self._embed(texts), self.n_clusters, self.seed, self.min_cluster_size))
+            lambda: cluster(self._embed([routed(t) for t in texts]), self.n_clusters, self.seed,
+                            self.min_cluster_size))
         if self.finder == "sleb":
             self._search(texts)
         else:
@@ -133,7 +132,7 @@ class IGPruner:
         self.seconds_ = time.perf_counter() - started
         return self
 
-    def _search(self, texts: list[str]) -> None:
+    def _search(self, texts: list[Text]) -> None:
         from igprune.stage1.search import search_cluster_masks  # imports the baselines, which import this module
 
         labels = self.clustering_.labels.tolist()
@@ -146,12 +145,16 @@ class IGPruner:
         self.log_alpha_ = None
 
     def _train(self, texts: list[str]) -> None:
-        ids, mask = tokenize(self.tokenizer, texts, self.train_config.seq_len)
+        ids, mask, scored = tokenize(self.tokenizer, texts, self.train_config.seq_len)
+        unscored = int((~scored[:, 1:].any(dim=1)).sum())
+        if unscored:
+            warnings.warn(f"{unscored} request(s) have no response token within their first {self.train_config.seq_len}"
+                          " tokens and teach the masks nothing; raise seq_len (--seq-len)", stacklevel=3)
         self.trainer_ = MaskTrainer(self.model, len(self.clustering_.centroids), self.train_config,
                                     checkpoint_dir=self.checkpoint_dir and Path(self.checkpoint_dir) / "masks",
                                     shared_dir=self.shared_dir and Path(self.shared_dir),
                                     progress=self.progress)
-        self.trainer_.fit(ids, mask, self.clustering_.labels)
+        self.trainer_.fit(ids, mask, self.clustering_.labels, scored=scored)
         self.masks_ = self.trainer_.masks()
         self.log_alpha_ = self.trainer_.gates.log_alpha.detach().cpu()
 
@@ -219,11 +222,12 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
                train: TrainConfig, data: str = "mixed", samples: int | None = 4096, max_chars: int | None = None,
                seed: int = 0, checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
                progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None,
-               encoder: str = DEFAULT_ENCODER, extra: Sequence[str] = ()) -> Bundle:
+               encoder: str = DEFAULT_ENCODER, extra: Sequence[Text] = ()) -> Bundle:
     """The `igprune fit` recipe, which the benchmarks use too: `samples` training passages of `data` about as
     long as a training sample (4 x seq_len characters), so the text that is clustered is the text that is
     trained on; then IGPruner.fit. `extra` texts join them whole (inputs a deployment expects that no source
-    holds). The bundle records where its calibration text came from."""
+    holds; a Request is clustered by its prompt and scored on its response). The bundle records where its
+    calibration text came from."""
     texts = [*fit_texts(data, samples, train.seq_len, seed, max_chars), *extra]
     pruner = IGPruner(model, tokenizer, n_clusters=n_clusters, sparsity=sparsity, encoder=encoder, seed=seed,
                       train=train, checkpoint_dir=checkpoint_dir, shared_dir=shared_dir, progress=progress,
@@ -233,5 +237,5 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
                                     "seq_len": train.seq_len}
     if extra:  # the user's own texts: how many, and a digest to tell whether a refit had the same ones
         bundle.config["calibration"].update(extra=len(extra),
-                                            extra_sha256=hashlib.sha256("\0".join(extra).encode()).hexdigest())
+                                            extra_sha256=digest(extra))
     return bundle

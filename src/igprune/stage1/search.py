@@ -33,9 +33,10 @@ from igprune.blocks import block_name, num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.masks import Granularity, mask_row, units_off
 from igprune.stage1.pruner import SEARCH_DEFAULTS, Margin, check_margin, check_search
+from igprune.texts import Text
 
 
-def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
+def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[Text]],
                          sparsity: float, granularity: Granularity = "block", seed: int = 0,
                          shared_fraction: float = SEARCH_DEFAULTS["shared_fraction"],
                          samples: int = SEARCH_DEFAULTS["samples"], seq_len: int = SEARCH_DEFAULTS["seq_len"],
@@ -144,9 +145,9 @@ def check_given_masks(model: PreTrainedModel, sparsity: float, granularity: Gran
     return k
 
 
-def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[str]],
+def choose_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[Text]],
                  candidates: torch.Tensor, samples: int = 8, seq_len: int = 64,
-                 exclude: Sequence[Collection[str]] | None = None, seed: int = 0,
+                 exclude: Sequence[Collection[Text]] | None = None, seed: int = 0,
                  packing: Packing = "joined", default: int | None = None,
                  margin: Margin = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """For each group i, the candidate mask with the lowest perplexity on `samples` x `seq_len` tokens of
@@ -225,7 +226,7 @@ def bonferroni_margin(rows: int, alternatives: int, alpha: float = 0.05) -> floa
     return math.inf if rows < 2 else float(t.ppf(1 - alpha / max(alternatives, 1), rows - 1))
 
 
-def _paired_z(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> float:
+def _paired_z(base: list[tuple[float, float]], other: list[tuple[float, float]]) -> float:
     """How many paired standard errors lower `other`'s mean per-token NLL per row is than `base`'s (0 if same)."""
     gains = [b / nb - o / no for (b, nb), (o, no) in zip(base, other, strict=True)]
     mean = sum(gains) / len(gains)
@@ -250,8 +251,12 @@ def _equal_shares(calibrations: list[Calibration], rows: int) -> Calibration:
     """`rows` sequences taken round-robin from the calibrations (their first rows first): equal shares."""
     full = [c for c in calibrations if c.seq_len == calibrations[0].seq_len]  # a too-short text gives one short row
     per = math.ceil(rows / len(full))
-    picked = [c.input_ids[j] for j in range(per) for c in full if j < c.n_sequences][:rows]
-    tensor = torch.stack(picked)
+    picked = [(c, j) for j in range(per) for c in full if j < c.n_sequences][:rows]
+    tensor = torch.stack([c.input_ids[j] for c, j in picked])
     info = {"source": f"equal shares of {len(calibrations)} clusters", "sequences": len(picked),
             "seq_len": tensor.shape[1], "tokens": tensor.numel(), "sha256": sha256_tensors(tensor)}
-    return Calibration(tensor, info)
+    if all(c.scored is None for c, _ in picked):
+        return Calibration(tensor, info)
+    scored = torch.stack([torch.ones_like(c.input_ids[j], dtype=torch.bool) if c.scored is None else c.scored[j]
+                          for c, j in picked])
+    return Calibration(tensor, {**info, "scored_tokens": int(scored[:, 1:].sum())}, scored=scored)

@@ -152,8 +152,9 @@ class MaskTrainer:
     # ---- the loop ----------------------------------------------------------------------------------
 
     def fit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-            until: int | None = None) -> MaskTrainer:
-        """Train (resuming from the checkpoint if there is one); `until` stops early after that global step."""
+            until: int | None = None, scored: torch.Tensor | None = None) -> MaskTrainer:
+        """Train (resuming from the checkpoint if there is one); `until` stops early after that global step.
+        scored: (M, T) bool, the tokens the loss scores (a request's response); by default every attended one."""
         cfg = self.config
         if input_ids.shape[0] == 0:
             raise IGPruneError("no calibration samples to train on")
@@ -161,7 +162,11 @@ class MaskTrainer:
             raise IGPruneError(f"cluster labels must lie in [0, {self.n_masks})")
         # what a checkpoint must match: the shared phase depends on `identity`, the cluster phase on `clusters` too
         config = asdict(cfg)
-        self.identity = {"model": fingerprint(self.model), "samples": sha256_tensors(input_ids, attention_mask),
+        attended = attention_mask.bool()
+        scored = attended if scored is None else scored & attended
+        # the samples' identity names `scored` only where it leaves attended tokens out, so plain-text checkpoints hold
+        samples = sha256_tensors(input_ids, attention_mask, *([] if torch.equal(scored, attended) else [scored]))
+        self.identity = {"model": fingerprint(self.model), "samples": samples,
                          "config": {k: v for k, v in config.items() if k not in CLUSTER_PHASE}}
         self.clusters = {"n_masks": self.n_masks, "labels": sha256_tensors(labels),
                          **{k: config[k] for k in CLUSTER_PHASE}}
@@ -169,13 +174,13 @@ class MaskTrainer:
         checkpoint, self.control.checkpoint = self.control.checkpoint, cfg.gradient_checkpointing
         try:
             with frozen(self.model), self.control.active():
-                self._loop(input_ids, attention_mask, labels, until)
+                self._loop(input_ids, attention_mask, scored, labels, until)
         finally:
             self.control.checkpoint = checkpoint
         return self
 
-    def _loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-              until: int | None) -> None:
+    def _loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
+              labels: torch.Tensor, until: int | None) -> None:
         cfg = self.config
         total = cfg.shared_steps + cfg.cluster_steps
         bar = tqdm(total=total, initial=self.step, desc="mask training", unit="step",
@@ -186,7 +191,7 @@ class MaskTrainer:
                 self._warm_start_clusters()
             target = self._target()
             rows = self._batch_rows(labels, shared)
-            loss, expected, seconds = self._train_step(input_ids[rows], attention_mask[rows],
+            loss, expected, seconds = self._train_step(input_ids[rows], attention_mask[rows], scored[rows],
                                                        None if shared else labels[rows], target)
             self.log.append("shared" if shared else "cluster", loss, expected, target, seconds)
             self.step += 1
@@ -229,7 +234,7 @@ class MaskTrainer:
             rows.append(members[torch.randint(0, members.numel(), (per_cluster,), generator=self.generator)])
         return torch.cat(rows)
 
-    def _train_step(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None,
+    def _train_step(self, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, rows: torch.Tensor | None,
                     target: float) -> tuple[float, float, float]:
         """One update; rows = each sample's mask row, or None in the shared phase (row 0 for all).
 
@@ -245,7 +250,7 @@ class MaskTrainer:
         self.opt_lambda.zero_grad()
         lm = 0.0
         for chunk in torch.arange(len(ids)).split(self.config.batch_size):
-            lm += self._accumulate(ids[chunk], mask[chunk], rows[chunk], weights[chunk])
+            lm += self._accumulate(ids[chunk], mask[chunk], scored[chunk], rows[chunk], weights[chunk])
         lm = self._sum_over_ranks(lm)
         expected = self.gates.expected_sparsity()
         self.lagrangian(expected, target)[active].sum().backward()
@@ -253,20 +258,21 @@ class MaskTrainer:
         self.opt_lambda.step()
         return lm / int((counts > 0).sum()), expected[active].mean().item(), time.perf_counter() - start
 
-    def _accumulate(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> float:
+    def _accumulate(self, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, rows: torch.Tensor,
+                    weights: torch.Tensor) -> float:
         """Forward and backward of one batch under freshly sampled gates; returns its weighted loss.
 
         The whole batch's random numbers are drawn on every rank; this rank runs only its share of the samples."""
-        ids, mask, rows, weights = (t.to(self.device) for t in (ids, mask, rows, weights))
-        positions = self._loss_positions(mask)
+        ids, mask, scored, rows, weights = (t.to(self.device) for t in (ids, mask, scored, rows, weights))
+        positions = self._loss_positions(scored)
         z = self.gates.sample(rows, generator=self.generator)
         mine = torch.tensor(distributed.shard(range(len(ids))), dtype=torch.long, device=self.device)
         if mine.numel() == 0:
             return 0.0
-        ids, mask, weights, positions, z = (t[mine] for t in (ids, mask, weights, positions, z))
+        ids, mask, scored, weights, positions, z = (t[mine] for t in (ids, mask, scored, weights, positions, z))
         with self.control.gated(expand(z, self.config.granularity)):  # backward inside: checkpointing recomputes
             hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            loss = (self._loss(hidden, ids, mask, positions) * weights).sum()
+            loss = (self._loss(hidden, ids, mask, scored, positions) * weights).sum()
             loss.backward()
         return loss.item()
 
@@ -281,21 +287,21 @@ class MaskTrainer:
         log_alpha.grad = flat[:-1].view_as(log_alpha).to(log_alpha.dtype)
         return flat[-1].item()
 
-    def _loss_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """(batch, P) positions whose next token is predicted; sampled among the valid ones."""
-        valid = mask[:, 1:].bool()  # position t predicts token t+1
+    def _loss_positions(self, scored: torch.Tensor) -> torch.Tensor:
+        """(batch, P) positions whose next token is predicted; sampled among those whose next token is scored."""
+        valid = scored[:, 1:]  # position t predicts token t+1
         k = self.config.loss_positions
         if k is None or k >= valid.shape[1]:
-            return torch.arange(valid.shape[1], device=mask.device).expand(valid.shape[0], -1)
-        scores = torch.rand(valid.shape, generator=self.generator).to(mask.device) + valid.float()
+            return torch.arange(valid.shape[1], device=scored.device).expand(valid.shape[0], -1)
+        scores = torch.rand(valid.shape, generator=self.generator).to(scored.device) + valid.float()
         return scores.topk(k, dim=1).indices  # valid positions first, random among them
 
-    def _loss(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+    def _loss(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:
         """Per-sample loss at `positions`: next-token cross-entropy, or KL to the dense model."""
         picked = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         logits = output_logits(self.model, picked)
-        weight = torch.gather(mask[:, 1:], 1, positions).float()
+        weight = torch.gather(scored[:, 1:], 1, positions).float()
         if self.config.loss == "lm":
             targets = torch.gather(ids[:, 1:], 1, positions)
             token_loss = token_nll(logits, targets).flatten()
