@@ -103,7 +103,8 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[Text], n_se
                 if any(scored[j + 1:j + seq_len])]
     if not rows:
         if len(ids) < 2 or not any(scored[1:]):
-            raise IGPruneError("calibration texts give fewer than 2 tokens to score; give more text")
+            raise IGPruneError("calibration texts give fewer than 2 tokens to score; give more text, or rows long "
+                               "enough (seq_len) to reach past a request's prompt")
         rows, seq_len = [(ids, scored)], len(ids)
     if len(rows) < n_sequences:
         warnings.warn(f"calibration text fills only {len(rows)} of {n_sequences} sequences of {seq_len} tokens",

@@ -33,7 +33,7 @@ from igprune.masks import skipped_blocks
 from igprune.models import model_device
 from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
-from igprune.texts import Text, clean_texts, digest, routed, tokens
+from igprune.texts import Request, Text, clean_texts, digest, routed, tokens
 
 Finder = Literal["l0", "sleb"]
 Margin = float | Literal["auto"]
@@ -236,6 +236,8 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "samples": samples,
                                     "seq_len": train.seq_len}
     if extra:  # the user's own texts: how many, and a digest to tell whether a refit had the same ones
-        bundle.config["calibration"].update(extra=len(extra),
-                                            extra_sha256=digest(extra))
+        bundle.config["calibration"].update(extra=len(extra), extra_sha256=digest(extra))
+        answered = sum(isinstance(t, Request) for t in extra)
+        if answered:  # scored on their responses only
+            bundle.config["calibration"]["extra_requests"] = answered
     return bundle
