@@ -127,3 +127,40 @@ def test_read_texts_takes_passages_and_prompt_response_pairs(tmp_path):
     path.write_text(json.dumps({"prompt": "Q: "}))
     with pytest.raises(IGPruneError, match="texts.jsonl:1: no non-empty string under 'prompt' and 'response'"):
         read_texts(path)
+
+
+def chat_tokenizer():
+    """The tiny tokenizer with a chat template and a BOS it adds, as many chat models' tokenizers have."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    return tok
+
+
+def test_a_chat_is_read_as_served_routed_by_its_messages_and_scored_on_the_reply(tmp_path):
+    from igprune.texts import chat_request, chat_route_text, routed
+
+    tok = chat_tokenizer()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": COOKING[0]},
+                {"role": "assistant", "content": CODE[0]}]
+    request = chat_request(tok, messages)
+    # the prompt igprune serve builds for these messages, tokenized as it tokenizes them (no second BOS)
+    served = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    assert request.prompt == served and request.response == CODE[0] and request.templated
+    ids, scored = tokens(tok, request)
+    assert ids[:len(tok(served, add_special_tokens=False).input_ids)] == tok(served, add_special_tokens=False).input_ids
+    assert ids.count(1) == 1 and sum(scored) == len(CODE[0])
+    assert routed(request) == chat_route_text(messages[:-1]) == f"Be brief.\n{COOKING[0]}"  # as serve routes it
+    path = tmp_path / "texts.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    assert read_texts(path, tok) == [request]
+    with pytest.raises(IGPruneError, match="a chat needs the model's tokenizer"):
+        read_texts(path)
+    with pytest.raises(IGPruneError, match="the model has no chat template"):
+        read_texts(path, tiny_tokenizer())
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}))
+    with pytest.raises(IGPruneError, match='texts.jsonl:1: "messages" must be two or more'):
+        read_texts(path, tok)

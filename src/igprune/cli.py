@@ -187,8 +187,9 @@ def fit(
         "cluster only chooses among it and the --candidate masks")] = None,
     texts: Annotated[Path | None, typer.Option(
         help="a JSONL file of your own inputs, clustered and fit on beside --data's passages: requests your deployment "
-        "expects that no source holds get clusters and masks of their own. One {\"text\": ...} per line, or "
-        "{\"prompt\": ..., \"response\": ...}: clustered by the prompt (what routing sees), scored on the response")
+        "expects that no source holds get clusters and masks of their own. One {\"text\": ...} per line, a request "
+        "{\"prompt\": ..., \"response\": ...} or a chat {\"messages\": [...]} ending with the assistant's reply: "
+        "clustered as routing will see it, scored on the reply")
                      ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -199,7 +200,7 @@ def fit(
     from igprune.data import MIN_CHARS, read_texts
     from igprune.files import tidy
     from igprune.masks import mask_row
-    from igprune.models import load_model
+    from igprune.models import load_model, load_tokenizer
     from igprune.stage1.pruner import FINDERS, check_search, fit_bundle
     from igprune.stage1.search import candidate_blocks
     from igprune.stage1.train import TrainConfig
@@ -227,7 +228,7 @@ def fit(
     if global_mask:
         search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
     check_search(search)  # before the model loads
-    extra = read_texts(texts) if texts else []
+    extra = read_texts(texts, load_tokenizer(model)) if texts else []  # a chat needs the model's template
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     for option, path in given:

@@ -34,10 +34,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igprune.files import IGPruneError, atomic_path, cache_root, read_json, sha256_file, write_json
-from igprune.texts import Request, Text
+from igprune.texts import ROLES, Request, Text, chat_request, chat_route_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMAT = 1  # bump when a builder's output changes: files recorded with another format are rebuilt
 
@@ -468,10 +471,13 @@ def documents(source: str) -> tuple[str, ...]:
     return _read_documents(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def read_texts(path: str | Path) -> list[Text]:
-    """A user's own inputs: a JSONL file with one {"text": ...} or {"prompt": ..., "response": ...} object per line
-    (blank lines skipped); a prompt and response become a Request, clustered by its prompt, scored on its response."""
-    path, hint = Path(path), 'give one {"text": ...} or {"prompt": ..., "response": ...} object per line'
+def read_texts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> list[Text]:
+    """A user's own inputs: a JSONL file with one object per line (blank lines skipped), each a passage
+    {"text": ...}, a request {"prompt": ..., "response": ...}, or a chat {"messages": [{"role", "content"}, ...]}
+    ending with the assistant's reply. A request or chat is clustered as it will be routed and scored on its reply
+    (igprune.texts); a chat needs the model's `tokenizer` for its template."""
+    path = Path(path)
+    hint = 'give one {"text": ...}, {"prompt": ..., "response": ...} or {"messages": [...]} object per line'
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -484,16 +490,37 @@ def read_texts(path: str | Path) -> list[Text]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise IGPruneError(f"{path}:{number}: not valid JSON; {hint}") from None
-        record = record if isinstance(record, dict) else {}
-        fields = ("prompt", "response") if "text" not in record and ("prompt" in record or "response" in record) \
-            else ("text",)
-        values = [record.get(name) for name in fields]
-        if not all(isinstance(v, str) and v.strip() for v in values):
-            raise IGPruneError(f"{path}:{number}: no non-empty string under {' and '.join(map(repr, fields))}; {hint}")
-        texts.append(Request(*values) if len(values) == 2 else values[0])
+        try:
+            texts.append(_user_text(record if isinstance(record, dict) else {}, tokenizer))
+        except IGPruneError as err:
+            raise IGPruneError(f"{path}:{number}: {err}; {hint}") from None
     if not texts:
         raise IGPruneError(f"{path}: no texts; {hint}")
     return texts
+
+
+def _user_text(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> Text:
+    """One line of a --texts file as a passage, a Request or a chat's Request."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not (isinstance(messages, list) and len(messages) >= 2 and all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise IGPruneError(f'"messages" must be two or more {{"role": one of {", ".join(ROLES)}, "content": '
+                               'text}')
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            raise IGPruneError("a chat must end with the assistant's non-empty reply, which is what is scored")
+        if not chat_route_text(messages[:-1]):
+            raise IGPruneError("a chat needs some text before the assistant's reply")
+        if tokenizer is None:
+            raise IGPruneError("a chat needs the model's tokenizer for its template")
+        return chat_request(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+    fields = ("prompt", "response") if "text" not in record and ("prompt" in record or "response" in record) \
+        else ("text",)
+    values = [record.get(name) for name in fields]
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise IGPruneError(f"no non-empty string under {' and '.join(map(repr, fields))}")
+    return Request(*values) if len(values) == 2 else values[0]
 
 
 def is_heldout(document: str) -> bool:

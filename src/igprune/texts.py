@@ -6,6 +6,9 @@ by its prompt (as it will be routed) and scored on its response tokens given the
 task scores a reference answer); a plain string is clustered and scored whole.
 
     texts = ["A passage.", Request("Write a function that adds two numbers.\n", "def add(a, b):\n    return a + b")]
+
+A chat whose last message is the assistant's reply is a request too (`chat_request`): the model reads the chat
+template's prompt, exactly as `igprune serve` builds it, and the router sees the messages' text, as it does there.
 """
 
 from __future__ import annotations
@@ -24,14 +27,37 @@ if TYPE_CHECKING:
 class Request(NamedTuple):
     prompt: str
     response: str
+    route: str | None = None  # what the router sees where it is not the prompt (a chat: its messages' text)
+    templated: bool = False  # the prompt is a chat template's output: tokenized without adding special tokens
 
 
 Text = str | Request
+ROLES = ("system", "developer", "user", "assistant")
 
 
 def routed(text: Text) -> str:
-    """What the router sees of a text: a request's prompt, or the whole passage."""
-    return text.prompt if isinstance(text, Request) else text
+    """What the router sees of a text: a request's prompt (or its `route`), or the whole passage."""
+    if isinstance(text, Request):
+        return text.prompt if text.route is None else text.route
+    return text
+
+
+def chat_route_text(messages: Sequence[dict[str, str]]) -> str:
+    """What the router sees of a chat: its messages' text, one per line (igprune serve routes a chat by it)."""
+    return "\n".join(m["content"] for m in messages if m["content"].strip())
+
+
+def chat_request(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> Request:
+    """A chat whose last message is the assistant's reply, as a Request: the chat template over the messages before
+    it (with the generation prompt) is read, the reply is scored, and the earlier messages' text is routed."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise IGPruneError('the model has no chat template; give {"prompt": ..., "response": ...} lines instead')
+    *asked, reply = messages
+    try:
+        prompt = tokenizer.apply_chat_template(list(asked), add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # a template may refuse an order of roles
+        raise IGPruneError(f"the chat template refused these messages: {err}") from None
+    return Request(prompt, reply["content"], chat_route_text(asked), templated=True)
 
 
 def tokens(tokenizer: PreTrainedTokenizerBase, text: Text,
@@ -41,7 +67,7 @@ def tokens(tokenizer: PreTrainedTokenizerBase, text: Text,
     if not isinstance(text, Request):
         ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         return ids, [True] * len(ids)
-    read = tokenizer(text.prompt, add_special_tokens=add_special_tokens).input_ids
+    read = tokenizer(text.prompt, add_special_tokens=add_special_tokens and not text.templated).input_ids
     written = tokenizer(text.response, add_special_tokens=False).input_ids
     return read + written, [False] * len(read) + [True] * len(written)
 
@@ -60,5 +86,5 @@ def clean_texts(texts: Sequence[Text]) -> list[Text]:
 
 def digest(texts: Sequence[Text]) -> str:
     """sha256 of the texts, a request's prompt and response kept apart: whether a refit had the same ones."""
-    parts = [f"{t.prompt}\x01{t.response}" if isinstance(t, Request) else t for t in texts]
+    parts = ["\x01".join(map(str, [f for f in t if f is not None])) if isinstance(t, Request) else t for t in texts]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()

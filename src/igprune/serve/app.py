@@ -31,6 +31,7 @@ from igprune.files import IGPruneError
 from igprune.serve.engine import Job, Overloaded, Sampling, Scheduler
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
 from igprune.stage2.dynamic import DynamicPrunedModel
+from igprune.texts import chat_route_text
 
 
 @dataclass
@@ -174,7 +175,7 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as err:  # a template may refuse an order of roles
             raise APIError(400, f"the chat template refused these messages: {err}", param="messages") from err
-        route_text = "\n".join(m["content"] for m in messages if m["content"].strip())
+        route_text = chat_route_text(messages)
         if not route_text:
             raise APIError(400, "empty messages: give some text to generate from", param="messages")
         ids = tokenizer(text, add_special_tokens=False).input_ids
