@@ -199,7 +199,7 @@ def global_order(name: str, blocks: int) -> list[str]:
 def requests(fit: dict[str, Any]) -> list[str]:
     """FIT_PASSAGES whole training records (task and solution) of the instruct set's task that a FITS entry adds
     to the domains pool: requests for code, which no domain source holds."""
-    return [prompt + response for prompt, response in request_pairs(fit)]
+    return [r.prompt + r.response for r in request_pairs(fit)]
 
 
 def request_pairs(fit: dict[str, Any]) -> list[Request]:
@@ -395,8 +395,7 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
             asked = set(requests(FITS[spec["from"]]))
             picked = [k for k, g in enumerate(groups) if 2 * sum(t in asked for t in g) > len(g)]
         if spec.get("responses"):  # requests scored on their solutions, as the gold step scores them
-            pairs = {prompt + response: Request(prompt, response)
-                     for prompt, response in request_pairs(FITS[spec["from"]])}
+            pairs = {r.prompt + r.response: r for r in request_pairs(FITS[spec["from"]])}
             groups, searched = ([[pairs.get(t, t) for t in g] for g in lists] for lists in (groups, searched))
         chosen, log = choose_masks(model, tokenizer, [groups[k] for k in picked], torch.stack(candidates),
                                   samples=spec["samples"], seq_len=spec.get("seq_len", settings["seq_len"]),

@@ -70,7 +70,7 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     own = [f"SELECT name, total FROM orders WHERE customer_id = {i} ORDER BY total DESC;" for i in range(12)]
     answered = [Request(t, f"  -- returns {i} rows") for i, t in enumerate(own[:4])]  # prompt read, answer scored
     requests.write_text("".join(json.dumps({"text": t}) + "\n" for t in own[4:])
-                        + "".join(json.dumps(r._asdict()) + "\n" for r in answered))
+                        + "".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in answered))
     with pytest.warns(UserWarning, match="4 request.* no response token within their first 64"):  # SQL prompts
         out = invoke("fit", "--model", model, "--out", tmp_path / "requests", "--clusters", "2", "--samples", "40",
                      "--shared-steps", "2", "--cluster-steps", "2", "--batch-size", "4", "--seq-len", "64",
