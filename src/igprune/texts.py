@@ -53,11 +53,16 @@ def chat_request(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str
     if not getattr(tokenizer, "chat_template", None):
         raise IGPruneError('the model has no chat template; give {"prompt": ..., "response": ...} lines instead')
     *asked, reply = messages
+    return Request(chat_prompt(tokenizer, asked), reply["content"], chat_route_text(asked), templated=True)
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
+    """The text a chat model reads before its reply: the chat template over the messages, with the generation
+    prompt; tokenize it without adding special tokens (the template has them)."""
     try:
-        prompt = tokenizer.apply_chat_template(list(asked), add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     except Exception as err:  # a template may refuse an order of roles
         raise IGPruneError(f"the chat template refused these messages: {err}") from None
-    return Request(prompt, reply["content"], chat_route_text(asked), templated=True)
 
 
 def tokens(tokenizer: PreTrainedTokenizerBase, text: Text,

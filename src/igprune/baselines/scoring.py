@@ -111,12 +111,11 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[Text], n_se
                       stacklevel=2)
     tensor = torch.tensor([r for r, _ in rows], dtype=torch.long)
     targets = torch.tensor([s for _, s in rows], dtype=torch.bool)
+    targets = None if targets.all() else targets  # requests: only their responses are scored
     info = {"source": source, "sequences": len(rows), "seq_len": seq_len, "tokens": tensor.numel(),
-            "texts_used": used, "packing": packing, "seed": seed, "sha256": sha256_tensors(tensor)}
-    if not targets.all():  # requests: only their responses are scored
-        info["scored_tokens"] = int(targets[:, 1:].sum())
-        return Calibration(tensor, info, tuple(texts[i] for i in order[:used]), targets)
-    return Calibration(tensor, info, tuple(texts[i] for i in order[:used]))
+            "texts_used": used, "packing": packing, "seed": seed, "sha256": sha256_tensors(tensor),
+            **({} if targets is None else {"scored_tokens": int(targets[:, 1:].sum())})}
+    return Calibration(tensor, info, tuple(texts[i] for i in order[:used]), targets)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from igprune.files import IGPruneError
 from igprune.serve.engine import Job, Overloaded, Sampling, Scheduler
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
 from igprune.stage2.dynamic import DynamicPrunedModel
-from igprune.texts import chat_route_text
+from igprune.texts import chat_prompt, chat_route_text
 
 
 @dataclass
@@ -172,9 +172,9 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
                            code="no_chat_template")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # a template may refuse an order of roles
-            raise APIError(400, f"the chat template refused these messages: {err}", param="messages") from err
+            text = chat_prompt(tokenizer, messages)
+        except IGPruneError as err:
+            raise APIError(400, str(err), param="messages") from err
         route_text = chat_route_text(messages)
         if not route_text:
             raise APIError(400, "empty messages: give some text to generate from", param="messages")
