@@ -468,7 +468,7 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     seq_len, limit = HELDOUT["seq_len"], HELDOUT["limit"]
     texts = {d: load_calibration(d, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=SEED)
              for d in DOMAIN_SOURCES}
-    ids = {d: truncate(tokenizer, t, seq_len) for d, t in texts.items()}
+    ids = {d: truncate(tokenizer, t, seq_len)[0] for d, t in texts.items()}
     nll = _cached_nll(model, folder(name) / f"passages-b{blocks}.json", ids)
     masks = _static_masks(name, blocks)
     found_path = folder(name) / f"search-b{blocks}.json"

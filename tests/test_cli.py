@@ -86,6 +86,14 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert "|" in invoke("table", scores)
     invoke("ppl", "--bundle", bundle, "--model", model, "--limit", "2", "--seq-len", "32", "--out",
            tmp_path / "ppl.json")
+    heldout = tmp_path / "heldout.jsonl"  # the user's own held-out requests, each scored on its reply
+    heldout.write_text(json.dumps({"prompt": "SELECT 1", "response": " -- one row"}) + "\n"
+                       + json.dumps({"text": own[0]}) + "\n")
+    out = invoke("ppl", "--bundle", tmp_path / "requests", "--texts", heldout, "--seq-len", "64", "--out",
+                 tmp_path / "own.json")
+    own_ppl = json.loads((tmp_path / "own.json").read_text())
+    assert own_ppl["split"] == "given" and own_ppl["requests"] == 1 and own_ppl["passages"] == 2
+    assert own_ppl["tokens"] == len(" -- one row") + min(len(own[0]), 64) - 1 and "heldout.jsonl" in out
     speed = tmp_path / "speed.json"
     # without --bundle: canonical masks and the stand-in router (this once crashed)
     invoke("bench-speed", "--model", model, "--blocks", "2", "--kv-policy", "drop", "--prompt-tokens", "8",

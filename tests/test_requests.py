@@ -164,3 +164,34 @@ def test_a_chat_is_read_as_served_routed_by_its_messages_and_scored_on_the_reply
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}))
     with pytest.raises(IGPruneError, match='texts.jsonl:1: "messages" must be two or more'):
         read_texts(path, tok)
+
+
+def test_perplexity_scores_given_requests_on_their_replies_routed_by_their_prompts():
+    import contextlib
+    from types import SimpleNamespace
+
+    from igprune.evaluation.perplexity import perplexity, score_texts
+
+    model, tok = tiny_model("llama", layers=4), tiny_tokenizer()
+    texts = [*REQUESTS[:3], *SPORT]
+    scores, _ = score_texts(model, tok, texts, 128)
+    for text, (total, count) in zip(texts, scores, strict=True):
+        ids, flags = tokens(tok, text)
+        [(expected, n)] = token_nll(model, [ids], 1, context=[max(1, flags.index(True))])
+        assert count == n and total == pytest.approx(expected, rel=1e-4)
+    assert [n for _, n in scores[:3]] == [len(r.response) for r in REQUESTS[:3]]
+    results = perplexity(model, tok, texts=texts, source="own.jsonl", seq_len=128, progress=False)
+    assert results["split"] == "given" and results["requests"] == 3 and results["data"] == "own.jsonl"
+    assert results["tokens"] == sum(n for _, n in scores)
+    with pytest.raises(IGPruneError, match="a request's prompt fills all 16 tokens"):
+        score_texts(model, tok, texts, 16)
+
+    seen = []  # what a routed model is shown: a request's prompt, a passage's scored text
+
+    def route(xs):
+        seen.extend(xs)
+        return [SimpleNamespace(cluster=0) for _ in xs]
+
+    routed_model = SimpleNamespace(route=route, use_cluster=lambda k: contextlib.nullcontext())
+    assert score_texts(model, tok, texts, 128, pruned=routed_model)[0] == scores
+    assert seen == [r.prompt for r in REQUESTS[:3]] + list(SPORT)

@@ -130,6 +130,19 @@ def _bundle_model(bundle: Path, model: str | None, device: str, dtype: str, clus
     return loaded, lm, tokenizer
 
 
+def _user_texts(path: Path, model: str | None, bundle: Path | None) -> list:
+    """A --texts file read before the model loads, with the tokenizer of the model to be loaded (the one given, else
+    the bundle's): a chat line needs its template."""
+    from igprune.bundle import Bundle
+    from igprune.data import read_texts
+    from igprune.models import load_tokenizer
+
+    name = model or (Bundle.load(bundle).config["model"] if bundle is not None else None)
+    if name is None:
+        raise IGPruneError("give --model M to evaluate a dense model or --bundle DIR to evaluate a pruned one")
+    return read_texts(path, load_tokenizer(name))
+
+
 @app.command()
 def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")],
@@ -197,10 +210,10 @@ def fit(
 ) -> None:
     """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
     from igprune.bundle import Bundle
-    from igprune.data import MIN_CHARS, read_texts
+    from igprune.data import MIN_CHARS
     from igprune.files import tidy
     from igprune.masks import mask_row
-    from igprune.models import load_model, load_tokenizer
+    from igprune.models import load_model
     from igprune.stage1.pruner import FINDERS, check_search, fit_bundle
     from igprune.stage1.search import candidate_blocks
     from igprune.stage1.train import TrainConfig
@@ -228,7 +241,7 @@ def fit(
     if global_mask:
         search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
     check_search(search)  # before the model loads
-    extra = read_texts(texts, load_tokenizer(model)) if texts else []  # a chat needs the model's template
+    extra = _user_texts(texts, model, None) if texts else []
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     for option, path in given:
@@ -692,22 +705,28 @@ def ppl(
     seq_len: Annotated[int, typer.Option(help="tokens scored per passage (from its start)")] = 512,
     limit: Annotated[int | None, typer.Option(help="held-out passages to score (default: all)")] = None,
     batch_size: Annotated[int, typer.Option(help="passages per forward pass (fewer if logits would be large)")] = 8,
+    texts: Annotated[Path | None, typer.Option(
+        help="score your own held-out inputs instead of --data's, in `igprune fit --texts`'s JSONL: passages whole, "
+        "requests and chats on their replies, each routed as it would be served")] = None,
     kv_policy: KVOpt = "keep",
     seed: EvalSeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Perplexity on held-out calibration passages (never those used for clustering or mask training)."""
+    """Perplexity on held-out calibration passages (never those used for clustering or mask training), or on
+    your own texts (--texts)."""
     from igprune.evaluation.perplexity import perplexity
     from igprune.evaluation.results import save_results
 
+    given = _user_texts(texts, model, bundle) if texts else None  # before the model loads
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
-    results = perplexity(lm, tokenizer, bundle, source=data, seq_len=seq_len, limit=limit, batch_size=batch_size,
-                         kv_policy=kv_policy, seed=seed)
+    results = perplexity(lm, tokenizer, bundle, source=str(texts) if texts else data, seq_len=seq_len, limit=limit,
+                         batch_size=batch_size, kv_policy=kv_policy, seed=seed, texts=given)
     save_results(out, results)
     console.print(f"{results['method']} {results['model']}: perplexity {results['perplexity']:.3f} on "
-                  f"{results['passages']} held-out {data} passages ({results['tokens']} tokens, <= {seq_len} per "
-                  f"passage); {results['provenance']['seconds']['total']:.0f} s; wrote {out}", highlight=False)
+                  f"{results['passages']} {'' if texts else 'held-out '}{results['data']} texts ({results['tokens']} "
+                  f"tokens scored, <= {seq_len} per text); {results['provenance']['seconds']['total']:.0f} s; wrote "
+                  f"{out}", highlight=False)
     for k, c in (results.get("per_cluster") or {}).items():
         console.print(f"  cluster {k}: {c['passages']} passages, perplexity {c['perplexity']:.3f}", highlight=False)
 

@@ -11,6 +11,7 @@ logits of one batch stay within LOGITS_BUDGET bytes, whatever the vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -27,6 +28,7 @@ from igprune.evaluation.results import Configuration, provenance
 from igprune.files import IGPruneError
 from igprune.nll import next_token_nll
 from igprune.stage2.dynamic import DynamicPrunedModel
+from igprune.texts import Request, Text, digest, routed, tokens
 
 CHARS_PER_TOKEN = 8  # generous: most text is 3-5 characters per token, so passages fill seq_len
 LOGITS_BUDGET = 512 * 2**20  # bytes of float32 logits (and their log-softmax) per batch
@@ -68,37 +70,41 @@ def token_nll(model: PreTrainedModel, ids: list[list[int]], batch_size: int,
     return out
 
 
-def truncate(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> list[list[int]]:
-    """Each text's first `seq_len` token ids, the part that is scored (and that a router reads)."""
+def truncate(tokenizer: PreTrainedTokenizerBase, texts: list[Text], seq_len: int) -> tuple[list[list[int]], list[int]]:
+    """Each text's first `seq_len` token ids, the part that is scored (and that a router reads of a passage), and
+    how many of its leading tokens are only read: a passage's first, a request's prompt (igprune.texts)."""
     if seq_len < 2:
         raise IGPruneError("seq_len must be at least 2 tokens")
-    ids = [x[:seq_len] for x in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    if any(len(x) < 2 for x in ids):
+    rows = [[part[:seq_len] for part in tokens(tokenizer, text)] for text in texts]
+    if any(len(ids) < 2 for ids, _ in rows):
         raise IGPruneError("every text needs at least 2 tokens to score")
-    return ids
+    if any(True not in flags[1:] for _, flags in rows):
+        raise IGPruneError(f"a request's prompt fills all {seq_len} tokens, leaving none of its reply to score; "
+                           "raise seq_len")
+    return [ids for ids, _ in rows], [max(1, flags.index(True)) for _, flags in rows]
 
 
-def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int,
+def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[Text], seq_len: int,
                 batch_size: int = 8, pruned: DynamicPrunedModel | None = None,
                 progress: bool = False) -> tuple[list[tuple[float, int]], list[int]]:
-    """(summed NLL, predicted tokens) per text, each truncated to `seq_len` tokens, and its cluster (0 if not
-    routed). With `pruned`, texts are routed by their truncated text and grouped per cluster."""
+    """(summed NLL, predicted tokens) per text, each truncated to `seq_len` tokens (a request scored on its reply),
+    and its cluster (0 if not routed). With `pruned`, texts are routed (a passage by its truncated text, a request
+    by what the router sees of it) and grouped per cluster."""
     from tqdm import tqdm
 
-    ids = truncate(tokenizer, texts, seq_len)
+    ids, context = truncate(tokenizer, texts, seq_len)
     clusters = [0] * len(texts)
     if pruned is not None:
-        clusters = [r.cluster for r in pruned.route(tokenizer.batch_decode(ids, skip_special_tokens=True))]
+        seen = [routed(t) if isinstance(t, Request) else tokenizer.decode(x, skip_special_tokens=True)
+                for t, x in zip(texts, ids, strict=True)]
+        clusters = [r.cluster for r in pruned.route(seen)]
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
     groups = sorted(set(clusters))
     bar = distributed.shows_progress(progress) and len(groups) > 1
     for cluster in tqdm(groups, desc="perplexity", unit="cluster", disable=not bar or None):
         rows = [i for i, c in enumerate(clusters) if c == cluster]
-        if pruned is None:
-            results = token_nll(model, [ids[i] for i in rows], batch_size)
-        else:
-            with pruned.use_cluster(cluster):
-                results = token_nll(model, [ids[i] for i in rows], batch_size)
+        with pruned.use_cluster(cluster) if pruned is not None else contextlib.nullcontext():
+            results = token_nll(model, [ids[i] for i in rows], batch_size, [context[i] for i in rows])
         for i, result in zip(rows, results, strict=True):
             scores[i] = result
     return scores, clusters
@@ -119,24 +125,32 @@ def token_perplexity(scores: list[tuple[float, int]]) -> float:
 
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle: Bundle | str | Path | None = None,
                source: str = "mixed", seq_len: int = 512, limit: int | None = None, batch_size: int = 8,
-               kv_policy: KVPolicy = "keep", seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Held-out perplexity of `model`, dense or pruned by `bundle`, as a results dict (kind "perplexity")."""
+               kv_policy: KVPolicy = "keep", seed: int = 0, progress: bool = True,
+               texts: list[Text] | None = None) -> dict[str, Any]:
+    """Held-out perplexity of `model`, dense or pruned by `bundle`, as a results dict (kind "perplexity"); on
+    `texts` (e.g. a user's held-out requests, each scored on its reply) instead of `source`'s held-out passages."""
     from igprune.data import load_calibration
 
     config = Configuration.load(model, bundle)
     started = time.perf_counter()
-    texts = load_calibration(source, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=seed)
+    given = texts is not None
+    if given:
+        texts = texts[:limit]
+    else:
+        texts = load_calibration(source, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=seed)
     if not texts:
-        raise IGPruneError(f"no held-out {source} passages; run `igprune prepare`")
+        raise IGPruneError("no texts to score" if given else f"no held-out {source} passages; run `igprune prepare`")
     pruned = None
     if config.bundle is not None:
         pruned = DynamicPrunedModel.from_bundle(model, config.bundle, tokenizer, kv_policy=kv_policy)
     scores, clusters = score_texts(model, tokenizer, texts, seq_len, batch_size, pruned, progress)
     tokens = sum(n for _, n in scores)
     results: dict[str, Any] = {
-        "kind": "perplexity", **config.describe(), "data": source, "split": "heldout", "seq_len": seq_len,
-        "limit": limit, "kv_policy": kv_policy, "batch_size": batch_size, "passages": len(texts),
-        "tokens": tokens, "mean_tokens_per_passage": round(tokens / len(texts) + 1, 1),
+        "kind": "perplexity", **config.describe(), "data": source, "split": "given" if given else "heldout",
+        "seq_len": seq_len, "limit": limit, "kv_policy": kv_policy, "batch_size": batch_size, "passages": len(texts),
+        "tokens": tokens,  # scored: a passage's all but its first, a request's reply
+        **({"texts_sha256": digest(texts), "requests": sum(isinstance(t, Request) for t in texts)} if given
+           else {"mean_tokens_per_passage": round(tokens / len(texts) + 1, 1)}),
         "nll": sum(s for s, _ in scores) / tokens, "perplexity": token_perplexity(scores),
     }
     if config.dynamic:
