@@ -523,21 +523,22 @@ def gold(model, tokenizer, name: str, blocks: int) -> None:
     GSM8K and MBPP records given their prompts, each routed by its prompt (what a served request shows)."""
     from igprune.data import reference_solutions
     from igprune.files import write_json
+    from igprune.texts import tokens as text_tokens
 
     ids, context, weights, prompts, lengths = {}, {}, {}, {}, {}
     for task, pairs in reference_solutions("heldout").items():
         rows = []
-        for prompt, solution in pairs:
-            head, tail = tokenizer(prompt).input_ids, tokenizer(solution, add_special_tokens=False).input_ids
-            if len(head) + len(tail) <= GOLD["max_tokens"]:
-                rows.append((prompt, head, tail, len(solution.encode("utf-8"))))
+        for request in (Request(prompt, solution) for prompt, solution in pairs):
+            tokens, scored = text_tokens(tokenizer, request)  # the prompt read, the solution scored
+            if len(tokens) <= GOLD["max_tokens"]:
+                rows.append((request, tokens, scored.index(True)))
         rows = random.Random(SEED).sample(rows, min(GOLD["limit"], len(rows)))
-        ids[task] = [head + tail for _, head, tail, _ in rows]
-        context[task] = [len(head) for _, head, _, _ in rows]
-        weights[task] = [n_bytes for *_, n_bytes in rows]
-        prompts[task] = [prompt for prompt, *_ in rows]
+        ids[task] = [tokens for _, tokens, _ in rows]
+        context[task] = [read for *_, read in rows]
+        weights[task] = [len(request.response.encode("utf-8")) for request, *_ in rows]
+        prompts[task] = [request.prompt for request, *_ in rows]
         lengths[task] = {"prompt": statistics.median(context[task]),  # what a choice row of 128 tokens holds
-                         "solution": statistics.median(len(tail) for _, _, tail, _ in rows)}
+                         "solution": statistics.median(len(tokens) - read for _, tokens, read in rows)}
     nll = _cached_nll(model, folder(name) / f"gold-b{blocks}.json", ids, context, weights)
     masks = _static_masks(name, blocks)
     static = {label: nll(mask) for label, mask in masks.items() if label != "dense"}
