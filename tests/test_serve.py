@@ -146,6 +146,32 @@ def test_chat_uses_the_template_and_refuses_without_one(dynamic, client):
         dynamic.tokenizer.chat_template = None
 
 
+def test_a_request_log_holds_what_was_served_as_fit_and_ppl_read_it(dynamic, tmp_path):
+    from igprune.data import read_texts
+    from igprune.texts import Request, chat_prompt
+
+    log = tmp_path / "served.jsonl"
+    settings = ServeSettings(max_batch=2, request_timeout=TIMEOUT, request_log=str(log))
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    dynamic.tokenizer.chat_template = TEMPLATE
+    try:
+        with BackgroundServer(create_app(dynamic, "tiny", settings)).running() as url:
+            client = client_of(url)
+            plain = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+            streamed = "".join(c.choices[0].text for c in client.completions.create(
+                model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, stream=True))
+            chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+        served = read_texts(log, dynamic.tokenizer)  # what `igprune fit --texts` and `ppl --texts` get
+        reply = chat.choices[0].message.content
+        assert served == [Request(PROMPTS[0], plain.choices[0].text), Request(PROMPTS[1], streamed),
+                          Request(chat_prompt(dynamic.tokenizer, messages), reply, PROMPTS[2], templated=True)]
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [r["igprune"]["cluster"] for r in records] == [0, 1, 2]  # the cluster that served each
+        assert records[2]["messages"] == [*messages, {"role": "assistant", "content": reply}]
+    finally:
+        dynamic.tokenizer.chat_template = None
+
+
 def test_stop_sequences_cut_the_text_streamed_or_not(dynamic, client):
     text, _ = alone(dynamic, PROMPTS[1], 16)
     stop = text[5:7]
@@ -312,10 +338,14 @@ def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypat
     Bundle(mask, torch.zeros(1, 0), bundle_config(mask, model, model=str(folder))).save(tmp_path / "b1")
     calls = []
     monkeypatch.setattr("igprune.serve.serve", lambda *args: calls.append(args))
-    for flags in ([], ["--no-mix-masks"]):
+    for flags in ([], ["--no-mix-masks", "--log-requests", str(tmp_path / "served.jsonl")]):
         result = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--max-queue", "5", *flags])
         assert result.exit_code == 0, result.output
     (served, name, host, port, settings), (*_, unmixed) = calls
     assert (name, host, port, settings.max_queue, settings.mix_masks) == ("b1", "127.0.0.1", 8000, 5, True)
-    assert not unmixed.mix_masks
+    assert not unmixed.mix_masks and settings.request_log is None
+    assert unmixed.request_log == str(tmp_path / "served.jsonl")
+    nowhere = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--log-requests",
+                                       str(tmp_path / "no" / "log.jsonl")])
+    assert nowhere.exit_code != 0 and "give a file in an existing folder" in str(nowhere.exception)
     assert torch.equal(served.masks, mask)

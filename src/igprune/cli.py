@@ -359,6 +359,10 @@ def serve(
     timeout: Annotated[float, typer.Option(help="seconds a request may take in all; then 504")] = 300.0,
     mix_masks: Annotated[bool, typer.Option("--mix-masks/--no-mix-masks", help="fill a batch's free places with "
                                             "requests of other masks, each row under its own")] = True,
+    log_requests: Annotated[Path | None, typer.Option(
+        help="append every answered request to this JSONL file as `igprune fit --texts` and `igprune ppl --texts` "
+        "read it (a completion's prompt and reply, a chat's messages and reply), so served traffic can be fit on "
+        "and measured; it holds what users send")] = None,
     kv_policy: KVOpt = "keep",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -372,10 +376,13 @@ def serve(
                            "'igprune[serve]'") from err
     from igprune.stage2.dynamic import DynamicPrunedModel
 
+    if log_requests is not None and (log_requests.is_dir() or not log_requests.parent.is_dir()):
+        raise IGPruneError(f"--log-requests {log_requests}: give a file in an existing folder")
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
     dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)
     run_server(dynamic, name or bundle.resolve().name, host, port,
-               ServeSettings(max_batch, max_wait_ms, max_queue, timeout, mix_masks=mix_masks))
+               ServeSettings(max_batch, max_wait_ms, max_queue, timeout, mix_masks=mix_masks,
+                             request_log=log_requests and str(log_requests)))
 
 
 @app.command("bench-speed")

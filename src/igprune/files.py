@@ -132,3 +132,13 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def append_jsonl(path: Path, record: Any) -> None:
+    """Add one JSON line to a log with a single O_APPEND write: concurrent writers never interleave, and a crash
+    leaves whole lines (the ones written) and nothing else."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)

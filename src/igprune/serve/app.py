@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
-from igprune.files import IGPruneError
+from igprune.files import IGPruneError, append_jsonl
 from igprune.serve.engine import Job, Overloaded, Sampling, Scheduler
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
 from igprune.stage2.dynamic import DynamicPrunedModel
@@ -42,6 +43,7 @@ class ServeSettings:
     request_timeout: float = 300.0  # seconds from arrival to the last token; then 504
     max_tokens: int = 256  # default for chat when a request gives none (completions: 16, as OpenAI)
     mix_masks: bool = True  # a batch fills its free places with requests of other masks (serve/engine.py)
+    request_log: str | None = None  # a JSONL file each answered request is appended to, as `fit --texts` reads it
 
 
 class Metrics:
@@ -162,7 +164,7 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
         if not prompt.strip():
             raise APIError(400, "empty prompt: give some text to generate from", param="prompt")
         ids = tokenizer(prompt).input_ids
-        return await answer("completions", body, ids, prompt, sampling(body, ids, 16))
+        return await answer("completions", body, ids, prompt, sampling(body, ids, 16), {"prompt": prompt})
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Response:
@@ -179,11 +181,13 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
         if not route_text:
             raise APIError(400, "empty messages: give some text to generate from", param="messages")
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        return await answer("chat", body, ids, route_text, sampling(body, ids, settings.max_tokens))
+        return await answer("chat", body, ids, route_text, sampling(body, ids, settings.max_tokens),
+                            {"messages": messages})
 
     async def answer(endpoint: str, body: CompletionRequest | ChatRequest, ids: list[int], route_text: str,
-                     want: Sampling) -> Response:
-        """Admit, route, queue; then stream the job's events or collect them into one response."""
+                     want: Sampling, asked: dict) -> Response:
+        """Admit, route, queue; then stream the job's events or collect them into one response. `asked` is the
+        request as the log keeps it: {"prompt": ...} or {"messages": [...]}."""
         arrived = time.monotonic()
         try:
             scheduler.admit()
@@ -236,6 +240,13 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
                 metrics.latency.labels(label).observe(time.monotonic() - arrived)
                 if job.started is not None:
                     metrics.queue_wait.labels(label).observe(job.started - job.enqueued)
+                if settings.request_log and job.text.strip():  # a `fit --texts` line: prompt or chat, and the reply
+                    reply = ({"response": job.text} if endpoint == "completions" else
+                             {"messages": [*asked["messages"], {"role": "assistant", "content": job.text}]})
+                    try:
+                        append_jsonl(settings.request_log, {**asked, **reply, "igprune": {"model": name, **extra}})
+                    except OSError as err:  # the answer stands; the log says why it lacks it
+                        warnings.warn(f"could not log a request to {settings.request_log}: {err}", stacklevel=1)
 
         def choice(text: str | None, finish: str | None, delta: bool) -> dict:
             if endpoint == "completions":
