@@ -147,7 +147,9 @@ FITS: dict[str, dict[str, Any]] = {
 # that cluster's mask again (`again`: only the clusters that are mostly requests) on rows of 256 tokens, which hold
 # most records whole, solutions too, and keeps every other cluster's mask. -responses chooses it again on those
 # rows with each request's prompt read and only its solution scored (texts.Request), as the gold step scores a
-# held-out record: on whole records the prompts still outweigh the solutions.
+# held-out record: on whole records the prompts still outweigh the solutions. The -prefixed pair is the same two
+# choices with the domains' searches that continue the global prefix ("texts"), the ones that exist at 8 and 22
+# blocks, where no search from the dense model was run.
 CHOSEN: dict[str, dict[str, Any]] = {
     "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
     "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
@@ -181,6 +183,13 @@ CHOSEN: dict[str, dict[str, Any]] = {
     "ig-global-n8-texts-requests-auto-256": {"from": "ig-global-n8-texts-requests", "global": True, "samples": 64,
                                              "seq_len": 256, "pool": POOL, "margin": "auto", "domains": "texts-p0",
                                              "texts": "unscored", "again": "ig-global-n8-texts-requests-auto"},
+    "ig-global-n8-texts-requests-prefixed-auto": {"from": "ig-global-n8-texts-requests", "global": True,
+                                                  "samples": 64, "seq_len": 128, "pool": POOL, "margin": "auto",
+                                                  "domains": "texts", "texts": "unscored"},
+    "ig-global-n8-texts-requests-prefixed-auto-responses": {
+        "from": "ig-global-n8-texts-requests", "global": True, "samples": 64, "seq_len": 256, "pool": POOL,
+        "margin": "auto", "domains": "texts", "texts": "unscored", "responses": True,
+        "again": "ig-global-n8-texts-requests-prefixed-auto"},
     "ig-global-n8-texts-requests-auto-responses": {"from": "ig-global-n8-texts-requests", "global": True,
                                                    "samples": 64, "seq_len": 256, "pool": POOL, "margin": "auto",
                                                    "domains": "texts-p0", "texts": "unscored", "responses": True,
