@@ -396,7 +396,8 @@ def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-
                                            "ig-sleb-n7-texts64-p0-domains-auto-unscored",
                                            "ig-global-n8-texts-requests-auto",
                                            "ig-global-n8-texts-requests-auto-256",
-                                           "ig-global-n8-texts-requests-auto-responses")) -> str:
+                                           "ig-global-n8-texts-requests-auto-responses",
+                                           "ig-global-n8-texts-requests-prefixed-auto-responses")) -> str:
     """One choice recipe per row at every block count: held-out gain, its worst domain, the GSM8K/MBPP solutions
     and the six tasks against the best static method there, all routed."""
     rows = []
