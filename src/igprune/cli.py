@@ -17,6 +17,7 @@ from igprune.files import IGPruneError
 
 if TYPE_CHECKING:
     from igprune.bundle import Bundle
+    from igprune.texts import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Input-guided dynamic block pruning for LLMs.")
 console = Console()
@@ -130,7 +131,7 @@ def _bundle_model(bundle: Path, model: str | None, device: str, dtype: str, clus
     return loaded, lm, tokenizer
 
 
-def _user_texts(path: Path, model: str | None, bundle: Path | None) -> list:
+def _user_texts(path: Path, model: str | None, bundle: Path | None) -> list[Text]:
     """A --texts file read before the model loads, with the tokenizer of the model to be loaded (the one given, else
     the bundle's): a chat line needs its template."""
     from igprune.bundle import Bundle
