@@ -15,6 +15,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py gold --blocks 15     # GSM8K / MBPP reference solutions: bits per byte
     python benchmarks/domains.py fragments --blocks 15  # do short fit passages favour other masks?
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
+    python benchmarks/domains.py tasks --suite domains6  # dense, static masks and fits on the domain cloze tasks
     python benchmarks/report.py                       # then the tables in RESULTS.md
 
 `search` gives the ceiling of input guidance: the mask of domain i, searched on domain i's text, scored on
@@ -689,21 +690,32 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
             "oracle": {"overall": _ppl(_all(oracle)), "bpb": _bpb(_all(oracle)), **_versus(oracle, static)}}
 
 
-def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
-    """Each fit and chosen bundle on the paper's six tasks, the Percentage column against the headline's dense
-    run at the model's task limit."""
+def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite: str = "paper6") -> None:
+    """Each fit and chosen bundle on a task suite, the Percentage column against the dense model.
+
+    "paper6": the paper's six tasks at the model's task limit, against the headline's dense run (the headline has
+    the static masks there). "domains6": the six domain cloze tasks (igprune.data.CLOZE), whole, with dense and
+    every static mask run here too; each document routed by its context."""
     from headline import RUNS, result_path
 
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import load_results, save_results
 
-    limit = task_limit(name)
-    dense = load_results(result_path(next(r for r in RUNS if r.model == name and r.method == "dense"
-                                          and r.limit == limit)))
-    for run in [*FITS, *CHOSEN]:
-        path, out = fit_dir(name, run, blocks), folder(name) / f"paper6-{run}-b{blocks}.json"
+    if suite == "paper6":
+        limit = task_limit(name)
+        dense = load_results(result_path(next(r for r in RUNS if r.model == name and r.method == "dense"
+                                              and r.limit == limit)))
+        runs = []
+    else:
+        limit, dense = None, evaluate(model, tokenizer, tasks=[suite], seed=SEED)
+        save_results(folder(name) / f"{suite}-dense.json", dense)
+        headline = [pattern.format(blocks=blocks) for pattern in [*STATIC, "ig16-b{blocks}"]]  # names hold blocks
+        runs = [(run, BUNDLES / name / run, folder(name) / f"{suite}-{run}.json") for run in headline]
+    runs += [(run, fit_dir(name, run, blocks), folder(name) / f"{suite}-{run}-b{blocks}.json")
+             for run in [*FITS, *CHOSEN]]
+    for run, path, out in runs:
         if (path / "bundle.json").is_file() and not out.is_file() and (not only or run in only):
-            results = evaluate(model, tokenizer, path, tasks=["paper6"], limit=limit, dense=dense, seed=SEED)
+            results = evaluate(model, tokenizer, path, tasks=[suite], limit=limit, dense=dense, seed=SEED)
             save_results(out, results)
             print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
 
@@ -791,6 +803,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit, choose, tasks: comma-separated run names")
+    parser.add_argument("--suite", default="paper6", choices=["paper6", "domains6"], help="tasks: which tasks")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -817,7 +830,7 @@ def main() -> None:
     elif args.step == "fragments":
         fragments(model, tokenizer, args.model, args.blocks)
     else:
-        tasks(model, tokenizer, args.model, args.blocks, only)
+        tasks(model, tokenizer, args.model, args.blocks, only, args.suite)
 
 
 if __name__ == "__main__":

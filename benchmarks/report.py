@@ -388,6 +388,28 @@ def _domain_task_results(blocks: int, model: str = SMOL) -> list[dict[str, Any]]
     return results
 
 
+def domain_cloze(blocks: int, model: str = SMOL) -> str:
+    """Dense, every static mask and the IG fits on the six domain cloze tasks (`domains.py tasks --suite domains6`),
+    then where each IG fit routes each task's documents."""
+    from domains import CHOSEN, FITS, STATIC
+
+    folder = HERE / "results" / "domains" / model
+    static = [p.format(blocks=blocks) for p in [*STATIC, "ig16-b{blocks}"]]
+    paths = [("Dense", folder / "domains6-dense.json")]
+    paths += [(None if run.startswith("ig16") else run, folder / f"domains6-{run}.json") for run in static]
+    paths += [(f"IG-Pruning, {run}", folder / f"domains6-{run}-b{blocks}.json") for run in [*FITS, *CHOSEN]]
+    results = [{**load_results(path), **({"method_label": label} if label else {})} for label, path in paths
+               if path.is_file()]
+    if not results:
+        return "_not run yet_"
+    routing = [[r["method_label"] if "method_label" in r else METHOD_NAMES[r["method"]],
+                *(" ".join(f"{k}:{v}" for k, v in (r["routing"].get(t) or {}).items()) for t in r["tasks"])]
+               for r in results if r.get("routing")]
+    tasks = [DOMAIN_LABELS[t.removeprefix("cloze_")] for t in results[0]["tasks"]]
+    return (results_table(results, stderr=True) + "\n\nDocuments per cluster, routed by their context:\n\n"
+            + _rows(["Bundle", *tasks], routing))
+
+
 def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-texts-pool-m3",
                                            "ig-sleb-n6-texts-pool-m3-64", "ig-sleb-n7-texts64-p0-pool-m3",
                                            "ig-sleb-n7-texts64-p0-domains-m3",
@@ -484,6 +506,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-gold-b15": lambda: domain_gold(15),
     "domain-fragments-b15": lambda: domain_fragments(15),
     "domain-tasks-b15": lambda: domain_tasks(15),
+    "domain-cloze-b15": lambda: domain_cloze(15),
     "domain-margin": domain_margin,
     **{f"domain-{part}-b{b}": partial(make, b) for b in (8, 22) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),

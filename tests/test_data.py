@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import zipfile
@@ -13,6 +14,8 @@ import pytest
 from igprune import data
 from igprune.data import (
     CALIBRATION_SOURCES,
+    CLOZE,
+    CLOZE_TASKS,
     EVAL_TASKS,
     MIN_CHARS,
     POOLS,
@@ -241,6 +244,34 @@ def test_heldout_passages_come_from_documents_never_trained_on(prepared_data, so
     assert all(p in held_text for p in held)
 
 
+@pytest.mark.parametrize("task", CLOZE_TASKS)
+def test_cloze_items_are_held_out_passages_against_three_other_endings(prepared_data, task):
+    """Each item is one held-out passage cut before its last words; the three wrong endings are other held-out
+    passages' endings of the same domain; the file is what cloze_records builds, deterministically."""
+    source = CLOZE_TASKS[task]
+    records = [json.loads(line) for line in eval_dataset_path(task).read_text(encoding="utf-8").splitlines()]
+    assert records == data.cloze_records(source) and 30 <= len(records) <= CLOZE["limit"]
+    held = load_calibration(source, split="heldout", max_chars=CLOZE["chars"])
+    endings = {cut[1] for p in held if (cut := data._cut_ending(p))}
+    train_text = "\x00".join(d for d in documents(source) if not is_heldout(d))
+    labels = []
+    for r in records:
+        choices, label = r["choices"], r["label"]
+        assert len(choices) == CLOZE["choices"] == len(set(choices)) and 0 <= label < len(choices)
+        assert r["context"] + choices[label] in held and r["context"] not in train_text
+        assert all(c[0].isspace() and len(c) <= CLOZE["ending"] and c in endings for c in choices)
+        labels.append(label)
+    assert len(set(labels)) > 1  # the right ending is not always in one place
+
+
+def test_cut_ending_keeps_the_last_words_with_their_whitespace():
+    passage = "word " * 60 + "end of the passage."
+    context, ending = data._cut_ending(passage)
+    assert context + ending == passage and ending.startswith(" ") and len(ending) <= CLOZE["ending"]
+    assert len(ending) > CLOZE["ending"] - len("word ") - 1  # as many words as fit
+    assert data._cut_ending("x" * 300) is None  # one long word: nothing to cut
+
+
 def test_limit_and_seed_give_a_stable_subset(prepared_data):
     full = load_calibration("wiki")
     a = load_calibration("wiki", limit=50, seed=1)
@@ -305,6 +336,24 @@ def test_task_yamls_load_through_lm_eval_with_the_harness_prompts(prepared_data)
     assert leaves["igprune_arc_easy"].doc_to_text(leaves["igprune_arc_easy"].eval_docs[0]).startswith("Question: ")
     assert "query" in leaves["igprune_hellaswag"].eval_docs.features  # lm-eval's utils.process_docs ran
     assert isinstance(leaves["igprune_winogrande"].doc_to_text(leaves["igprune_winogrande"].eval_docs[0]), int)
+
+
+def test_domain_cloze_tasks_load_through_lm_eval(prepared_data):
+    from lm_eval.tasks import get_task_dict
+
+    from igprune.evaluation.tasks import DOMAINS6, METRIC, task_manager
+
+    manager = task_manager()
+    assert set(DOMAINS6) | {"domains6"} <= set(manager.all_tasks)
+    assert "_cloze" not in manager.all_tasks and {METRIC[t] for t in DOMAINS6} == {"acc_norm"}
+    tasks = get_task_dict(["domains6"], manager)
+    leaves = {t.config.task: t for group in tasks.values() for t in group.values()}
+    assert sorted(leaves) == sorted(DOMAINS6)
+    for name, task in leaves.items():
+        record = json.loads(eval_dataset_path(name.removeprefix("igprune_")).read_text().splitlines()[0])
+        doc = task.eval_docs[0]
+        assert task.doc_to_text(doc) == record["context"] and task.doc_to_choice(doc) == record["choices"]
+        assert task.doc_to_target(doc) == record["label"] and task.config.target_delimiter == ""
 
 
 @pytest.mark.integration

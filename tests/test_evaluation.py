@@ -17,6 +17,7 @@ from igprune.evaluation.results import (
     results_table,
     save_results,
 )
+from igprune.evaluation.tasks import DOMAINS6
 from igprune.files import IGPruneError
 from igprune.stage2.dynamic import DynamicPrunedModel
 from igprune.stage2.router import Router
@@ -247,11 +248,34 @@ def test_evaluate_caches_each_task_and_compares_with_cached_dense(prepared_data,
         assert static["percentage"] == pytest.approx(100 * static["average"] / dense["average"])
 
 
+def test_cloze_task_runs_routed_on_a_tiny_model(prepared_data, tmp_path):
+    """A domain cloze task through lm-eval, every document routed by its context to one of two masks."""
+    tokenizer, model = tiny_tokenizer(), tiny_model()
+    masks = torch.ones(2, 8, dtype=torch.bool)
+    masks[0, 3], masks[1, 5] = False, False
+    bundle = make_bundle(model, masks, "ig-pruning")
+    bundle.centroids = torch.nn.functional.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(0)))
+    bundle.config["encoder"] = "all-MiniLM-L6-v2"
+    out = benchmark.evaluate(model, tokenizer, bundle, tasks=["cloze_math"], limit=6, cache_dir=tmp_path,
+                             progress=False)
+    assert out["tasks"]["cloze_math"]["metric"] == "acc_norm" and out["tasks"]["cloze_math"]["n"] == 6
+    assert sum(out["routing"]["cloze_math"].values()) == 6
+
+
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(IGPruneError, match="unknown task 'mmlu'"):
         benchmark.resolve_tasks(["mmlu"])
     assert benchmark.resolve_tasks(["arc_challenge,igprune_openbookqa"]) == ["igprune_openbookqa",
                                                                             "igprune_arc_challenge"]
+    assert benchmark.resolve_tasks(["domains6"]) == DOMAINS6 and DOMAINS6[0] == "igprune_cloze_code"
+    assert benchmark.resolve_tasks(["cloze_qa,piqa"]) == ["igprune_piqa", "igprune_cloze_qa"]  # column order
+
+
+def test_table_shows_the_columns_of_the_tasks_it_has():
+    dense = dict(result("dense", 60.0, skipped=0, n_clusters=None), percentage=100.0)
+    dense["tasks"] = {"cloze_code": dense["tasks"]["piqa"], "cloze_qa": dense["tasks"]["piqa"]}
+    assert results_table([dense]).splitlines()[0] == ("| Sparsity | Method | code | QA (SciQ) | Average | "
+                                                      "Percentage |")
 
 
 def test_cache_treats_another_stored_key_as_a_miss(tmp_path):

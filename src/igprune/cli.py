@@ -656,7 +656,8 @@ def eval_(
     out: ResultsOutOpt,
     model: EvalModelOpt = None,
     bundle: EvalBundleOpt = None,
-    tasks: Annotated[str, typer.Option(help="paper6, or task names with commas (e.g. arc_easy,piqa)")] = "paper6",
+    tasks: Annotated[str, typer.Option(help="paper6, domains6, or task names with commas "
+                                            "(e.g. arc_easy,cloze_code)")] = "paper6",
     limit: Annotated[int | None, typer.Option(help="first N documents of each task (default: all)")] = None,
     batch_size: Annotated[int, typer.Option(help="requests per forward pass")] = 8,
     kv_policy: KVOpt = "keep",
@@ -668,7 +669,7 @@ def eval_(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Zero-shot accuracy on the paper's tasks through lm-eval: dense (--model) or pruned (--bundle).
+    """Zero-shot accuracy through lm-eval (the paper's tasks, or domains6): dense (--model) or pruned (--bundle).
 
     Every task's result is cached, so an interrupted run resumes and a repeated one returns at once.
     """

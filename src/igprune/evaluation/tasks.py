@@ -1,10 +1,12 @@
-"""lm-eval task definitions for the paper's six zero-shot tasks, reading the offline cache.
+"""lm-eval task definitions, reading the offline cache: the paper's six zero-shot tasks ("paper6") and the domain
+benchmark's six cloze tasks ("domains6", igprune.data.CLOZE).
 
 Each shipped YAML (igprune/evaluation/tasks/) includes lm-eval's own task file, so prompts, metrics and
 preprocessing (hellaswag's and winogrande's `!function`s resolve beside the included file) are the harness's;
 it only replaces the data source with the cache's JSON Lines file. Both the include and the data file are
 absolute paths that are only known at run time (where lm-eval is installed, where the cache is), so the
-YAMLs are templates that `render_tasks` fills in and writes to <cache>/data/tasks/ for a TaskManager.
+YAMLs are templates that `render_tasks` fills in and writes to <cache>/data/tasks/ for a TaskManager. The cloze
+tasks are defined here in full (_cloze.yaml, which each includes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
 
-from igprune.data import EVAL_TASKS, data_dir, eval_dataset_path
+from igprune.data import CLOZE_TASKS, EVAL_TASKS, data_dir, eval_dataset_path
 from igprune.files import IGPruneError, atomic_path
 
 if TYPE_CHECKING:
@@ -27,8 +29,13 @@ PREFIX = "igprune_"
 
 # lm-eval task names, in the column order of the paper's tables.
 PAPER6: list[str] = [PREFIX + task for task in EVAL_TASKS]
+DOMAINS6: list[str] = [PREFIX + task for task in CLOZE_TASKS]
+# Each group's tasks in column order; a group's average is the mean of its tasks' metrics.
+GROUPS: dict[str, list[str]] = {GROUP: PAPER6, "domains6": DOMAINS6}
 # The metric the paper reports per task: length-normalised accuracy, except plain accuracy on winogrande.
 PAPER_METRIC: dict[str, str] = {name: "acc" if name.endswith("winogrande") else "acc_norm" for name in PAPER6}
+# The metric every task is reported in.
+METRIC: dict[str, str] = {**PAPER_METRIC, **dict.fromkeys(DOMAINS6, "acc_norm")}
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -37,6 +44,13 @@ def lm_eval_tasks_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise IGPruneError("lm-eval is not installed; run: pip install 'lm-eval[hf]==0.4.13'")
     return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def definition(task: str) -> str:
+    """The text that defines `task`: its template and the template it includes from this folder, if any."""
+    text = (TEMPLATES / f"{task}.yaml").read_text()
+    local = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("include: _")]
+    return text + "".join((TEMPLATES / name).read_text() for name in local)
 
 
 def tasks_dir() -> Path:
