@@ -345,7 +345,7 @@ def test_domain_cloze_tasks_load_through_lm_eval(prepared_data):
 
     manager = task_manager()
     assert set(DOMAINS6) | {"domains6"} <= set(manager.all_tasks)
-    assert "_cloze" not in manager.all_tasks and {METRIC[t] for t in DOMAINS6} == {"acc_norm"}
+    assert "_cloze" not in manager.all_tasks and {METRIC[t] for t in DOMAINS6} == {"acc_bytes"}
     tasks = get_task_dict(["domains6"], manager)
     leaves = {t.config.task: t for group in tasks.values() for t in group.values()}
     assert sorted(leaves) == sorted(DOMAINS6)

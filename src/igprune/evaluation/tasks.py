@@ -35,7 +35,7 @@ GROUPS: dict[str, list[str]] = {GROUP: PAPER6, "domains6": DOMAINS6}
 # The metric the paper reports per task: length-normalised accuracy, except plain accuracy on winogrande.
 PAPER_METRIC: dict[str, str] = {name: "acc" if name.endswith("winogrande") else "acc_norm" for name in PAPER6}
 # The metric every task is reported in.
-METRIC: dict[str, str] = {**PAPER_METRIC, **dict.fromkeys(DOMAINS6, "acc_norm")}
+METRIC: dict[str, str] = {**PAPER_METRIC, **dict.fromkeys(DOMAINS6, "acc_bytes")}
 
 
 def lm_eval_tasks_dir() -> Path:
