@@ -718,6 +718,37 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
             results = evaluate(model, tokenizer, path, tasks=[suite], limit=limit, dense=dense, seed=SEED)
             save_results(out, results)
             print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
+    if suite == "domains6" and (not only or "own" in only):
+        _own_on_cloze(model, tokenizer, name, blocks, dense)
+
+
+def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any], variant: str = "texts-p0") -> None:
+    """Each domain's own SLEB search (`wide` of `variant`: from the dense model, rows cut as inputs) on that domain's
+    cloze task alone: routing by the domain's name, which no router may. Where it beats every static mask, input
+    guidance has room on accuracy; where it does not, no routing among these masks gains there."""
+    from igprune.bundle import Bundle, fingerprint
+    from igprune.data import CLOZE_TASKS
+    from igprune.evaluation.benchmark import evaluate
+    from igprune.evaluation.results import percentage, save_results
+    from igprune.files import read_json
+    from igprune.stage1.search import find_order_mask
+
+    out = folder(name) / f"domains6-own-{variant}-b{blocks}.json"
+    paths = {task: wide_path(name, blocks, source, variant) for task, source in CLOZE_TASKS.items()}
+    if out.is_file() or not all(path.is_file() for path in paths.values()):
+        return
+    result: dict[str, Any] = {}
+    for task, path in paths.items():
+        mask = find_order_mask(model, read_json(path)["order"], "block")
+        own = Bundle(mask.unsqueeze(0), torch.zeros(1, 0), {"fingerprint": fingerprint(model), "model": name,
+                                                            "method": "sleb", "granularity": "block"})
+        part = evaluate(model, tokenizer, own, tasks=[task], seed=SEED)
+        result = {**part, "tasks": {**result.get("tasks", {}), **part["tasks"]}}
+    result["average"] = statistics.mean(t["value"] for t in result["tasks"].values())
+    result["average_stderr"] = math.sqrt(sum(t["stderr"] ** 2 for t in result["tasks"].values())) / len(paths)
+    result["percentage"], result["method_label"] = percentage(result, dense), f"each domain's own mask ({variant})"
+    save_results(out, result)
+    print(f"own masks: average {result['average']:.2f}, {result['percentage']:.2f}% of dense", flush=True)
 
 
 def _cross_chosen(candidates: dict[str, dict[str, list[list[float]]]],

@@ -398,6 +398,7 @@ def domain_cloze(blocks: int, model: str = SMOL) -> str:
     paths = [("Dense", folder / "domains6-dense.json")]
     paths += [(None if run.startswith("ig16") else run, folder / f"domains6-{run}.json") for run in static]
     paths += [(f"IG-Pruning, {run}", folder / f"domains6-{run}-b{blocks}.json") for run in [*FITS, *CHOSEN]]
+    paths.append((None, folder / f"domains6-own-texts-p0-b{blocks}.json"))  # labelled in the file
     results = [{**load_results(path), **({"method_label": label} if label else {})} for label, path in paths
                if path.is_file()]
     if not results:
