@@ -729,7 +729,7 @@ def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any
     from igprune.bundle import Bundle, fingerprint
     from igprune.data import CLOZE_TASKS
     from igprune.evaluation.benchmark import evaluate
-    from igprune.evaluation.results import percentage, save_results
+    from igprune.evaluation.results import percentage, save_results, task_average
     from igprune.files import read_json
     from igprune.stage1.search import find_order_mask
 
@@ -744,8 +744,7 @@ def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any
                                                             "method": "sleb", "granularity": "block"})
         part = evaluate(model, tokenizer, own, tasks=[task], seed=SEED)
         result = {**part, "tasks": {**result.get("tasks", {}), **part["tasks"]}}
-    result["average"] = statistics.mean(t["value"] for t in result["tasks"].values())
-    result["average_stderr"] = math.sqrt(sum(t["stderr"] ** 2 for t in result["tasks"].values())) / len(paths)
+    result["average"], result["average_stderr"] = task_average(result["tasks"])
     result["percentage"], result["method_label"] = percentage(result, dense), f"each domain's own mask ({variant})"
     save_results(out, result)
     print(f"own masks: average {result['average']:.2f}, {result['percentage']:.2f}% of dense", flush=True)

@@ -5,7 +5,8 @@ result cached under a key of everything that decides it: model fingerprint, bund
 centroids, encoder), task definition and data, limit, seed, dtype, device type and package versions. The
 KV policy and batch size do not change log-likelihoods (up to float rounding) and are left out of the key.
 So an interrupted benchmark resumes at the first task it has not finished, and a repeated run returns at
-once. Values are the paper's metric (acc_norm, acc on winogrande) in percent, with lm-eval's standard error
+once. Values are each task's metric (tasks.METRIC: the paper's acc_norm, acc on winogrande; acc_bytes on the
+cloze tasks) in percent, with lm-eval's standard error
 (analytic for these mean metrics: no bootstrap is run, whatever `bootstrap_iters` says).
 """
 
@@ -24,7 +25,15 @@ from igprune import distributed
 from igprune.blocks import KVPolicy
 from igprune.bundle import Bundle, fingerprint
 from igprune.data import eval_dataset_path
-from igprune.evaluation.results import Configuration, ResultCache, config_hash, percentage, provenance, versions
+from igprune.evaluation.results import (
+    Configuration,
+    ResultCache,
+    config_hash,
+    percentage,
+    provenance,
+    task_average,
+    versions,
+)
 from igprune.evaluation.tasks import GROUP, GROUPS, METRIC, PREFIX, definition
 from igprune.files import IGPruneError, sha256_file
 
@@ -104,11 +113,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
         if config.dynamic:
             results["routing"][short] = routing
         results["tasks"][short] = entry
-    values = [t["value"] for t in results["tasks"].values()]
-    results["average"] = sum(values) / len(values)
-    errors = [t["stderr"] for t in results["tasks"].values()]
-    # the mean's stderr with tasks taken as independent
-    results["average_stderr"] = None if None in errors else sum(e * e for e in errors) ** 0.5 / len(errors)
+    results["average"], results["average_stderr"] = task_average(results["tasks"])
     results["dense_average"], results["percentage"] = _compare(results, dense, model, names, limit, seed, cache)
     results["provenance"] = {**provenance(seed, str(model.device), str(model.dtype).removeprefix("torch.")),
                              "bundle": config.identity(), "bootstrap_iters": BOOTSTRAP_ITERS,

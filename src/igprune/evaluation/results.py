@@ -203,6 +203,13 @@ class ResultCache:
 # ------------------------------------------------------------------------------------------- comparison
 
 
+def task_average(tasks: dict[str, dict[str, Any]]) -> tuple[float, float | None]:
+    """The mean of the tasks' values and its stderr, the tasks taken as independent (None if one has none)."""
+    values, errors = [t["value"] for t in tasks.values()], [t["stderr"] for t in tasks.values()]
+    stderr = None if None in errors else sum(e * e for e in errors) ** 0.5 / len(errors)
+    return sum(values) / len(values), stderr
+
+
 def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float:
     """The paper's last column: a result's average as a percent of the dense model's, on the same tasks.
 
