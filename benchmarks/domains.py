@@ -707,8 +707,10 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
                                               and r.limit == limit)))
         runs = []
     else:
-        limit, dense = None, evaluate(model, tokenizer, tasks=[suite], seed=SEED)
-        save_results(folder(name) / f"{suite}-dense.json", dense)
+        limit, dense_path = None, folder(name) / f"{suite}-dense.json"
+        if not dense_path.is_file():  # seeded, so a saved dense run is the run this would repeat
+            save_results(dense_path, evaluate(model, tokenizer, tasks=[suite], seed=SEED))
+        dense = load_results(dense_path)
         headline = [pattern.format(blocks=blocks) for pattern in [*STATIC, "ig16-b{blocks}"]]  # names hold blocks
         runs = [(run, BUNDLES / name / run, folder(name) / f"{suite}-{run}.json") for run in headline]
     runs += [(run, fit_dir(name, run, blocks), folder(name) / f"{suite}-{run}-b{blocks}.json")

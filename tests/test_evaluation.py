@@ -13,6 +13,7 @@ from igprune.evaluation.perplexity import rows_per_batch, score_texts, token_nll
 from igprune.evaluation.results import (
     ResultCache,
     load_results,
+    paired_gain,
     percentage,
     results_table,
     save_results,
@@ -195,6 +196,24 @@ def test_percentage_is_relative_to_dense_on_the_same_settings():
         percentage(result(), result())
 
 
+def test_paired_gain_counts_only_the_documents_that_differ():
+    def scored(**tasks):
+        return {"tasks": {t: {"value": 100 * sum(v) / len(v), "items": v} for t, v in tasks.items()}}
+
+    reference = scored(piqa=[1.0, 0.0, 1.0, 0.0], arc_easy=[1.0, 1.0, 0.0, 0.0])
+    assert paired_gain(reference, reference) == (0.0, 0.0)  # the same answers: no difference, no doubt about it
+    better = scored(piqa=[1.0, 1.0, 1.0, 0.0], arc_easy=[1.0, 1.0, 0.0, 0.0])  # one more right, on piqa
+    gain, stderr = paired_gain(better, reference)
+    assert gain == pytest.approx((25.0 + 0.0) / 2)
+    assert stderr == pytest.approx((100 ** 2 * 0.25 / 4) ** 0.5 / 2)  # piqa's differences 0,1,0,0: variance 1/4
+    with pytest.raises(IGPruneError, match="same limit"):
+        paired_gain(scored(piqa=[1.0, 0.0], arc_easy=[1.0, 0.0]), reference)
+    with pytest.raises(IGPruneError, match="evaluate it again"):
+        paired_gain(better, {"tasks": {t: {"value": 50.0} for t in reference["tasks"]}})
+    with pytest.raises(IGPruneError, match="same tasks"):
+        paired_gain(scored(piqa=[1.0, 0.0, 1.0, 0.0]), reference)
+
+
 def test_table_has_the_papers_layout():
     dense = dict(result("dense", 60.0, skipped=0, n_clusters=None), percentage=100.0)
     sleb = dict(result("sleb", 40.0, n_clusters=1), percentage=40 / 60 * 100)
@@ -224,6 +243,9 @@ def test_evaluate_caches_each_task_and_compares_with_cached_dense(prepared_data,
     assert dense["method"] == "dense" and dense["tasks"]["arc_easy"]["n"] == 4
     assert dense["tasks"]["arc_easy"]["cached"] is False and dense["percentage"] == 100.0
     assert 0 <= dense["tasks"]["arc_easy"]["value"] <= 100 and dense["tasks"]["arc_easy"]["stderr"] > 0
+    items = dense["tasks"]["arc_easy"]["items"]  # each document's score, in document order: their mean is the value
+    assert len(items) == 4 and set(items) <= {0.0, 1.0}
+    assert 100 * sum(items) / 4 == pytest.approx(dense["tasks"]["arc_easy"]["value"])
 
     def no_lm_eval(*args, **kwargs):
         raise AssertionError("lm-eval ran although the result was cached")
@@ -259,6 +281,7 @@ def test_cloze_task_runs_routed_on_a_tiny_model(prepared_data, tmp_path):
     out = benchmark.evaluate(model, tokenizer, bundle, tasks=["cloze_math"], limit=6, cache_dir=tmp_path,
                              progress=False)
     assert out["tasks"]["cloze_math"]["metric"] == "acc_bytes" and out["tasks"]["cloze_math"]["n"] == 6
+    assert 100 * sum(out["tasks"]["cloze_math"]["items"]) / 6 == pytest.approx(out["tasks"]["cloze_math"]["value"])
     assert sum(out["routing"]["cloze_math"].values()) == 6
 
 

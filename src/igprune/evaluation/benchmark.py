@@ -1,13 +1,15 @@
 """`evaluate`: one model configuration (dense, static or dynamic) on zero-shot tasks (the paper's, the domains').
 
-Tasks run one at a time through lm_eval.simple_evaluate (zero-shot, fixed seeds, no sample logs), each
+Tasks run one at a time through lm_eval.simple_evaluate (zero-shot, fixed seeds), each
 result cached under a key of everything that decides it: model fingerprint, bundle content (masks,
 centroids, encoder), task definition and data, limit, seed, dtype, device type and package versions. The
 KV policy and batch size do not change log-likelihoods (up to float rounding) and are left out of the key.
 So an interrupted benchmark resumes at the first task it has not finished, and a repeated run returns at
 once. Values are each task's metric (tasks.METRIC: the paper's acc_norm, acc on winogrande; acc_bytes on the
 cloze tasks) in percent, with lm-eval's standard error
-(analytic for these mean metrics: no bootstrap is run, whatever `bootstrap_iters` says).
+(analytic for these mean metrics: no bootstrap is run, whatever `bootstrap_iters` says), and each document's
+score in document order ("items"): two configurations on the same documents are then compared by paired
+differences (results.paired_gain), whose error is far smaller than the two unpaired errors together.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from igprune.evaluation.tasks import GROUP, GROUPS, METRIC, PREFIX, definition
 from igprune.files import IGPruneError, sha256_file
 
 BOOTSTRAP_ITERS = 1000  # > 0 so lm-eval reports a stderr; acc/acc_norm use the closed form, not the bootstrap
+ENTRY_FORMAT = 2  # 2: a task's entry carries its per-document scores; cached entries without them are recomputed
 
 
 def resolve_tasks(tasks: Sequence[str]) -> list[str]:
@@ -64,7 +67,7 @@ def _task_key(model: PreTrainedModel, bundle_content: str | None, task: str, lim
     return {"model": model.name_or_path, "fingerprint": fingerprint(model), "bundle": bundle_content,
             "task": task, "task_sha256": config_hash([definition(task), sha256_file(eval_dataset_path(
                 task.removeprefix(PREFIX)))]),
-            "limit": limit, "num_fewshot": 0, "seed": seed, "dtype": str(model.dtype),
+            "limit": limit, "num_fewshot": 0, "seed": seed, "entry_format": ENTRY_FORMAT, "dtype": str(model.dtype),
             "device": model.device.type, "versions": dict(versions())}
 
 
@@ -72,9 +75,10 @@ def _task_result(output: dict[str, Any], task: str) -> dict[str, Any]:
     metric = METRIC[task]
     scores = output["results"][task]
     stderr = scores.get(f"{metric}_stderr,none")
+    samples = sorted(output["samples"][task], key=lambda s: s["doc_id"])
     return {"metric": metric, "value": 100.0 * float(scores[f"{metric},none"]),
             "stderr": 100.0 * float(stderr) if isinstance(stderr, (int, float)) else None,
-            "n": int(output["n-samples"][task]["effective"])}
+            "n": int(output["n-samples"][task]["effective"]), "items": [float(s[metric]) for s in samples]}
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle: Bundle | str | Path | None = None,
@@ -164,7 +168,7 @@ class _Runner:
         try:
             output = lm_eval.simple_evaluate(
                 model=self.lm, tasks=[task], task_manager=self.manager, limit=limit, num_fewshot=0,
-                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, random_seed=self.seed,
+                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True, random_seed=self.seed,
                 numpy_random_seed=self.seed, torch_random_seed=self.seed, fewshot_random_seed=self.seed)
         finally:
             lm_logger.setLevel(level)

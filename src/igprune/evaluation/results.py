@@ -210,6 +210,29 @@ def task_average(tasks: dict[str, dict[str, Any]]) -> tuple[float, float | None]
     return sum(values) / len(values), stderr
 
 
+def paired_gain(result: dict[str, Any], reference: dict[str, Any]) -> tuple[float, float]:
+    """`result`'s average minus `reference`'s, in points, and the stderr of that difference from per-document
+    pairs. Both ran on the same documents, so what makes a document hard cancels; where two configurations agree
+    on most documents the paired error is a fraction of the two unpaired errors together."""
+    if set(result["tasks"]) != set(reference["tasks"]):
+        raise IGPruneError(f"the results cover tasks {sorted(result['tasks'])} and {sorted(reference['tasks'])}; "
+                           "compare results on the same tasks")
+    means, variances = [], []
+    for task, entry in result["tasks"].items():
+        a, b = entry.get("items"), reference["tasks"][task].get("items")
+        if a is None or b is None:
+            raise IGPruneError(f"{task} has no per-document scores in one of the results; evaluate it again "
+                               "with this igprune, which records them")
+        if len(a) != len(b) or len(a) < 2:
+            raise IGPruneError(f"{task} was scored on {len(a)} and {len(b)} documents; compare results with the "
+                               "same limit")
+        d = [100.0 * (x - y) for x, y in zip(a, b, strict=True)]
+        mean = sum(d) / len(d)
+        means.append(mean)
+        variances.append(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return sum(means) / len(means), sum(variances) ** 0.5 / len(means)
+
+
 def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float:
     """The paper's last column: a result's average as a percent of the dense model's, on the same tasks.
 
