@@ -57,6 +57,9 @@ HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each sc
 GOLD = {"limit": 32, "max_tokens": 512}  # held-out GSM8K and MBPP records per task, prompt + solution at most 512
 TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
 TASK_LIMIT_BY_MODEL = {"qwen2.5-0.5b": 200}  # the limit of qwen2.5-0.5b's headline (its dense, SLEB, EvoPress runs)
+# The domain cloze tasks run whole (459 documents, about 7 minutes a configuration for smollm2-135m on 2 threads);
+# qwen2.5-0.5b is about four times slower, so it scores each task's first 50 (282 documents).
+CLOZE_LIMIT_BY_MODEL = {"qwen2.5-0.5b": 50}
 FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
 STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
 # The static masks found without any domain label (on wiki or the mixed pool) that a cluster may choose instead of
@@ -694,8 +697,9 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
     """Each fit and chosen bundle on a task suite, the Percentage column against the dense model.
 
     "paper6": the paper's six tasks at the model's task limit, against the headline's dense run (the headline has
-    the static masks there). "domains6": the six domain cloze tasks (igprune.data.CLOZE), whole, with dense and
-    every static mask run here too; each document routed by its context."""
+    the static masks there). "domains6": the six domain cloze tasks (igprune.data.CLOZE), whole or each task's first
+    CLOZE_LIMIT_BY_MODEL documents, with dense and every static mask run here too; each document routed by its
+    context."""
     from headline import RUNS, result_path
 
     from igprune.evaluation.benchmark import evaluate
@@ -707,9 +711,9 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
                                               and r.limit == limit)))
         runs = []
     else:
-        limit, dense_path = None, folder(name) / f"{suite}-dense.json"
+        limit, dense_path = CLOZE_LIMIT_BY_MODEL.get(name), folder(name) / f"{suite}-dense.json"
         if not dense_path.is_file():  # seeded, so a saved dense run is the run this would repeat
-            save_results(dense_path, evaluate(model, tokenizer, tasks=[suite], seed=SEED))
+            save_results(dense_path, evaluate(model, tokenizer, tasks=[suite], limit=limit, seed=SEED))
         dense = load_results(dense_path)
         headline = [pattern.format(blocks=blocks) for pattern in [*STATIC, "ig16-b{blocks}"]]  # names hold blocks
         runs = [(run, BUNDLES / name / run, folder(name) / f"{suite}-{run}.json") for run in headline]
@@ -721,10 +725,11 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
             save_results(out, results)
             print(f"{run}: average {results['average']:.2f}, {results['percentage']:.2f}% of dense", flush=True)
     if suite == "domains6" and (not only or "own" in only):
-        _own_on_cloze(model, tokenizer, name, blocks, dense)
+        _own_on_cloze(model, tokenizer, name, blocks, dense, limit)
 
 
-def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any], variant: str = "texts-p0") -> None:
+def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any], limit: int | None,
+                  variant: str = "texts-p0") -> None:
     """Each domain's own SLEB search (`wide` of `variant`: from the dense model, rows cut as inputs) on that domain's
     cloze task alone: routing by the domain's name, which no router may. Where it beats every static mask, input
     guidance has room on accuracy; where it does not, no routing among these masks gains there."""
@@ -744,7 +749,7 @@ def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any
         mask = find_order_mask(model, read_json(path)["order"], "block")
         own = Bundle(mask.unsqueeze(0), torch.zeros(1, 0), {"fingerprint": fingerprint(model), "model": name,
                                                             "method": "sleb", "granularity": "block"})
-        part = evaluate(model, tokenizer, own, tasks=[task], seed=SEED)
+        part = evaluate(model, tokenizer, own, tasks=[task], limit=limit, seed=SEED)
         result = {**part, "tasks": {**result.get("tasks", {}), **part["tasks"]}}
     result["average"], result["average_stderr"] = task_average(result["tasks"])
     result["percentage"], result["method_label"] = percentage(result, dense), f"each domain's own mask ({variant})"

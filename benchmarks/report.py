@@ -22,7 +22,7 @@ from cluster_phase import RECIPES
 from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
-from igprune.evaluation.results import METHOD_NAMES, load_results, results_table
+from igprune.evaluation.results import gains_table, load_results, method_label, results_table
 from igprune.models import ZOO
 
 HERE = Path(__file__).parent
@@ -390,25 +390,41 @@ def _domain_task_results(blocks: int, model: str = SMOL) -> list[dict[str, Any]]
 
 def domain_cloze(blocks: int, model: str = SMOL) -> str:
     """Dense, every static mask and the IG fits on the six domain cloze tasks (`domains.py tasks --suite domains6`),
-    then where each IG fit routes each task's documents."""
+    each against the best static mask by per-document pairs, then where each IG fit routes each task's documents."""
     from domains import CHOSEN, FITS, STATIC
 
     folder = HERE / "results" / "domains" / model
-    static = [p.format(blocks=blocks) for p in [*STATIC, "ig16-b{blocks}"]]
+    static = [p.format(blocks=blocks) for p in STATIC]
     paths = [("Dense", folder / "domains6-dense.json")]
-    paths += [(None if run.startswith("ig16") else run, folder / f"domains6-{run}.json") for run in static]
+    paths += [(run, folder / f"domains6-{run}.json") for run in static]
+    paths.append((None, folder / f"domains6-ig16-b{blocks}.json"))
     paths += [(f"IG-Pruning, {run}", folder / f"domains6-{run}-b{blocks}.json") for run in [*FITS, *CHOSEN]]
     paths.append((None, folder / f"domains6-own-texts-p0-b{blocks}.json"))  # labelled in the file
-    results = [{**load_results(path), **({"method_label": label} if label else {})} for label, path in paths
-               if path.is_file()]
-    if not results:
+    results = [{**load_results(path), **({"method_label": label} if label else {}), "file": path.name}
+               for label, path in paths if path.is_file()]
+    if len(results) < 2:
         return "_not run yet_"
-    routing = [[r["method_label"] if "method_label" in r else METHOD_NAMES[r["method"]],
-                *(" ".join(f"{k}:{v}" for k, v in (r["routing"].get(t) or {}).items()) for t in r["tasks"])]
-               for r in results if r.get("routing")]
+    routing = [[method_label(r), *(" ".join(f"{k}:{v}" for k, v in (r["routing"].get(t) or {}).items())
+                                   for t in r["tasks"])] for r in results if r.get("routing")]
     tasks = [DOMAIN_LABELS[t.removeprefix("cloze_")] for t in results[0]["tasks"]]
-    return (results_table(results, stderr=True) + "\n\nDocuments per cluster, routed by their context:\n\n"
-            + _rows(["Bundle", *tasks], routing))
+    return "\n\n".join([results_table(results, stderr=True), _versus_best_static(results, static),
+                        "Documents per cluster, routed by their context:", _rows(["Bundle", *tasks], routing)])
+
+
+def _versus_best_static(results: list[dict[str, Any]], static: list[str]) -> str:
+    """Every pruned configuration against the static mask with the highest average, by per-document pairs (the
+    same documents under both), and the best configuration per domain picked on these very documents: an
+    optimistic bound on any routing that gives each domain one of the measured masks."""
+    dense = next(r for r in results if r["method"] == "dense")
+    best = max((r for r in results if r["file"] in {f"domains6-{s}.json" for s in static}), key=lambda r: r["average"])
+    pruned = [r for r in results if r is not dense]
+    picked = {t: max(pruned, key=lambda r, t=t: r["tasks"][t]["value"]) for t in dense["tasks"]}
+    bound = sum(r["tasks"][t]["value"] for t, r in picked.items()) / len(picked)
+    return (f"Against the best static mask ({method_label(best)}), paired by document:\n\n" + gains_table(results, best)
+            + "\n\nThe best measured configuration per domain, picked on these documents ("
+            + ", ".join(f"{DOMAIN_LABELS[t.removeprefix('cloze_')]}: {method_label(r)}" for t, r in picked.items())
+            + f"), averages {bound:.2f}, {100 * bound / dense['average']:.2f}% of dense: "
+            + f"{100 * (bound - best['average']) / dense['average']:+.2f} over the best static mask.")
 
 
 def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-texts-pool-m3",
@@ -429,7 +445,7 @@ def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-
         tasks = _domain_task_results(blocks)
         dense = next(r["average"] for r in tasks if r["method"] == "dense")
         best = max((r for r in tasks if r["method"] not in ("dense", "ig-pruning")), key=lambda r: r["average"])
-        best_label = best.get("method_label") or METHOD_NAMES.get(best["method"], best["method"])
+        best_label = method_label(best)
         ours = {r["run"]: r for r in tasks if "run" in r}
         for run in runs:
             if score is None or run not in score["bundles"] or run not in ours:
@@ -511,7 +527,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-margin": domain_margin,
     **{f"domain-{part}-b{b}": partial(make, b) for b in (8, 22) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
-        ("tasks", domain_tasks))},
+        ("tasks", domain_tasks), ("cloze", domain_cloze))},
     **{f"domain-{part}-qwen-b12": partial(make, 12, QWEN) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
         ("tasks", domain_tasks))},

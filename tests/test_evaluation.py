@@ -12,6 +12,7 @@ from igprune.evaluation.harness import IGPruneLM, shared_text
 from igprune.evaluation.perplexity import rows_per_batch, score_texts, token_nll
 from igprune.evaluation.results import (
     ResultCache,
+    gains_table,
     load_results,
     paired_gain,
     percentage,
@@ -212,6 +213,19 @@ def test_paired_gain_counts_only_the_documents_that_differ():
         paired_gain(better, {"tasks": {t: {"value": 50.0} for t in reference["tasks"]}})
     with pytest.raises(IGPruneError, match="same tasks"):
         paired_gain(scored(piqa=[1.0, 0.0, 1.0, 0.0]), reference)
+
+
+def test_gains_table_puts_each_result_against_the_reference_and_dense():
+    dense = result("dense", 60.0, skipped=0, n_clusters=None)
+    sleb, ours, old = result("sleb", 40.0, n_clusters=1), result("ig-pruning", 45.0), result("ig-pruning", 45.0)
+    for r, answers in ((dense, [1.0, 1.0, 1.0, 0.0]), (sleb, [1.0, 0.0, 0.0, 0.0]), (ours, [1.0, 1.0, 0.0, 0.0])):
+        for entry in r["tasks"].values():
+            entry["items"] = answers
+    old["method_label"] = "from before items"
+    lines = gains_table([dense, sleb, ours, old], sleb).splitlines()
+    assert lines[0] == "| Configuration | Gain in average (points) | Gain in percentage of dense |"
+    assert lines[2] == "| IG-Pruning (N=4) | +25.00 ± 10.21 | +41.67 ± 17.01 |"  # a fourth more right on each task
+    assert lines[3] == "| from before items | – | – |" and len(lines) == 4  # dense and the reference: no rows
 
 
 def test_table_has_the_papers_layout():

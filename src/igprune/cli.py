@@ -698,11 +698,20 @@ def eval_(
 
 @app.command("table")
 def table_(files: Annotated[list[Path], typer.Argument(help="results files written by igprune eval")],
-           stderr: Annotated[bool, typer.Option(help="show each score's standard error")] = False) -> None:
+           stderr: Annotated[bool, typer.Option(help="show each score's standard error")] = False,
+           against: Annotated[Path | None, typer.Option(
+               help="also each file's gain over this results file, paired by document (its stderr is far smaller "
+               "than two unpaired ones); both must be on the same tasks and limit")] = None) -> None:
     """Print results files together as a Markdown table in the layout of the paper's Table 1."""
-    from igprune.evaluation.results import load_results, results_table
+    from igprune.evaluation.results import gains_table, load_results, results_table
 
-    print(results_table([load_results(f) for f in files], stderr=stderr))
+    results = [load_results(f) for f in files]
+    print(results_table(results, stderr=stderr))
+    if against is not None:
+        reference = load_results(against)
+        print(f"\nGain over {against.name}, paired by document:\n")
+        print(gains_table([r for r, f in zip(results, files, strict=True) if f.resolve() != against.resolve()],
+                          reference))
 
 
 @app.command()

@@ -233,8 +233,9 @@ def paired_gain(result: dict[str, Any], reference: dict[str, Any]) -> tuple[floa
     return sum(means) / len(means), sum(variances) ** 0.5 / len(means)
 
 
-def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float:
-    """The paper's last column: a result's average as a percent of the dense model's, on the same tasks.
+def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float | None:
+    """The paper's last column: a result's average as a percent of the dense model's, on the same tasks; None
+    when the dense average is 0 (a tiny or broken model), of which no percentage means anything.
 
     Refuses a dense result for another model, limit or task set, where the ratio would mean nothing.
     """
@@ -247,10 +248,11 @@ def percentage(result: dict[str, Any], dense: dict[str, Any]) -> float:
     if set(result["tasks"]) != set(dense["tasks"]):
         raise IGPruneError(f"the dense result covers tasks {sorted(dense['tasks'])}, this one "
                            f"{sorted(result['tasks'])}; evaluate both on the same tasks")
-    return 100.0 * result["average"] / dense["average"]
+    return 100.0 * result["average"] / dense["average"] if dense["average"] else None
 
 
-def _method_label(result: dict[str, Any]) -> str:
+def method_label(result: dict[str, Any]) -> str:
+    """A results row's name: its `method_label` if set, else the method's with N and a non-default granularity."""
     if result.get("method_label"):
         return result["method_label"]
     label = METHOD_NAMES.get(result["method"], result["method"])
@@ -269,6 +271,28 @@ def _cell(entry: dict[str, Any], stderr: bool) -> str:
     if stderr and entry.get("stderr") is not None:
         return f"{entry['value']:.2f} ± {entry['stderr']:.2f}"
     return f"{entry['value']:.2f}"
+
+
+def gains_table(results: list[dict[str, Any]], reference: dict[str, Any]) -> str:
+    """A Markdown table of each result's gain over `reference`, paired by document (`paired_gain`): in points of
+    the average, and in percent of the dense average where a dense result is among `results`. A result from
+    before per-document scores were recorded gets "–"."""
+    dense = next((r for r in results if r["method"] == "dense"), None)
+    head = ["Configuration", "Gain in average (points)"] + (["Gain in percentage of dense"] if dense else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        if r is reference or r is dense:
+            continue
+        if not all("items" in t for t in [*r["tasks"].values(), *reference["tasks"].values()]):
+            cells = ["–"] * (len(head) - 1)
+        else:
+            gain, stderr = paired_gain(r, reference)
+            cells = [f"{gain:+.2f} ± {stderr:.2f}"]
+            if dense:
+                scale = 100 / dense["average"] if dense["average"] else None
+                cells.append(f"{scale * gain:+.2f} ± {scale * stderr:.2f}" if scale else "–")
+        lines.append("| " + " | ".join([method_label(r), *cells]) + " |")
+    return "\n".join(lines)
 
 
 def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
@@ -297,7 +321,7 @@ def results_table(results: list[dict[str, Any]], stderr: bool = False) -> str:
         group = (r["model"], _sparsity_label(r))
         cells = ([r["model"] if previous is None or previous[0] != group[0] else ""] if many_models else [])
         cells.append(group[1] if group != previous else "")
-        cells.append(_method_label(r))
+        cells.append(method_label(r))
         cells += [_cell(r["tasks"][t], stderr) if t in r["tasks"] else "–" for t in columns]
         cells.append(_cell({"value": r["average"], "stderr": r.get("average_stderr")}, stderr))
         pct = r.get("percentage")
