@@ -183,7 +183,7 @@ def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
 def execute(run: Run, loaded: dict, bundle_only: bool = False) -> None:
     from igprune import load_model
     from igprune.evaluation.benchmark import evaluate
-    from igprune.evaluation.results import save_results
+    from igprune.evaluation.results import load_results, save_results
 
     if run.model not in loaded:
         loaded.clear()  # one model in memory at a time
@@ -193,7 +193,11 @@ def execute(run: Run, loaded: dict, bundle_only: bool = False) -> None:
     if bundle_only:
         print(f"{run.model} {run.name}: {bundle}", flush=True)
         return
-    results = evaluate(model, tokenizer, bundle, tasks=["paper6"], limit=run.limit, seed=SEED)
+    # the percentage column against the committed dense run at the same limit, not only a cached one
+    dense = next((result_path(r) for r in RUNS if r.model == run.model and r.method == "dense"
+                  and r.limit == run.limit and r is not run and result_path(r).is_file()), None)
+    results = evaluate(model, tokenizer, bundle, tasks=["paper6"], limit=run.limit, seed=SEED,
+                       dense=load_results(dense) if dense else None)
     results["benchmark_run"] = dataclasses.asdict(run)
     save_results(result_path(run), results)
     pct = results.get("percentage")
