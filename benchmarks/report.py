@@ -400,8 +400,8 @@ def domain_cloze(blocks: int, model: str = SMOL) -> str:
     paths.append((None, folder / f"domains6-ig16-b{blocks}.json"))
     paths += [(f"IG-Pruning, {run}", folder / f"domains6-{run}-b{blocks}.json") for run in [*FITS, *CHOSEN]]
     paths.append((None, folder / f"domains6-own-texts-p0-b{blocks}.json"))  # labelled in the file
-    results = [{**load_results(path), **({"method_label": label} if label else {}), "file": path.name}
-               for label, path in paths if path.is_file()]
+    results = [{**load_results(path), **({"method_label": label} if label else {})} for label, path in paths
+               if path.is_file()]
     if len(results) < 2:
         return "_not run yet_"
     routing = [[method_label(r), *(" ".join(f"{k}:{v}" for k, v in (r["routing"].get(t) or {}).items())
@@ -416,7 +416,7 @@ def _versus_best_static(results: list[dict[str, Any]], static: list[str]) -> str
     same documents under both), and the best configuration per domain picked on these very documents: an
     optimistic bound on any routing that gives each domain one of the measured masks."""
     dense = next(r for r in results if r["method"] == "dense")
-    best = max((r for r in results if r["file"] in {f"domains6-{s}.json" for s in static}), key=lambda r: r["average"])
+    best = max((r for r in results if r.get("method_label") in static), key=lambda r: r["average"])  # named by run
     pruned = [r for r in results if r is not dense]
     picked = {t: max(pruned, key=lambda r, t=t: r["tasks"][t]["value"]) for t in dense["tasks"]}
     bound = sum(r["tasks"][t]["value"] for t, r in picked.items()) / len(picked)
