@@ -16,6 +16,7 @@ clustering or fit passage comes from (igprune.data.is_heldout), by token-weighte
     python benchmarks/domains.py fragments --blocks 15  # do short fit passages favour other masks?
     python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
     python benchmarks/domains.py tasks --suite domains6  # dense, static masks and fits on the domain cloze tasks
+    python benchmarks/domains.py tasks --blocks 8 --limit 500  # the six tasks at the headline's limit 500
     python benchmarks/report.py                       # then the tables in RESULTS.md
 
 `search` gives the ceiling of input guidance: the mask of domain i, searched on domain i's text, scored on
@@ -693,11 +694,13 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
             "oracle": {"overall": _ppl(_all(oracle)), "bpb": _bpb(_all(oracle)), **_versus(oracle, static)}}
 
 
-def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite: str = "paper6") -> None:
+def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite: str = "paper6",
+          limit: int | None = None) -> None:
     """Each fit and chosen bundle on a task suite, the Percentage column against the dense model.
 
-    "paper6": the paper's six tasks at the model's task limit, against the headline's dense run (the headline has
-    the static masks there). "domains6": the six domain cloze tasks (igprune.data.CLOZE), whole or each task's first
+    "paper6": the paper's six tasks at the model's task limit (or `limit`, where the headline has a dense run at it;
+    results then named "-l<limit>"), against the headline's dense run (the headline has the static masks there).
+    "domains6": the six domain cloze tasks (igprune.data.CLOZE), whole or each task's first
     CLOZE_LIMIT_BY_MODEL documents, with dense and every static mask run here too; each document routed by its
     context."""
     from headline import RUNS, result_path
@@ -705,11 +708,17 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import load_results, save_results
 
+    tail = ""
     if suite == "paper6":
-        limit = task_limit(name)
-        dense = load_results(result_path(next(r for r in RUNS if r.model == name and r.method == "dense"
-                                              and r.limit == limit)))
-        runs = []
+        tail = "" if limit in (None, task_limit(name)) else f"-l{limit}"
+        limit = limit or task_limit(name)
+        dense_run = next((r for r in RUNS if r.model == name and r.method == "dense" and r.limit == limit), None)
+        if dense_run is None:
+            raise SystemExit(f"domains.py: error: the headline has no dense run of {name} at limit {limit}; "
+                             "use its limit or add one to headline.RUNS")
+        dense, runs = load_results(result_path(dense_run)), []
+    elif limit is not None:
+        raise SystemExit("domains.py: error: --limit is for --suite paper6; domains6 runs CLOZE_LIMIT_BY_MODEL")
     else:
         limit, dense_path = CLOZE_LIMIT_BY_MODEL.get(name), folder(name) / f"{suite}-dense.json"
         if not dense_path.is_file():  # seeded, so a saved dense run is the run this would repeat
@@ -717,7 +726,7 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
         dense = load_results(dense_path)
         headline = [pattern.format(blocks=blocks) for pattern in [*STATIC, "ig16-b{blocks}"]]  # names hold blocks
         runs = [(run, BUNDLES / name / run, folder(name) / f"{suite}-{run}.json") for run in headline]
-    runs += [(run, fit_dir(name, run, blocks), folder(name) / f"{suite}-{run}-b{blocks}.json")
+    runs += [(run, fit_dir(name, run, blocks), folder(name) / f"{suite}-{run}-b{blocks}{tail}.json")
              for run in [*FITS, *CHOSEN]]
     for run, path, out in runs:
         if (path / "bundle.json").is_file() and not out.is_file() and (not only or run in only):
@@ -841,6 +850,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
     parser.add_argument("--only", help="fit, choose, tasks: comma-separated run names")
     parser.add_argument("--suite", default="paper6", choices=["paper6", "domains6"], help="tasks: which tasks")
+    parser.add_argument("--limit", type=int, help="tasks, paper6: documents per task (default: the model's task limit)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -867,7 +877,7 @@ def main() -> None:
     elif args.step == "fragments":
         fragments(model, tokenizer, args.model, args.blocks)
     else:
-        tasks(model, tokenizer, args.model, args.blocks, only, args.suite)
+        tasks(model, tokenizer, args.model, args.blocks, only, args.suite, args.limit)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from igprune.evaluation.results import (
     load_results,
     paired_gain,
     percentage,
+    picked_per_task_gain,
     results_table,
     save_results,
 )
@@ -213,6 +214,21 @@ def test_paired_gain_counts_only_the_documents_that_differ():
         paired_gain(better, {"tasks": {t: {"value": 50.0} for t in reference["tasks"]}})
     with pytest.raises(IGPruneError, match="same tasks"):
         paired_gain(scored(piqa=[1.0, 0.0, 1.0, 0.0]), reference)
+
+
+def test_picked_per_task_gain_credits_a_real_gain_but_not_luck():
+    def scored(**tasks):
+        return {"tasks": {t: {"value": 100 * sum(v) / len(v), "items": v} for t, v in tasks.items()}}
+
+    reference = scored(piqa=[1.0, 0.0] * 10, arc_easy=[1.0, 0.0] * 10)
+    lucky = scored(piqa=[1.0, 1.0] + [1.0, 0.0] * 9, arc_easy=[1.0, 0.0] * 10)  # right on one more document
+    better = scored(piqa=[1.0] * 20, arc_easy=[1.0, 0.0] * 10)  # right on every piqa document
+    assert paired_gain(lucky, reference)[0] == pytest.approx(2.5)  # picked on the scored documents, it gains
+    assert picked_per_task_gain([lucky], reference) == (0.0, 0.0)  # picked on the other half, never
+    gain, stderr = picked_per_task_gain([lucky, better], reference, repeats=20, seed=1)
+    assert (gain, stderr) == pytest.approx(paired_gain(better, reference))  # piqa takes `better` from either half
+    with pytest.raises(IGPruneError, match="same limit"):
+        picked_per_task_gain([scored(piqa=[1.0, 0.0], arc_easy=[1.0, 0.0])], reference)
 
 
 def test_gains_table_puts_each_result_against_the_reference_and_dense():

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -214,10 +215,46 @@ def paired_gain(result: dict[str, Any], reference: dict[str, Any]) -> tuple[floa
     """`result`'s average minus `reference`'s, in points, and the stderr of that difference from per-document
     pairs. Both ran on the same documents, so what makes a document hard cancels; where two configurations agree
     on most documents the paired error is a fraction of the two unpaired errors together."""
+    ours, theirs = _items(result, reference), _items(reference, reference)
+    return _paired({task: [100.0 * (x - y) for x, y in zip(a, theirs[task], strict=True)]
+                    for task, a in ours.items()})
+
+
+def picked_per_task_gain(results: list[dict[str, Any]], reference: dict[str, Any], repeats: int = 100,
+                         seed: int = 0) -> tuple[float, float]:
+    """What giving each task whichever of `results` (or `reference`) scores best on it gains over `reference`,
+    in points, with the pick made on one half of the task's documents and scored on the other half (two-fold;
+    the mean gain and mean paired stderr over `repeats` seeded splits; ties keep `reference`).
+
+    Picking on the scored documents themselves credits a configuration with its luck on them, the more so the
+    more configurations there are; this does not, so it is an honest ceiling for any routing by task among them."""
+    theirs = _items(reference, reference)
+    candidates = [theirs, *(_items(r, reference) for r in results if r is not reference)]
+    rng = random.Random(seed)
+    gains, stderrs = [], []
+    for _ in range(repeats):
+        differences = {}
+        for task, ref in theirs.items():
+            order = rng.sample(range(len(ref)), len(ref))
+            halves = (order[: len(ref) // 2], order[len(ref) // 2:])
+            diff = [0.0] * len(ref)
+            for picked_on, scored_on in (halves, halves[::-1]):
+                best = max(candidates, key=lambda c, task=task, on=picked_on: sum(c[task][i] for i in on))
+                for i in scored_on:
+                    diff[i] = 100.0 * (best[task][i] - ref[i])
+            differences[task] = diff
+        gain, stderr = _paired(differences)
+        gains.append(gain)
+        stderrs.append(stderr)
+    return sum(gains) / repeats, sum(stderrs) / repeats
+
+
+def _items(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, list[float]]:
+    """`result`'s per-document scores by task, refused unless they pair with `reference`'s one to one."""
     if set(result["tasks"]) != set(reference["tasks"]):
         raise IGPruneError(f"the results cover tasks {sorted(result['tasks'])} and {sorted(reference['tasks'])}; "
                            "compare results on the same tasks")
-    means, variances = [], []
+    items = {}
     for task, entry in result["tasks"].items():
         a, b = entry.get("items"), reference["tasks"][task].get("items")
         if a is None or b is None:
@@ -226,7 +263,15 @@ def paired_gain(result: dict[str, Any], reference: dict[str, Any]) -> tuple[floa
         if len(a) != len(b) or len(a) < 2:
             raise IGPruneError(f"{task} was scored on {len(a)} and {len(b)} documents; compare results with the "
                                "same limit")
-        d = [100.0 * (x - y) for x, y in zip(a, b, strict=True)]
+        items[task] = a
+    return items
+
+
+def _paired(differences: dict[str, list[float]]) -> tuple[float, float]:
+    """The average over tasks of the mean per-document difference, and its stderr (tasks weigh alike, as in the
+    task average)."""
+    means, variances = [], []
+    for d in differences.values():
         mean = sum(d) / len(d)
         means.append(mean)
         variances.append(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
