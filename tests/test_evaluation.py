@@ -12,6 +12,7 @@ from igprune.evaluation.harness import IGPruneLM, shared_text
 from igprune.evaluation.perplexity import rows_per_batch, score_texts, token_nll
 from igprune.evaluation.results import (
     ResultCache,
+    gain_by_cluster,
     gains_table,
     load_results,
     paired_gain,
@@ -101,12 +102,10 @@ def test_documents_are_routed_once_in_one_batch_and_counted_per_task():
     lm.loglikelihood(requests("b"))
     encoder = pruned.router.encoder
     assert len(encoder.calls) == 1 and sorted(encoder.calls[0]) == sorted(q for q, _ in QUESTIONS)
-    expected = {}
-    for context, _ in QUESTIONS:
-        expected[len(context) % 3] = expected.get(len(context) % 3, 0) + 1
-    assert lm.routing == {"a": dict(sorted(expected.items())), "b": dict(sorted(expected.items()))}
+    expected = {doc: len(context) % 3 for doc, (context, _) in enumerate(QUESTIONS)}
+    assert lm.document_clusters("a") == expected and lm.document_clusters("b") == expected
     lm.reset_routing()
-    assert lm.routing == {}
+    assert lm.document_clusters("a") == {}
 
 
 def test_choices_of_one_document_share_a_mask_even_when_contexts_differ():
@@ -231,6 +230,16 @@ def test_picked_per_task_gain_credits_a_real_gain_but_not_luck():
         picked_per_task_gain([scored(piqa=[1.0, 0.0], arc_easy=[1.0, 0.0])], reference)
 
 
+def test_gain_by_cluster_traces_a_difference_to_the_clusters_it_comes_from():
+    reference = {"tasks": {"piqa": {"items": [1.0, 0.0, 1.0, 0.0]}, "arc_easy": {"items": [1.0, 1.0, 0.0, 0.0]}}}
+    routed = {"tasks": {"piqa": {"items": [0.0, 1.0, 1.0, 1.0], "clusters": [2, 0, 0, 0]},
+                        "arc_easy": {"items": [1.0, 0.0, 0.0, 0.0], "clusters": [0, 2, 2, 2]}}}
+    assert gain_by_cluster(routed, reference) == {0: (4, 2.0), 2: (4, -2.0)}
+    del routed["tasks"]["arc_easy"]["clusters"]
+    with pytest.raises(IGPruneError, match="no per-document clusters"):
+        gain_by_cluster(routed, reference)
+
+
 def test_gains_table_puts_each_result_against_the_reference_and_dense():
     dense = result("dense", 60.0, skipped=0, n_clusters=None)
     sleb, ours, old = result("sleb", 40.0, n_clusters=1), result("ig-pruning", 45.0), result("ig-pruning", 45.0)
@@ -312,7 +321,8 @@ def test_cloze_task_runs_routed_on_a_tiny_model(prepared_data, tmp_path):
                              progress=False)
     assert out["tasks"]["cloze_math"]["metric"] == "acc_bytes" and out["tasks"]["cloze_math"]["n"] == 6
     assert 100 * sum(out["tasks"]["cloze_math"]["items"]) / 6 == pytest.approx(out["tasks"]["cloze_math"]["value"])
-    assert sum(out["routing"]["cloze_math"].values()) == 6
+    clusters = out["tasks"]["cloze_math"]["clusters"]  # each document's cluster, in the order of its items
+    assert len(clusters) == 6 and {str(c): clusters.count(c) for c in set(clusters)} == out["routing"]["cloze_math"]
 
 
 def test_unknown_task_is_a_clear_error():

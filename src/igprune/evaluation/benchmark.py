@@ -9,7 +9,9 @@ once. Values are each task's metric (tasks.METRIC: the paper's acc_norm, acc on 
 cloze tasks) in percent, with lm-eval's standard error
 (analytic for these mean metrics: no bootstrap is run, whatever `bootstrap_iters` says), and each document's
 score in document order ("items"): two configurations on the same documents are then compared by paired
-differences (results.paired_gain), whose error is far smaller than the two unpaired errors together.
+differences (results.paired_gain), whose error is far smaller than the two unpaired errors together. A routed
+configuration also records each document's cluster ("clusters", same order), so a difference can be traced to
+the clusters it comes from (results.gain_by_cluster).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from igprune.evaluation.tasks import GROUP, GROUPS, METRIC, PREFIX, definition
 from igprune.files import IGPruneError, sha256_file
 
 BOOTSTRAP_ITERS = 1000  # > 0 so lm-eval reports a stderr; acc/acc_norm use the closed form, not the bootstrap
-ENTRY_FORMAT = 2  # 2: a task's entry carries its per-document scores; cached entries without them are recomputed
+ENTRY_FORMAT = 3  # 2: a task's entry carries its per-document scores, 3: and, routed, each document's cluster;
+# cached entries of an older format are recomputed
 
 
 def resolve_tasks(tasks: Sequence[str]) -> list[str]:
@@ -177,7 +180,10 @@ class _Runner:
         # CPU seconds as well as wall: on a shared machine wall time depends on the neighbours' load
         entry["seconds"] = round(time.perf_counter() - started, 1)
         entry["cpu_seconds"] = round(time.process_time() - cpu, 1)
-        shares = distributed.all_gather(self.lm.routing.get(task) or {})  # documents per cluster on each rank
-        routing = dict(sorted(sum((Counter(r) for r in shares), Counter()).items()))
+        # each rank routed its share of the documents: the cluster of every document, in document order as "items"
+        clusters = {doc: c for share in distributed.all_gather(self.lm.document_clusters(task)) for doc, c in
+                    share.items()}
+        routing = dict(sorted(Counter(clusters.values()).items()))
         entry["routing"] = {str(k): v for k, v in routing.items()} if routing else None
+        entry["clusters"] = [clusters[doc] for doc in sorted(clusters)] if clusters else None
         return entry

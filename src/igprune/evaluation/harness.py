@@ -10,7 +10,8 @@ the harness's. A pruned model only adds masks around HFLM's methods:
   sorting and batching, and the answers are put back in the original order. A dynamic model so costs about
   what the dense one does, plus routing and at most one part-filled batch per cluster.
 
-`routing` counts documents per cluster for each task: routing collapse (every input to one cluster) shows there.
+`document_clusters` gives each task's documents' clusters: routing collapse (every input to one cluster) shows
+there.
 
 Data parallel: HFLM gives up its own data parallelism when handed a loaded model, so under torchrun / accelerate
 launch IGPruneLM reports the process group's rank and size itself and gathers with torch.distributed; lm-eval's
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,13 +70,10 @@ class IGPruneLM(HFLM):
         self._doc_cluster: dict[DocKey, int] = {}
         self.routing_seconds = 0.0  # time spent in the encoder, to compare with the evaluation itself
 
-    @property
-    def routing(self) -> dict[str, dict[int, int]]:
-        """Documents per cluster for each task seen so far (requests without a task name count under "")."""
-        counts: dict[str, Counter] = defaultdict(Counter)
-        for (task, _), cluster in self._doc_cluster.items():
-            counts[task or ""][cluster] += 1
-        return {task: dict(sorted(c.items())) for task, c in counts.items()}
+    def document_clusters(self, task: str) -> dict[int, int]:
+        """The cluster of each of `task`'s documents seen so far, by lm-eval doc_id."""
+        return {doc: cluster for (name, doc), cluster in self._doc_cluster.items()
+                if name == task and isinstance(doc, int)}
 
     def reset_routing(self) -> None:
         self._doc_cluster.clear()

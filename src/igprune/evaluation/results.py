@@ -220,6 +220,23 @@ def paired_gain(result: dict[str, Any], reference: dict[str, Any]) -> tuple[floa
                     for task, a in ours.items()})
 
 
+def gain_by_cluster(result: dict[str, Any], reference: dict[str, Any]) -> dict[int, tuple[int, float]]:
+    """Where a routed `result`'s difference from `reference` comes from: for each of its clusters, the documents
+    routed there (all tasks together) and how many more of them it gets right (score differences summed)."""
+    ours, theirs = _items(result, reference), _items(reference, reference)
+    by_cluster: dict[int, list[float]] = {}
+    for task, a in ours.items():
+        clusters = result["tasks"][task].get("clusters")
+        if clusters is None or len(clusters) != len(a):
+            raise IGPruneError(f"{task} has no per-document clusters in the routed results; evaluate the bundle "
+                               "again with this igprune, which records them")
+        for cluster, x, y in zip(clusters, a, theirs[task], strict=True):
+            count = by_cluster.setdefault(cluster, [0, 0.0])
+            count[0] += 1
+            count[1] += x - y
+    return {cluster: (int(n), net) for cluster, (n, net) in sorted(by_cluster.items())}
+
+
 def picked_per_task_gain(results: list[dict[str, Any]], reference: dict[str, Any], repeats: int = 100,
                          seed: int = 0) -> tuple[float, float]:
     """What giving each task whichever of `results` (or `reference`) scores best on it gains over `reference`,
