@@ -25,6 +25,7 @@ from igprune.evaluation import figures
 from igprune.evaluation.results import (
     gain_by_cluster,
     gains_table,
+    has_items,
     load_results,
     method_label,
     paired_gain,
@@ -442,7 +443,7 @@ def _versus_best_static(results: list[dict[str, Any]], static: list[str]) -> str
 def _picked_on_other_half(pruned: list[dict[str, Any]], best: dict[str, Any], dense: dict[str, Any]) -> str:
     """The same bound with each domain's configuration picked on half its documents and scored on the other half,
     which no configuration's luck on the scored documents inflates (`picked_per_task_gain`)."""
-    scored = [r for r in pruned if all("items" in t for t in r["tasks"].values())]
+    scored = [r for r in pruned if has_items(r)]
     if best not in scored or len(scored) < 2:
         return ""
     gain, stderr = (100 * x / dense["average"] for x in picked_per_task_gain(scored, best, repeats=PICK_REPEATS))
@@ -498,7 +499,7 @@ def six_task_floor() -> str:
         for run in [*FITS, *CHOSEN]:
             for path in sorted((HERE / "results" / "domains" / SMOL).glob(f"paper6-{run}-b{blocks}*.json")):
                 fit = load_results(path)
-                if not all("items" in t for t in fit["tasks"].values()):
+                if not has_items(fit):
                     continue
                 same = [r for r in RUNS if r.model == SMOL and r.limit == fit["limit"] and result_path(r).is_file()]
                 dense = load_results(result_path(next(r for r in same if r.method == "dense")))

@@ -266,6 +266,11 @@ def picked_per_task_gain(results: list[dict[str, Any]], reference: dict[str, Any
     return sum(gains) / repeats, sum(stderrs) / repeats
 
 
+def has_items(result: dict[str, Any]) -> bool:
+    """Whether every task of `result` kept its per-document scores (results from before they were kept did not)."""
+    return all("items" in t for t in result["tasks"].values())
+
+
 def _items(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, list[float]]:
     """`result`'s per-document scores by task, refused unless they pair with `reference`'s one to one."""
     if set(result["tasks"]) != set(reference["tasks"]):
@@ -345,7 +350,7 @@ def gains_table(results: list[dict[str, Any]], reference: dict[str, Any]) -> str
     for r in results:
         if r is reference or r is dense:
             continue
-        if not all("items" in t for t in [*r["tasks"].values(), *reference["tasks"].values()]):
+        if not (has_items(r) and has_items(reference)):
             cells = ["–"] * (len(head) - 1)
         else:
             gain, stderr = paired_gain(r, reference)
