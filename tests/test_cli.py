@@ -86,9 +86,10 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert "|" in invoke("table", scores)
     reference = tmp_path / "dense.json"  # the same documents, dense: the bundle's gain over it, paired by document
     invoke("eval", "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", reference)
-    compared = invoke("table", scores, reference, "--against", reference)
+    compared = invoke("table", scores, reference, "--against", reference, "--by-cluster")
     gains = compared.split("Gain over dense.json, paired by document:")[1]
     assert gains.count("| IG-Pruning (N=2) | ") == 1 and " ± " in gains and "Dense" not in gains  # not itself
+    assert "| Net documents by cluster |" in gains  # and where the gain comes from, cluster by cluster
     invoke("ppl", "--bundle", bundle, "--model", model, "--limit", "2", "--seq-len", "32", "--out",
            tmp_path / "ppl.json")
     heldout = tmp_path / "heldout.jsonl"  # the user's own held-out requests, each scored on its reply

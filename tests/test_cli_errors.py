@@ -186,6 +186,8 @@ CASES = [
          "--max-new-tokens must be at least 1"),
     Case("zero clusters", ["fit", "-m", "MODEL_A", "-o", "out", "--clusters", "0"], 2, "--clusters must be at least 1"),
     Case("unknown finder", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "magic"], 2, "--finder must be one of"),
+    Case("gain by cluster without a reference", ["table", "ig.json", "--by-cluster"], 2,
+         "--by-cluster splits the gain over a reference by cluster: add --against"),
     Case("shared fraction above one", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--clusters", "2",
                                        "--shared-fraction", "1.5", "--samples", "8"], 2, "shared_fraction must be in"),
     Case("negative choose samples", ["fit", "-m", "MODEL_A", "-o", "out", "--finder", "sleb", "--choose-samples",

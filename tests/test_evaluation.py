@@ -13,6 +13,7 @@ from igprune.evaluation.perplexity import rows_per_batch, score_texts, token_nll
 from igprune.evaluation.results import (
     ResultCache,
     gain_by_cluster,
+    gain_by_cluster_cell,
     gains_table,
     load_results,
     paired_gain,
@@ -235,6 +236,8 @@ def test_gain_by_cluster_traces_a_difference_to_the_clusters_it_comes_from():
     routed = {"tasks": {"piqa": {"items": [0.0, 1.0, 1.0, 1.0], "clusters": [2, 0, 0, 0]},
                         "arc_easy": {"items": [1.0, 0.0, 0.0, 0.0], "clusters": [0, 2, 2, 2]}}}
     assert gain_by_cluster(routed, reference) == {0: (4, 2.0), 2: (4, -2.0)}
+    assert gain_by_cluster_cell(routed, reference) == "0: +2 of 4, 2: -2 of 4"  # as a table shows it
+    assert gain_by_cluster_cell(reference, reference) == "–"  # a static mask's results: no clusters
     del routed["tasks"]["arc_easy"]["clusters"]
     with pytest.raises(IGPruneError, match="no per-document clusters"):
         gain_by_cluster(routed, reference)
@@ -251,6 +254,11 @@ def test_gains_table_puts_each_result_against_the_reference_and_dense():
     assert lines[0] == "| Configuration | Gain in average (points) | Gain in percentage of dense |"
     assert lines[2] == "| IG-Pruning (N=4) | +25.00 ± 10.21 | +41.67 ± 17.01 |"  # a fourth more right on each task
     assert lines[3] == "| from before items | – | – |" and len(lines) == 4  # dense and the reference: no rows
+    for entry in ours["tasks"].values():  # routed: two documents to cluster 0, two to cluster 1
+        entry["clusters"] = [0, 0, 1, 1]
+    lines = gains_table([dense, sleb, ours], sleb, by_cluster=True).splitlines()
+    assert lines[0].endswith("| Gain in percentage of dense | Net documents by cluster |")
+    assert lines[2].endswith("| 0: +6 of 12 |")  # each task's one more right is its second document, in cluster 0
 
 
 def test_table_has_the_papers_layout():

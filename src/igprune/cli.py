@@ -701,17 +701,22 @@ def table_(files: Annotated[list[Path], typer.Argument(help="results files writt
            stderr: Annotated[bool, typer.Option(help="show each score's standard error")] = False,
            against: Annotated[Path | None, typer.Option(
                help="also each file's gain over this results file, paired by document (its stderr is far smaller "
-               "than two unpaired ones); both must be on the same tasks and limit")] = None) -> None:
+               "than two unpaired ones); both must be on the same tasks and limit")] = None,
+           by_cluster: Annotated[bool, typer.Option(
+               help="with --against: where each routed file's gain comes from, as net documents right per "
+               "cluster the documents were routed to")] = False) -> None:
     """Print results files together as a Markdown table in the layout of the paper's Table 1."""
     from igprune.evaluation.results import gains_table, load_results, results_table
 
+    if by_cluster and against is None:
+        raise IGPruneError("--by-cluster splits the gain over a reference by cluster: add --against REF.json")
     results = [load_results(f) for f in files]
     print(results_table(results, stderr=stderr))
     if against is not None:
         reference = load_results(against)
         print(f"\nGain over {against.name}, paired by document:\n")
         print(gains_table([r for r, f in zip(results, files, strict=True) if f.resolve() != against.resolve()],
-                          reference))
+                          reference, by_cluster=by_cluster))
 
 
 @app.command()

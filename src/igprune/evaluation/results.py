@@ -237,6 +237,17 @@ def gain_by_cluster(result: dict[str, Any], reference: dict[str, Any]) -> dict[i
     return {cluster: (int(n), net) for cluster, (n, net) in sorted(by_cluster.items())}
 
 
+def gain_by_cluster_cell(result: dict[str, Any], reference: dict[str, Any]) -> str:
+    """`gain_by_cluster` as one table cell: "cluster: net of documents" for each cluster whose net is not 0
+    ("none" where no cluster's is), or "–" for a result without per-document clusters (a static mask's, or one
+    evaluated before they were recorded)."""
+    try:
+        counts = gain_by_cluster(result, reference)
+    except IGPruneError:
+        return "–"
+    return ", ".join(f"{c}: {net:+.0f} of {n}" for c, (n, net) in counts.items() if net) or "none"
+
+
 def picked_per_task_gain(results: list[dict[str, Any]], reference: dict[str, Any], repeats: int = 100,
                          seed: int = 0) -> tuple[float, float]:
     """What giving each task whichever of `results` (or `reference`) scores best on it gains over `reference`,
@@ -340,12 +351,14 @@ def _cell(entry: dict[str, Any], stderr: bool) -> str:
     return f"{entry['value']:.2f}"
 
 
-def gains_table(results: list[dict[str, Any]], reference: dict[str, Any]) -> str:
+def gains_table(results: list[dict[str, Any]], reference: dict[str, Any], by_cluster: bool = False) -> str:
     """A Markdown table of each result's gain over `reference`, paired by document (`paired_gain`): in points of
-    the average, and in percent of the dense average where a dense result is among `results`. A result from
-    before per-document scores were recorded gets "–"."""
+    the average, in percent of the dense average where a dense result is among `results`, and with `by_cluster`
+    the routed results' net documents per cluster (`gain_by_cluster_cell`). A result from before per-document
+    scores were recorded gets "–"."""
     dense = next((r for r in results if r["method"] == "dense"), None)
-    head = ["Configuration", "Gain in average (points)"] + (["Gain in percentage of dense"] if dense else [])
+    head = (["Configuration", "Gain in average (points)"] + (["Gain in percentage of dense"] if dense else [])
+            + (["Net documents by cluster"] if by_cluster else []))
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         if r is reference or r is dense:
@@ -358,6 +371,8 @@ def gains_table(results: list[dict[str, Any]], reference: dict[str, Any]) -> str
             if dense:
                 scale = 100 / dense["average"] if dense["average"] else None
                 cells.append(f"{scale * gain:+.2f} ± {scale * stderr:.2f}" if scale else "–")
+            if by_cluster:
+                cells.append(gain_by_cluster_cell(r, reference))
         lines.append("| " + " | ".join([method_label(r), *cells]) + " |")
     return "\n".join(lines)
 
