@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -56,8 +57,11 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     chosen = tmp_path / "chosen"  # nothing searched: each cluster chooses between SLEB's mask and ShortenedLlama's
     invoke("fit", "--model", model, "--out", chosen, "--clusters", "2", "--samples", "40", "--finder", "sleb",
            "--blocks", "2", "--seq-len", "16", "--shared-fraction", "1", "--global", sleb, "--candidate", shortened,
-           "--choose-samples", "2", "--choose-margin", "auto")
+           "--choose-samples", "2", "--choose-margin", "auto", "--gate", "0.5")
     fitted, statics = Bundle.load(chosen), [Bundle.load(sleb).masks[0], Bundle.load(shortened).masks[0]]
+    assert fitted.config["gate"] == {"quantile": 0.5} and fitted.radii.shape == (2,)  # inputs unlike a cluster's
+    assert torch.equal(fitted.fallback[0], statics[0])  # texts run under the global mask, SLEB's here
+    assert "fallback" in invoke("inspect", chosen) and "radius" in invoke("inspect", chosen)
     assert {mask_row(m) for m in fitted.masks} <= {mask_row(m) for m in statics}
     choice = fitted.logs["search"]["choose"]  # a cluster left the global mask only past its Bonferroni bar
     assert fitted.config["search"]["choose_margin"] == "auto" and len(choice["margins"]) == 2

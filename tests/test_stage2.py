@@ -10,12 +10,13 @@ from transformers.generation.streamers import BaseStreamer
 from igprune.blocks import patch
 from igprune.bundle import Bundle
 from igprune.encoder import SentenceEncoder
+from igprune.evaluation.results import Configuration
 from igprune.files import IGPruneError
 from igprune.stage1.clustering import cluster
 from igprune.stage1.pruner import IGPruner
 from igprune.stage1.train import TrainConfig
 from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
-from igprune.stage2.router import Router
+from igprune.stage2.router import Router, gate_radii
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 
@@ -63,6 +64,42 @@ def test_each_centroid_routes_to_itself():
     centroids = torch.randn(5, 16)
     clusters, distances = Router(centroids).route_embeddings(centroids)
     assert clusters.tolist() == [0, 1, 2, 3, 4] and torch.all(distances < 1e-5)
+
+
+def test_a_gated_router_sends_inputs_beyond_a_clusters_radius_to_the_fallback():
+    centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    members = torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0], [0.0, 4.0], [10.0, 0.5], [10.0, 1.0]])
+    radii = gate_radii(centroids, members, 0.6)
+    assert radii.tolist() == [3.0, 1.0]  # a member's distance at or above the quantile: of 1..4 the 3rd, of 0.5, 1 the 2nd
+    assert gate_radii(centroids, members, 1.0).tolist() == [4.0, 1.0]  # 1.0: only beyond every member
+    router = Router(centroids, radii=radii)
+    routes, distances = router.route_embeddings(torch.tensor([[0.0, 2.5], [0.0, 3.5], [10.0, 1.5], [9.0, 0.0]]))
+    assert routes.tolist() == [0, 2, 2, 1] and router.n_routes == 3  # route 2: the fallback
+    assert distances.tolist() == [2.5, 3.5, 1.5, 1.0]  # still the distance to the nearest centroid
+    with pytest.raises(IGPruneError, match=r"quantile must be in \(0, 1\]"):
+        gate_radii(centroids, members, 0.0)
+
+
+def test_a_gated_bundle_round_trips_and_runs_the_fallback_beyond_the_radii(fitted, tmp_path):
+    model, tokenizer, _, path = fitted
+    bundle = Bundle.load(path)
+    fallback = torch.ones(bundle.masks.shape[1], dtype=torch.bool)
+    fallback[[1, 3]] = False  # as many blocks as the clusters skip: the FFNs of layers 0 and 1
+    gated = bundle.with_gate(torch.zeros(3), fallback, 0.95)  # radius 0: every input is beyond it
+    again = Bundle.load(gated.save(tmp_path / "gated"))
+    assert torch.equal(again.radii, torch.zeros(3)) and torch.equal(again.route_masks[3], fallback)
+    assert again.config["gate"] == {"quantile": 0.95}
+    key = Configuration(model, bundle).content_sha256  # cached task results: a gate is another configuration
+    assert Configuration(model, again).content_sha256 != key == Configuration(model, Bundle.load(path)).content_sha256
+    dynamic = DynamicPrunedModel.from_bundle(model, again, tokenizer)
+    assert dynamic.clusters(TEXTS[:3]) == [3, 3, 3] and torch.equal(dynamic.mask_for(3), fallback)
+    with patch(model).masked(fallback):
+        expected = model(**tokenizer([TEXTS[0]], return_tensors="pt")).logits
+    assert torch.allclose(dynamic(**tokenizer([TEXTS[0]], return_tensors="pt")).logits, expected, atol=1e-5)
+    with pytest.raises(IGPruneError, match="fallback mask skips 3 blocks"):
+        bundle.with_gate(torch.zeros(3), fallback.logical_and(torch.arange(len(fallback)) != 5), 0.95)
+    with pytest.raises(IGPruneError, match="not 3 finite distances"):
+        bundle.with_gate(torch.zeros(2), fallback, 0.95)
 
 
 def test_bundle_round_trips_bit_exactly(fitted, tmp_path):

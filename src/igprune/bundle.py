@@ -3,7 +3,8 @@
     bundle.json          what made it: method, model id and fingerprint, encoder, N, sparsity, seed,
                          granularity, training settings, final losses, search logs; and a sha256 of
                          tensors.safetensors and of its own content, so a damaged bundle never loads
-    tensors.safetensors  centroids (N, d), masks (N, B) bool, and log_alpha (N, units) when trained
+    tensors.safetensors  centroids (N, d), masks (N, B) bool, and log_alpha (N, units) when trained; with a
+                         gate, radii (N,) and the fallback mask (1, B) bool
 
 Static methods (SLEB, ShortenedLlama, EvoPress, static L0) write the same format with N = 1 and no
 encoder. The fingerprint ties a bundle to the model it was made for; loading onto another model fails.
@@ -40,7 +41,7 @@ REQUIRED: dict[str, tuple[type, ...]] = {
     "granularity": (str,), "blocks_total": (int,), "blocks_skipped": (int,), "seed": (int,)}
 OPTIONAL: dict[str, tuple[type, ...]] = {
     "encoder": (str,), "encoder_tokens": (int, type(None)), "cluster_sizes": (list,), "attn_skipped": (int,),
-    "ffn_skipped": (int,), "calibration": (dict,), "logs": (dict,)}
+    "ffn_skipped": (int,), "calibration": (dict,), "logs": (dict,), "gate": (dict,)}
 FINGERPRINT: dict[str, tuple[type, ...]] = {
     "architecture": (str,), "num_layers": (int,), "hidden_size": (int,), "config_sha256": (str,),
     "weight_signature": (list,)}
@@ -157,6 +158,10 @@ class Bundle:
     log_alpha: torch.Tensor | None = None  # (N, units) for trained masks
     logs: dict[str, Any] = field(default_factory=dict)  # learning curves, search logs
     source: Path | None = field(default=None, compare=False)  # the folder it was loaded from or saved to
+    # The gate (stage2.router.gate_radii): an input farther from its nearest centroid than that cluster's radius
+    # runs under the fallback mask, route N, instead of the cluster's.
+    radii: torch.Tensor | None = None  # (N,) float32
+    fallback: torch.Tensor | None = None  # (1, B) bool
 
     @property
     def n_clusters(self) -> int:
@@ -165,6 +170,20 @@ class Bundle:
     @property
     def static(self) -> bool:
         return self.n_clusters == 1
+
+    @property
+    def route_masks(self) -> torch.Tensor:
+        """The mask of every route: the clusters', then the fallback's when the bundle has a gate."""
+        return self.masks if self.fallback is None else torch.cat([self.masks, self.fallback])
+
+    def with_gate(self, radii: torch.Tensor, fallback: torch.Tensor, quantile: float) -> Bundle:
+        """A copy that sends inputs beyond a cluster's radius (the `quantile` of its members' distances) to
+        `fallback`, the mask every cluster starts from, instead of a mask chosen on text unlike them."""
+        config = {**self.config, "gate": {"quantile": quantile}}
+        bundle = Bundle(self.masks, self.centroids, config, self.log_alpha, self.logs,
+                        radii=radii.float(), fallback=fallback.to(torch.bool).reshape(1, -1))
+        bundle.validate()
+        return bundle
 
     def __str__(self) -> str:
         """Its folder: messages name a bundle by where it is, never by its tensors."""
@@ -180,6 +199,8 @@ class Bundle:
         tensors = {"masks": self.masks.to(torch.bool).contiguous(), "centroids": self.centroids.float().contiguous()}
         if self.log_alpha is not None:
             tensors["log_alpha"] = self.log_alpha.detach().float().cpu().contiguous()
+        if self.radii is not None and self.fallback is not None:
+            tensors.update(radii=self.radii.float().contiguous(), fallback=self.fallback.to(torch.bool).contiguous())
         # digested as it will be read back (tuples as lists, keys as strings)
         record = json.loads(json.dumps({"format": FORMAT, **self.config, "logs": self.logs}))
         with atomic_path(path) as tmp:
@@ -204,7 +225,7 @@ class Bundle:
             raise IGPruneError(f"{err.filename or path}: cannot be read ({err.strerror or err})") from err
         config = {k: v for k, v in record.items() if k not in ("format", "sha256", "logs")}
         bundle = cls(tensors["masks"], tensors["centroids"], config, tensors.get("log_alpha"), record.get("logs", {}),
-                     source=path)
+                     source=path, radii=tensors.get("radii"), fallback=tensors.get("fallback"))
         bundle.validate()
         return bundle
 
@@ -246,11 +267,30 @@ class Bundle:
             problems.append(f"log_alpha of shape {tuple(self.log_alpha.shape)} does not fit {n} masks")
         if any(t is not None and not bool(torch.isfinite(t).all()) for t in (self.centroids, self.log_alpha)):
             problems.append("centroids or log_alpha hold NaN or infinity")
+        problems += self._gate_problems()
         if n > 1 and not cfg.get("encoder"):
             problems.append(f"{n} clusters need an 'encoder' in {CONFIG_FILE} to route by")
         sizes = cfg.get("cluster_sizes")
         if sizes is not None and (len(sizes) != n or any(type(s) is not int for s in sizes)):
             problems.append(f"cluster_sizes {sizes} do not fit {n} clusters")
+        return problems
+
+    def _gate_problems(self) -> list[str]:
+        """A gate is radii for every cluster, a fallback mask skipping as many blocks as they do, and its record."""
+        radii, fallback, n = self.radii, self.fallback, self.n_clusters
+        if radii is None and fallback is None and "gate" not in self.config:
+            return []
+        if radii is None or fallback is None or "gate" not in self.config:
+            return ["a gate needs radii, a fallback mask and its 'gate' record together"]
+        problems = []
+        if radii.shape != (n,) or not bool(torch.isfinite(radii).all()) or bool((radii < 0).any()):
+            problems.append(f"gate radii of shape {tuple(radii.shape)} are not {n} finite distances")
+        if fallback.dtype != torch.bool or fallback.shape != (1, self.masks.shape[1]):
+            problems.append(f"the fallback mask is {fallback.dtype} of shape {tuple(fallback.shape)}, not "
+                            f"(1, {self.masks.shape[1]}) bool")
+        elif int((~fallback).sum()) != int((~self.masks[0]).sum()):
+            problems.append(f"the fallback mask skips {int((~fallback).sum())} blocks, the clusters' "
+                            f"{int((~self.masks[0]).sum())}")
         return problems
 
     def check_model(self, model: PreTrainedModel, where: str = "") -> None:
@@ -281,7 +321,8 @@ def rehash(path: str | Path, force: bool = False) -> str:
     content = {k: v for k, v in record.items() if k not in ("format", "sha256")}
     tensors = _read_tensors(path)
     Bundle(tensors["masks"], tensors["centroids"], {k: v for k, v in content.items() if k != "logs"},
-           tensors.get("log_alpha"), content.get("logs", {}), source=path).validate()
+           tensors.get("log_alpha"), content.get("logs", {}), source=path, radii=tensors.get("radii"),
+           fallback=tensors.get("fallback")).validate()
     new = {"format": FORMAT, **content}
     write_json(path / CONFIG_FILE, {"format": FORMAT, "sha256": _digests(path, new), **content})
     return f"digests written (format {FORMAT})"

@@ -205,6 +205,10 @@ def fit(
         "{\"prompt\": ..., \"response\": ...} or a chat {\"messages\": [...]} ending with the assistant's reply: "
         "clustered as routing will see it, scored on the reply")
                      ] = None,
+    gate: Annotated[float | None, typer.Option(
+        help="--finder sleb: an input farther from its nearest centroid than this quantile (e.g. 0.95) of the "
+        "distances of that cluster's own texts runs under the global mask instead of the cluster's, which was chosen "
+        "on text unlike it; `igprune route` shows it as 'fallback'")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -215,7 +219,7 @@ def fit(
     from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
-    from igprune.stage1.pruner import FINDERS, check_search, fit_bundle
+    from igprune.stage1.pruner import FINDERS, check_gate, check_search, fit_bundle
     from igprune.stage1.search import candidate_blocks
     from igprune.stage1.train import TrainConfig
 
@@ -241,7 +245,7 @@ def fit(
               "candidates": [candidate_blocks(statics[path].masks[0]) for path in candidates or []] or None}
     if global_mask:
         search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
-    check_search(search)  # before the model loads
+    check_gate(gate, finder, check_search(search))  # before the model loads
     extra = _user_texts(texts, model, None) if texts else []
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
@@ -256,7 +260,7 @@ def fit(
                   f"{f' and {len(extra)} of {texts}' if extra else ''} (checkpoints in {checkpoint})")
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
                         seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search,
-                        extra=extra)
+                        extra=extra, gate=gate)
     _on_main(_save_bundle, bundle, out, checkpoint)
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
                   f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "
@@ -276,19 +280,23 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> No
     loaded = Bundle.load(bundle)
     cfg = loaded.config
     keys = ["method", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total", "seed",
-            "encoder", "calibration", "final_loss", "fit_seconds"]
+            "encoder", "calibration", "gate", "final_loss", "fit_seconds"]
     for key in keys:
         if key in cfg:
             console.print(f"{key:>16}: {cfg[key]}", highlight=False)
     sizes = cfg.get("cluster_sizes", [None] * loaded.n_clusters)
     choice = loaded.logs.get("choose") or (loaded.logs.get("search") or {}).get("choose")  # --finder sleb
     chosen = describe_choice(choice, loaded.n_clusters) if choice and loaded.n_clusters > 1 else None
-    table = Table("cluster", "texts", "attn off", "ffn off", "mask (per layer: A/F run, . skipped)",
-                  *(["chosen (z vs global, bar)"] if chosen else []))
-    for k, mask in enumerate(loaded.masks):
+    gated = loaded.radii is not None
+    table = Table("cluster", "texts", *(["radius"] if gated else []), "attn off", "ffn off",
+                  "mask (per layer: A/F run, . skipped)", *(["chosen (z vs global, bar)"] if chosen else []))
+    for k, mask in enumerate(loaded.route_masks):
         off = skipped_blocks(mask)
-        table.add_row(str(k), str(sizes[k]), str(off["attn"]), str(off["ffn"]), mask_row(mask),
-                      *([chosen[k]] if chosen else []))
+        fallback = k == loaded.n_clusters  # beyond every radius
+        table.add_row("fallback" if fallback else str(k), "" if fallback else str(sizes[k]),
+                      *([("beyond" if fallback else f"{float(loaded.radii[k]):.3f}")] if gated else []),
+                      str(off["attn"]), str(off["ffn"]), mask_row(mask),
+                      *([("" if fallback else chosen[k])] if chosen else []))
     console.print(table)
 
 
@@ -307,8 +315,9 @@ def route(
     loaded = Bundle.load(bundle)
     table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
     for text, r in zip(texts, Router.from_bundle(loaded, route_tokens).route(texts), strict=True):
-        table.add_row(text if len(text) <= 40 else text[:37] + "...", str(r.cluster), f"{r.distance:.3f}",
-                      mask_row(loaded.masks[r.cluster]))
+        table.add_row(text if len(text) <= 40 else text[:37] + "...",
+                      "fallback" if r.cluster == loaded.n_clusters else str(r.cluster), f"{r.distance:.3f}",
+                      mask_row(loaded.route_masks[r.cluster]))
     console.print(table)
 
 

@@ -92,9 +92,10 @@ def config_hash(data: Any) -> str:
 
 
 def router_identity(bundle: Bundle) -> dict[str, Any]:
-    """What decides which cluster an input goes to: the centroids and the encoder that embeds it."""
-    return {"centroids": bundle.centroids.float().tolist(), "encoder": bundle.config.get("encoder"),
-            "encoder_tokens": bundle.config.get("encoder_tokens")}
+    """What decides which cluster an input goes to: the centroids, the encoder that embeds it, and a gate's radii."""
+    identity = {"centroids": bundle.centroids.float().tolist(), "encoder": bundle.config.get("encoder"),
+                "encoder_tokens": bundle.config.get("encoder_tokens")}
+    return identity if bundle.radii is None else {**identity, "radii": bundle.radii.float().tolist()}
 
 
 # ---------------------------------------------------------------------------------------- configuration
@@ -124,10 +125,11 @@ class Configuration:
 
     @property
     def content_sha256(self) -> str | None:
-        """Hash of exactly what changes predictions: masks, centroids and encoder; None when dense."""
+        """Hash of exactly what changes predictions: masks (a gate's fallback too), centroids, encoder and radii;
+        None when dense."""
         if self.bundle is None:
             return None
-        return config_hash({"masks": self.bundle.masks.bool().tolist(), **router_identity(self.bundle)})
+        return config_hash({"masks": self.bundle.route_masks.bool().tolist(), **router_identity(self.bundle)})
 
     def describe(self) -> dict[str, Any]:
         """model, method, sparsity and n_clusters, as results files record them."""

@@ -102,7 +102,7 @@ def bundle_candidates(model: PreTrainedModel, bundles: Sequence[str | Path], pro
         routers[name] = router
         source = {"bundle": str(path), "method": bundle.config.get("method"), "n_clusters": bundle.n_clusters,
                   "cluster": cluster}
-        candidates += [Candidate(f"{name} (cluster {cluster})", bundle.masks[cluster], policy,
+        candidates += [Candidate(f"{name} (cluster {cluster})", bundle.route_masks[cluster], policy,
                                  name if router.encoder else None, source) for policy in kv_policies]
     return candidates, routers
 

@@ -33,6 +33,7 @@ from igprune.masks import skipped_blocks
 from igprune.models import model_device
 from igprune.stage1.clustering import Clustering, check_n_clusters, cluster
 from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.stage2.router import gate_radii
 from igprune.texts import Request, Text, clean_texts, digest, routed, tokens
 
 Finder = Literal["l0", "sleb"]
@@ -74,6 +75,18 @@ def check_margin(margin: Margin) -> None:
         raise IGPruneError(f"choose_margin must be a number of standard errors >= 0 or 'auto', got {margin!r}")
 
 
+def check_gate(gate: float | None, finder: Finder, search: dict[str, Any]) -> float | None:
+    """A gate quantile is in (0, 1], and needs the global mask the search finder's choice starts from."""
+    if gate is None:
+        return None
+    if isinstance(gate, bool) or not isinstance(gate, int | float) or not 0.0 < gate <= 1.0:
+        raise IGPruneError(f"the gate quantile must be in (0, 1], e.g. 0.95, got {gate!r}")
+    if finder != "sleb" or not search["choose_samples"]:
+        raise IGPruneError("a gate falls back to the global mask each cluster chooses against: use the search finder "
+                           "with choose_samples > 0 (--finder sleb)")
+    return float(gate)
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[Text],
              seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (M, T) ids, attention mask and scored mask (the tokens the loss scores: a passage's, a
@@ -94,11 +107,14 @@ class IGPruner:
                  sparsity: float = 0.25, encoder: str = DEFAULT_ENCODER, seed: int = 0, min_cluster_size: int = 4,
                  train: TrainConfig | None = None, encoder_tokens: int = 64,
                  checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
-                 progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None):
+                 progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None,
+                 gate: float | None = None):
         if finder not in FINDERS:
             raise IGPruneError(f"finder must be one of {', '.join(FINDERS)}, not {finder!r}")
         self.model, self.tokenizer = model, tokenizer
         self.finder, self.search_options = finder, check_search(search or {})  # before any slow step
+        # an input farther from its cluster than this quantile of the cluster's texts runs under the global mask
+        self.gate = check_gate(gate, finder, self.search_options)
         self.n_clusters, self.sparsity, self.seed = n_clusters, sparsity, seed
         # Texts are embedded from their first `encoder_tokens` tokens, here and when routing: a prefix
         # places a text well enough (64 tokens route 93% of evaluation prompts as 256 do) and keeps routing
@@ -122,9 +138,7 @@ class IGPruner:
                               self.search_options["global_order"], self.search_options["candidates"])
         # on rank 0 only, the result sent to all: every rank must train on exactly the same clusters; a request is
         # placed by its prompt, which is all the router will see of it
-        self.clustering_: Clustering = distributed.on_main(
-            lambda: cluster(self._embed([routed(t) for t in texts]), self.n_clusters, self.seed,
-                            self.min_cluster_size))
+        self.clustering_, self.radii_ = distributed.on_main(lambda: self._cluster([routed(t) for t in texts]))
         if self.finder == "sleb":
             self._search(texts)
         else:
@@ -133,7 +147,8 @@ class IGPruner:
         return self
 
     def _search(self, texts: list[Text]) -> None:
-        from igprune.stage1.search import search_cluster_masks  # imports the baselines, which import this module
+        # imports the baselines, which import this module
+        from igprune.stage1.search import find_order_mask, search_cluster_masks
 
         labels = self.clustering_.labels.tolist()
         groups = [[t for t, label in zip(texts, labels, strict=True) if label == k]
@@ -143,6 +158,9 @@ class IGPruner:
             checkpoint=self.checkpoint_dir and Path(self.checkpoint_dir) / "searches", progress=self.progress,
             **self.search_options)
         self.log_alpha_ = None
+        if self.gate is not None:  # the mask every cluster's choice started from
+            self.fallback_ = find_order_mask(self.model, self.search_log_["global_order"],
+                                             self.train_config.granularity)
 
     def _train(self, texts: list[str]) -> None:
         ids, mask, scored = tokenize(self.tokenizer, texts, self.train_config.seq_len)
@@ -157,6 +175,14 @@ class IGPruner:
         self.trainer_.fit(ids, mask, self.clustering_.labels, scored=scored)
         self.masks_ = self.trainer_.masks()
         self.log_alpha_ = self.trainer_.gates.log_alpha.detach().cpu()
+
+    def _cluster(self, texts: list[str]) -> tuple[Clustering, torch.Tensor | None]:
+        """K-means on the texts' embeddings and, with a gate, each cluster's radius over the same embeddings."""
+        embeddings = self._embed(texts)
+        clustering = cluster(embeddings, self.n_clusters, self.seed, self.min_cluster_size)
+        if self.gate is None:
+            return clustering, None
+        return clustering, gate_radii(clustering.centroids, embeddings, self.gate)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         """Sentence embeddings of the texts; kept in the checkpoint folder so a resumed fit skips encoding."""
@@ -197,7 +223,8 @@ class IGPruner:
         }
         if self.finder == "sleb":
             config["search"] = self.search_options
-            return Bundle(self.masks_, self.clustering_.centroids, config, logs={"search": self.search_log_})
+            bundle = Bundle(self.masks_, self.clustering_.centroids, config, logs={"search": self.search_log_})
+            return bundle if self.gate is None else bundle.with_gate(self.radii_, self.fallback_, self.gate)
         log = self.trainer_.log
         config.update({"train": dataclasses.asdict(self.train_config),
                        "final_loss": sum(log.loss[-10:]) / max(1, len(log.loss[-10:])),
@@ -222,7 +249,7 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
                train: TrainConfig, data: str = "mixed", samples: int | None = 4096, max_chars: int | None = None,
                seed: int = 0, checkpoint_dir: str | Path | None = None, shared_dir: str | Path | None = None,
                progress: bool = True, finder: Finder = "l0", search: dict[str, Any] | None = None,
-               encoder: str = DEFAULT_ENCODER, extra: Sequence[Text] = ()) -> Bundle:
+               encoder: str = DEFAULT_ENCODER, extra: Sequence[Text] = (), gate: float | None = None) -> Bundle:
     """The `igprune fit` recipe, which the benchmarks use too: `samples` training passages of `data` about as
     long as a training sample (4 x seq_len characters), so the text that is clustered is the text that is
     trained on; then IGPruner.fit. `extra` texts join them whole (inputs a deployment expects that no source
@@ -231,7 +258,7 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_clu
     texts = [*fit_texts(data, samples, train.seq_len, seed, max_chars), *extra]
     pruner = IGPruner(model, tokenizer, n_clusters=n_clusters, sparsity=sparsity, encoder=encoder, seed=seed,
                       train=train, checkpoint_dir=checkpoint_dir, shared_dir=shared_dir, progress=progress,
-                      finder=finder, search=search).fit(texts)
+                      finder=finder, search=search, gate=gate).fit(texts)
     bundle = pruner.to_bundle()
     bundle.config["calibration"] = {"source": data, "passages": len(texts), "samples": samples,
                                     "seq_len": train.seq_len}

@@ -39,8 +39,8 @@ class DynamicPrunedModel:
                  masks: torch.Tensor, kv_policy: KVPolicy = "keep", bundle: Bundle | None = None):
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.control = control_of(model)
-        if masks.shape != (router.n_clusters, self.control.n_blocks):
-            raise IGPruneError(f"masks of shape {tuple(masks.shape)} do not fit {router.n_clusters} clusters x "
+        if masks.shape != (router.n_routes, self.control.n_blocks):
+            raise IGPruneError(f"masks of shape {tuple(masks.shape)} do not fit {router.n_routes} routes x "
                                f"{self.control.n_blocks} blocks")
         self.masks = masks.to(torch.bool)
         self.kv_policy = kv_policy
@@ -64,7 +64,7 @@ class DynamicPrunedModel:
 
             encoder_device = model_device(model)
         router = Router.from_bundle(bundle, route_tokens, encoder_device)
-        return cls(model, tokenizer, router, bundle.masks, kv_policy, bundle)
+        return cls(model, tokenizer, router, bundle.route_masks, kv_policy, bundle)
 
     # ---- what an HF model offers
 
