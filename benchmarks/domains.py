@@ -202,6 +202,16 @@ CHOSEN: dict[str, dict[str, Any]] = {
 }
 
 
+# A fit with a gate (`igprune fit --gate Q`, Bundle.with_gate): the CHOSEN bundle's clusters and masks, with each
+# cluster's radius the Q-quantile of its own passages' distances to its centroid; an input beyond its nearest
+# cluster's radius runs under the global mask, which every cluster's choice started from. 0.95 was picked from
+# benchmarks/radius_gate.py's replay of per-document results (0.9 to 1.0 there).
+GATED: dict[str, dict[str, Any]] = {
+    f"{run}-gate95": {"from": run, "quantile": 0.95}
+    for run in ("ig-global-n8-texts-requests-prefixed-auto-responses", "ig-sleb-n7-texts64-p0-domains-auto-unscored")}
+RUN_NAMES = [*FITS, *CHOSEN, *GATED]  # every IG bundle this script makes, in the order they are made
+
+
 def global_order(name: str, blocks: int) -> list[str]:
     """The global static SLEB mask's units (GLOBAL, or the model's GLOBAL_BY_MODEL), in its search's order."""
     from igprune.bundle import Bundle
@@ -363,7 +373,6 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
     passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
     from igprune.baselines import make_calibration
     from igprune.bundle import Bundle
-    from igprune.stage1.pruner import fit_texts
     from igprune.stage1.search import choose_masks, find_order_mask
     from igprune.stage2.router import Router
 
@@ -374,10 +383,7 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
             continue
         source, settings = fit_dir(name, spec["from"], blocks), FITS[spec["from"]]["search"]
         bundle = Bundle.load(source)
-        # the fit's own passages (fit_bundle's recipe), each in the cluster its embedding is nearest to
-        texts = [*fit_texts("domains", bundle.config["calibration"]["samples"],
-                            bundle.config["calibration"]["seq_len"], SEED, FITS[spec["from"]].get("max_chars")),
-                 *requests(FITS[spec["from"]])]
+        texts = fit_passages(bundle, spec["from"])  # each in the cluster its embedding is nearest to
         router = Router.from_bundle(bundle)
         labels = [r.cluster for r in router.route(texts)]
         if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
@@ -430,6 +436,37 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
                                          "chosen_with_pool": pool, "chosen_on_responses": bool(spec.get("responses"))},
                None, {**bundle.logs, "choose": log}).save(out)
         print(f"wrote {out}: chosen {log['chosen']}", flush=True)
+
+
+def fit_passages(bundle, run: str) -> list[str]:
+    """The passages a FITS, CHOSEN or GATED bundle was clustered on (fit_bundle's recipe), in its fit's order."""
+    from igprune.stage1.pruner import fit_texts
+
+    while run not in FITS:
+        run = {**CHOSEN, **GATED}[run]["from"]
+    calibration = bundle.config["calibration"]
+    return [*fit_texts("domains", calibration["samples"], calibration["seq_len"], SEED, FITS[run].get("max_chars")),
+            *requests(FITS[run])]
+
+
+def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
+    """Each GATED bundle: its source with a radius per cluster over the fit's own passages (stage2.router.gate_radii)
+    and the global mask as the fallback beyond them."""
+    from igprune.bundle import Bundle
+    from igprune.stage1.search import find_order_mask
+    from igprune.stage2.router import Router, gate_radii
+
+    for run, spec in GATED.items():
+        out, source = fit_dir(name, run, blocks), fit_dir(name, spec["from"], blocks)
+        if (only and run not in only) or (out / "bundle.json").is_file() or not (source / "bundle.json").is_file():
+            continue
+        bundle = Bundle.load(source)
+        embeddings = Router.from_bundle(bundle).encoder.encode(fit_passages(bundle, spec["from"]))
+        radii = gate_radii(bundle.centroids, embeddings, spec["quantile"])
+        gated = bundle.with_gate(radii, find_order_mask(model, global_order(name, blocks), "block"), spec["quantile"])
+        gated.config["gated_from"] = spec["from"]
+        gated.save(out)
+        print(f"wrote {out}: radii {[round(r, 3) for r in radii.tolist()]}", flush=True)
 
 
 def unseen_groups(router, seen: list[str], max_chars: int | None) -> list[list[str]]:
@@ -666,7 +703,7 @@ def _static_masks(name: str, blocks: int) -> dict[str, torch.Tensor | None]:
 def _ig_runs(name: str, blocks: int) -> list[tuple[str, Path]]:
     """The IG bundles that exist: the FITS, the CHOSEN, and the headline fit on the mixed pool for comparison."""
     headline = f"ig16-b{blocks}"
-    runs = [(run, fit_dir(name, run, blocks)) for run in [*FITS, *CHOSEN]] + [(headline, BUNDLES / name / headline)]
+    runs = [(run, fit_dir(name, run, blocks)) for run in RUN_NAMES] + [(headline, BUNDLES / name / headline)]
     return [(run, path) for run, path in runs if (path / "bundle.json").is_file()]
 
 
@@ -680,7 +717,7 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
 
     bundle = Bundle.load(path)
     router = Router.from_bundle(bundle)
-    per_cluster = [nll(m) for m in bundle.masks]
+    per_cluster = [nll(m) for m in bundle.route_masks]  # a gate's fallback last
     routed, oracle, table = {}, {}, {}
     for d, texts in route_texts.items():
         clusters = [r.cluster for r in router.route(texts)]
@@ -727,7 +764,7 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
         headline = [pattern.format(blocks=blocks) for pattern in [*STATIC, "ig16-b{blocks}"]]  # names hold blocks
         runs = [(run, BUNDLES / name / run, folder(name) / f"{suite}-{run}.json") for run in headline]
     runs += [(run, fit_dir(name, run, blocks), folder(name) / f"{suite}-{run}-b{blocks}{tail}.json")
-             for run in [*FITS, *CHOSEN]]
+             for run in RUN_NAMES]
     for run, path, out in runs:
         if (path / "bundle.json").is_file() and not out.is_file() and (not only or run in only):
             results = evaluate(model, tokenizer, path, tasks=[suite], limit=limit, dense=dense, seed=SEED)
@@ -841,14 +878,15 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "score", "gold", "fragments", "tasks"])
+    parser.add_argument("step", choices=["search", "wide", "fit", "choose", "gate", "score", "gold", "fragments",
+                                         "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
     parser.add_argument("--packing", default="joined", choices=["joined", "texts"], help="wide: calibration rows")
     parser.add_argument("--metric", default="ppl", choices=["ppl", "kl"], help="wide: what SLEB minimises")
     parser.add_argument("--prefix", type=int, help="wide: units of the global order to start from (default half)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=15, help="blocks skipped of 2L")
-    parser.add_argument("--only", help="fit, choose, tasks: comma-separated run names")
+    parser.add_argument("--only", help="fit, choose, gate, tasks: comma-separated run names")
     parser.add_argument("--suite", default="paper6", choices=["paper6", "domains6"], help="tasks: which tasks")
     parser.add_argument("--limit", type=int, help="tasks, paper6: documents per task (default: the model's task limit)")
     parser.add_argument("--threads", type=int, default=1)
@@ -870,6 +908,8 @@ def main() -> None:
         fit(model, tokenizer, args.model, args.blocks, only)
     elif args.step == "choose":
         choose(model, tokenizer, args.model, args.blocks, only)
+    elif args.step == "gate":
+        gate(model, args.model, args.blocks, only)
     elif args.step == "score":
         score(model, tokenizer, args.model, args.blocks)
     elif args.step == "gold":

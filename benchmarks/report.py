@@ -23,7 +23,7 @@ from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
 from igprune.evaluation.results import (
-    gain_by_cluster,
+    gain_by_cluster_cell,
     gains_table,
     has_items,
     load_results,
@@ -385,14 +385,14 @@ def domain_tasks(blocks: int, model: str = SMOL) -> str:
 
 def _domain_task_results(blocks: int, model: str = SMOL) -> list[dict[str, Any]]:
     """Dense, the headline's fits and static masks at the model's task limit, then every domain fit's results."""
-    from domains import CHOSEN, FITS, task_limit
+    from domains import RUN_NAMES, task_limit
 
     limit = task_limit(model)
     names = [f"{m}-b{blocks}{tail}" for m in ("ig16", *STATIC) for tail in ("", f"-l{limit}")]
     runs = [r for r in RUNS if r.model == model and r.limit == limit and result_path(r).is_file()  # same limit
             and (r.method == "dense" or r.name in [*names, f"sleb-b{blocks}-mixed"])]
     results = [{**load_results(result_path(r)), **({"method_label": r.label} if r.label else {})} for r in runs]
-    for run in [*FITS, *CHOSEN]:
+    for run in RUN_NAMES:
         path = HERE / "results" / "domains" / model / f"paper6-{run}-b{blocks}.json"
         if path.is_file():
             results.append({**load_results(path), "method_label": f"IG-Pruning, {run} (domains pool)", "run": run})
@@ -402,14 +402,14 @@ def _domain_task_results(blocks: int, model: str = SMOL) -> list[dict[str, Any]]
 def domain_cloze(blocks: int, model: str = SMOL) -> str:
     """Dense, every static mask and the IG fits on the six domain cloze tasks (`domains.py tasks --suite domains6`),
     each against the best static mask by per-document pairs, then where each IG fit routes each task's documents."""
-    from domains import CHOSEN, FITS, STATIC
+    from domains import RUN_NAMES, STATIC
 
     folder = HERE / "results" / "domains" / model
     static = [p.format(blocks=blocks) for p in STATIC]
     paths = [("Dense", folder / "domains6-dense.json")]
     paths += [(run, folder / f"domains6-{run}.json") for run in static]
     paths.append((None, folder / f"domains6-ig16-b{blocks}.json"))
-    paths += [(f"IG-Pruning, {run}", folder / f"domains6-{run}-b{blocks}.json") for run in [*FITS, *CHOSEN]]
+    paths += [(f"IG-Pruning, {run}", folder / f"domains6-{run}-b{blocks}.json") for run in RUN_NAMES]
     paths.append((None, folder / f"domains6-own-texts-p0-b{blocks}.json"))  # labelled in the file
     results = [{**load_results(path), **({"method_label": label} if label else {})} for label, path in paths
                if path.is_file()]
@@ -490,45 +490,80 @@ def domain_margin(runs: tuple[str, ...] = ("ig-sleb-n6-texts-pool", "ig-sleb-n6-
 
 
 def six_task_floor() -> str:
-    """Every domain fit with per-document scores on the six tasks against the best static method there, at every
-    limit both ran, paired by document: whether the gain on the domains costs anything where the paper measures."""
-    from domains import CHOSEN, FITS
+    """The default fit (the headline's L0 fits) and every domain fit with per-document scores on the six tasks
+    against the best static method there, at every limit both ran, paired by document: whether the gain on the
+    domains costs anything where the paper measures, and, for a fit whose clusters default to the global mask,
+    how much of a difference routing adds to that mask."""
+    from domains import CHOSEN, GATED, GLOBAL, RUN_NAMES
 
     rows = []
     for blocks in (8, 15, 22):
-        for run in [*FITS, *CHOSEN]:
-            for path in sorted((HERE / "results" / "domains" / SMOL).glob(f"paper6-{run}-b{blocks}*.json")):
-                fit = load_results(path)
-                if not has_items(fit):
-                    continue
-                same = [r for r in RUNS if r.model == SMOL and r.limit == fit["limit"] and result_path(r).is_file()]
-                dense = load_results(result_path(next(r for r in same if r.method == "dense")))
-                static = [{**load_results(result_path(r)), "run": r.name} for r in same
-                          if r.blocks == blocks and r.method not in ("dense", "ig-pruning")]
-                best = max(static, key=lambda r: r["average"])
-                try:
-                    gain, stderr = (100 * x / dense["average"] for x in paired_gain(fit, best))
-                    cells = [f"{gain:+.2f} ± {stderr:.2f}", _by_cluster(fit, best)]
-                except IGPruneError:  # the best static result is from before per-document scores
-                    cells = ["–", "–"]
-                rows.append([str(blocks), str(fit["limit"]), run, f"{100 * fit['average'] / dense['average']:.2f}%",
-                             f"{best['run']}, {100 * best['average'] / dense['average']:.2f}%", *cells])
+        default = [(r.name, result_path(r)) for r in RUNS if r.model == SMOL and r.method == "ig-pruning"
+                   and r.blocks == blocks and r.name in (f"ig16-b{blocks}", f"ig16-b{blocks}-l{r.limit}")]
+        domain = [(run, path) for run in RUN_NAMES
+                  for path in sorted((HERE / "results" / "domains" / SMOL).glob(f"paper6-{run}-b{blocks}*.json"))]
+        for run, path in default + domain:
+            fit = load_results(path) if path.is_file() else None
+            if fit is None or not has_items(fit):
+                continue
+            same = [r for r in RUNS if r.model == SMOL and r.limit == fit["limit"] and result_path(r).is_file()]
+            dense = load_results(result_path(next(r for r in same if r.method == "dense")))
+            static = {r.bundle or r.name: {**load_results(result_path(r)), "run": r.name} for r in same
+                      if r.blocks == blocks and r.method not in ("dense", "ig-pruning")}  # keyed by the mask
+            best = max(static.values(), key=lambda r: r["average"])
+            with_global = run in GATED or CHOSEN.get(run, {}).get("global")
+            own = static.get(GLOBAL.format(blocks=blocks)) if with_global else None
+            rows.append([str(blocks), str(fit["limit"]), run if run in RUN_NAMES else f"{run} (default)",
+                         f"{100 * fit['average'] / dense['average']:.2f}%",
+                         f"{best['run']}, {100 * best['average'] / dense['average']:.2f}%",
+                         _paired_points(fit, best, dense), gain_by_cluster_cell(fit, best),
+                         _paired_points(fit, own, dense) if own else "–"])
     return (_rows(["Blocks", "Documents per task", "Fit", "Fit, % of dense", "Best static there, % of dense",
-                   "Fit minus best static, points of dense (paired)", "Net documents by cluster"], rows)
-            + "\n\nsmollm2-135m. The static masks are the headline's at the same limit (`headline.py`), the fits' "
-            "runs `domains.py tasks --blocks B [--limit 500]`; fits whose results predate per-document scores are "
-            "left out. Paired: the mean per-document difference and its stderr, task by task, as "
-            "`igprune table FIT --against STATIC`. Net documents by cluster: how many more documents of all six "
-            "tasks the fit gets right than the static mask, per cluster they route to (`results.gain_by_cluster`; "
-            "clusters with a net of 0 left out, – where the results predate per-document clusters).")
+                   "Fit minus best static, points of dense (paired)", "Net documents by cluster",
+                   "Fit minus its global mask (paired)"], rows)
+            + "\n\nsmollm2-135m. The static masks are the headline's at the same limit (`headline.py`); the default "
+            "rows are the headline's own IG-Pruning fits (`igprune fit` as shipped: L0, 16 clusters of the mixed "
+            "pool), the others the domain fits' runs `domains.py tasks --blocks B [--limit 500]`; fits whose results "
+            "predate per-document scores are left out. Paired: the mean per-document difference and its stderr, task "
+            "by task, as `igprune table FIT --against STATIC`. Net documents by cluster: how many more documents of "
+            "all six tasks the fit gets right than the best static mask, per cluster they route to "
+            "(`results.gain_by_cluster`; clusters with a net of 0 left out, – where the results predate "
+            "per-document clusters). Its global mask: sleb-bB-mixed, which every cluster of a domain fit keeps "
+            "unless its text clearly asks for another, so this column is what routing adds or costs.")
 
 
-def _by_cluster(fit: dict[str, Any], reference: dict[str, Any]) -> str:
+def _paired_points(fit: dict[str, Any], reference: dict[str, Any], dense: dict[str, Any]) -> str:
+    """The fit's paired gain over `reference` in points of dense, or – where either lacks per-document scores."""
     try:
-        counts = gain_by_cluster(fit, reference)
+        gain, stderr = (100 * x / dense["average"] for x in paired_gain(fit, reference))
     except IGPruneError:
         return "–"
-    return ", ".join(f"{c}: {net:+.0f} of {n}" for c, (n, net) in counts.items() if net) or "none"
+    return f"{gain:+.2f} ± {stderr:.2f}"
+
+
+def radius_gate() -> str:
+    """The radius gate replayed from per-document results (benchmarks/radius_gate.py), one row per quantile."""
+    report = _json(f"domains/{SMOL}/radius-gate.json")
+    if report is None:
+        return "_not run yet_"
+
+    def gain(cells: list[float] | None) -> str:
+        return "–" if cells is None else f"{cells[0]:+.2f} ± {cells[1]:.2f} ({cells[2]})"
+
+    rows = []
+    for run in report["runs"]:
+        sets = [run["tasks"].get(key, {}) for key in ("paper6-l250", "paper6-l500", "domains6")]
+        for q in ["none", *map(str, report["quantiles"])]:
+            held = run["heldout"].get(q)
+            rows.append([str(run["blocks"]), run["fit"], "no gate" if q == "none" else q,
+                         *(gain(cells.get(q)) for cells in sets),
+                         "–" if held is None else f"{_lower(held['overall'])} ({held['moved']})"])
+    return (_rows(["Blocks", "Fit", "Gate quantile", "Six tasks, 250 (moved)", "Six tasks, 500 (moved)",
+                   "Domain cloze (moved)", "% lower held-out perplexity (moved)"], rows)
+            + "\n\nsmollm2-135m. Each cell against the global mask (sleb-bB-mixed), paired: the six tasks and the "
+            "domain cloze tasks in points of dense, held-out perplexity in percent lower; in brackets, how many "
+            "documents or passages the gate sends to the global mask (only those routed to a cluster that left it "
+            "count: the others run the global mask anyway).")
 
 
 def cluster_phase() -> str:
@@ -593,6 +628,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "domain-cloze-b15": lambda: domain_cloze(15),
     "domain-margin": domain_margin,
     "six-task-floor": six_task_floor,
+    "radius-gate": radius_gate,
     **{f"domain-{part}-b{b}": partial(make, b) for b in (8, 22) for part, make in (
         ("matrix", domain_matrix), ("gains", domain_gains), ("routing", domain_routing), ("gold", domain_gold),
         ("tasks", domain_tasks), ("cloze", domain_cloze))},
