@@ -562,7 +562,8 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
                          for run, path in _ig_runs(name, blocks)}
     found_masks = {label: mask for label, mask in {**masks, **per_domain}.items() if mask is not None}  # not dense
     for run, path in _ig_runs(name, blocks):
-        found_masks.update({f"{run} cluster {k}": mask for k, mask in enumerate(Bundle.load(path).masks)})
+        if run not in GATED:  # a gated bundle's masks are its source's
+            found_masks.update({f"{run} cluster {k}": mask for k, mask in enumerate(Bundle.load(path).masks)})
     report["ceiling_chosen"] = _cross_chosen({label: nll(mask) for label, mask in found_masks.items()},
                                              static[best])
     write_json(folder(name) / f"score-b{blocks}.json", report)
