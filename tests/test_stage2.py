@@ -70,7 +70,7 @@ def test_a_gated_router_sends_inputs_beyond_a_clusters_radius_to_the_fallback():
     centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
     members = torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0], [0.0, 4.0], [10.0, 0.5], [10.0, 1.0]])
     radii = gate_radii(centroids, members, 0.6)
-    assert radii.tolist() == [3.0, 1.0]  # a member's distance at or above the quantile: of 1..4 the 3rd, of 0.5, 1 the 2nd
+    assert radii.tolist() == [3.0, 1.0]  # a member's distance at or above the quantile: of 1..4 the 3rd, of 0.5, 1 1
     assert gate_radii(centroids, members, 1.0).tolist() == [4.0, 1.0]  # 1.0: only beyond every member
     router = Router(centroids, radii=radii)
     routes, distances = router.route_embeddings(torch.tensor([[0.0, 2.5], [0.0, 3.5], [10.0, 1.5], [9.0, 0.0]]))
