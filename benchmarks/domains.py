@@ -508,18 +508,26 @@ def scored_rows(model, tokenizer, name: str, blocks: int, fit: str, groups: list
 # ----------------------------------------------------------------------------------------------- score
 
 
+def heldout_ids(tokenizer) -> dict[str, list[list[int]]]:
+    """Each domain's held-out passages as `score` scores them: HELDOUT["limit"] of them, their first
+    HELDOUT["seq_len"] tokens; decoded, they are what the router reads."""
+    from igprune.data import DOMAIN_SOURCES, load_calibration
+    from igprune.evaluation.perplexity import CHARS_PER_TOKEN, truncate
+
+    seq_len = HELDOUT["seq_len"]
+    return {d: truncate(tokenizer, load_calibration(d, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len,
+                                                    limit=HELDOUT["limit"], seed=SEED), seq_len)[0]
+            for d in DOMAIN_SOURCES}
+
+
 def score(model, tokenizer, name: str, blocks: int) -> None:
     """Per-passage NLL of every distinct mask on every domain's held-out passages, then the report."""
     from igprune.bundle import Bundle
-    from igprune.data import DOMAIN_SOURCES, load_calibration
-    from igprune.evaluation.perplexity import CHARS_PER_TOKEN, truncate
+    from igprune.data import DOMAIN_SOURCES
     from igprune.files import read_json, write_json
     from igprune.stage1.search import find_order_mask
 
-    seq_len, limit = HELDOUT["seq_len"], HELDOUT["limit"]
-    texts = {d: load_calibration(d, split="heldout", max_chars=CHARS_PER_TOKEN * seq_len, limit=limit, seed=SEED)
-             for d in DOMAIN_SOURCES}
-    ids = {d: truncate(tokenizer, t, seq_len)[0] for d, t in texts.items()}
+    ids = heldout_ids(tokenizer)
     nll = _cached_nll(model, folder(name) / f"passages-b{blocks}.json", ids)
     masks = _static_masks(name, blocks)
     found_path = folder(name) / f"search-b{blocks}.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from domains import GLOBAL, HELDOUT, SEED, _versus, fit_dir, fit_passages, folder
+from domains import GLOBAL, SEED, _versus, fit_dir, fit_passages, folder, heldout_ids
 from headline import RESULTS as HEADLINE
 
 from igprune.bundle import Bundle
@@ -125,8 +125,6 @@ def main() -> None:
 def heldout(bundle: Bundle, router: Router, radii: dict[float, list[float]], own: dict[int, bool],
             blocks: int) -> dict[str, Any]:
     """Held-out perplexity against the global mask (`domains.py score`'s passages and cached NLL), gated."""
-    from igprune.data import DOMAIN_SOURCES, load_calibration
-    from igprune.evaluation.perplexity import CHARS_PER_TOKEN, truncate
     from igprune.models import load_tokenizer
 
     cache_path = folder(MODEL) / f"passages-b{blocks}.json"
@@ -139,14 +137,11 @@ def heldout(bundle: Bundle, router: Router, radii: dict[float, list[float]], own
     if any(r not in cache for r in [glob, *rows]):
         return {}
     routes = {}
-    for domain in DOMAIN_SOURCES:
-        texts = load_calibration(domain, split="heldout", max_chars=CHARS_PER_TOKEN * HELDOUT["seq_len"],
-                                 limit=HELDOUT["limit"], seed=SEED)
-        ids = truncate(tokenizer, texts, HELDOUT["seq_len"])[0]
+    for domain, ids in heldout_ids(tokenizer).items():
         clusters, distances = router.route_embeddings(
             router.encoder.encode(tokenizer.batch_decode(ids, skip_special_tokens=True)))
         routes[domain] = (clusters.tolist(), distances.tolist())
-    fallback = {d: cache[glob][d] for d in DOMAIN_SOURCES}
+    fallback = {d: cache[glob][d] for d in routes}
     out = {}
     for q, radius in [(None, None), *radii.items()]:
         passages, moved = {}, 0
@@ -157,7 +152,7 @@ def heldout(bundle: Bundle, router: Router, radii: dict[float, list[float]], own
             moved += sum(gate)
         lower = _versus(passages, fallback)["lower_than_best_static"]
         out["none" if q is None else str(q)] = {"overall": lower["overall"], "moved": moved,
-                                                **{d: lower[d] for d in DOMAIN_SOURCES}}
+                                                **{d: lower[d] for d in routes}}
     return out
 
 
