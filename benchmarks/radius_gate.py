@@ -18,11 +18,10 @@ import copy
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from domains import GLOBAL, SEED, _versus, fit_dir, fit_passages, folder, heldout_ids
+from domains import BUNDLES, GLOBAL, SEED, _versus, fit_dir, fit_passages, folder, heldout_ids
 from headline import RESULTS as HEADLINE
 
 from igprune.bundle import Bundle
@@ -132,7 +131,7 @@ def heldout(bundle: Bundle, router: Router, radii: dict[float, list[float]], own
         return {}
     cache = json.loads(cache_path.read_text())
     tokenizer = load_tokenizer(MODEL)
-    glob = mask_row(Bundle.load(Path(__file__).parent / "bundles" / MODEL / GLOBAL.format(blocks=blocks)).masks[0])
+    glob = mask_row(Bundle.load(BUNDLES / MODEL / GLOBAL.format(blocks=blocks)).masks[0])
     rows = [mask_row(m) for m in bundle.masks]
     if any(r not in cache for r in [glob, *rows]):
         return {}
