@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from igprune import load_model
-from igprune.baselines import METHODS, Scorer, find_mask, make_calibration
 from igprune.bundle import Bundle
 from igprune.data import load_calibration
 from igprune.files import read_json, write_json
+from igprune.finders import METHODS, Scorer, find_mask, make_calibration
 from igprune.masks import mask_row
 
 HERE = Path(__file__).parent

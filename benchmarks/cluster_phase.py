@@ -24,15 +24,15 @@ from headline import BUNDLES, FIT, RESULTS, SEED
 
 from igprune import load_model
 from igprune.bundle import Bundle
+from igprune.clustering import cluster
 from igprune.data import load_calibration
+from igprune.dynamic import DynamicPrunedModel
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
 from igprune.files import write_json
-from igprune.stage1.clustering import cluster
-from igprune.stage1.pruner import tokenize
-from igprune.stage1.train import MaskTrainer, TrainConfig
-from igprune.stage2.dynamic import DynamicPrunedModel
-from igprune.stage2.router import Router
+from igprune.finders.l0 import MaskTrainer, TrainConfig
+from igprune.pruner import tokenize
+from igprune.routing import Router
 
 OUT = RESULTS.parent / "cluster_phase"
 PASSES = 1024  # sample passes per recipe: 64 forwards of 16 passages

@@ -268,7 +268,7 @@ def wide_path(model: str, blocks: int, source: str, variant: str = "") -> Path:
 def search(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import write_json
-    from igprune.stage1.search import search_cluster_masks
+    from igprune.finders.search import search_cluster_masks
 
     out = folder(name) / f"search-b{blocks}.json"
     if out.is_file():
@@ -296,9 +296,9 @@ def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: 
     SLEB judges removals by KL divergence from the dense model, not by perplexity. `prefix` starts from the global
     search's first that many units instead of its first half (0: a search from the dense model), to see whether
     the shared prefix caps how far a domain's mask can move."""
-    from igprune.baselines import find_mask
     from igprune.data import load_calibration
     from igprune.files import write_json
+    from igprune.finders import find_mask
 
     out = wide_path(name, blocks, source, "-".join(wide_variant(packing, metric, prefix)))
     if out.is_file():
@@ -335,9 +335,9 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
     from igprune import distributed
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import remove_tree
-    from igprune.stage1.pruner import fit_bundle
-    from igprune.stage1.search import candidate_blocks
-    from igprune.stage1.train import TrainConfig
+    from igprune.finders.l0 import TrainConfig
+    from igprune.finders.search import candidate_blocks
+    from igprune.pruner import fit_bundle
 
     for run, spec in FITS.items():
         path = fit_dir(name, run, blocks)
@@ -371,10 +371,10 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
 def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each CHOSEN bundle: its fit with every cluster's mask chosen among the candidates on that cluster's
     passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
-    from igprune.baselines import make_calibration
     from igprune.bundle import Bundle
-    from igprune.stage1.search import choose_masks, find_order_mask
-    from igprune.stage2.router import Router
+    from igprune.finders import make_calibration
+    from igprune.finders.search import choose_masks, find_order_mask
+    from igprune.routing import Router
 
     for run, spec in CHOSEN.items():
         out = fit_dir(name, run, blocks)
@@ -440,7 +440,7 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
 
 def fit_passages(bundle, run: str) -> list[str]:
     """The passages a FITS, CHOSEN or GATED bundle was clustered on (fit_bundle's recipe), in its fit's order."""
-    from igprune.stage1.pruner import fit_texts
+    from igprune.pruner import fit_texts
 
     while run not in FITS:
         run = {**CHOSEN, **GATED}[run]["from"]
@@ -453,8 +453,8 @@ def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
     """Each GATED bundle: its source with a radius per cluster over the fit's own passages (stage2.router.gate_radii)
     and the global mask as the fallback beyond them."""
     from igprune.bundle import Bundle
-    from igprune.stage1.search import find_order_mask
-    from igprune.stage2.router import Router, gate_radii
+    from igprune.finders.search import find_order_mask
+    from igprune.routing import Router, gate_radii
 
     for run, spec in GATED.items():
         out, source = fit_dir(name, run, blocks), fit_dir(name, spec["from"], blocks)
@@ -472,7 +472,7 @@ def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
 def unseen_groups(router, seen: list[str], max_chars: int | None) -> list[list[str]]:
     """The domains pool's training passages outside `seen` (a fit's), each in the cluster its embedding is nearest
     to: text that no search and no choice scored."""
-    from igprune.stage1.pruner import fit_texts
+    from igprune.pruner import fit_texts
 
     skip = set(seen)
     unseen = [t for t in fit_texts("domains", None, HELDOUT["seq_len"], SEED, max_chars) if t not in skip]
@@ -486,7 +486,7 @@ def scored_rows(model, tokenizer, name: str, blocks: int, fit: str, groups: list
                 searched: list[list[str]]) -> list[list[str]]:
     """Per cluster, the texts of every row that the fit's own choice and each CHOSEN choice on its passages
     scored, cut again as choose_masks cut them (same exclusions, seed and sizes)."""
-    from igprune.baselines import make_calibration
+    from igprune.finders import make_calibration
 
     settings = FITS[fit]["search"]
     earlier = [spec for spec in CHOSEN.values() if spec["from"] == fit and not spec.get("texts")]
@@ -525,7 +525,7 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import read_json, write_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders.search import find_order_mask
 
     ids = heldout_ids(tokenizer)
     nll = _cached_nll(model, folder(name) / f"passages-b{blocks}.json", ids)
@@ -620,11 +620,11 @@ def fragments(model, tokenizer, name: str, blocks: int) -> None:
     mask and the ig-sleb-n6-wide cluster mask its held-out passages route to most, each on 16 x 128 tokens of
     the same held-out documents cut two ways: into fit-style fragments of at most 256 characters (fit_texts,
     seq_len 64) and into passages of up to 2,048 (the domain searches'), each joined with EOS."""
-    from igprune.baselines import Scorer, make_calibration
     from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import read_json, write_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders import Scorer, make_calibration
+    from igprune.finders.search import find_order_mask
 
     report = read_json(folder(name) / f"score-b{blocks}.json")
     bundle_masks = Bundle.load(fit_dir(name, "ig-sleb-n6-wide", blocks)).masks
@@ -677,10 +677,10 @@ def _cached_nll(model, path: Path, ids: dict[str, list[list[int]]], context: dic
 def domain_masks(model, tokenizer, name: str, blocks: int, variant: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every domain's wide search of `variant` (e.g. "texts-p0"), and the texts those searches scored (rebuilt
     as search_wide cut them, checked against the recorded hash), so that a choice can keep away from them."""
-    from igprune.baselines import make_calibration
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import read_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders import make_calibration
+    from igprune.finders.search import find_order_mask
 
     masks, rows = {}, []
     for domain in DOMAIN_SOURCES:
@@ -722,7 +722,7 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
     best of the bundle's masks for it (the oracle), against the best static mask, with the routing table."""
     from igprune.bundle import Bundle
     from igprune.masks import mask_row
-    from igprune.stage2.router import Router
+    from igprune.routing import Router
 
     bundle = Bundle.load(path)
     router = Router.from_bundle(bundle)
@@ -793,7 +793,7 @@ def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import percentage, save_results, task_average
     from igprune.files import read_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders.search import find_order_mask
 
     out = folder(name) / f"domains6-own-{variant}-b{blocks}.json"
     paths = {task: wide_path(name, blocks, source, variant) for task, source in CLOZE_TASKS.items()}
@@ -843,8 +843,8 @@ def _on_search_tokens(model, tokenizer, domain_masks: dict[str, torch.Tensor],
                       best: torch.Tensor) -> dict[str, dict[str, float]]:
     """Each domain's own mask and the best static mask on the very 4 x 64 tokens that domain's search scored:
     where the own mask wins there but loses on held-out text, the search fitted its calibration's noise."""
-    from igprune.baselines import Scorer, make_calibration
     from igprune.data import load_calibration
+    from igprune.finders import Scorer, make_calibration
 
     out = {}
     for d, mask in domain_masks.items():

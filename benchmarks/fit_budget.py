@@ -29,8 +29,8 @@ from igprune import load_model  # noqa: E402
 from igprune.data import load_calibration  # noqa: E402
 from igprune.evaluation.perplexity import perplexity  # noqa: E402
 from igprune.files import write_json  # noqa: E402
-from igprune.stage1.pruner import IGPruner  # noqa: E402
-from igprune.stage1.train import TrainConfig  # noqa: E402
+from igprune.finders.l0 import TrainConfig  # noqa: E402
+from igprune.pruner import IGPruner  # noqa: E402
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "fit_budget"

@@ -26,8 +26,8 @@ def measure(model_name: str, batch: int, seq_len: int, steps: int, checkpointing
 
     import torch
 
+    from igprune.finders.l0 import MaskTrainer, TrainConfig
     from igprune.models import load_model
-    from igprune.stage1.train import MaskTrainer, TrainConfig
 
     torch.set_num_threads(1)
     model, _ = load_model(model_name, device="cpu", dtype="float32")

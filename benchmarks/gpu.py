@@ -89,8 +89,8 @@ def with_random_weights(folder: Path, out: Path, dtype: torch.dtype, encoder: bo
 def fit(model: Any, tokenizer: Any, name: str, recipe: dict[str, Any], samples: int | None, clusters: int,
         sparsity: float, gradient_checkpointing: bool, encoder: str) -> tuple[Any, dict[str, Any]]:
     """One fit_bundle with its wall time and peak GPU memory."""
-    from igprune.stage1.pruner import fit_bundle
-    from igprune.stage1.train import TrainConfig
+    from igprune.finders.l0 import TrainConfig
+    from igprune.pruner import fit_bundle
 
     config = TrainConfig(gradient_checkpointing=gradient_checkpointing, **recipe)
     torch.cuda.synchronize()

@@ -138,11 +138,11 @@ def result_path(run: Run) -> Path:
 
 def make_bundle(run: Run, model, tokenizer) -> Path:
     """Fit or search the run's mask, unless its bundle exists."""
-    from igprune.baselines import find_mask, get_method, make_calibration
     from igprune.bundle import Bundle
     from igprune.data import load_calibration
-    from igprune.stage1.pruner import fit_bundle
-    from igprune.stage1.train import TrainConfig
+    from igprune.finders import find_mask, get_method, make_calibration
+    from igprune.finders.l0 import TrainConfig
+    from igprune.pruner import fit_bundle
 
     path = bundle_dir(run)
     if (path / "bundle.json").is_file():
@@ -177,7 +177,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
 def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
     """Where IG-Pruning's shared phase is kept: fits that differ only in N (or the cluster phase) reuse it."""
     from igprune.evaluation.results import config_hash
-    from igprune.stage1.train import CLUSTER_PHASE
+    from igprune.finders.l0 import CLUSTER_PHASE
 
     digest = config_hash({k: v for k, v in fit.items() if k not in CLUSTER_PHASE})[:8]
     return BUNDLES / run.model / f"shared-{run.calibration}-{run.granularity}-b{run.blocks}-{digest}.checkpoint"

@@ -28,7 +28,7 @@ from igprune.bundle import Bundle
 from igprune.evaluation.results import load_results, paired_gain
 from igprune.files import write_json
 from igprune.masks import mask_row
-from igprune.stage2.router import Router, gate_radii
+from igprune.routing import Router, gate_radii
 
 MODEL = "smollm2-135m"
 QUANTILES = [0.9, 0.95, 0.99, 1.0]

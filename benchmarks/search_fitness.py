@@ -13,11 +13,11 @@ import torch
 from headline import OPTIONS, RESULTS, RUNS, SEED, bundle_dir, result_path
 
 from igprune import load_model
-from igprune.baselines import Scorer, make_calibration
 from igprune.bundle import Bundle
 from igprune.data import load_calibration
 from igprune.evaluation.results import load_results
 from igprune.files import write_json
+from igprune.finders import Scorer, make_calibration
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from igprune.bundle import Bundle
 from igprune.cli import app
 from igprune.evaluation import results
+from igprune.finders.search import candidate_blocks
 from igprune.masks import mask_row
-from igprune.stage1.search import candidate_blocks
-from igprune.stage2.router import Router
+from igprune.routing import Router
 from igprune.texts import Request, digest
 
 

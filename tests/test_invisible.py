@@ -6,13 +6,13 @@ from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, pipeline
 
 import igprune
-from igprune.baselines import find_mask
 from igprune.blocks import ATTN, FFN, masked, patch, unpatch
+from igprune.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.evaluation.perplexity import score_texts
 from igprune.export import prune_model
-from igprune.stage1.pruner import IGPruner
-from igprune.stage1.train import TrainConfig
-from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
+from igprune.finders import find_mask
+from igprune.finders.l0 import TrainConfig
+from igprune.pruner import IGPruner
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 FIT = TrainConfig(shared_steps=3, cluster_steps=3, batch_size=3, seq_len=16, loss_positions=8)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
-from igprune.baselines import Calibration, Scorer, make_calibration
 from igprune.blocks import masked
 from igprune.data import read_texts
 from igprune.evaluation.perplexity import token_nll
 from igprune.files import IGPruneError
-from igprune.stage1.pruner import IGPruner, tokenize
-from igprune.stage1.search import find_order_mask
-from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.finders import Calibration, Scorer, make_calibration
+from igprune.finders.l0 import MaskTrainer, TrainConfig
+from igprune.finders.search import find_order_mask
+from igprune.pruner import IGPruner, tokenize
 from igprune.texts import Request, clean_texts, digest, tokens
 
 COOKING, CODE, SPORT = TOPICS.values()

@@ -14,9 +14,9 @@ from test_stage1 import samples, small_config
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
 from igprune import distributed
-from igprune.baselines import find_mask
-from igprune.stage1.search import search_cluster_masks
-from igprune.stage1.train import MaskTrainer
+from igprune.finders import find_mask
+from igprune.finders.l0 import MaskTrainer
+from igprune.finders.search import search_cluster_masks
 
 # the 1-process and 2-process fits differ only in how the per-sample gradients are summed (two shards, then
 # the ranks), so log_alpha agrees to float32 rounding; the masks agree exactly

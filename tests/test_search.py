@@ -6,11 +6,10 @@ import pytest
 import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
-from igprune.baselines import find_mask, make_calibration
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError, sha256_tensors
-from igprune.stage1.pruner import SEARCH_DEFAULTS, IGPruner
-from igprune.stage1.search import (
+from igprune.finders import find_mask, make_calibration
+from igprune.finders.search import (
     bonferroni_margin,
     candidate_blocks,
     choose_masks,
@@ -18,6 +17,7 @@ from igprune.stage1.search import (
     find_order_mask,
     search_cluster_masks,
 )
+from igprune.pruner import SEARCH_DEFAULTS, IGPruner
 
 # choosing and packing "texts" (the default) have their own tests
 MARGIN = SEARCH_DEFAULTS["choose_margin"]  # what every search's choice uses unless told
@@ -99,7 +99,7 @@ def test_the_bonferroni_margin_rises_with_candidates_and_falls_with_rows():
 
 
 def test_row_nll_adds_up_to_the_perplexity(setup):
-    from igprune.baselines import Scorer
+    from igprune.finders import Scorer
 
     model, tok, groups = setup
     scorer = Scorer(model, make_calibration(tok, groups[0], 3, 16, 0), batch_size=2)

@@ -7,8 +7,8 @@ import torch
 from tiny_models import tiny_model
 
 from igprune.files import IGPruneError
-from igprune.stage1.gates import HardConcreteGates
-from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.finders.gates import HardConcreteGates
+from igprune.finders.l0 import MaskTrainer, TrainConfig
 
 
 def test_hard_concrete_samples_lie_in_unit_interval_with_expected_share_of_exact_zeros():

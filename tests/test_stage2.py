@@ -9,14 +9,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from igprune.blocks import patch
 from igprune.bundle import Bundle
+from igprune.clustering import cluster
+from igprune.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.results import Configuration
 from igprune.files import IGPruneError
-from igprune.stage1.clustering import cluster
-from igprune.stage1.pruner import IGPruner
-from igprune.stage1.train import TrainConfig
-from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
-from igprune.stage2.router import Router, gate_radii
+from igprune.finders.l0 import TrainConfig
+from igprune.pruner import IGPruner
+from igprune.routing import Router, gate_radii
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 
@@ -266,6 +266,6 @@ def test_resumed_fit_reuses_embeddings_and_finished_masks(tmp_path, monkeypatch)
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder should not run again")
 
-    monkeypatch.setattr("igprune.stage1.pruner.SentenceEncoder", no_encoder)
+    monkeypatch.setattr("igprune.pruner.SentenceEncoder", no_encoder)
     again = fit()
     assert torch.equal(again.masks_, first.masks_)

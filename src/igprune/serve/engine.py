@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from igprune.dynamic import DynamicPrunedModel
 from igprune.files import IGPruneError
 from igprune.masks import mask_row
-from igprune.stage2.dynamic import DynamicPrunedModel
 
 
 def generate_under_masks(dynamic: DynamicPrunedModel, clusters: list[int], input_ids: torch.Tensor,

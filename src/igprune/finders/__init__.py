@@ -20,13 +20,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune import distributed
-from igprune.baselines import evopress, shortened, sleb, static_l0
-from igprune.baselines.base import Problem, SearchResult, SearchSpace
-from igprune.baselines.scoring import Calibration, Scorer, make_calibration
 from igprune.blocks import num_blocks
 from igprune.bundle import Bundle, fingerprint
 from igprune.files import IGPruneError
+from igprune.finders import evopress, shortened, sleb, static_l0
+from igprune.finders.base import Problem, SearchResult, SearchSpace
 from igprune.masks import Granularity, n_units, skipped_blocks, units_off
+from igprune.scoring import Calibration, Scorer, make_calibration
 
 # Options every method takes: calibration size and packing (scoring.make_calibration), scoring batch, and
 # layers kept out of the candidates.

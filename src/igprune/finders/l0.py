@@ -37,10 +37,10 @@ from igprune import distributed
 from igprune.blocks import control_of
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
+from igprune.finders.gates import HardConcreteGates, Lagrangian
 from igprune.masks import Granularity, expand, n_units, units_off
 from igprune.models import model_device
 from igprune.nll import output_logits, token_nll
-from igprune.stage1.gates import HardConcreteGates, Lagrangian
 
 CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
 
@@ -76,6 +76,10 @@ class TrainConfig:
 
     def validate(self, n_blocks: int) -> None:
         units_off(self.sparsity, n_blocks, self.granularity)
+        self.validate_settings()
+
+    def validate_settings(self) -> None:
+        """The checks that need no model."""
         if self.loss not in ("lm", "kl"):
             raise IGPruneError(f"loss must be 'lm' or 'kl', not {self.loss!r}")
         if (self.batch_size < 1 or self.seq_len < 2 or self.shared_steps < 0 or self.cluster_steps < 0

@@ -11,9 +11,9 @@ import dataclasses
 
 import torch
 
-from igprune.baselines.base import Problem, SearchResult
 from igprune.files import IGPruneError
-from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.finders.base import Problem, SearchResult
+from igprune.finders.l0 import MaskTrainer, TrainConfig
 
 # TrainConfig fields a user may set; the problem fixes the others (batch_size comes from the scorer)
 TRAIN_OPTIONS = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()

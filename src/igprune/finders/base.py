@@ -24,7 +24,7 @@ from igprune.files import IGPruneError, read_json, write_json
 from igprune.masks import Granularity, mask_from_off, n_units
 
 if TYPE_CHECKING:
-    from igprune.baselines.scoring import Scorer
+    from igprune.scoring import Scorer
 
 
 @dataclass(frozen=True)

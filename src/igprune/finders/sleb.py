@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from igprune.baselines.base import Problem, SearchResult
-from igprune.baselines.scoring import Metric
 from igprune.distributed import map_sharded
 from igprune.files import IGPruneError
+from igprune.finders.base import Problem, SearchResult
+from igprune.scoring import Metric
 
 
 def search(problem: Problem, start: Sequence[str] = (), metric: Metric = "ppl") -> SearchResult:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from igprune.baselines.base import Problem, SearchResult
 from igprune.blocks import ATTN, FFN, decoder_layers, detect_layout
+from igprune.finders.base import Problem, SearchResult
+from igprune.finders.l0 import frozen
 from igprune.nll import token_nll
-from igprune.stage1.train import frozen
 
 
 def search_ppl(problem: Problem) -> SearchResult:

@@ -25,9 +25,9 @@ import random
 
 from tqdm.auto import tqdm
 
-from igprune.baselines.base import Problem, SearchResult, SearchSpace
 from igprune.distributed import map_sharded
 from igprune.files import IGPruneError
+from igprune.finders.base import Problem, SearchResult, SearchSpace
 
 Key = tuple[int, ...]  # sorted units switched off
 

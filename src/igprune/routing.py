@@ -11,6 +11,18 @@ from igprune.encoder import SentenceEncoder
 from igprune.files import IGPruneError
 
 
+@dataclass(frozen=True)
+class RouteConfig:
+    """gate: an input farther from its nearest centroid than this quantile of that cluster's own calibration texts'
+    distances runs under the global mask (None: every input takes its nearest cluster's mask)."""
+
+    gate: float | None = None
+
+    def validate(self) -> None:
+        if self.gate is not None and not 0.0 < self.gate <= 1.0:
+            raise IGPruneError(f"the gate quantile must be in (0, 1], e.g. 0.95, got {self.gate!r}")
+
+
 @dataclass
 class Route:
     cluster: int  # n_clusters: beyond its nearest cluster's radius, the fallback mask (a gated router)

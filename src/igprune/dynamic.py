@@ -23,7 +23,7 @@ from igprune.bundle import Bundle, as_bundle
 from igprune.files import IGPruneError
 from igprune.models import tokenizer_sides
 from igprune.nll import next_token_nll
-from igprune.stage2.router import Route, Router
+from igprune.routing import Route, Router
 
 
 class DynamicPrunedModel:
