@@ -49,8 +49,9 @@ _PUBLIC = {
     "Request": "igprune.texts",
 }
 
-__all__ = ["IGPruneError", "masked", "masked_rows", "IGPruner", "FitConfig", "recipe", "RECIPES", "DynamicPrunedModel",
-           "Router", "Bundle", "find_mask", "prune_model", "export_model", "ZOO", "load_model", "load_tokenizer", "Request"]
+__all__ = ["IGPruneError", "masked", "masked_rows", "IGPruner", "FitConfig", "recipe", "RECIPES",
+           "DynamicPrunedModel", "Router", "Bundle", "find_mask", "prune_model", "export_model", "ZOO", "load_model",
+           "load_tokenizer", "Request"]
 __version__ = "0.1.0"
 
 

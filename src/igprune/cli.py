@@ -216,8 +216,8 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> No
 
     loaded = Bundle.load(bundle)
     cfg = loaded.config
-    keys = ["method", "recipe", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total", "seed",
-            "encoder", "calibration", "gate", "final_loss", "fit_seconds"]
+    keys = ["method", "recipe", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total",
+            "seed", "encoder", "calibration", "gate", "final_loss", "fit_seconds"]
     for key in keys:
         if key in cfg:
             console.print(f"{key:>16}: {cfg[key]}", highlight=False)

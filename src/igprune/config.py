@@ -80,7 +80,11 @@ class FitConfig:
         for section in (self.data, self.clusters, self.search, self.choose, self.route):
             section.validate()
         self.train_config().validate_settings()
-        if self.finder == "search" and (self.search.candidates or self.search.global_order) and not self.choose.samples:
+        given = self.search.candidates or self.search.global_order
+        if given and self.finder != "search":
+            raise IGPruneError("search.candidates and search.global_order are used by finder 'search' only: set finder "
+                               "to search")
+        if given and not self.choose.samples:
             raise IGPruneError("extra candidate and global masks are only used when each cluster chooses its mask: "
                                "set choose.samples > 0")
         if self.route.gate is not None and (self.finder != "search" or not self.choose.samples):
