@@ -14,7 +14,6 @@ from igprune.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.results import Configuration
 from igprune.files import IGPruneError
-from igprune.finders.l0 import TrainConfig
 from igprune.pruner import IGPruner
 from igprune.routing import Router, gate_radii
 
@@ -30,9 +29,9 @@ def encoder():
 def fitted(tmp_path_factory):
     """A tiny 3-cluster IG-Pruning bundle, fitted once for the module."""
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    config = TrainConfig(shared_steps=4, cluster_steps=6, batch_size=3, seq_len=24, loss_positions=8)
-    pruner = IGPruner(model, tokenizer, n_clusters=3, sparsity=0.25, train=config, min_cluster_size=1,
-                      progress=False).fit(TEXTS)
+    config = {"clusters": {"min_cluster_size": 1},
+              "l0": {"shared_steps": 4, "cluster_steps": 6, "batch_size": 3, "seq_len": 24, "loss_positions": 8}}
+    pruner = IGPruner(model, tokenizer, "paper", config=config, n_clusters=3, sparsity=0.25, progress=False).fit(TEXTS)
     path = pruner.save(tmp_path_factory.mktemp("bundle") / "b")
     return model, tokenizer, pruner, path
 
@@ -254,10 +253,11 @@ def test_fit_rejects_bad_input():
 
 def test_resumed_fit_reuses_embeddings_and_finished_masks(tmp_path, monkeypatch):
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    config = TrainConfig(shared_steps=2, cluster_steps=2, batch_size=3, seq_len=24, loss_positions=8)
+    config = {"clusters": {"min_cluster_size": 1},
+              "l0": {"shared_steps": 2, "cluster_steps": 2, "batch_size": 3, "seq_len": 24, "loss_positions": 8}}
 
     def fit():
-        return IGPruner(model, tokenizer, n_clusters=3, train=config, min_cluster_size=1, checkpoint_dir=tmp_path,
+        return IGPruner(model, tokenizer, "paper", config=config, n_clusters=3, checkpoint_dir=tmp_path,
                         progress=False).fit(TEXTS)
 
     first = fit()

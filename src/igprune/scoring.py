@@ -28,10 +28,18 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from igprune.blocks import control_of, decoder_layers
+from igprune.blocks import (
+    control_of,
+    decoder_layers,
+    final_hidden,
+    layer_inputs,
+    output_logits,
+    replaced_input,
+    vocab_size,
+)
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.models import model_device
-from igprune.nll import output_logits, token_nll
+from igprune.nll import token_nll
 from igprune.texts import Request, Text, clean_texts, tokens
 
 Metric = Literal["ppl", "kl"]
@@ -185,21 +193,13 @@ class Scorer:
         if metric == "kl":
             self._dense_cache()  # before the recording hooks, which would record the dense pass too
         inputs: list[list[torch.Tensor]] = []
-
-        def record(module, args, kwargs):
-            inputs[-1].append(args[0] if args else kwargs["hidden_states"])
-
-        hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
         parts = []
-        try:
-            for batch in self.batches(rows):
-                inputs.append([])
+        for batch in self.batches(rows):
+            with layer_inputs(self.model) as recorded:
                 hidden = self._hidden(base, batch, None)
-                if metric is not None:  # the recording pass gives the base's own score for free
-                    parts.append(self._reduce(metric, batch, hidden))
-        finally:
-            for hook in hooks:
-                hook.remove()
+            inputs.append(recorded)
+            if metric is not None:  # the recording pass gives the base's own score for free
+                parts.append(self._reduce(metric, batch, hidden))
         scores = {metric: _combine(metric, parts)} if metric is not None else {}
         if metric is not None:
             self.evaluations += 1
@@ -250,8 +250,8 @@ class Scorer:
                 mask[: 2 * start] = False  # those layers are replaced by the recorded input
         ids = self.ids[batch]
         self.tokens += ids.numel() * (len(self.layers) - start) / len(self.layers)
-        with self.control.masked(mask), _replace_input(self.layers[start], cached):
-            return self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+        with self.control.masked(mask), replaced_input(self.model, start, cached):
+            return final_hidden(self.model, ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output logits in float32, soft-capped as the model's forward does (igprune.nll)."""
@@ -300,13 +300,13 @@ class Scorer:
         if self._dense is not None:
             return
         m, t = self.ids.shape
-        k = min(self.top_k, self.model.get_output_embeddings().weight.shape[0])
+        k = min(self.top_k, vocab_size(self.model))
         top_logp = torch.empty(m, t, k, device=self.device)
         top_ids = torch.empty(m, t, k, dtype=torch.long, device=self.device)
         tail = torch.empty(m, t, device=self.device)
         for batch in self.batches(list(range(m))):
             with self.control.masked(None):
-                hidden = self.model.model(input_ids=self.ids[batch], use_cache=False).last_hidden_state
+                hidden = final_hidden(self.model, self.ids[batch])
             h = hidden.reshape(-1, hidden.shape[-1])
             rows_logp, rows_ids, rows_tail = [], [], []
             for part in self.chunks(len(h)):
@@ -333,22 +333,3 @@ def top_and_tail(logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, t
     top = logp.gather(-1, ids)
     tail = logp.scatter_(-1, ids, -math.inf).logsumexp(-1)
     return top, tail
-
-
-@contextlib.contextmanager
-def _replace_input(layer: torch.nn.Module, hidden: torch.Tensor | None) -> Iterator[None]:
-    """Feed `hidden` to `layer` in place of whatever the layers before it produced."""
-    if hidden is None:
-        yield
-        return
-
-    def swap(module, args, kwargs):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    handle = layer.register_forward_pre_hook(swap, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()

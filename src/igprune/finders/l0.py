@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from igprune import distributed
-from igprune.blocks import control_of
+from igprune.blocks import control_of, final_hidden, output_logits
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
 from igprune.finders.gates import HardConcreteGates, Lagrangian
 from igprune.masks import Granularity, expand, n_units, units_off
 from igprune.models import model_device
-from igprune.nll import output_logits, token_nll
+from igprune.nll import token_nll
 
 CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
 
@@ -275,7 +275,7 @@ class MaskTrainer:
             return 0.0
         ids, mask, scored, weights, positions, z = (t[mine] for t in (ids, mask, scored, weights, positions, z))
         with self.control.gated(expand(z, self.config.granularity)):  # backward inside: checkpointing recomputes
-            hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = final_hidden(self.model, ids, mask)
             loss = (self._loss(hidden, ids, mask, scored, positions) * weights).sum()
             loss.backward()
         return loss.item()
@@ -311,7 +311,7 @@ class MaskTrainer:
             token_loss = token_nll(logits, targets).flatten()
         else:
             with torch.no_grad(), self.control.masked(None):
-                dense_hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                dense_hidden = final_hidden(self.model, ids, mask)
                 dense_picked = torch.gather(dense_hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
                 dense_logp = F.log_softmax(output_logits(self.model, dense_picked), dim=-1)
             token_loss = F.kl_div(F.log_softmax(logits, dim=-1), dense_logp, log_target=True,

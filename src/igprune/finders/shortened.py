@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from igprune.blocks import ATTN, FFN, decoder_layers, detect_layout
+from igprune.blocks import block_parameters, final_hidden
 from igprune.finders.base import Problem, SearchResult
 from igprune.finders.l0 import frozen
 from igprune.nll import token_nll
@@ -49,30 +49,13 @@ def _one_shot(problem: Problem, scores: dict[int, float], log: dict) -> SearchRe
     return SearchResult(ranked[: problem.k], log)
 
 
-def _block_parameters(inner: torch.nn.Module) -> dict[int, list[torch.nn.Parameter]]:
-    """A layer's weights by branch: attention with its norms, FFN with its norms."""
-    layout = detect_layout(inner)
-    owners = {ATTN: [inner.self_attn, getattr(inner, layout.attn_norm)],
-              FFN: [inner.mlp, getattr(inner, layout.ffn_norm)]}
-    if layout.attn_post_norm:
-        owners[ATTN].append(getattr(inner, layout.attn_post_norm))
-    if layout.ffn_post_norm:
-        owners[FFN].append(getattr(inner, layout.ffn_post_norm))
-    return {kind: [p for module in modules for p in module.parameters()] for kind, modules in owners.items()}
-
-
 def taylor_importance(problem: Problem) -> list[float]:
     """sum |w * dL/dw| per block (B,), on the scorer's calibration sequences under the dense model."""
     model, scorer = problem.model, problem.scorer
-    layers = decoder_layers(model)
-    owner: dict[int, int] = {}
-    params: list[torch.nn.Parameter] = []
-    for i, layer in enumerate(layers):
-        for kind, plist in _block_parameters(layer).items():
-            for p in plist:
-                owner[id(p)] = 2 * i + kind
-                params.append(p)
-    sums = torch.zeros(len(layers) * 2, dtype=torch.float32, device=scorer.device)
+    per_block = block_parameters(model)
+    owner = {id(p): block for block, plist in enumerate(per_block) for p in plist}
+    params = [p for plist in per_block for p in plist]
+    sums = torch.zeros(len(per_block), dtype=torch.float32, device=scorer.device)
 
     def fold(p: torch.nn.Parameter) -> None:
         sums[owner[id(p)]] += (p.detach() * p.grad).abs().sum().float()
@@ -92,7 +75,7 @@ def taylor_importance(problem: Problem) -> list[float]:
                 hooks.append(p.register_post_accumulate_grad_hook(fold))
             for batch in tqdm(batches, desc="shortened-taylor", unit="batch", disable=not problem.progress):
                 ids = scorer.ids[batch]
-                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                hidden = final_hidden(model, ids)
                 # the loss over the vocabulary is taken a chunk of positions at a time, so its logits never
                 # exist all at once; their gradients are collected on a detached copy of the hidden states
                 detached = hidden.detach().requires_grad_()
