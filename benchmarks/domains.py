@@ -268,7 +268,7 @@ def wide_path(model: str, blocks: int, source: str, variant: str = "") -> Path:
 def search(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import write_json
-    from igprune.finders.search import search_cluster_masks
+    from igprune.finders.search import SearchConfig, search_cluster_masks
 
     out = folder(name) / f"search-b{blocks}.json"
     if out.is_file():
@@ -277,8 +277,10 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     started = time.perf_counter()
     groups = [load_calibration(d, seed=SEED) for d in DOMAIN_SOURCES]
     sparsity = blocks / (2 * model.config.num_hidden_layers)
-    _, log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED, prefix=shared_prefix(name, blocks),
-                                  checkpoint=BUNDLES / name / f"domains-search-b{blocks}.checkpoint", **SEARCH)
+    log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED,
+                               config=SearchConfig(**{k: v for k, v in SEARCH.items() if k != "choose_samples"},
+                                                   prefix=shared_prefix(name, blocks)), with_global=False,
+                               checkpoint=BUNDLES / name / f"domains-search-b{blocks}.checkpoint").log
     orders = {d: c["order"] for d, c in zip(DOMAIN_SOURCES, log.pop("clusters"), strict=True)}
     write_json(out, {"model": name, "blocks": blocks, "settings": SEARCH, "seed": SEED, "domain_orders": orders,
                      **log, "seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads(),
@@ -335,9 +337,8 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
     from igprune import distributed
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import remove_tree
-    from igprune.finders.l0 import TrainConfig
     from igprune.finders.search import candidate_blocks
-    from igprune.pruner import fit_bundle
+    from igprune.pruner import fit_bundle, fit_config
 
     for run, spec in FITS.items():
         path = fit_dir(name, run, blocks)
@@ -345,19 +346,22 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
             continue
         print(f"== fit {run}", flush=True)
         started = time.perf_counter()
-        train = TrainConfig(**spec.get("train", {}))
-        search = None
+        changes = {"finder": "search" if spec["finder"] == "sleb" else "l0", "l0": spec.get("train", {}),
+                   "data": {"source": "domains", "samples": FIT_PASSAGES * len(DOMAIN_SOURCES),
+                            "max_chars": spec.get("max_chars")}}
         if spec["finder"] == "sleb":
+            search = {**spec["search"], "prefix": shared_prefix(name, blocks, spec.get("prefix"))}
             # these fits predate the choice margin and choose by the lowest perplexity; CHOSEN adds margins
-            search = {"choose_margin": 0.0, **spec["search"], "prefix": shared_prefix(name, blocks, spec.get("prefix"))}
-            if search["choose_samples"]:
+            choose = {"samples": search.pop("choose_samples", 8), "margin": search.pop("choose_margin", 0.0)}
+            if choose["samples"]:
                 search["global_order"] = global_order(name, blocks)
             if spec.get("pool"):
                 search["candidates"] = [candidate_blocks(m) for m in pool_masks(name, blocks, spec["pool"]).values()]
-        bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,
-                            "domains", FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED, finder=spec["finder"],
-                            search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"),
-                            max_chars=spec.get("max_chars"), extra=requests(spec))
+            changes.update(search=search, choose=choose)
+        config = fit_config("paper", changes, n_clusters=spec["n_clusters"],
+                            sparsity=blocks / (2 * model.config.num_hidden_layers), seed=SEED)
+        bundle = fit_bundle(model, tokenizer, config, requests(spec),
+                            checkpoint_dir=path.with_name(path.name + ".checkpoint"))
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
                                       "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
                                       "ranks": distributed.world_size()}
@@ -372,8 +376,9 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
     """Each CHOSEN bundle: its fit with every cluster's mask chosen among the candidates on that cluster's
     passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
     from igprune.bundle import Bundle
+    from igprune.choosing import choose_masks
     from igprune.finders import make_calibration
-    from igprune.finders.search import choose_masks, find_order_mask
+    from igprune.finders.search import find_order_mask
     from igprune.routing import Router
 
     for run, spec in CHOSEN.items():
