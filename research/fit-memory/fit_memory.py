@@ -4,7 +4,7 @@ Each setting runs in a fresh process (peak resident memory is per process): load
 shared-phase steps of batch x seq_len tokens with the LM loss on every position, and report the process's peak
 RSS beside the weights' own size. GPU peaks come from benchmarks/gpu.py.
 
-    python benchmarks/fit_memory.py             # writes benchmarks/results/fit_memory.json
+    python research/fit-memory/fit_memory.py    # writes research/fit-memory/results/fit_memory.json
 """
 
 from __future__ import annotations

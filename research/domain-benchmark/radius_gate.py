@@ -8,17 +8,23 @@ global static mask's results (sleb-bB-mixed, the same documents), and each held-
 is in `domains.py score`'s cache, so the gated fit's results are the fit's with the gated documents' entries
 swapped for the global mask's. Clusters that keep the global mask are unaffected.
 
-    python benchmarks/radius_gate.py            # writes results/domains/smollm2-135m/radius-gate.json
-    python benchmarks/report.py                 # the radius-gate block of RESULTS.md
+    python research/domain-benchmark/radius_gate.py   # writes research/domain-benchmark/results/radius-gate.json
+    python benchmarks/report.py                       # the radius-gate block of research/domain-benchmark/LOG.md
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))  # the domain benchmark's bundles, results and caches
+# ruff: noqa: E402
 
 import torch
 from domains import BUNDLES, GLOBAL, SEED, _versus, fit_dir, fit_passages, folder, heldout_ids
@@ -31,6 +37,7 @@ from igprune.masks import mask_row
 from igprune.routing import Router, gate_radii
 
 MODEL = "smollm2-135m"
+OUT = HERE / "results" / "radius-gate.json"
 QUANTILES = [0.9, 0.95, 0.99, 1.0]
 # (blocks, fit): the domain fits whose six-task runs have per-document scores, each beside its global mask's
 RUNS = [(8, "ig-global-n8-texts-requests-prefixed-auto-responses"), (8, "ig-sleb-n6-texts-pool-m3"),
@@ -117,8 +124,8 @@ def main() -> None:
             print(blocks, run, suite, limit, json.dumps(rows), flush=True)
         entry["heldout"] = heldout(bundle, router, radii, own, blocks)
         report["runs"].append(entry)
-    write_json(folder(MODEL) / "radius-gate.json", report)
-    print(f"wrote {folder(MODEL) / 'radius-gate.json'}")
+    write_json(OUT, report)
+    print(f"wrote {OUT}")
 
 
 def heldout(bundle: Bundle, router: Router, radii: dict[float, list[float]], own: dict[int, bool],

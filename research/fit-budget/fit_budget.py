@@ -7,8 +7,8 @@ that binarisation reads is still mostly noise. This script fits one static L0 ma
 alone) per learning rate on the same data and budget and scores each binarised mask by held-out perplexity,
 beside the dense model.
 
-    python benchmarks/fit_budget.py                      # writes results/fit_budget.json and .png
-    python benchmarks/fit_budget.py --lrs 0.1,0.5 --steps 60
+    python research/fit-budget/fit_budget.py             # writes results/fit_budget.json and .png here
+    python research/fit-budget/fit_budget.py --lrs 0.1,0.5 --steps 60
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Which cluster-phase recipe lets each cluster's mask beat the shared mask on its own text.
 
 IG-Pruning's first headline fit (ig16-b15-first) lost to static L0: its cluster masks were worse than the shared
-mask even on the text they were trained for (results/headline_perplexity.json). This script isolates the
+mask even on the text they were trained for (benchmarks/results/headline_perplexity.json). This script isolates the
 cluster phase. Every recipe starts from the same shared mask, static-l0-b15's gates (IG-Pruning's shared
 phase with the same data, budget and seed), and the same clustering of the same 4096 passages (ig16-b15-first's
 centroids); it runs only the cluster phase, on the same number of sample passes (one forward and backward
 of one 64-token passage), and is scored by held-out perplexity on each cluster's share of 256 held-out
 passages, routed by those centroids, beside the shared mask itself. Recipes are data (RECIPES below).
 
-    python benchmarks/cluster_phase.py                     # writes results/cluster_phase/<recipe>.json
-    python benchmarks/cluster_phase.py --recipes batch4    # some recipes (two processes can split them)
+    python research/cluster-phase/cluster_phase.py                   # writes results/<recipe>.json here
+    python research/cluster-phase/cluster_phase.py --recipes batch4  # some recipes (two processes can split them)
 """
 
 from __future__ import annotations
@@ -17,10 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))  # the product benchmarks' runs, bundles and results
+# ruff: noqa: E402
 
 import torch
-from headline import BUNDLES, FIT, RESULTS, SEED
+from headline import BUNDLES, FIT, SEED
 
 from igprune import load_model
 from igprune.bundle import Bundle
@@ -34,7 +40,7 @@ from igprune.finders.l0 import MaskTrainer, TrainConfig
 from igprune.pruner import tokenize
 from igprune.routing import Router
 
-OUT = RESULTS.parent / "cluster_phase"
+OUT = HERE / "results"
 PASSES = 1024  # sample passes per recipe: 64 forwards of 16 passages
 # cluster_batch: passages of every cluster per update; cluster_lr: the gates' learning rate in this phase.
 RECIPES = {

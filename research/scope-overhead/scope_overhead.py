@@ -3,9 +3,9 @@
 A scope installs the gated forward on every decoder layer and removes it on exit (igprune.blocks), so the
 user's model is untouched outside it. This times an empty scope (mean of many), and, under one mask, a
 one-token decode step and a 512-token prefill (medians), on one thread. Writes
-benchmarks/results/scope_overhead.json and prints the ratios:
+research/scope-overhead/results/scope_overhead.json and prints the ratios:
 
-    python benchmarks/scope_overhead.py [--repeats 2000]
+    python research/scope-overhead/scope_overhead.py [--repeats 2000]
 """
 
 from __future__ import annotations

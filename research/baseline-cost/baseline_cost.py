@@ -1,13 +1,13 @@
 """What each static baseline costs: wall time on smollm2-135m at 15 of 60 blocks (25%), block granularity.
 
 Every method runs with its registry defaults on wiki calibration. Each finished method is recorded at once
-in benchmarks/results/baseline_cost.json, with the machine's load since the machine may be shared (merged
+in research/baseline-cost/results/baseline_cost.json, with the machine's load since the machine may be shared (merged
 into the file as it is then, so methods may run in parallel processes), and its bundle is saved under
-benchmarks/bundles/cost/smollm2-135m/<method>-b15/. An interrupted run resumes where it stopped; --force reruns
+research/baseline-cost/bundles/smollm2-135m/<method>-b15/. An interrupted run resumes where it stopped; --force reruns
 methods already recorded. Held-out wiki perplexity of each mask is recorded
 too, as a sanity check rather than an evaluation.
 
-    python benchmarks/baseline_cost.py [--methods sleb,evopress] [--force] [--threads 1]
+    python research/baseline-cost/baseline_cost.py [--methods sleb,evopress] [--force] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from igprune.masks import mask_row
 HERE = Path(__file__).parent
 MODEL, BLOCKS, GRANULARITY, DATA, SEED = "smollm2-135m", 15, "block", "wiki", 0
 RESULTS = HERE / "results" / "baseline_cost.json"
-BUNDLES = HERE / "bundles" / "cost" / MODEL  # the headline benchmark keeps its own under bundles/<model>
+BUNDLES = HERE / "bundles" / MODEL  # the headline benchmark keeps its own under benchmarks/bundles/<model>
 
 
 def main() -> None:

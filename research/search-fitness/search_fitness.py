@@ -2,15 +2,21 @@
 searches' own calibration data (8 x 128 wiki tokens): EvoPress's fitness (top-64 KL to dense) and SLEB's
 (perplexity), beside the mask's average task accuracy from the headline results.
 
-    python benchmarks/search_fitness.py --model qwen2.5-0.5b --blocks 12
+    python research/search-fitness/search_fitness.py --model qwen2.5-0.5b --blocks 12
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))  # the headline benchmark's runs, bundles and results
+# ruff: noqa: E402
 
 import torch
-from headline import OPTIONS, RESULTS, RUNS, SEED, bundle_dir, result_path
+from headline import OPTIONS, RUNS, SEED, bundle_dir, result_path
 
 from igprune import load_model
 from igprune.bundle import Bundle
@@ -44,7 +50,7 @@ def main() -> None:
                          "average_accuracy": load_results(result_path(run))["average"]})
             print(f"{run.name:>14} mask {k:>2}: KL {rows[-1]['kl']:.4f}, perplexity {rows[-1]['perplexity']:.2f}, "
                   f"task average {rows[-1]['average_accuracy']:.2f}", flush=True)
-    out = RESULTS.parent / f"search_fitness_{args.model}_b{args.blocks}.json"
+    out = HERE / "results" / f"search_fitness_{args.model}_b{args.blocks}.json"
     write_json(out, {"model": args.model, "blocks": args.blocks, "calibration": calibration.info, "masks": rows})
     print(f"wrote {out}")
 
