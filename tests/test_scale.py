@@ -222,9 +222,11 @@ def test_cli_fit_and_eval_under_torchrun_give_the_one_process_results(tiny_folde
     from igprune.bundle import Bundle
 
     (tmp_path / "fit").mkdir()
-    outputs = one_and_two_processes("fit", "--model", str(tiny_folder), "--clusters", "2", "--samples", "40",
-                                    "--shared-steps", "3", "--cluster-steps", "3", "--batch-size", "4", "--seq-len",
-                                    "64", str(tmp_path / "fit"))
+    config = tmp_path / "fit.json"
+    config.write_text(json.dumps({"recipe": "paper", "data": {"samples": 40},
+                                  "l0": {"shared_steps": 3, "cluster_steps": 3, "batch_size": 4, "seq_len": 64}}))
+    outputs = one_and_two_processes("fit", "--model", str(tiny_folder), "--clusters", "2", "--config", str(config),
+                                    str(tmp_path / "fit"))
     assert outputs[0].count("wrote") == 1  # only rank 0 prints (and writes)
     one, two = Bundle.load(tmp_path / "fit/one"), Bundle.load(tmp_path / "fit/two")
     assert torch.equal(one.masks, two.masks)

@@ -9,7 +9,7 @@ same computation as its own forward, except that each block's contribution to th
 
 The user never sees this. The layer objects stay where they are, with their own class, parameters and
 state-dict keys: for the duration of a scope each one gets an instance-level `forward` (`gated_forward`
-bound to it), which is deleted when the scope ends (benchmarks/scope_overhead.py: a scope costs under 0.1%
+bound to it), which is deleted when the scope ends (research/scope-overhead/scope_overhead.py: a scope costs under 0.1%
 of a one-token decode step of smollm2-135m). The shared BlockControl lives outside the module tree (a weak
 registry keyed by the model's layer list), so `state_dict()`, `parameters()`, `save_pretrained()` and
 `from_pretrained()` are exactly those of the untouched model.

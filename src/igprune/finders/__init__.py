@@ -55,7 +55,7 @@ class Method:
 
 
 # Calibration sizes and search budgets keep every method under ~30 min on smollm2-135m at 15 of 60 blocks
-# on two shared CPU cores (benchmarks/baseline_cost.py); on a GPU raise them towards the published ones.
+# on two shared CPU cores (research/baseline-cost/baseline_cost.py); on a GPU raise them towards the published ones.
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("sleb", sleb.search, "greedy: remove the unit whose removal gives the lowest perplexity, repeat",
            "Song et al. 2024, SLEB", "layer", {"samples": 4, "seq_len": 64, "start": [], "metric": "ppl"},

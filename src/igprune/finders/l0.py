@@ -47,7 +47,7 @@ CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig 
 
 @dataclass
 class TrainConfig:
-    """Mask-training settings (learning rates: paper Table 5; budget: benchmarks/fit_budget.py)."""
+    """Mask-training settings (learning rates: paper Table 5; budget: research/fit-budget/fit_budget.py)."""
 
     sparsity: float = 0.25
     # Phase 1 fits one mask on all data and must converge before phase 2 (one mask per cluster, all clusters
@@ -56,7 +56,7 @@ class TrainConfig:
     cluster_steps: int = 64
     batch_size: int = 16  # samples per forward/backward (and per shared-phase update)
     # Samples of every cluster in one cluster-phase update (gradients accumulated over forwards of batch_size);
-    # None: batch_size // clusters, at least 1. Recipes compared in benchmarks/cluster_phase.py.
+    # None: batch_size // clusters, at least 1. Recipes compared in research/cluster-phase/cluster_phase.py.
     cluster_batch: int | None = None
     seq_len: int = 64
     loss_positions: int | None = 32  # positions per sample scored by the loss; None = all
