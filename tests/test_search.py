@@ -136,7 +136,7 @@ def test_row_nll_adds_up_to_the_perplexity(setup):
 def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, tmp_path, monkeypatch):
     model, tok, groups = setup
     pruner = search_fit(model, tok, groups, monkeypatch, checkpoint_dir=tmp_path)
-    masks, log, groups = pruner.masks_, pruner.search_log_, fit_groups(pruner, groups)
+    masks, log, groups = pruner.masks_, pruner.find_log_, fit_groups(pruner, groups)
     assert (tmp_path / "searches" / "global" / "search.json").is_file()  # the global mask continued the shared search
     assert log["global_order"][:2] == log["shared_order"] and len(log["global_order"]) == 4
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
@@ -152,7 +152,7 @@ def test_extra_candidates_join_the_choice(setup, monkeypatch):
     model, tok, groups = setup
     extra = [["attn0", "ffn0", "attn1", "ffn1"], ["attn3", "ffn3", "ffn2", "attn2"]]  # the first or last layers
     pruner = search_fit(model, tok, groups, monkeypatch, candidates=extra)
-    masks, log, groups = pruner.masks_, pruner.search_log_, fit_groups(pruner, groups)
+    masks, log, groups = pruner.masks_, pruner.find_log_, fit_groups(pruner, groups)
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
     pool = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None],
                       torch.stack([find_order_mask(model, blocks, "block") for blocks in extra])])
@@ -183,7 +183,7 @@ def test_metric_kl_reaches_every_search(setup):
 def test_packing_texts_reaches_every_search_and_the_choice(setup, monkeypatch):
     model, tok, groups = setup
     pruner = search_fit(model, tok, groups, monkeypatch, packing="texts")
-    masks, log, groups = pruner.masks_, pruner.search_log_, fit_groups(pruner, groups)
+    masks, log, groups = pruner.masks_, pruner.find_log_, fit_groups(pruner, groups)
     for i, texts in enumerate(groups):
         rows = make_calibration(tok, texts, 2, 16, 0, packing="texts")
         assert log["clusters"][i]["calibration"]["sha256"] == rows.info["sha256"]

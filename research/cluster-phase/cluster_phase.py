@@ -36,8 +36,7 @@ from igprune.dynamic import DynamicPrunedModel
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
 from igprune.files import write_json
-from igprune.finders.l0 import MaskTrainer, TrainConfig
-from igprune.pruner import tokenize
+from igprune.finders.l0 import MaskTrainer, TrainConfig, tokenize
 from igprune.routing import Router
 
 OUT = HERE / "results"

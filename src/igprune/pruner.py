@@ -12,10 +12,8 @@ with a gate, each cluster's radius. Learned attributes end in an underscore.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,26 +31,14 @@ from igprune.clustering import Clustering, check_n_clusters, cluster
 from igprune.config import FitConfig
 from igprune.encoder import SentenceEncoder
 from igprune.files import IGPruneError, atomic_path
-from igprune.finders.l0 import MaskTrainer
+from igprune.finders.base import Found
+from igprune.finders.l0 import train_cluster_masks
 from igprune.finders.search import check_given_masks, search_cluster_masks
 from igprune.masks import skipped_blocks
 from igprune.models import model_device
 from igprune.recipes import DEFAULT_RECIPE, recipe
 from igprune.routing import gate_radii
-from igprune.texts import Request, Text, clean_texts, digest, routed, tokens
-
-
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[Text],
-             seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (M, T) ids, attention mask and scored mask (the tokens the loss scores: a passage's, a
-    request's response), each text cut to its first seq_len tokens."""
-    rows = [[part[:seq_len] for part in tokens(tokenizer, t)] for t in texts]
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long)
-    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows], dtype=torch.long)
-    scored = torch.tensor([flags + [False] * (width - len(flags)) for _, flags in rows], dtype=torch.bool)
-    return ids, attention, scored
+from igprune.texts import Request, Text, clean_texts, digest, routed
 
 
 def fit_config(recipe_or_config: str | FitConfig = DEFAULT_RECIPE, changes: dict[str, Any] | None = None,
@@ -101,12 +87,11 @@ class IGPruner:
         labels = self.clustering_.labels.tolist()
         groups = [[t for t, label in zip(texts, labels, strict=True) if label == k]
                   for k in range(len(self.clustering_.centroids))]
-        # (2) find, and (3) choose
-        self.log_alpha_, self.fallback_ = None, None
-        if cfg.finder == "l0":
-            self.masks_ = self._train(texts)
-        else:
-            self.masks_ = self._search_and_choose(groups)
+        # (2) find candidate masks for each cluster, and (3) choose each cluster's among them
+        found = self._find(texts, groups)
+        self.log_alpha_, self.fallback_, self.find_log_ = found.log_alpha, found.global_mask, found.log
+        chooses = found.global_mask is not None and cfg.choose.samples > 0
+        self.masks_ = self._choose(groups, found) if chooses else found.masks
         # (4) what the router needs beyond the centroids: with a gate, each cluster's radius
         self.radii_ = None if cfg.route.gate is None else gate_radii(self.clustering_.centroids, embeddings,
                                                                      cfg.route.gate)
@@ -134,36 +119,23 @@ class IGPruner:
                 save_file({"embeddings": embeddings.contiguous()}, tmp, metadata={"key": key})
         return embeddings
 
-    def _train(self, texts: list[Text]) -> torch.Tensor:
-        """The paper's finder: one hard-concrete mask per cluster, all clusters trained in one batched pass."""
-        train = self.config.train_config()
-        ids, mask, scored = tokenize(self.tokenizer, texts, train.seq_len)
-        unscored = int((~scored[:, 1:].any(dim=1)).sum())
-        if unscored:
-            warnings.warn(f"{unscored} request(s) have no response token within their first {train.seq_len} tokens "
-                          "and teach the masks nothing; raise l0.seq_len", stacklevel=3)
-        self.trainer_ = MaskTrainer(self.model, len(self.clustering_.centroids), train,
-                                    checkpoint_dir=self.checkpoint_dir and self.checkpoint_dir / "masks",
-                                    shared_dir=self.shared_dir, progress=self.progress)
-        self.trainer_.fit(ids, mask, self.clustering_.labels, scored=scored)
-        self.log_alpha_ = self.trainer_.gates.log_alpha.detach().cpu()
-        return self.trainer_.masks()
+    def _find(self, texts: list[Text], groups: list[list[Text]]) -> Found:
+        """The config's finder: the paper's L0 training, or SLEB per cluster from a shared prefix (with the global
+        mask each cluster then chooses against, when it chooses)."""
+        cfg, folder = self.config, self.checkpoint_dir
+        if cfg.finder == "l0":
+            return train_cluster_masks(self.model, self.tokenizer, texts, self.clustering_.labels, len(groups),
+                                       cfg.train_config(), folder and folder / "masks", self.shared_dir, self.progress)
+        return search_cluster_masks(self.model, self.tokenizer, groups, cfg.sparsity, cfg.granularity, cfg.seed,
+                                    cfg.search, with_global=cfg.choose.samples > 0,
+                                    checkpoint=folder and folder / "searches", progress=self.progress)
 
-    def _search_and_choose(self, groups: list[list[Text]]) -> torch.Tensor:
-        """SLEB per cluster from a shared prefix; then each cluster's mask chosen among every cluster's, the global
-        one and the extra candidates on rows its search did not score, leaving the global mask only for a mask
-        clearly better there."""
+    def _choose(self, groups: list[list[Text]], found: Found) -> torch.Tensor:
+        """Each cluster's mask among every cluster's, the global one and the extra candidates, on rows its finder did
+        not score, leaving the global mask only for a mask clearly better there."""
         cfg = self.config
-        choose = cfg.choose.samples > 0
-        found = search_cluster_masks(self.model, self.tokenizer, groups, cfg.sparsity, cfg.granularity, cfg.seed,
-                                     cfg.search, with_global=choose,
-                                     checkpoint=self.checkpoint_dir and self.checkpoint_dir / "searches",
-                                     progress=self.progress)
-        self.search_log_, self.fallback_ = found.log, found.global_mask
-        if not choose:
-            return found.masks
         pool = torch.cat([found.masks, found.global_mask[None], found.candidates])
-        masks, self.search_log_["choose"] = choose_masks(
+        masks, self.find_log_["choose"] = choose_masks(
             self.model, self.tokenizer, groups, pool, cfg.choose.samples, cfg.search.seq_len, exclude=found.scored,
             seed=cfg.seed, packing=cfg.search.packing, default=len(groups), margin=cfg.choose.margin)
         return masks
@@ -193,13 +165,12 @@ class IGPruner:
             "fit": cfg.to_dict(),
         }
         if cfg.finder == "search":
-            bundle = Bundle(self.masks_, self.clustering_.centroids, config, logs={"search": self.search_log_})
+            bundle = Bundle(self.masks_, self.clustering_.centroids, config, logs={"search": self.find_log_})
             return bundle if self.radii_ is None else bundle.with_gate(self.radii_, self.fallback_, cfg.route.gate)
-        log = self.trainer_.log
-        config.update({"final_loss": sum(log.loss[-10:]) / max(1, len(log.loss[-10:])),
-                       "final_expected_sparsity": log.expected_sparsity[-1] if log.expected_sparsity else None})
-        return Bundle(self.masks_, self.clustering_.centroids, config, self.log_alpha_,
-                      logs={"train": dataclasses.asdict(log)})
+        loss, expected = self.find_log_["train"]["loss"][-10:], self.find_log_["train"]["expected_sparsity"]
+        config.update({"final_loss": sum(loss) / max(1, len(loss)),
+                       "final_expected_sparsity": expected[-1] if expected else None})
+        return Bundle(self.masks_, self.clustering_.centroids, config, self.log_alpha_, logs=self.find_log_)
 
     def save(self, path: str | Path) -> Path:
         return self.to_bundle().save(path)

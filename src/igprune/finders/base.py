@@ -22,6 +22,7 @@ from igprune.bundle import fingerprint
 from igprune.distributed import main_writes
 from igprune.files import IGPruneError, read_json, write_json
 from igprune.masks import Granularity, mask_from_off, n_units
+from igprune.texts import Text
 
 if TYPE_CHECKING:
     from igprune.scoring import Scorer
@@ -136,6 +137,20 @@ class SavedProgress:
         with main_writes() as write:  # every rank holds the same state; one writes it
             if self.path is not None and write:
                 write_json(self.path, {"identity": self.identity, "state": state})
+
+
+@dataclass
+class Found:
+    """What a cluster finder leaves for the pruner: each cluster's own mask (N, B); the global mask (B,) that every
+    cluster's choice starts from, where the finder has one; extra candidate masks (C, B); the texts each cluster's
+    finder scored (the choice judges on others); its log; and, for trained masks, the gates' log_alpha (N, units)."""
+
+    masks: torch.Tensor
+    global_mask: torch.Tensor | None
+    candidates: torch.Tensor
+    scored: list[list[Text]]
+    log: dict[str, Any]
+    log_alpha: torch.Tensor | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,16 +32,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune import distributed
 from igprune.blocks import control_of, final_hidden, output_logits
 from igprune.bundle import fingerprint
 from igprune.files import IGPruneError, atomic_path, read_json, sha256_tensors, write_json
+from igprune.finders.base import Found
 from igprune.finders.gates import HardConcreteGates, Lagrangian
 from igprune.masks import Granularity, expand, n_units, units_off
 from igprune.models import model_device
 from igprune.nll import token_nll
+from igprune.texts import Text, tokens
 
 CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
 
@@ -385,3 +388,34 @@ class MaskTrainer:
             state = {k.rsplit(".", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith(prefix + ".")}
             if state:
                 states[param] = state
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[Text],
+             seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (M, T) ids, attention mask and scored mask (the tokens the loss scores: a passage's, a
+    request's response), each text cut to its first seq_len tokens."""
+    rows = [[part[:seq_len] for part in tokens(tokenizer, t)] for t in texts]
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+    scored = torch.tensor([flags + [False] * (width - len(flags)) for _, flags in rows], dtype=torch.bool)
+    return ids, attention, scored
+
+
+def train_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[Text],
+                        labels: torch.Tensor, n_clusters: int, config: TrainConfig,
+                        checkpoint_dir: Path | None = None, shared_dir: Path | None = None,
+                        progress: bool = True) -> Found:
+    """The paper's finder: one hard-concrete mask per cluster (`labels`: each text's), all trained in one batched
+    pass; no global mask, so nothing to choose against."""
+    ids, mask, scored = tokenize(tokenizer, texts, config.seq_len)
+    unscored = int((~scored[:, 1:].any(dim=1)).sum())
+    if unscored:
+        warnings.warn(f"{unscored} request(s) have no response token within their first {config.seq_len} tokens "
+                      "and teach the masks nothing; raise l0.seq_len", stacklevel=3)
+    trainer = MaskTrainer(model, n_clusters, config, checkpoint_dir=checkpoint_dir, shared_dir=shared_dir,
+                          progress=progress).fit(ids, mask, labels, scored=scored)
+    masks = trainer.masks()
+    return Found(masks, None, masks[:0], [], {"train": asdict(trainer.log)},
+                 trainer.gates.log_alpha.detach().cpu())

@@ -27,7 +27,7 @@ from igprune import distributed
 from igprune.blocks import block_name, num_blocks
 from igprune.files import IGPruneError, sha256_tensors
 from igprune.finders import Calibration, find_mask, make_calibration
-from igprune.finders.base import SearchSpace
+from igprune.finders.base import Found, SearchSpace
 from igprune.masks import Granularity, units_off
 from igprune.scoring import Metric, Packing
 from igprune.texts import Text
@@ -70,18 +70,6 @@ class SearchConfig:
             raise IGPruneError(f"search.metric must be 'ppl' or 'kl', got {self.metric!r}")
         if self.samples < 1 or self.shared_samples < 1 or self.seq_len < 2:
             raise IGPruneError("search.samples and search.shared_samples must be >= 1 and search.seq_len >= 2")
-
-
-@dataclass
-class Found:
-    """What the search finder leaves for the choice: each cluster's own mask (N, B), the global mask (B,) when one
-    was asked for, the extra candidates (C, B), the texts each cluster's search scored, and the searches' log."""
-
-    masks: torch.Tensor
-    global_mask: torch.Tensor | None
-    candidates: torch.Tensor
-    scored: list[list[Text]]
-    log: dict[str, Any]
 
 
 def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[Text]],
