@@ -150,7 +150,8 @@ def output_matrix(gguf: str | Path) -> np.ndarray:
 
     tensors = {t.name: t for t in gguf_py.GGUFReader(str(gguf)).tensors}
     t = tensors.get("output.weight") or tensors["token_embd.weight"]
-    return np.asarray(t.data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+    values = gguf_py.quants.dequantize(t.data, t.tensor_type)  # as stored: quantized files give their rounding
+    return np.asarray(values, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
 
 
 def compare(gguf: str | Path, model: PreTrainedModel, mask: torch.Tensor, prompts: Sequence[Sequence[int]],

@@ -49,10 +49,11 @@ FORMAT = "igprune-gguf/1"
 ARCH = "deci"
 SUPPORTED_MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"f32": np.float32, "f16": np.float16}
-# GGUF token types (gguf.TokenType) and file types (gguf.LlamaFileType)
+# weight type -> (GGML tensor type of the 2-D weights, gguf.LlamaFileType); norms and biases stay F32. Quantized
+# types are written by gguf-py's reference quantizers (gguf.quants), as llama.cpp's own convert script writes them.
+DTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3)}
+# GGUF token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-FILE_TYPES = {"f32": 0, "f16": 1}
 
 
 @dataclass
@@ -149,7 +150,7 @@ def export_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask
         raise IGPruneError(f"mask has {mask.numel()} entries but the model has {2 * len(layers)} blocks")
     plan = GGUFPlan.from_mask(mask)
     vocab = _vocab(tokenizer, model.config.vocab_size, tokenizer_pre)
-    tensors = list(_tensors(model, plan, DTYPES[dtype]))
+    tensors = list(_tensors(model, plan))
     record = {"format": FORMAT, **(source or {}), "source_model": getattr(model, "name_or_path", None),
               "architecture": ARCH, "dtype": dtype, "tokenizer_pre": vocab["pre"], **asdict(plan),
               "layers_after": len(plan.layers), "stubs": plan.stubs,
@@ -210,35 +211,35 @@ def _llama3_factors(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
 Tensor = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
 
 
-def _tensors(model: PreTrainedModel, plan: GGUFPlan, dtype: type) -> Iterator[Tensor]:
-    """(GGUF name, numpy shape, getter) for every tensor of the file, in file order; getters copy, never alias."""
+def _tensors(model: PreTrainedModel, plan: GGUFPlan) -> Iterator[Tensor]:
+    """(GGUF name, numpy shape, getter of float32 values) for every tensor of the file, in file order; getters
+    copy, never alias. The stored type is chosen at write time (_storage)."""
     config, layers = model.config, decoder_layers(model)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
 
-    def get(t: torch.Tensor, kind: type = dtype, permute: int | None = None) -> Callable[[], np.ndarray]:
+    def get(t: torch.Tensor, permute: int | None = None) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
             w = t.detach().to("cpu", torch.float32)
             if permute is not None:
                 w = _rope_permute(w, permute)
-            return w.numpy().astype(kind, copy=True)
+            return w.numpy().copy()
         return read
 
-    def item(name: str, t: torch.Tensor, kind: type = dtype, permute: int | None = None) -> Tensor:
-        kind = np.float32 if t.dim() == 1 else kind  # norms and biases stay f32, as llama.cpp expects
-        return name, tuple(t.shape), get(t, kind, permute)
+    def item(name: str, t: torch.Tensor, permute: int | None = None) -> Tensor:
+        return name, tuple(t.shape), get(t, permute)
 
     embed = model.get_input_embeddings().weight
     yield item("token_embd.weight", embed)
     if _rope(config)["rope_type"] == "llama3":
         factors = _llama3_factors(_rope(config), _head_dim(config))
-        yield "rope_freqs.weight", tuple(factors.shape), get(factors, np.float32)
+        yield "rope_freqs.weight", tuple(factors.shape), get(factors)
     hidden, head_dim = config.hidden_size, _head_dim(config)
     for n, spec in enumerate(plan.layers):
         if spec.stub_attention:
             yield f"blk.{n}.attn_norm.weight", (hidden,), lambda: np.ones(hidden, np.float32)
             for short, shape in (("q", (head_dim, hidden)), ("k", (head_dim, hidden)), ("v", (head_dim, hidden)),
                                  ("output", (hidden, head_dim))):
-                yield f"blk.{n}.attn_{short}.weight", shape, lambda s=shape: np.zeros(s, dtype)
+                yield f"blk.{n}.attn_{short}.weight", shape, lambda s=shape: np.zeros(s, np.float32)
         if spec.attention is not None:
             layer = layers[spec.attention]
             attn = layer.self_attn
@@ -259,7 +260,7 @@ def _tensors(model: PreTrainedModel, plan: GGUFPlan, dtype: type) -> Iterator[Te
         elif spec.stub_ffn:
             yield f"blk.{n}.ffn_norm.weight", (hidden,), lambda: np.ones(hidden, np.float32)
             for short, shape in (("gate", (1, hidden)), ("up", (1, hidden)), ("down", (hidden, 1))):
-                yield f"blk.{n}.ffn_{short}.weight", shape, lambda s=shape: np.zeros(s, dtype)
+                yield f"blk.{n}.ffn_{short}.weight", shape, lambda s=shape: np.zeros(s, np.float32)
     yield item("output_norm.weight", model.model.norm.weight)
     output = model.get_output_embeddings()
     if output is not None and output.weight.data_ptr() != embed.data_ptr():
@@ -334,7 +335,7 @@ def _write(path: Path, model: PreTrainedModel, plan: GGUFPlan, vocab: dict[str, 
     writer = gguf.GGUFWriter(path, ARCH)
     writer.add_type("model")
     writer.add_name(f"{getattr(model, 'name_or_path', '') or 'model'} (igprune {plan.mask.count('.')} blocks skipped)")
-    writer.add_file_type(FILE_TYPES[dtype])
+    writer.add_file_type(DTYPES[dtype][1])
     writer.add_block_count(len(plan.layers))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -368,17 +369,42 @@ def _write(path: Path, model: PreTrainedModel, plan: GGUFPlan, vocab: dict[str, 
     writer.add_array("igprune.attention_source", [-1 if s.attention is None else s.attention for s in plan.layers])
     writer.add_array("igprune.ffn_source", [-1 if s.ffn is None else s.ffn for s in plan.layers])
     writer.add_string("igprune.export", json.dumps(record))
-    for name, shape, _ in tensors:
-        kind = np.dtype(np.float32 if len(shape) == 1 else DTYPES[dtype])
-        writer.add_tensor_info(name, shape, kind, int(np.prod(shape)) * kind.itemsize)
+    stored = [_storage(shape, dtype) for _, shape, _ in tensors]
+    for (name, shape, _), qtype in zip(tensors, stored, strict=True):
+        size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // size[0] * size[1],
+                               raw_dtype=qtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, shape, read in tensors:  # one tensor in memory at a time
+        for (name, shape, read), qtype in zip(tensors, stored, strict=True):  # one tensor in memory at a time
             array = read()
             if array.shape != shape:
                 raise IGPruneError(f"{name}: shape {array.shape}, planned {shape}")
-            writer.write_tensor_data(array)
+            writer.write_tensor_data(_encode(array, qtype))
     finally:
         writer.close()
+
+
+def _storage(shape: tuple[int, ...], dtype: str):
+    """The GGML type a tensor is stored as: 1-D (norms, biases) F32; 2-D the weight type, or F16 for a quantized
+    type whose block does not divide the row (the one-wide stub FFN's down matrix)."""
+    import gguf
+
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    qtype = gguf.GGMLQuantizationType[DTYPES[dtype][0]]
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _encode(array: np.ndarray, qtype: Any) -> np.ndarray:
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return array.astype(np.float32, copy=False)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)
