@@ -85,6 +85,29 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-style error bodies for every failure; shared by the HF and the llama.cpp front ends."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return _error(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error(APIError(err.status_code, str(err.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, err: Exception) -> JSONResponse:
+        return _error(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+
+
 def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings | None = None) -> FastAPI:
     """The app serving `dynamic` as model `name`; its scheduler thread runs while the app is up."""
     settings = settings or ServeSettings()
@@ -108,24 +131,7 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
     app = FastAPI(title="igprune serve", lifespan=lifespan)
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return _error(err)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return _error(APIError(err.status_code, str(err.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, err: Exception) -> JSONResponse:
-        return _error(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict:
