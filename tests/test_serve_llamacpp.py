@@ -2,6 +2,7 @@
 llama-server per mask on 127.0.0.1, the router in front. Greedy answers equal the HF masked model's; a killed
 engine costs only its own requests (503 + Retry-After) and comes back."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -110,6 +111,7 @@ def post(url: str, body: dict) -> tuple[int, dict, object]:
 def test_a_killed_engine_answers_503_meanwhile_others_serve_and_it_comes_back(routed, server):
     _, pool, *_ = routed
     engine = pool.engines[1]  # cluster 1's mask only
+    engine.options = dataclasses.replace(engine.options, restart_delay=3.0)  # down long enough to be asked
     restarts = engine.restarts
     os.kill(engine.process.pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
@@ -149,10 +151,26 @@ def test_exports_are_cached_and_start_up_failures_are_one_line(routed, tmp_path,
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     options = EngineOptions(threads=1, slots=1, ctx=128, start_timeout=30)
-    for paths, what in (([broken], "could not serve broken.gguf"), ([tmp_path / "gone.gguf"], "does not exist")):
+    for paths, what in (([broken], "broken.gguf is not a readable GGUF"), ([tmp_path / "gone.gguf"], "does not exist")):
         with pytest.raises(IGPruneError, match=what) as err:
             EnginePool(paths, [0], options).start()
         assert "\n" not in str(err.value)
     monkeypatch.setenv("IGPRUNE_LLAMA_SERVER", str(tmp_path / "no-llama-server"))
     with pytest.raises(IGPruneError, match="does not exist"):
         prepare(bundle, "tiny", "f32", model=dynamic.model, tokenizer=dynamic.tokenizer, cache=tmp_path)
+
+
+def test_a_file_with_the_smollm_pre_tokenizer_is_served(routed, tmp_path):
+    """The shipped llama-server aborts loading any file whose tokenizer.ggml.pre is "smollm" (the registry's SmolLM2
+    GGUFs); the engine runs it with another pre-tokenizer, unused as token ids are sent."""
+    from igprune.gguf_export import export_gguf
+
+    dynamic, *_ = routed
+    export_gguf(dynamic.model, dynamic.tokenizer, torch.ones(8, dtype=torch.bool), tmp_path / "s.gguf",
+                tokenizer_pre="smollm")
+    pool = EnginePool([tmp_path / "s.gguf"], [0], EngineOptions(threads=1, slots=1, ctx=128))
+    pool.start()
+    try:
+        assert pool.engines[0].state == "ready" and "tokenizer.ggml.pre=str:gpt-2" in pool.engines[0].args()
+    finally:
+        pool.stop()

