@@ -114,13 +114,8 @@ class LlamaServer:
         raise IGPruneError(f"llama-server did not get ready in {self.timeout:.0f}s: {self._tail()}")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.log.close()
 
     def _tail(self) -> str:
@@ -158,6 +153,17 @@ class LlamaServer:
 
     def tokenize(self, text: str) -> list[int]:
         return self._post("/tokenize", {"content": text, "add_special": False})["tokens"]
+
+
+def stop_process(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """Terminate, wait up to `grace` seconds, then kill: never left running, never waited on forever."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def output_matrix(gguf: str | Path) -> np.ndarray:

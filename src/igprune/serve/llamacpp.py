@@ -40,16 +40,25 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Gauge, Histogram
 
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError
-from igprune.gguf_check import _free_port, _require, pre_override
+from igprune.gguf_check import _free_port, _require, pre_override, stop_process
 from igprune.masks import mask_row
-from igprune.serve.app import ServeSettings, _error, _sse, add_error_handlers
+from igprune.serve.app import (
+    RequestMetrics,
+    ServeSettings,
+    _error,
+    _sse,
+    add_error_handlers,
+    add_info_routes,
+    chat_input,
+    check_request,
+    completion_input,
+)
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
 from igprune.stage2.router import Router
-from igprune.texts import chat_prompt, chat_route_text
 
 CACHE = Path(os.environ.get("IGPRUNE_CACHE", Path.home() / ".cache" / "igprune")) / "serve-gguf"
 RETRY_AFTER = "2"  # seconds a client is told to wait while an engine restarts
@@ -202,13 +211,8 @@ class Engine:
         self.log.close()
 
     def _kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def tail(self) -> str:
         with contextlib.suppress(ValueError, OSError):
@@ -264,16 +268,12 @@ class EnginePool:
 # ---- the HTTP side ---------------------------------------------------------------------------------------
 
 
-class ProxyMetrics:
+class ProxyMetrics(RequestMetrics):
     """The HF server's request metrics (same names), routing time, and each engine's state."""
 
     def __init__(self, pool: EnginePool):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("igprune_requests", "Requests answered", ["endpoint", "cluster", "status"], registry=r)
-        self.prompt_tokens = Counter("igprune_prompt_tokens", "Prompt tokens", ["cluster"], registry=r)
-        self.completion_tokens = Counter("igprune_completion_tokens", "Generated tokens", ["cluster"], registry=r)
-        self.latency = Histogram("igprune_request_latency_seconds", "Arrival to last token", ["cluster"], registry=r)
-        self.ttft = Histogram("igprune_time_to_first_token_seconds", "Arrival to first text", ["cluster"], registry=r)
+        super().__init__()
+        r = self.registry
         self.route = Histogram("igprune_route_seconds", "Encoding and routing one prompt", registry=r,
                                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
         gauges = {"up": Gauge("igprune_engine_up", "1 while the engine answers", ["mask"], registry=r),
@@ -316,7 +316,6 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
     context = min(context or pool.options.ctx, pool.options.ctx)
     metrics = ProxyMetrics(pool)
     routing = ThreadPoolExecutor(1, thread_name_prefix="igprune-route")
-    created = int(time.time())
     session: dict[str, aiohttp.ClientSession] = {}
 
     @asynccontextmanager
@@ -339,45 +338,18 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
         return JSONResponse({"status": "ok" if ok else "degraded", "model": name, "engine": "llama.cpp",
                              "clusters": router.n_clusters, "engines": engines}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "igprune"}]}
-
-    def check(body: CompletionRequest | ChatRequest) -> None:
-        if body.model != name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {name!r}",
-                           param="model", code="model_not_found", type="not_found_error")
-        if (field := body.unsupported()) is not None:
-            raise APIError(400, f"{field} is not supported by igprune serve; leave it at its default", param=field)
+    add_info_routes(app, name, metrics)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
-        check(body)
-        prompt = body.text()
-        if not prompt.strip():
-            raise APIError(400, "empty prompt: give some text to generate from", param="prompt")
-        ids = tokenizer(prompt).input_ids
+        check_request(body, name)
+        ids, prompt = completion_input(tokenizer, body)
         return await forward("completions", body, ids, prompt, _sampling(body, ids, 16, context))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Response:
-        check(body)
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"model {name!r} has no chat template; use /v1/completions", param="messages",
-                           code="no_chat_template")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = chat_prompt(tokenizer, messages)
-        except IGPruneError as err:
-            raise APIError(400, str(err), param="messages") from err
-        route_text = chat_route_text(messages)
-        if not route_text:
-            raise APIError(400, "empty messages: give some text to generate from", param="messages")
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        check_request(body, name)
+        ids, route_text, _ = chat_input(tokenizer, body, name)
         return await forward("chat", body, ids, route_text, _sampling(body, ids, settings.max_tokens, context))
 
     async def forward(endpoint: str, body: CompletionRequest | ChatRequest, ids: list[int], route_text: str,
@@ -459,11 +431,12 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
                 async for text in pieces():
                     if text:
                         yield _sse(reply.chunk(text, None))
-                yield _sse(reply.chunk(None, reply.finish))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse({**reply.envelope([], True), "usage": reply.usage()})
+                usage = body.stream_options is not None and body.stream_options.include_usage
+                ending = [reply.chunk(None, reply.finish), {**reply.envelope([], True), "usage": reply.usage()},
+                          "[DONE]"]
+                for event in ending if usage else ending[::2]:
+                    yield _sse(event)
                 status = "200"
-                yield _sse("[DONE]")
             except APIError as err:
                 status = str(err.status)
                 yield _sse(err.body())
