@@ -393,6 +393,8 @@ def serve(
 
     if log_requests is not None and (log_requests.is_dir() or not log_requests.parent.is_dir()):
         raise IGPruneError(f"--log-requests {log_requests}: give a file in an existing folder")
+    if engine not in ("hf", "llama.cpp", "auto"):
+        raise IGPruneError(f"--engine must be hf, llama.cpp or auto, not {engine!r}")
     settings = ServeSettings(max_batch, max_wait_ms, max_queue, timeout, mix_masks=mix_masks,
                              request_log=log_requests and str(log_requests))
     if engine != "hf":

@@ -390,7 +390,7 @@ def _write(path: Path, model: PreTrainedModel, plan: GGUFPlan, vocab: dict[str, 
     writer.add_array("igprune.attention_source", [-1 if s.attention is None else s.attention for s in plan.layers])
     writer.add_array("igprune.ffn_source", [-1 if s.ffn is None else s.ffn for s in plan.layers])
     writer.add_string("igprune.export", json.dumps(record))
-    stored = [_storage(shape, dtype) for _, shape, _ in tensors]
+    stored = [_storage(name, shape, dtype) for name, shape, _ in tensors]
     for (name, shape, _), qtype in zip(tensors, stored, strict=True):
         size = gguf.GGML_QUANT_SIZES[qtype]
         writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // size[0] * size[1],
@@ -408,14 +408,18 @@ def _write(path: Path, model: PreTrainedModel, plan: GGUFPlan, vocab: dict[str, 
         writer.close()
 
 
-def _storage(shape: tuple[int, ...], dtype: str):
-    """The GGML type a tensor is stored as: 1-D (norms, biases) F32; 2-D the weight type, or F16 for a quantized
-    type whose block does not divide the row (the one-wide stub FFN's down matrix)."""
+def _storage(name: str, shape: tuple[int, ...], dtype: str):
+    """The GGML type a tensor is stored as: 1-D (norms, biases) F32; 2-D the weight type, but Q8_0 for the
+    embedding and output matrices of 4-bit files (as llama.cpp's quantizer keeps them wider: the logits are read
+    straight off them, and a tied model's output is its embedding), and F16 for a quantized type whose block does
+    not divide the row (the one-wide stub FFN's down matrix)."""
     import gguf
 
     if len(shape) == 1:
         return gguf.GGMLQuantizationType.F32
     qtype = gguf.GGMLQuantizationType[DTYPES[dtype][0]]
+    if name in ("token_embd.weight", "output.weight") and dtype.startswith("q4"):
+        qtype = gguf.GGMLQuantizationType.Q8_0
     if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return gguf.GGMLQuantizationType.F16
     return qtype
