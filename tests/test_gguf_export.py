@@ -203,3 +203,17 @@ def test_cli_export_format_gguf(tokenizer, tmp_path):
     assert fields["igprune.ffn_source"] == [0, -1, -1, 3]
     with pytest.raises(IGPruneError, match="cluster"):
         export_bundle_gguf(tmp_path / "bundle", model, tokenizer, tmp_path / "x.gguf", cluster=1)
+
+
+@needs_engine
+def test_cli_export_quantized_states_its_agreement(tokenizer, tmp_path):
+    folder = tmp_path / "tiny"
+    model = tiny(tokenizer, layers=4)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Bundle(STUBS[None], torch.zeros(1, 0), bundle_config(STUBS[None], model)).save(tmp_path / "bundle")
+    result = CliRunner().invoke(app, ["export", "--bundle", str(tmp_path / "bundle"), "--model", str(folder),
+                                      "--format", "gguf", "--gguf-type", "q8_0", "--out", str(tmp_path / "q.gguf")])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, out
+    assert "(q8_0)" in out and "runs (quantized) close to the masked model" in out and "top-1 agreement" in out
