@@ -274,7 +274,8 @@ class ProxyMetrics(RequestMetrics):
     def __init__(self, pool: EnginePool):
         super().__init__()
         r = self.registry
-        self.route = Histogram("igprune_route_seconds", "Encoding and routing one prompt", registry=r,
+        self.route = Histogram("igprune_route_seconds", "Arrival to routed: the wait for the routing thread, the "
+                               "encoder and the nearest centroid", registry=r,
                                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
         gauges = {"up": Gauge("igprune_engine_up", "1 while the engine answers", ["mask"], registry=r),
                   "restarts": Gauge("igprune_engine_restarts", "Times the engine was restarted", ["mask"], registry=r),
@@ -388,6 +389,9 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
                         if not line.startswith(b"data: "):
                             continue
                         event = json.loads(line[6:])
+                        if "error" in event:  # the engine refused or failed mid-stream
+                            raise APIError(502, f"engine {engine.index}: {json.dumps(event['error'])[:200]}",
+                                           type="engine_error")
                         text = reply.take(event)
                         if reply.first is None and text:
                             reply.first = time.monotonic()
