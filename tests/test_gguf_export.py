@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import TOPICS, bundle_config, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
+from tiny_models import TOPICS, bundle_config, saved_bundle, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from igprune.bundle import Bundle
@@ -207,13 +207,9 @@ def test_cli_export_format_gguf(tokenizer, tmp_path):
 
 @needs_engine
 def test_cli_export_quantized_states_its_agreement(tokenizer, tmp_path):
-    folder = tmp_path / "tiny"
-    model = tiny(tokenizer, layers=4)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    Bundle(STUBS[None], torch.zeros(1, 0), bundle_config(STUBS[None], model)).save(tmp_path / "bundle")
-    result = CliRunner().invoke(app, ["export", "--bundle", str(tmp_path / "bundle"), "--model", str(folder),
-                                      "--format", "gguf", "--gguf-type", "q8_0", "--out", str(tmp_path / "q.gguf")])
+    folder, bundle = saved_bundle(tmp_path, tiny(tokenizer, layers=4), tokenizer, STUBS[None])
+    result = CliRunner().invoke(app, ["export", "--bundle", str(bundle), "--format", "gguf", "--gguf-type", "q8_0",
+                                      "--out", str(tmp_path / "q.gguf")])
     out = " ".join(result.output.split())
     assert result.exit_code == 0, out
     assert "(q8_0)" in out and "runs (quantized) close to the masked model" in out and "top-1 agreement" in out

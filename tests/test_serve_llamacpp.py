@@ -177,22 +177,19 @@ def test_a_file_with_the_smollm_pre_tokenizer_is_served(routed, tmp_path):
 
 
 def test_cli_serve_engine_llama_cpp_refuses_other_families_and_auto_says_why(tmp_path, monkeypatch):
-    from tiny_models import bundle_config, tiny_tokenizer
+    from tiny_models import saved_bundle, tiny_tokenizer
     from typer.testing import CliRunner
 
     from igprune.cli import app as cli
 
-    folder, model = tmp_path / "qwen3", tiny_model("qwen3")
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
     mask = torch.tensor([[True, False] + [True] * 6])
-    Bundle(mask, torch.zeros(1, 0), bundle_config(mask, model, model=str(folder))).save(tmp_path / "b")
+    _, bundle = saved_bundle(tmp_path, tiny_model("qwen3"), tiny_tokenizer(), mask)
     calls = []
     monkeypatch.setattr("igprune.serve.serve", lambda *args: calls.append(args))
-    refused = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b"), "--engine", "llama.cpp"])
+    refused = CliRunner().invoke(cli, ["serve", "--bundle", str(bundle), "--engine", "llama.cpp"])
     assert refused.exit_code != 0 and not calls
     message = str(refused.exception)
     assert "\n" not in message and "cannot serve" in message and "'qwen3'" in message and "--engine hf" in message
-    auto = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b"), "--engine", "auto"])
+    auto = CliRunner().invoke(cli, ["serve", "--bundle", str(bundle), "--engine", "auto"])
     assert auto.exit_code == 0, auto.output
     assert "engine: hf, as llama.cpp cannot serve" in " ".join(auto.output.split()) and len(calls) == 1
