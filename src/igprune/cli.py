@@ -377,7 +377,7 @@ def serve(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     engine: Annotated[str, typer.Option(help="hf (igprune's own batched generate), llama.cpp (each distinct mask "
-                                        "exported as GGUF once and served by llama-server; Llama models), or auto "
+                                        "exported as GGUF once and served by llama-server; Llama, Mistral, Qwen2), or auto "
                                         "(llama.cpp where it can serve the model, else hf, saying why)")] = "hf",
     gguf_type: Annotated[str, typer.Option(help="llama.cpp: weight type of the exports (f32 f16 q8_0 q4_0 q4_1)")]
     = "f16",
@@ -520,7 +520,7 @@ def export(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     fmt: Annotated[str, typer.Option("--format", help="hf (plain transformers checkpoint) or gguf (llama.cpp "
-                                        "arch deci, skipped blocks absent; Llama models)")] = "hf",
+                                        "arch deci, skipped blocks absent; Llama, Mistral, Qwen2)")] = "hf",
     gguf_type: Annotated[str, typer.Option(help="gguf: weight type, f32 f16 q8_0 q4_0 q4_1 (norms stay f32)")]
     = "f32",
     tokenizer_pre: Annotated[str | None, typer.Option(help="gguf: llama.cpp pre-tokenizer name, when igprune "
