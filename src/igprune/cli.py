@@ -377,8 +377,9 @@ def serve(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     engine: Annotated[str, typer.Option(help="hf (igprune's own batched generate), llama.cpp (each distinct mask "
-                                        "exported as GGUF once and served by llama-server; Llama, Mistral, Qwen2), or auto "
-                                        "(llama.cpp where it can serve the model, else hf, saying why)")] = "hf",
+                                        "exported as GGUF once and served by llama-server; Llama, Mistral, Qwen2), "
+                                        "or auto (llama.cpp where it can serve the model, else hf, saying why)")]
+    = "hf",
     gguf_type: Annotated[str, typer.Option(help="llama.cpp: weight type of the exports (f32 f16 q8_0 q4_0 q4_1)")]
     = "f16",
 ) -> None:
