@@ -10,6 +10,11 @@ Writes benchmarks/results/gguf_export.json:
 
     pip install -e ".[gguf]"
     python benchmarks/gguf_export.py [--bundles sleb-b15-mixed sleb-b22] [--keep DIR]
+
+Quantized weights (--dtypes q8_0 q4_0 q4_1, written with gguf-py's quantizers) are compared the same way, the
+share of positions whose top token agrees with the masked model's beside the logit differences:
+
+    python benchmarks/gguf_export.py --bundles sleb-b15-mixed --dtypes f16 q8_0 q4_0 q4_1 --out gguf_quant.json
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundles", nargs="+", default=["sleb-b15-mixed", "sleb-b22", "evopress-b15"])
     parser.add_argument("--keep", type=Path, help="folder to keep the .gguf files in (default: a temporary one)")
+    parser.add_argument("--dtypes", nargs="+", help="weight types of every bundle (default: f32 and f16 for the "
+                        "first, f32 for the others)")
+    parser.add_argument("--out", default="gguf_export.json", help="file name under benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model("smollm2-135m", device="cpu", dtype="float32")
@@ -74,7 +82,7 @@ def main() -> None:
             bundle = Bundle.load(BUNDLES / name)
             bundle.check_model(model, name)
             mask = bundle.masks[0]
-            for dtype in ("f32", "f16") if n == 0 else ("f32",):
+            for dtype in args.dtypes or (("f32", "f16") if n == 0 else ("f32",)):
                 path = folder / f"smollm2-135m-{name}-{dtype}.gguf"
                 record = export_gguf(model, tokenizer, mask, path, dtype=dtype)
                 result = compare(path, model, mask, prompts)
@@ -94,13 +102,21 @@ def main() -> None:
                        "decode_flops_per_token_ctx64": {"dense": dense, "masked_gguf": left,
                                                         "share_left": left / dense},
                        "llama_cpp": result, "llama_cpp_tokenization_equals_hf": same_tokens,
+                       "top1_agreement": _top1(result),
                        "transformers_from_pretrained_gguf": transformers_loads}
                 report["runs"].append(run)
                 print(f"{name} {dtype}: {record['layers_before']} -> {record['layers_after']} layers, "
                       f"{record['parameters']['before'] / 1e6:.2f}M -> {record['parameters']['after'] / 1e6:.2f}M "
                       f"params, max |logit diff| {result['max_abs_logit_diff']:.2g}, max |logprob diff| "
-                      f"{result['max_abs_logprob_diff']:.2g}, tokens equal {same_tokens}", flush=True)
-    write_json(RESULTS / "gguf_export.json", report)
+                      f"{result['max_abs_logprob_diff']:.2g}, top-1 agreement {_top1(result):.4f}, tokens equal "
+                      f"{same_tokens}", flush=True)
+    write_json(RESULTS / args.out, report)
+
+
+def _top1(result: dict) -> float:
+    """The share of all positions, over every prompt, where llama.cpp's top token is the masked model's."""
+    rows = result["prompts"]
+    return sum(r["argmax_agree"] * r["tokens"] for r in rows) / sum(r["tokens"] for r in rows)
 
 
 if __name__ == "__main__":

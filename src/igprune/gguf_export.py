@@ -20,9 +20,13 @@ by no kept FFN gets a one-wide all-zero FFN, and an attention-free first layer a
 attention: each adds exactly zero, at a cost of 4 x hidden (FFN) or 4 x hidden x head_dim (attention)
 weights, and the record lists them.
 
-Only Llama-architecture models (config.model_type "llama": LlamaForCausalLM, SmolLM2, Llama 2/3, tied or
-untied embeddings, RoPE default / linear / llama3) with a byte-level BPE tokenizer are written; anything
-else is refused with one line. Weights are read, never changed; the file is written beside its final path
+Families written (those whose layer is exactly deci's: pre-norm RMSNorm, GQA attention with RoPE, SiLU-gated
+FFN, nothing else): Llama (config.model_type "llama": LlamaForCausalLM, SmolLM2, Llama 2/3, RoPE default /
+linear / llama3), Mistral without a sliding window ("mistral"), and Qwen2 / Qwen2.5 without a sliding window
+("qwen2": its Q/K/V biases are deci's optional attention biases), tied or untied embeddings, with a byte-level
+BPE tokenizer. Anything else is refused with one line: Qwen3 and SmolLM3 (Q/K norms, NoPE layers), Gemma 2/3
+(extra norms, soft-capping, sliding layers) and Phi-3 (fused projections) compute what deci's graph has no
+place for. Weights are read, never changed; the file is written beside its final path
 and renamed into place.
 """
 
@@ -47,12 +51,16 @@ from igprune.masks import mask_row
 
 FORMAT = "igprune-gguf/1"
 ARCH = "deci"
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Qwen2's pre-tokenizer: this split, then byte-level without its own regex (llama.cpp's pre-tokenizer "qwen2")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"f32": np.float32, "f16": np.float16}
-# GGUF token types (gguf.TokenType) and file types (gguf.LlamaFileType)
+# weight type -> (GGML tensor type of the 2-D weights, gguf.LlamaFileType); norms and biases stay F32. Quantized
+# types are written by gguf-py's reference quantizers (gguf.quants), as llama.cpp's own convert script writes them.
+DTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3)}
+# GGUF token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-FILE_TYPES = {"f32": 0, "f16": 1}
 
 
 @dataclass
@@ -117,17 +125,27 @@ class GGUFPlan:
 
 def check_model(model: PreTrainedModel) -> None:
     """Refuse, in one line, a model this writer does not express as deci."""
-    config = model.config
+    check_config(model.config)
+    _check_layers(model)
+
+
+def check_config(config: Any) -> None:
+    """Refuse, in one line, a model config this writer does not express as deci (no weights needed)."""
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_MODEL_TYPES:
-        raise IGPruneError(f"GGUF export supports Llama-architecture models only (model_type 'llama'), not "
-                           f"{kind!r}; use the HF export (igprune export without --format gguf)")
+        raise IGPruneError(f"GGUF export (llama.cpp deci) supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                           f"not {kind!r}; use the HF export (igprune export) or serve it with --engine hf")
+    if getattr(config, "use_sliding_window", False) or (kind == "mistral" and getattr(config, "sliding_window", None)):
+        raise IGPruneError(f"GGUF export does not write sliding-window attention ({kind} with a sliding window)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise IGPruneError(f"GGUF export needs a SiLU-gated FFN, not hidden_act={config.hidden_act!r}")
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise IGPruneError(f"GGUF export supports RoPE types {', '.join(ROPE_TYPES)}, not "
                            f"{rope.get('rope_type')!r}")
+
+
+def _check_layers(model: PreTrainedModel) -> None:
     for i, layer in enumerate(decoder_layers(model)):
         for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
@@ -149,7 +167,7 @@ def export_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask
         raise IGPruneError(f"mask has {mask.numel()} entries but the model has {2 * len(layers)} blocks")
     plan = GGUFPlan.from_mask(mask)
     vocab = _vocab(tokenizer, model.config.vocab_size, tokenizer_pre)
-    tensors = list(_tensors(model, plan, DTYPES[dtype]))
+    tensors = list(_tensors(model, plan))
     record = {"format": FORMAT, **(source or {}), "source_model": getattr(model, "name_or_path", None),
               "architecture": ARCH, "dtype": dtype, "tokenizer_pre": vocab["pre"], **asdict(plan),
               "layers_after": len(plan.layers), "stubs": plan.stubs,
@@ -210,35 +228,35 @@ def _llama3_factors(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
 Tensor = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
 
 
-def _tensors(model: PreTrainedModel, plan: GGUFPlan, dtype: type) -> Iterator[Tensor]:
-    """(GGUF name, numpy shape, getter) for every tensor of the file, in file order; getters copy, never alias."""
+def _tensors(model: PreTrainedModel, plan: GGUFPlan) -> Iterator[Tensor]:
+    """(GGUF name, numpy shape, getter of float32 values) for every tensor of the file, in file order; getters
+    copy, never alias. The stored type is chosen at write time (_storage)."""
     config, layers = model.config, decoder_layers(model)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
 
-    def get(t: torch.Tensor, kind: type = dtype, permute: int | None = None) -> Callable[[], np.ndarray]:
+    def get(t: torch.Tensor, permute: int | None = None) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
             w = t.detach().to("cpu", torch.float32)
             if permute is not None:
                 w = _rope_permute(w, permute)
-            return w.numpy().astype(kind, copy=True)
+            return w.numpy().copy()
         return read
 
-    def item(name: str, t: torch.Tensor, kind: type = dtype, permute: int | None = None) -> Tensor:
-        kind = np.float32 if t.dim() == 1 else kind  # norms and biases stay f32, as llama.cpp expects
-        return name, tuple(t.shape), get(t, kind, permute)
+    def item(name: str, t: torch.Tensor, permute: int | None = None) -> Tensor:
+        return name, tuple(t.shape), get(t, permute)
 
     embed = model.get_input_embeddings().weight
     yield item("token_embd.weight", embed)
     if _rope(config)["rope_type"] == "llama3":
         factors = _llama3_factors(_rope(config), _head_dim(config))
-        yield "rope_freqs.weight", tuple(factors.shape), get(factors, np.float32)
+        yield "rope_freqs.weight", tuple(factors.shape), get(factors)
     hidden, head_dim = config.hidden_size, _head_dim(config)
     for n, spec in enumerate(plan.layers):
         if spec.stub_attention:
             yield f"blk.{n}.attn_norm.weight", (hidden,), lambda: np.ones(hidden, np.float32)
             for short, shape in (("q", (head_dim, hidden)), ("k", (head_dim, hidden)), ("v", (head_dim, hidden)),
                                  ("output", (hidden, head_dim))):
-                yield f"blk.{n}.attn_{short}.weight", shape, lambda s=shape: np.zeros(s, dtype)
+                yield f"blk.{n}.attn_{short}.weight", shape, lambda s=shape: np.zeros(s, np.float32)
         if spec.attention is not None:
             layer = layers[spec.attention]
             attn = layer.self_attn
@@ -259,7 +277,7 @@ def _tensors(model: PreTrainedModel, plan: GGUFPlan, dtype: type) -> Iterator[Te
         elif spec.stub_ffn:
             yield f"blk.{n}.ffn_norm.weight", (hidden,), lambda: np.ones(hidden, np.float32)
             for short, shape in (("gate", (1, hidden)), ("up", (1, hidden)), ("down", (hidden, 1))):
-                yield f"blk.{n}.ffn_{short}.weight", shape, lambda s=shape: np.zeros(s, dtype)
+                yield f"blk.{n}.ffn_{short}.weight", shape, lambda s=shape: np.zeros(s, np.float32)
     yield item("output_norm.weight", model.model.norm.weight)
     output = model.get_output_embeddings()
     if output is not None and output.weight.data_ptr() != embed.data_ptr():
@@ -286,6 +304,10 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str | None:
     if (steps and len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and byte_level(steps[1])):
         return "smollm"  # each digit alone, then the GPT-2 regex
+    if (steps and len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True)):
+        return "qwen2"
     return None
 
 
@@ -334,7 +356,7 @@ def _write(path: Path, model: PreTrainedModel, plan: GGUFPlan, vocab: dict[str, 
     writer = gguf.GGUFWriter(path, ARCH)
     writer.add_type("model")
     writer.add_name(f"{getattr(model, 'name_or_path', '') or 'model'} (igprune {plan.mask.count('.')} blocks skipped)")
-    writer.add_file_type(FILE_TYPES[dtype])
+    writer.add_file_type(DTYPES[dtype][1])
     writer.add_block_count(len(plan.layers))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -368,17 +390,46 @@ def _write(path: Path, model: PreTrainedModel, plan: GGUFPlan, vocab: dict[str, 
     writer.add_array("igprune.attention_source", [-1 if s.attention is None else s.attention for s in plan.layers])
     writer.add_array("igprune.ffn_source", [-1 if s.ffn is None else s.ffn for s in plan.layers])
     writer.add_string("igprune.export", json.dumps(record))
-    for name, shape, _ in tensors:
-        kind = np.dtype(np.float32 if len(shape) == 1 else DTYPES[dtype])
-        writer.add_tensor_info(name, shape, kind, int(np.prod(shape)) * kind.itemsize)
+    stored = [_storage(name, shape, dtype) for name, shape, _ in tensors]
+    for (name, shape, _), qtype in zip(tensors, stored, strict=True):
+        size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // size[0] * size[1],
+                               raw_dtype=qtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, shape, read in tensors:  # one tensor in memory at a time
+        for (name, shape, read), qtype in zip(tensors, stored, strict=True):  # one tensor in memory at a time
             array = read()
             if array.shape != shape:
                 raise IGPruneError(f"{name}: shape {array.shape}, planned {shape}")
-            writer.write_tensor_data(array)
+            writer.write_tensor_data(_encode(array, qtype))
     finally:
         writer.close()
+
+
+def _storage(name: str, shape: tuple[int, ...], dtype: str):
+    """The GGML type a tensor is stored as: 1-D (norms, biases) F32; 2-D the weight type, but Q8_0 for the
+    embedding and output matrices of 4-bit files (as llama.cpp's quantizer keeps them wider: the logits are read
+    straight off them, and a tied model's output is its embedding), and F16 for a quantized type whose block does
+    not divide the row (the one-wide stub FFN's down matrix)."""
+    import gguf
+
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    qtype = gguf.GGMLQuantizationType[DTYPES[dtype][0]]
+    if name in ("token_embd.weight", "output.weight") and dtype.startswith("q4"):
+        qtype = gguf.GGMLQuantizationType.Q8_0
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _encode(array: np.ndarray, qtype: Any) -> np.ndarray:
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return array.astype(np.float32, copy=False)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)

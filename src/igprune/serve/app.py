@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,16 +47,25 @@ class ServeSettings:
     request_log: str | None = None  # a JSONL file each answered request is appended to, as `fit --texts` reads it
 
 
-class Metrics:
-    """Prometheus metrics in a registry of the app's own (several apps can share a process)."""
+class RequestMetrics:
+    """Per-request Prometheus metrics, the same for every engine, in a registry of the app's own (several apps can
+    share a process)."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("igprune_requests", "Requests answered", ["endpoint", "cluster", "status"], registry=r)
         self.prompt_tokens = Counter("igprune_prompt_tokens", "Prompt tokens", ["cluster"], registry=r)
         self.completion_tokens = Counter("igprune_completion_tokens", "Generated tokens", ["cluster"], registry=r)
         self.latency = Histogram("igprune_request_latency_seconds", "Arrival to last token", ["cluster"], registry=r)
         self.ttft = Histogram("igprune_time_to_first_token_seconds", "Arrival to first text", ["cluster"], registry=r)
+
+
+class Metrics(RequestMetrics):
+    """The request metrics and the HF engine's own: queues and batches."""
+
+    def __init__(self, scheduler: Scheduler):
+        super().__init__()
+        r = self.registry
         self.queue_wait = Histogram("igprune_queue_wait_seconds", "Queued until its batch started", ["cluster"],
                                     registry=r)
         # per distinct mask (clusters with equal masks share one), or "mixed" for a batch of several masks
@@ -85,28 +95,8 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings | None = None) -> FastAPI:
-    """The app serving `dynamic` as model `name`; its scheduler thread runs while the app is up."""
-    settings = settings or ServeSettings()
-    scheduler = Scheduler(dynamic, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
-                          settings.mix_masks)
-    metrics = Metrics(scheduler)
-    scheduler.on_batch = metrics.batch
-    tokenizer = dynamic.tokenizer
-    context = getattr(dynamic.model.config, "max_position_embeddings", None)
-    skipped = [int((~dynamic.mask_for(k)).sum()) for k in range(scheduler.n_clusters)]
-    router = ThreadPoolExecutor(1, thread_name_prefix="igprune-route")
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
-        yield
-        scheduler.stop()
-        router.shutdown(wait=False)
-
-    app = FastAPI(title="igprune serve", lifespan=lifespan)
-    app.state.scheduler, app.state.metrics = scheduler, metrics
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-style error bodies for every failure; shared by the HF and the llama.cpp front ends."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -127,9 +117,10 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
     async def crashed(request: Request, err: Exception) -> JSONResponse:
         return _error(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": name, "clusters": scheduler.n_clusters, "waiting": scheduler.depth()}
+
+def add_info_routes(app: FastAPI, name: str, metrics: RequestMetrics) -> None:
+    """/metrics and /v1/models, the same for every engine."""
+    created = int(time.time())
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -139,12 +130,69 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "igprune"}]}
 
-    def check(body: CompletionRequest | ChatRequest) -> None:
-        if body.model != name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {name!r}",
-                           param="model", code="model_not_found", type="not_found_error")
-        if (field := body.unsupported()) is not None:
-            raise APIError(400, f"{field} is not supported by igprune serve; leave it at its default", param=field)
+
+def check_request(body: CompletionRequest | ChatRequest, name: str) -> None:
+    """The request names the served model and asks nothing igprune does not do."""
+    if body.model != name:
+        raise APIError(404, f"model {body.model!r} is not served here; this server serves {name!r}",
+                       param="model", code="model_not_found", type="not_found_error")
+    if (field := body.unsupported()) is not None:
+        raise APIError(400, f"{field} is not supported by igprune serve; leave it at its default", param=field)
+
+
+def completion_input(tokenizer: Any, body: CompletionRequest) -> tuple[list[int], str]:
+    """A completion's token ids and the text it is routed by (its prompt)."""
+    prompt = body.text()
+    if not prompt.strip():
+        raise APIError(400, "empty prompt: give some text to generate from", param="prompt")
+    return tokenizer(prompt).input_ids, prompt
+
+
+def chat_input(tokenizer: Any, body: ChatRequest, name: str) -> tuple[list[int], str, list[dict]]:
+    """A chat's token ids (the chat template over its messages), the text it is routed by, and its messages."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"model {name!r} has no chat template; use /v1/completions", param="messages",
+                       code="no_chat_template")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = chat_prompt(tokenizer, messages)
+    except IGPruneError as err:
+        raise APIError(400, str(err), param="messages") from err
+    route_text = chat_route_text(messages)
+    if not route_text:
+        raise APIError(400, "empty messages: give some text to generate from", param="messages")
+    return tokenizer(text, add_special_tokens=False).input_ids, route_text, messages
+
+
+def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings | None = None) -> FastAPI:
+    """The app serving `dynamic` as model `name`; its scheduler thread runs while the app is up."""
+    settings = settings or ServeSettings()
+    scheduler = Scheduler(dynamic, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                          settings.mix_masks)
+    metrics = Metrics(scheduler)
+    scheduler.on_batch = metrics.batch
+    tokenizer = dynamic.tokenizer
+    context = getattr(dynamic.model.config, "max_position_embeddings", None)
+    skipped = [int((~dynamic.mask_for(k)).sum()) for k in range(scheduler.n_clusters)]
+    router = ThreadPoolExecutor(1, thread_name_prefix="igprune-route")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        scheduler.stop()
+        router.shutdown(wait=False)
+
+    app = FastAPI(title="igprune serve", lifespan=lifespan)
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+
+    add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name, "clusters": scheduler.n_clusters, "waiting": scheduler.depth()}
+
+    add_info_routes(app, name, metrics)
 
     def sampling(body: CompletionRequest | ChatRequest, prompt_ids: list[int], default_tokens: int) -> Sampling:
         if not prompt_ids:
@@ -159,28 +207,14 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
-        check(body)
-        prompt = body.text()
-        if not prompt.strip():
-            raise APIError(400, "empty prompt: give some text to generate from", param="prompt")
-        ids = tokenizer(prompt).input_ids
+        check_request(body, name)
+        ids, prompt = completion_input(tokenizer, body)
         return await answer("completions", body, ids, prompt, sampling(body, ids, 16), {"prompt": prompt})
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Response:
-        check(body)
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"model {name!r} has no chat template; use /v1/completions", param="messages",
-                           code="no_chat_template")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = chat_prompt(tokenizer, messages)
-        except IGPruneError as err:
-            raise APIError(400, str(err), param="messages") from err
-        route_text = chat_route_text(messages)
-        if not route_text:
-            raise APIError(400, "empty messages: give some text to generate from", param="messages")
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        check_request(body, name)
+        ids, route_text, messages = chat_input(tokenizer, body, name)
         return await answer("chat", body, ids, route_text, sampling(body, ids, settings.max_tokens),
                             {"messages": messages})
 
