@@ -70,7 +70,7 @@ POOL = ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}", "stat
 # with the headline's budget (benchmarks/headline.py FIT).
 # ig-sleb-n6 is the first search recipe: each cluster's own SLEB result, on 4 x 64 tokens. ig-sleb-n6-wide
 # searches each cluster on 8 x 128 tokens (the global mask's budget) and then chooses each cluster's mask
-# among all six and the global one on 16 x 128 tokens of cluster text no search scored (stage1/search.py).
+# among all six and the global one on 16 x 128 tokens of cluster text no search scored (igprune/finders/search.py).
 # ig-sleb-n6-texts is ig-sleb-n6-wide with its text cut and scored as the held-out passages are: passages of up
 # to 1,024 characters (perplexity.CHARS_PER_TOKEN x 128), and every search and choice row one passage from its
 # first token (packing "texts"), where the wide fit's rows were EOS-joined 256-character passages.
@@ -332,7 +332,7 @@ def wide_variant(packing: str, metric: str, prefix: int | None = None) -> list[s
 
 
 def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
-    """Each FITS entry with igprune fit's recipe (stage1.pruner.fit_bundle) on the domains pool; under torchrun
+    """Each FITS entry with igprune fit's recipe (igprune.pruner.fit_bundle) on the domains pool; under torchrun
     (`torchrun --nproc-per-node 2 benchmarks/domains.py fit ...`) the ranks split every search's masks."""
     from igprune import distributed
     from igprune.data import DOMAIN_SOURCES
@@ -374,7 +374,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
 
 def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each CHOSEN bundle: its fit with every cluster's mask chosen among the candidates on that cluster's
-    passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
+    passages its search did not score (igprune.choosing.choose_masks): same centroids, same searches."""
     from igprune.bundle import Bundle
     from igprune.choosing import choose_masks
     from igprune.finders import make_calibration

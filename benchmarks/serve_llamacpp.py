@@ -35,12 +35,12 @@ from serve_load import BUNDLES, flops_per_token, one_request, percentile
 
 from igprune.bundle import Bundle, fingerprint
 from igprune.data import eval_dataset_path
+from igprune.dynamic import DynamicPrunedModel
 from igprune.evaluation.speed import machine_info
 from igprune.files import write_json
 from igprune.models import load_model
 from igprune.serve import BackgroundServer, ServeSettings, create_app
 from igprune.serve.llamacpp import EngineOptions, create_llamacpp_app, prepare
-from igprune.stage2.dynamic import DynamicPrunedModel
 
 ROOT = Path(__file__).parent
 SOURCES = {"cloze_code": "context", "cloze_math": "context", "cloze_qa": "context", "cloze_wiki": "context",
@@ -238,7 +238,7 @@ def first_difference(a: str, b: str) -> int:
 
 def prepare_router_timing(bundle: Bundle, texts: list[str]) -> dict:
     """The router's own time per prompt (encode + nearest centroid), one prompt at a time as served."""
-    from igprune.stage2.router import Router
+    from igprune.routing import Router
 
     router = Router.from_bundle(bundle, device="cpu")
     router.route(texts[:1])

@@ -17,12 +17,12 @@ from tiny_models import TOPICS, tiny_bpe_tokenizer, tiny_model
 openai = pytest.importorskip("openai")
 
 from igprune.bundle import Bundle, fingerprint  # noqa: E402
+from igprune.dynamic import DynamicPrunedModel  # noqa: E402
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder  # noqa: E402
 from igprune.files import IGPruneError  # noqa: E402
 from igprune.gguf_check import find_llama_server  # noqa: E402
 from igprune.serve import BackgroundServer, ServeSettings  # noqa: E402
 from igprune.serve.llamacpp import EngineOptions, EnginePool, create_llamacpp_app, prepare  # noqa: E402
-from igprune.stage2.dynamic import DynamicPrunedModel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(find_llama_server() is None, reason="llama-server not installed (igprune[gguf])")
 PROMPTS = [texts[0] for texts in TOPICS.values()]  # cooking, code, sport: one per cluster

@@ -158,7 +158,7 @@ class Bundle:
     log_alpha: torch.Tensor | None = None  # (N, units) for trained masks
     logs: dict[str, Any] = field(default_factory=dict)  # learning curves, search logs
     source: Path | None = field(default=None, compare=False)  # the folder it was loaded from or saved to
-    # The gate (stage2.router.gate_radii): an input farther from its nearest centroid than that cluster's radius
+    # The gate (routing.gate_radii): an input farther from its nearest centroid than that cluster's radius
     # runs under the fallback mask, route N, instead of the cluster's.
     radii: torch.Tensor | None = None  # (N,) float32
     fallback: torch.Tensor | None = None  # (1, B) bool

@@ -189,7 +189,7 @@ class Scorer:
     @torch.no_grad()
     def row_nll(self, mask: torch.Tensor, rows: list[int] | None = None) -> list[tuple[float, float]]:
         """(summed NLL, predicted tokens) of each row under `mask`: what a paired comparison of two masks,
-        row by row, needs (stage1.search.choose_masks' margin)."""
+        row by row, needs (choosing.choose_masks' margin)."""
         pairs = []
         for batch in self.batches(self._rows(rows)):
             hidden = self._hidden(mask, batch, None)

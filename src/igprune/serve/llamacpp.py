@@ -46,6 +46,7 @@ from igprune.bundle import Bundle
 from igprune.files import IGPruneError
 from igprune.gguf_check import _free_port, _require, pre_override, stop_process
 from igprune.masks import mask_row
+from igprune.routing import Router
 from igprune.serve.app import (
     RequestMetrics,
     ServeSettings,
@@ -58,7 +59,6 @@ from igprune.serve.app import (
     completion_input,
 )
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
-from igprune.stage2.router import Router
 
 CACHE = Path(os.environ.get("IGPRUNE_CACHE", Path.home() / ".cache" / "igprune")) / "serve-gguf"
 RETRY_AFTER = "2"  # seconds a client is told to wait while an engine restarts
