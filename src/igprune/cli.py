@@ -92,6 +92,19 @@ SeedOpt = Annotated[int, typer.Option(help="seed for every random choice (record
 KVOpt = Annotated[str, typer.Option(help="skipped attention: keep (write K/V, paper) or drop (faster)")]
 
 
+def _out_path(out: Path, folder: bool = True) -> None:
+    """Refuse an --out that cannot be written (under a regular file, or a file where a folder goes) before any slow
+    step, not with an OSError at the first write."""
+    if folder and out.exists() and not out.is_dir():
+        raise IGPruneError(f"--out {out} is a file; give a folder to write the bundle into")
+    parent = next(p for p in out.parents if p.exists())  # the last of out.parents is "." or "/", which exist
+    if not parent.is_dir():
+        raise IGPruneError(f"--out {out}: {parent} is a file, not a folder; give a path in a folder")
+
+
+RESUME: list[str] = []  # how to resume the running command, once it can: said when it is interrupted
+
+
 def _at_least(**options: tuple[int | None, int]) -> None:
     """Refuse counts below their minimum before any slow step; keyword `max_new_tokens` names --max-new-tokens."""
     for name, (value, low) in options.items():
@@ -227,6 +240,7 @@ def fit(
               batch_size=(batch_size, 1), cluster_batch=(cluster_batch, 1), shared_steps=(shared_steps, 0),
               cluster_steps=(cluster_steps, 0), search_samples=(search_samples, 1),
               choose_samples=(choose_samples, 0))
+    _out_path(out)
     if finder not in FINDERS:
         raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
     if (candidates or global_mask) and finder != "sleb":
@@ -256,6 +270,7 @@ def fit(
                          granularity=granularity, gradient_checkpointing=gradient_checkpointing)
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
+    RESUME.append(f"rerun the same command to resume from {checkpoint}")
     console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages"
                   f"{f' and {len(extra)} of {texts}' if extra else ''} (checkpoints in {checkpoint})")
     bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
@@ -476,6 +491,7 @@ def baseline(
     entry = get_method(method)
     _at_least(samples=(samples, 1), seq_len=(seq_len, 2), keep_first=(keep_first, 0), keep_last=(keep_last, 0),
               generations=(generations, 1), offspring=(offspring, 1))
+    _out_path(out)
     given = {"samples": samples, "seq_len": seq_len, "keep_first": keep_first, "keep_last": keep_last,
              "generations": generations, "offspring": offspring, "fitness": fitness}
     options = {**{k: v for k, v in given.items() if v is not None}, **_method_options(option)}
@@ -485,6 +501,8 @@ def baseline(
     texts = load_calibration(data, split="train", seed=seed)
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
+    if entry.resumes:
+        RESUME.append(f"rerun the same command to resume from {checkpoint}")
     console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}"
                   + (f" (progress in {checkpoint})" if entry.resumes else ""))
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
@@ -502,7 +520,8 @@ def baseline(
 def export(
     bundle: BundleOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the HF checkpoint, or the .gguf file")],
-    cluster: Annotated[int, typer.Option(help="which cluster's mask (static bundles have only 0)")] = 0,
+    cluster: Annotated[int | None, typer.Option(help="which cluster's mask; required for a bundle of several "
+                                                "(static bundles have only 0)")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -516,6 +535,8 @@ def export(
     skipped blocks are absent; then check it against the masked model."""
     if fmt not in ("hf", "gguf"):
         raise IGPruneError(f"--format must be hf or gguf, not {fmt!r}")
+    _out_path(out, folder=fmt == "hf")
+    cluster = _export_cluster(bundle, cluster)
     if fmt == "gguf":
         return _export_gguf(bundle, out, cluster, model, device, gguf_type, tokenizer_pre)
     import torch
@@ -541,6 +562,19 @@ def export(
     verdict = "matches" if diff < 1e-3 else "DOES NOT match"
     console.print(f"check: plain from_pretrained reload {verdict} the masked model (max |logit diff| {diff:.2g})",
                   highlight=False)
+
+
+def _export_cluster(bundle: Path, cluster: int | None) -> int:
+    """--cluster, or 0 for a static bundle: exporting cluster 0 of several unasked would pass for the bundle."""
+    from igprune.bundle import Bundle
+
+    if cluster is not None:
+        return cluster
+    n = Bundle.load(bundle).n_clusters
+    if n > 1:
+        raise IGPruneError(f"{bundle} has {n} cluster masks and an export holds one: choose it with --cluster K "
+                           f"(0 to {n - 1})")
+    return 0
 
 
 EXPORT_PROBE = "The pruned model should predict exactly what the masked model predicts."
@@ -686,6 +720,8 @@ def eval_(
     from igprune.evaluation.results import load_results, results_table, save_results
 
     reference = load_results(dense) if dense is not None else None
+    if cache:
+        RESUME.append("rerun the same command: the tasks that finished are cached")
     _join_ranks()  # under accelerate launch / torchrun: lm-eval's data parallelism, each rank a share of the tasks
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
@@ -768,9 +804,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"igprune: warning: {message}", file=file or sys.stderr)
 
 
+def _interrupted() -> None:
+    """Ctrl-C: one line, the resumable commands' way back, and exit 130 (128 + SIGINT), never success."""
+    print(f"igprune: interrupted{f'; {RESUME[-1]}' if RESUME else ''}", file=sys.stderr)
+    sys.exit(130)
+
+
 def main() -> None:
-    """Entry point: run the app and turn IGPruneError into one line on stderr and exit code 2."""
+    """Entry point: run the app and turn IGPruneError (and the machine's refusals: OSError) into one line on stderr
+    and exit code 2, an interruption into exit code 130."""
     warnings.showwarning = _show_warning
+    RESUME.clear()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -778,14 +822,19 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # weight-loading bars; igprune shows its own progress
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt it caught
     except IGPruneError as err:
         print(f"igprune: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk, a permission, a path through a file: the system's words, one line
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"igprune: error: {where}{err.strerror or err}", file=sys.stderr)
         sys.exit(2)
     except typer.exceptions.TyperException as err:  # usage errors: missing or unknown options
         command = " ".join(sys.argv[1:2])
         print(f"igprune: error: {err.format_message()} (see `igprune {command} --help`)", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        print("igprune: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+    if code == 130:
+        _interrupted()
