@@ -123,8 +123,8 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
         errors = err.errors()
         if errors[0].get("type") == "json_invalid":  # its loc is a character position, not a field
             why, where = errors[0].get("ctx", {}).get("error", "invalid"), errors[0].get("loc", ())[-1:]
-            return _error(APIError(400, f"the body is not valid JSON ({why}{f' at character {where[0]}' if where else ''}"
-                                   "); send one JSON object"))
+            at = f" at character {where[0]}" if where else ""
+            return _error(APIError(400, f"the body is not valid JSON ({why}{at}); send one JSON object"))
         # of a union's failures, the one that got deepest into the value: a list prompt's bad item, not "not a string"
         first = max(errors, key=lambda e: len(e.get("loc", ())))
         param = ".".join(str(p) for p in first.get("loc", ()) if _field(p)) or None

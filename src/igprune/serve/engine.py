@@ -121,8 +121,8 @@ class _RowSampler(LogitsProcessor):
     """Per-row temperature / top-p sampling with the row's own seeded generator.
 
     The drawn token gets score 0 and every other -inf, so generate's greedy pick takes it; greedy rows
-    are left untouched. Scores are shifted to a maximum of 0 before dividing by the temperature, so that a tiny
-    one (1e-300) gives the greedy token, not inf - inf = nan.
+    are left untouched. Scores are shifted to a maximum of 0 and divided in float64, so that any positive
+    temperature, however tiny (5e-324), gives the greedy token, not nan.
     """
 
     def __init__(self, jobs: list[Job]):
@@ -131,7 +131,7 @@ class _RowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for i, s, generator in self.rows:
-            row = scores[i].float().cpu()
+            row = scores[i].double().cpu()  # float32 would round a temperature below ~1e-45 to 0
             probs = torch.softmax((row - row.max()) / s.temperature, dim=-1)
             if s.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
