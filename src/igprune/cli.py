@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -805,7 +806,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _interrupted() -> None:
-    """Ctrl-C: one line, the resumable commands' way back, and exit 130 (128 + SIGINT), never success."""
+    """Ctrl-C: one line, the resumable commands' way back, and exit 130 (128 + SIGINT), never success; a second
+    Ctrl-C while Python shuts down would print tracebacks from wherever it lands, so it is ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"igprune: interrupted{f'; {RESUME[-1]}' if RESUME else ''}", file=sys.stderr)
     sys.exit(130)
 
