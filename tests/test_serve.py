@@ -373,6 +373,8 @@ def test_values_generation_cannot_take_are_refused_naming_the_field(server):
     assert status == 400 and body["error"]["param"] == "messages.0.content" and "surrogate" in body["error"]["message"]
     status, body = post(server + "/v1/completions", b'{"model": "tiny", "prompt": "hi",}')
     assert status == 400 and body["error"]["param"] is None and "not valid JSON" in body["error"]["message"]
+    print(f"\nreliability: serve: {len(cases) + 3} requests generation cannot take, each refused with a 400 naming "
+          "its field; 0 500s")
 
 
 def test_a_tiny_temperature_is_greedy_and_every_seed_in_range_samples(dynamic, client):
@@ -413,6 +415,8 @@ def test_a_poisoned_request_fails_alone_and_its_batch_is_answered_as_if_alone(dy
     event = poison.events.get_nowait()
     assert event[:2] == ("error", 500) and "cmpl-poisoned" in event[2] and "index" not in event[2].lower()
     poison.loop.close()
+    print(f"\nreliability: isolation: a poisoned request in a batch of 4: {len(outs)} of {len(outs)} other requests "
+          "answered as if alone, only the poisoned one failed (500 with a request id)")
     seeded = [client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, seed=5)
               for _ in range(2)]
     assert seeded[0].choices[0].text == seeded[1].choices[0].text  # the server is fine afterwards
