@@ -5,6 +5,7 @@ Every greedy answer is checked token for token against DynamicPrunedModel.genera
 
 import asyncio
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -349,6 +350,10 @@ def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypat
     nowhere = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--log-requests",
                                        str(tmp_path / "no" / "log.jsonl")])
     assert nowhere.exit_code != 0 and "give a file in an existing folder" in str(nowhere.exception)
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # refused before the model loads, not by uvicorn after
+        busy = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--port",
+                                        str(taken.getsockname()[1])])
+    assert busy.exit_code != 0 and "cannot listen on 127.0.0.1" in str(busy.exception)
     assert torch.equal(served.masks, mask)
 
 

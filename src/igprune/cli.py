@@ -328,6 +328,7 @@ def route(
     from igprune.stage2.router import Router
 
     _no_empty(texts, "route")
+    _at_least(route_tokens=(route_tokens, 1))
     loaded = Bundle.load(bundle)
     table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
     for text, r in zip(texts, Router.from_bundle(loaded, route_tokens).route(texts), strict=True):
@@ -376,7 +377,7 @@ def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on; 127.0.0.1 keeps it on this machine")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
     name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the bundle folder's name)")]
     = None,
     max_batch: Annotated[int, typer.Option(help="requests per batch")] = 8,
@@ -404,11 +405,28 @@ def serve(
 
     if log_requests is not None and (log_requests.is_dir() or not log_requests.parent.is_dir()):
         raise IGPruneError(f"--log-requests {log_requests}: give a file in an existing folder")
+    _at_least(max_batch=(max_batch, 1), max_queue=(max_queue, 1))
+    if not timeout > 0 or not max_wait_ms >= 0:
+        raise IGPruneError("--timeout must be above 0 seconds and --max-wait-ms at least 0")
+    _can_listen(host, port)
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
     dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)
     run_server(dynamic, name or bundle.resolve().name, host, port,
                ServeSettings(max_batch, max_wait_ms, max_queue, timeout, mix_masks=mix_masks,
                              request_log=log_requests and str(log_requests)))
+
+
+def _can_listen(host: str, port: int) -> None:
+    """Refuse a taken port or an address not of this machine before the model loads, in one line (uvicorn would
+    log it after loading and exit 1)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise IGPruneError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port or "
+                           "--host") from None
 
 
 @app.command("bench-speed")
@@ -720,6 +738,7 @@ def eval_(
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import load_results, results_table, save_results
 
+    _at_least(limit=(limit, 1), batch_size=(batch_size, 1))
     reference = load_results(dense) if dense is not None else None
     if cache:
         RESUME.append("rerun the same command: the tasks that finished are cached")
@@ -731,7 +750,8 @@ def eval_(
     table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
     for name, task in results["tasks"].items():
         routing = (results["routing"] or {}).get(name) or {}
-        table.add_row(name, task["metric"], f"{task['value']:.2f}", f"{task['stderr']:.2f}", str(task["n"]),
+        stderr = "-" if task["stderr"] is None else f"{task['stderr']:.2f}"  # None: lm-eval gave none (e.g. n = 1)
+        table.add_row(name, task["metric"], f"{task['value']:.2f}", stderr, str(task["n"]),
                       "cached" if task["cached"] else f"{task['seconds']:.0f}",
                       " ".join(f"{k}:{v}" for k, v in routing.items()))
     console.print(table)
@@ -787,6 +807,7 @@ def ppl(
     from igprune.evaluation.perplexity import perplexity
     from igprune.evaluation.results import save_results
 
+    _at_least(limit=(limit, 1), batch_size=(batch_size, 1), seq_len=(seq_len, 2))
     given = _user_texts(texts, model, bundle) if texts else None  # before the model loads
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = perplexity(lm, tokenizer, bundle, source=str(texts) if texts else data, seq_len=seq_len, limit=limit,
