@@ -268,7 +268,7 @@ def wide_path(model: str, blocks: int, source: str, variant: str = "") -> Path:
 def search(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import write_json
-    from igprune.stage1.search import search_cluster_masks
+    from igprune.finders.search import SearchConfig, search_cluster_masks
 
     out = folder(name) / f"search-b{blocks}.json"
     if out.is_file():
@@ -277,8 +277,10 @@ def search(model, tokenizer, name: str, blocks: int) -> None:
     started = time.perf_counter()
     groups = [load_calibration(d, seed=SEED) for d in DOMAIN_SOURCES]
     sparsity = blocks / (2 * model.config.num_hidden_layers)
-    _, log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED, prefix=shared_prefix(name, blocks),
-                                  checkpoint=BUNDLES / name / f"domains-search-b{blocks}.checkpoint", **SEARCH)
+    log = search_cluster_masks(model, tokenizer, groups, sparsity, seed=SEED,
+                               config=SearchConfig(**{k: v for k, v in SEARCH.items() if k != "choose_samples"},
+                                                   prefix=shared_prefix(name, blocks)), with_global=False,
+                               checkpoint=BUNDLES / name / f"domains-search-b{blocks}.checkpoint").log
     orders = {d: c["order"] for d, c in zip(DOMAIN_SOURCES, log.pop("clusters"), strict=True)}
     write_json(out, {"model": name, "blocks": blocks, "settings": SEARCH, "seed": SEED, "domain_orders": orders,
                      **log, "seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads(),
@@ -296,9 +298,9 @@ def search_wide(model, tokenizer, name: str, blocks: int, source: str, packing: 
     SLEB judges removals by KL divergence from the dense model, not by perplexity. `prefix` starts from the global
     search's first that many units instead of its first half (0: a search from the dense model), to see whether
     the shared prefix caps how far a domain's mask can move."""
-    from igprune.baselines import find_mask
     from igprune.data import load_calibration
     from igprune.files import write_json
+    from igprune.finders import find_mask
 
     out = wide_path(name, blocks, source, "-".join(wide_variant(packing, metric, prefix)))
     if out.is_file():
@@ -335,9 +337,8 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
     from igprune import distributed
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import remove_tree
-    from igprune.stage1.pruner import fit_bundle
-    from igprune.stage1.search import candidate_blocks
-    from igprune.stage1.train import TrainConfig
+    from igprune.finders.search import candidate_blocks
+    from igprune.pruner import fit_bundle, fit_config
 
     for run, spec in FITS.items():
         path = fit_dir(name, run, blocks)
@@ -345,19 +346,22 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
             continue
         print(f"== fit {run}", flush=True)
         started = time.perf_counter()
-        train = TrainConfig(**spec.get("train", {}))
-        search = None
+        changes = {"finder": "search" if spec["finder"] == "sleb" else "l0", "l0": spec.get("train", {}),
+                   "data": {"source": "domains", "samples": FIT_PASSAGES * len(DOMAIN_SOURCES),
+                            "max_chars": spec.get("max_chars")}}
         if spec["finder"] == "sleb":
+            search = {**spec["search"], "prefix": shared_prefix(name, blocks, spec.get("prefix"))}
             # these fits predate the choice margin and choose by the lowest perplexity; CHOSEN adds margins
-            search = {"choose_margin": 0.0, **spec["search"], "prefix": shared_prefix(name, blocks, spec.get("prefix"))}
-            if search["choose_samples"]:
+            choose = {"samples": search.pop("choose_samples", 8), "margin": search.pop("choose_margin", 0.0)}
+            if choose["samples"]:
                 search["global_order"] = global_order(name, blocks)
             if spec.get("pool"):
                 search["candidates"] = [candidate_blocks(m) for m in pool_masks(name, blocks, spec["pool"]).values()]
-        bundle = fit_bundle(model, tokenizer, spec["n_clusters"], blocks / (2 * len(model.model.layers)), train,
-                            "domains", FIT_PASSAGES * len(DOMAIN_SOURCES), seed=SEED, finder=spec["finder"],
-                            search=search, checkpoint_dir=path.with_name(path.name + ".checkpoint"),
-                            max_chars=spec.get("max_chars"), extra=requests(spec))
+            changes.update(search=search, choose=choose)
+        config = fit_config("paper", changes, n_clusters=spec["n_clusters"],
+                            sparsity=blocks / (2 * model.config.num_hidden_layers), seed=SEED)
+        bundle = fit_bundle(model, tokenizer, config, requests(spec),
+                            checkpoint_dir=path.with_name(path.name + ".checkpoint"))
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
                                       "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
                                       "ranks": distributed.world_size()}
@@ -371,10 +375,11 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
 def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each CHOSEN bundle: its fit with every cluster's mask chosen among the candidates on that cluster's
     passages its search did not score (stage1.search.choose_masks): same centroids, same searches."""
-    from igprune.baselines import make_calibration
     from igprune.bundle import Bundle
-    from igprune.stage1.search import choose_masks, find_order_mask
-    from igprune.stage2.router import Router
+    from igprune.choosing import choose_masks
+    from igprune.finders import make_calibration
+    from igprune.finders.search import find_order_mask
+    from igprune.routing import Router
 
     for run, spec in CHOSEN.items():
         out = fit_dir(name, run, blocks)
@@ -440,7 +445,7 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
 
 def fit_passages(bundle, run: str) -> list[str]:
     """The passages a FITS, CHOSEN or GATED bundle was clustered on (fit_bundle's recipe), in its fit's order."""
-    from igprune.stage1.pruner import fit_texts
+    from igprune.pruner import fit_texts
 
     while run not in FITS:
         run = {**CHOSEN, **GATED}[run]["from"]
@@ -453,8 +458,8 @@ def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
     """Each GATED bundle: its source with a radius per cluster over the fit's own passages (stage2.router.gate_radii)
     and the global mask as the fallback beyond them."""
     from igprune.bundle import Bundle
-    from igprune.stage1.search import find_order_mask
-    from igprune.stage2.router import Router, gate_radii
+    from igprune.finders.search import find_order_mask
+    from igprune.routing import Router, gate_radii
 
     for run, spec in GATED.items():
         out, source = fit_dir(name, run, blocks), fit_dir(name, spec["from"], blocks)
@@ -472,7 +477,7 @@ def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
 def unseen_groups(router, seen: list[str], max_chars: int | None) -> list[list[str]]:
     """The domains pool's training passages outside `seen` (a fit's), each in the cluster its embedding is nearest
     to: text that no search and no choice scored."""
-    from igprune.stage1.pruner import fit_texts
+    from igprune.pruner import fit_texts
 
     skip = set(seen)
     unseen = [t for t in fit_texts("domains", None, HELDOUT["seq_len"], SEED, max_chars) if t not in skip]
@@ -486,7 +491,7 @@ def scored_rows(model, tokenizer, name: str, blocks: int, fit: str, groups: list
                 searched: list[list[str]]) -> list[list[str]]:
     """Per cluster, the texts of every row that the fit's own choice and each CHOSEN choice on its passages
     scored, cut again as choose_masks cut them (same exclusions, seed and sizes)."""
-    from igprune.baselines import make_calibration
+    from igprune.finders import make_calibration
 
     settings = FITS[fit]["search"]
     earlier = [spec for spec in CHOSEN.values() if spec["from"] == fit and not spec.get("texts")]
@@ -525,7 +530,7 @@ def score(model, tokenizer, name: str, blocks: int) -> None:
     from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import read_json, write_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders.search import find_order_mask
 
     ids = heldout_ids(tokenizer)
     nll = _cached_nll(model, folder(name) / f"passages-b{blocks}.json", ids)
@@ -620,11 +625,11 @@ def fragments(model, tokenizer, name: str, blocks: int) -> None:
     mask and the ig-sleb-n6-wide cluster mask its held-out passages route to most, each on 16 x 128 tokens of
     the same held-out documents cut two ways: into fit-style fragments of at most 256 characters (fit_texts,
     seq_len 64) and into passages of up to 2,048 (the domain searches'), each joined with EOS."""
-    from igprune.baselines import Scorer, make_calibration
     from igprune.bundle import Bundle
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import read_json, write_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders import Scorer, make_calibration
+    from igprune.finders.search import find_order_mask
 
     report = read_json(folder(name) / f"score-b{blocks}.json")
     bundle_masks = Bundle.load(fit_dir(name, "ig-sleb-n6-wide", blocks)).masks
@@ -677,10 +682,10 @@ def _cached_nll(model, path: Path, ids: dict[str, list[list[int]]], context: dic
 def domain_masks(model, tokenizer, name: str, blocks: int, variant: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every domain's wide search of `variant` (e.g. "texts-p0"), and the texts those searches scored (rebuilt
     as search_wide cut them, checked against the recorded hash), so that a choice can keep away from them."""
-    from igprune.baselines import make_calibration
     from igprune.data import DOMAIN_SOURCES, load_calibration
     from igprune.files import read_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders import make_calibration
+    from igprune.finders.search import find_order_mask
 
     masks, rows = {}, []
     for domain in DOMAIN_SOURCES:
@@ -722,7 +727,7 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
     best of the bundle's masks for it (the oracle), against the best static mask, with the routing table."""
     from igprune.bundle import Bundle
     from igprune.masks import mask_row
-    from igprune.stage2.router import Router
+    from igprune.routing import Router
 
     bundle = Bundle.load(path)
     router = Router.from_bundle(bundle)
@@ -793,7 +798,7 @@ def _own_on_cloze(model, tokenizer, name: str, blocks: int, dense: dict[str, Any
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import percentage, save_results, task_average
     from igprune.files import read_json
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders.search import find_order_mask
 
     out = folder(name) / f"domains6-own-{variant}-b{blocks}.json"
     paths = {task: wide_path(name, blocks, source, variant) for task, source in CLOZE_TASKS.items()}
@@ -843,8 +848,8 @@ def _on_search_tokens(model, tokenizer, domain_masks: dict[str, torch.Tensor],
                       best: torch.Tensor) -> dict[str, dict[str, float]]:
     """Each domain's own mask and the best static mask on the very 4 x 64 tokens that domain's search scored:
     where the own mask wins there but loses on held-out text, the search fitted its calibration's noise."""
-    from igprune.baselines import Scorer, make_calibration
     from igprune.data import load_calibration
+    from igprune.finders import Scorer, make_calibration
 
     out = {}
     for d, mask in domain_masks.items():

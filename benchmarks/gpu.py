@@ -89,14 +89,15 @@ def with_random_weights(folder: Path, out: Path, dtype: torch.dtype, encoder: bo
 def fit(model: Any, tokenizer: Any, name: str, recipe: dict[str, Any], samples: int | None, clusters: int,
         sparsity: float, gradient_checkpointing: bool, encoder: str) -> tuple[Any, dict[str, Any]]:
     """One fit_bundle with its wall time and peak GPU memory."""
-    from igprune.stage1.pruner import fit_bundle
-    from igprune.stage1.train import TrainConfig
+    from igprune.pruner import fit_bundle, fit_config
 
-    config = TrainConfig(gradient_checkpointing=gradient_checkpointing, **recipe)
+    config = fit_config("paper", {"data": {"samples": samples}, "clusters": {"encoder": encoder},
+                                  "l0": {**recipe, "gradient_checkpointing": gradient_checkpointing}},
+                        n_clusters=clusters, sparsity=sparsity, seed=SEED)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    bundle = fit_bundle(model, tokenizer, clusters, sparsity, config, samples=samples, seed=SEED, encoder=encoder)
+    bundle = fit_bundle(model, tokenizer, config)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     report = {"name": name, "recipe": recipe, "gradient_checkpointing": gradient_checkpointing,

@@ -138,11 +138,10 @@ def result_path(run: Run) -> Path:
 
 def make_bundle(run: Run, model, tokenizer) -> Path:
     """Fit or search the run's mask, unless its bundle exists."""
-    from igprune.baselines import find_mask, get_method, make_calibration
     from igprune.bundle import Bundle
     from igprune.data import load_calibration
-    from igprune.stage1.pruner import fit_bundle
-    from igprune.stage1.train import TrainConfig
+    from igprune.finders import find_mask, get_method, make_calibration
+    from igprune.pruner import fit_bundle, fit_config
 
     path = bundle_dir(run)
     if (path / "bundle.json").is_file():
@@ -152,9 +151,12 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     started = time.perf_counter()
     if run.method == "ig-pruning":
         fit = {**FIT, **run.options}
-        train = TrainConfig(granularity=run.granularity, **{k: v for k, v in fit.items() if k != "samples"})
-        bundle = fit_bundle(model, tokenizer, run.clusters, sparsity, train, run.calibration, fit["samples"],
-                            seed=SEED, checkpoint_dir=checkpoint, shared_dir=shared_dir(run, fit))  # `igprune fit`
+        config = fit_config("paper", {"granularity": run.granularity,
+                                      "data": {"source": run.calibration, "samples": fit["samples"]},
+                                      "l0": {k: v for k, v in fit.items() if k != "samples"}},
+                            n_clusters=run.clusters, sparsity=sparsity, seed=SEED)
+        bundle = fit_bundle(model, tokenizer, config, checkpoint_dir=checkpoint,
+                            shared_dir=shared_dir(run, fit))  # `igprune fit --recipe paper`
         bundle.config["calibration"].update(fit)
     else:
         texts = load_calibration(run.calibration, seed=SEED)
@@ -177,7 +179,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
 def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
     """Where IG-Pruning's shared phase is kept: fits that differ only in N (or the cluster phase) reuse it."""
     from igprune.evaluation.results import config_hash
-    from igprune.stage1.train import CLUSTER_PHASE
+    from igprune.finders.l0 import CLUSTER_PHASE
 
     digest = config_hash({k: v for k, v in fit.items() if k not in CLUSTER_PHASE})[:8]
     return BUNDLES / run.model / f"shared-{run.calibration}-{run.granularity}-b{run.blocks}-{digest}.checkpoint"

@@ -24,10 +24,10 @@ from headline import RESULTS, RUNS, bundle_dir
 from igprune import load_model
 from igprune.bundle import Bundle
 from igprune.data import load_calibration
+from igprune.dynamic import DynamicPrunedModel
 from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
 from igprune.evaluation.results import config_hash, router_identity
 from igprune.files import read_json, write_json
-from igprune.stage2.dynamic import DynamicPrunedModel
 
 OUT = RESULTS.parent / "headline_perplexity.json"
 SEED = 0

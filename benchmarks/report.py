@@ -1,8 +1,10 @@
-"""Write the generated parts of benchmarks/RESULTS.md from the committed results files and bundles.
+"""Write the generated parts of benchmarks/RESULTS.md and of the research logs (research/*/LOG.md) from the
+committed results files and bundles.
 
-RESULTS.md holds hand-written text between generated blocks; each block sits between
-`<!-- begin:NAME -->` and `<!-- end:NAME -->` and is replaced by this script, so the prose stays and the
-numbers always come from the files. Figures are written to benchmarks/figures/.
+Those files hold hand-written text between generated blocks; each block sits between `<!-- begin:NAME -->` and
+`<!-- end:NAME -->` and is replaced by this script, so the prose stays and the numbers always come from the files.
+A block is made only where a file has it. Figures are written to benchmarks/figures/. README.md is written by
+hand; this script never touches it.
 
     python benchmarks/report.py
 """
@@ -13,12 +15,12 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cluster_phase import RECIPES
 from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
@@ -37,7 +39,7 @@ from igprune.models import ZOO
 
 HERE = Path(__file__).parent
 REPORT = HERE / "RESULTS.md"
-README = HERE.parent / "README.md"
+RESEARCH = HERE.parent / "research"  # investigations: their scripts, results and logs
 FIGURES = HERE / "figures"
 PICK_REPEATS = 200  # seeded half splits behind each "picked on the other half" bound
 
@@ -46,8 +48,8 @@ def _find(model: str, name: str) -> Run:
     return next(r for r in RUNS if r.model == model and r.name == name)
 
 
-def _json(name: str) -> dict[str, Any] | None:
-    path = HERE / "results" / name
+def _json(name: str, folder: Path = HERE / "results") -> dict[str, Any] | None:
+    path = folder / name
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -203,8 +205,8 @@ def routing_overhead() -> str:
 
 
 def baseline_cost() -> str:
-    """Search time of each static method at 15 of 60 blocks (benchmarks/baseline_cost.py)."""
-    report = _json("baseline_cost.json")
+    """Search time of each static method at 15 of 60 blocks (research/baseline-cost/baseline_cost.py)."""
+    report = _json("baseline_cost.json", RESEARCH / "baseline-cost" / "results")
     if report is None:
         return "_not run yet_"
     rows = [[name, f"{r['seconds'] / 60:.1f}", f"{r['calibration']['tokens']}", str(r["masks_scored"]),
@@ -542,8 +544,9 @@ def _paired_points(fit: dict[str, Any], reference: dict[str, Any], dense: dict[s
 
 
 def radius_gate() -> str:
-    """The radius gate replayed from per-document results (benchmarks/radius_gate.py), one row per quantile."""
-    report = _json(f"domains/{SMOL}/radius-gate.json")
+    """The radius gate replayed from per-document results (research/domain-benchmark/radius_gate.py), one row per
+    quantile."""
+    report = _json("radius-gate.json", RESEARCH / "domain-benchmark" / "results")
     if report is None:
         return "_not run yet_"
 
@@ -567,8 +570,12 @@ def radius_gate() -> str:
 
 
 def cluster_phase() -> str:
-    """Cluster-phase recipes from the same shared mask, per cluster (benchmarks/cluster_phase.py)."""
-    reports = {name: _json(f"cluster_phase/{name}.json") for name in RECIPES}
+    """Cluster-phase recipes from the same shared mask, per cluster (research/cluster-phase/cluster_phase.py)."""
+    folder = RESEARCH / "cluster-phase"
+    sys.path.insert(0, str(folder))
+    from cluster_phase import RECIPES
+
+    reports = {name: _json(f"{name}.json", folder / "results") for name in RECIPES}
     reports = {name: r for name, r in reports.items() if r is not None}
     if "shared" not in reports:
         return "_not run yet_"
@@ -585,8 +592,8 @@ def cluster_phase() -> str:
 
 
 def fit_budget() -> str:
-    """Gate learning rate against a CPU-sized budget (benchmarks/fit_budget.py)."""
-    report = _json("fit_budget.json")
+    """Gate learning rate against a CPU-sized budget (research/fit-budget/fit_budget.py)."""
+    report = _json("fit_budget.json", RESEARCH / "fit-budget" / "results")
     if report is None:
         return "_not run yet_"
     rows = [[lr, str(report["steps"]), f"{r['seconds'] / 60:.1f}", f"{r['final_train_loss']:.2f}",
@@ -639,12 +646,14 @@ BLOCKS: dict[str, Callable[[], str]] = {
 
 
 def fill(path: Path, blocks: dict[str, Callable[[], str]]) -> None:
-    """Replace each generated block of the file; the text around the blocks stays as written."""
+    """Replace each generated block the file has; the text around the blocks stays as written."""
     text = path.read_text()
+    unknown = set(re.findall(r"<!-- begin:([\w-]+) -->", text)) - set(blocks)
+    if unknown:
+        print(f"{path}: no generator for block(s) {', '.join(sorted(unknown))}; left as they are")
     for name, make in blocks.items():
         pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
         if not pattern.search(text):
-            print(f"{path.name} has no block {name}; skipped")
             continue
         body = make()
         text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
@@ -653,8 +662,8 @@ def fill(path: Path, blocks: dict[str, Callable[[], str]]) -> None:
 
 
 def main() -> None:
-    fill(REPORT, BLOCKS)
-    fill(README, {"headline": lambda: table(SMOL, "dense", "table1", [15])})
+    for path in [REPORT, *sorted(RESEARCH.glob("*/LOG.md"))]:
+        fill(path, BLOCKS)
 
 
 if __name__ == "__main__":

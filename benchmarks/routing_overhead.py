@@ -27,14 +27,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
+from igprune.clustering import cluster
 from igprune.data import EVAL_TASKS, eval_dataset_path, load_calibration
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.flops import flops
 from igprune.evaluation.speed import build_prompt, machine_info
 from igprune.files import write_json
 from igprune.models import load_model
-from igprune.stage1.clustering import cluster
-from igprune.stage2.router import Router
+from igprune.routing import Router
 
 RESULTS = Path(__file__).parent / "results"
 KS = (32, 64, 128, 256)

@@ -35,13 +35,13 @@ import torch
 
 from igprune.bundle import Bundle, fingerprint
 from igprune.data import load_calibration
+from igprune.dynamic import DynamicPrunedModel
 from igprune.evaluation.flops import decode_flops, flops
 from igprune.evaluation.speed import machine_info
 from igprune.files import write_json
 from igprune.models import load_model
 from igprune.serve import BackgroundServer, ServeSettings, create_app
 from igprune.serve.engine import Scheduler
-from igprune.stage2.dynamic import DynamicPrunedModel
 
 ROOT = Path(__file__).parent
 BUNDLES = ROOT / "bundles" / "smollm2-135m"

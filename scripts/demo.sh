@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the built-in defaults: set up, then IG-Pruning on smollm2-135m with small demo
-# settings (4 clusters, 8 of 60 blocks skipped, a few minutes on 2 CPU cores), route a few prompts
+# recipe `fast` (4 clusters, 8 of 60 blocks skipped, a few minutes on 2 CPU cores), route a few prompts
 # and generate with the pruned model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,8 +8,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 OUT=${OUT:-runs/demo-bundle}
 if [ ! -f "$OUT/bundle.json" ]; then
-  igprune fit --model smollm2-135m --clusters 4 --blocks 8 --samples 400 \
-    --shared-steps 30 --cluster-steps 40 --batch-size 8 --seq-len 64 --out "$OUT"
+  igprune fit --model smollm2-135m --recipe fast --blocks 8 --out "$OUT"
 fi
 igprune inspect "$OUT"
 igprune route --bundle "$OUT" \

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
-from igprune.baselines import METHODS, Scorer, find_mask, make_calibration
-from igprune.baselines.base import SearchSpace
 from igprune.blocks import patch
 from igprune.bundle import Bundle
+from igprune.dynamic import DynamicPrunedModel
 from igprune.files import IGPruneError, read_json
+from igprune.finders import METHODS, Scorer, find_mask, make_calibration
+from igprune.finders.base import SearchSpace
 from igprune.masks import skipped_blocks
-from igprune.stage2.dynamic import DynamicPrunedModel
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 FAST = {  # per method: the smallest settings that still exercise every step

@@ -94,7 +94,7 @@ def test_in_memory_bundles_are_checked_too_and_named_without_their_contents():
 
 
 def test_the_wrong_model_is_refused_in_one_short_line(tmp_path):
-    from igprune.stage2.dynamic import DynamicPrunedModel
+    from igprune.dynamic import DynamicPrunedModel
 
     made_for, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     masks = torch.ones(1, 8, dtype=torch.bool)
@@ -109,7 +109,7 @@ def test_the_wrong_model_is_refused_in_one_short_line(tmp_path):
 
 
 def test_the_python_api_raises_igprune_error_for_a_damaged_path(tmp_path):
-    from igprune.stage2.dynamic import DynamicPrunedModel
+    from igprune.dynamic import DynamicPrunedModel
 
     ig_bundle().save(tmp_path / "b")
     Path(tmp_path / "b" / "tensors.safetensors").write_bytes(b"\x00" * 16)

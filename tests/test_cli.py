@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from igprune.bundle import Bundle
 from igprune.cli import app
 from igprune.evaluation import results
+from igprune.finders.search import candidate_blocks
 from igprune.masks import mask_row
-from igprune.stage1.search import candidate_blocks
-from igprune.stage2.router import Router
+from igprune.routing import Router
 from igprune.texts import Request, digest
 
 
@@ -24,6 +24,15 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+def config_file(path, **changes) -> str:
+    """A fit config file (JSON) holding `changes`, nested as bundle.json's "fit"."""
+    path.write_text(json.dumps(changes))
+    return str(path)
+
+
+TINY_L0 = {"data": {"samples": 40}, "l0": {"shared_steps": 2, "cluster_steps": 2, "batch_size": 4, "seq_len": 64}}
+
+
 def invoke(*args: str) -> str:
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
@@ -33,9 +42,13 @@ def invoke(*args: str) -> str:
 def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data, monkeypatch):
     monkeypatch.setattr(results, "cache_root", lambda: tmp_path / "cache")  # eval's result cache, not the user's
     model, bundle = tiny_folder, tmp_path / "bundle"
-    out = invoke("fit", "--model", model, "--out", bundle, "--clusters", "2", "--samples", "40", "--shared-steps",
-                 "2", "--cluster-steps", "2", "--batch-size", "4", "--seq-len", "64")
+    out = invoke("fit", "--model", model, "--out", bundle, "--clusters", "2", "--recipe", "paper", "--config",
+                 config_file(tmp_path / "l0.json", **TINY_L0))
     assert "2 clusters, sizes" in out  # a dynamic bundle, so routing runs below
+    refit = tmp_path / "refit"  # a bundle's recorded config reproduces it
+    invoke("fit", "--model", model, "--out", refit, "--config", bundle)
+    assert torch.equal(Bundle.load(refit).masks, Bundle.load(bundle).masks)
+    assert Bundle.load(refit).config["fit"] == Bundle.load(bundle).config["fit"]
     assert "cluster" in invoke("inspect", bundle)
     assert "distance" in invoke("route", "--bundle", bundle, "def f(x):", "Once upon a time")
     assert invoke("generate", "--bundle", bundle, "--model", model, "--prompt", "The sun", "--max-new-tokens", "3")
@@ -44,27 +57,31 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     invoke("baseline", "sleb", "--model", model, "--blocks", "2", "--samples", "2", "--seq-len", "16", "--out", sleb)
     assert "matches the masked model" in invoke("export", "--bundle", sleb, "--out", tmp_path / "plain")
     searched = tmp_path / "searched"  # SLEB per cluster, each cluster free to choose the static SLEB mask too
-    invoke("fit", "--model", model, "--out", searched, "--clusters", "2", "--samples", "40", "--finder", "sleb",
-           "--blocks", "2", "--seq-len", "16", "--search-samples", "2", "--choose-samples", "2",
-           "--choose-margin", "1.5", "--candidate", sleb)
+    sleb_blocks = candidate_blocks(Bundle.load(sleb).masks[0])
+    invoke("fit", "--model", model, "--out", searched, "--clusters", "2", "--blocks", "2", "--config",
+           config_file(tmp_path / "search.json", finder="search", data={"samples": 40}, choose={"samples": 2,
+                       "margin": 1.5}, search={"seq_len": 16, "samples": 2, "candidates": [sleb_blocks]}))
     fitted = Bundle.load(searched)
-    assert fitted.config["search"]["choose_margin"] == 1.5 and fitted.logs["search"]["choose"]["margin"] == 1.5
-    assert fitted.config["search"]["candidates"] == [candidate_blocks(Bundle.load(sleb).masks[0])]
+    assert fitted.config["fit"]["choose"]["margin"] == 1.5 and fitted.logs["search"]["choose"]["margin"] == 1.5
+    assert fitted.config["fit"]["search"]["candidates"] == [sleb_blocks]
     assert len(fitted.logs["search"]["choose"]["perplexity"][0]) == 4  # 2 cluster masks, the global one, SLEB's
     shortened = tmp_path / "shortened"
     invoke("baseline", "shortened-ppl", "--model", model, "--blocks", "2", "--samples", "2", "--seq-len", "16",
            "--out", shortened)
     chosen = tmp_path / "chosen"  # nothing searched: each cluster chooses between SLEB's mask and ShortenedLlama's
-    invoke("fit", "--model", model, "--out", chosen, "--clusters", "2", "--samples", "40", "--finder", "sleb",
-           "--blocks", "2", "--seq-len", "16", "--shared-fraction", "1", "--global", sleb, "--candidate", shortened,
-           "--choose-samples", "2", "--choose-margin", "auto", "--gate", "0.5")
-    fitted, statics = Bundle.load(chosen), [Bundle.load(sleb).masks[0], Bundle.load(shortened).masks[0]]
+    fitted, statics = None, [Bundle.load(sleb).masks[0], Bundle.load(shortened).masks[0]]
+    invoke("fit", "--model", model, "--out", chosen, "--clusters", "2", "--blocks", "2", "--config",
+           config_file(tmp_path / "chosen.json", finder="search", data={"samples": 40}, route={"gate": 0.5},
+                       choose={"samples": 2, "margin": "auto"},
+                       search={"seq_len": 16, "shared_fraction": 1.0, "global_order": sleb_blocks,
+                               "candidates": [candidate_blocks(statics[1])]}))
+    fitted = Bundle.load(chosen)
     assert fitted.config["gate"] == {"quantile": 0.5} and fitted.radii.shape == (2,)  # inputs unlike a cluster's
     assert torch.equal(fitted.fallback[0], statics[0])  # texts run under the global mask, SLEB's here
     assert "fallback" in invoke("inspect", chosen) and "radius" in invoke("inspect", chosen)
     assert {mask_row(m) for m in fitted.masks} <= {mask_row(m) for m in statics}
     choice = fitted.logs["search"]["choose"]  # a cluster left the global mask only past its Bonferroni bar
-    assert fitted.config["search"]["choose_margin"] == "auto" and len(choice["margins"]) == 2
+    assert fitted.config["fit"]["choose"]["margin"] == "auto" and len(choice["margins"]) == 2
     assert all(c == choice["default"] or z > bar
                for c, z, bar in zip(choice["chosen"], choice["z_best_vs_default"], choice["margins"], strict=True))
     assert "bar" in invoke("inspect", chosen)  # inspect shows each cluster's choice
@@ -76,9 +93,8 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     requests.write_text("".join(json.dumps({"text": t}) + "\n" for t in own[4:])
                         + "".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in answered))
     with pytest.warns(UserWarning, match="4 request.* no response token within their first 64"):  # SQL prompts
-        out = invoke("fit", "--model", model, "--out", tmp_path / "requests", "--clusters", "2", "--samples", "40",
-                     "--shared-steps", "2", "--cluster-steps", "2", "--batch-size", "4", "--seq-len", "64",
-                     "--texts", requests)
+        out = invoke("fit", "--model", model, "--out", tmp_path / "requests", "--clusters", "2", "--recipe", "paper",
+                     "--config", config_file(tmp_path / "l0.json", **TINY_L0), "--texts", requests)
     assert "and 12 of" in out and "requests.jsonl" in out
     fitted = Bundle.load(tmp_path / "requests")
     assert fitted.config["calibration"]["extra"] == 12 and sum(fitted.config["cluster_sizes"]) == 52

@@ -7,6 +7,7 @@ from lm_eval.models.huggingface import HFLM
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
 from igprune.bundle import Bundle, fingerprint
+from igprune.dynamic import DynamicPrunedModel
 from igprune.evaluation import benchmark
 from igprune.evaluation.harness import IGPruneLM, shared_text
 from igprune.evaluation.perplexity import rows_per_batch, score_texts, token_nll
@@ -24,8 +25,7 @@ from igprune.evaluation.results import (
 )
 from igprune.evaluation.tasks import DOMAINS6
 from igprune.files import IGPruneError
-from igprune.stage2.dynamic import DynamicPrunedModel
-from igprune.stage2.router import Router
+from igprune.routing import Router
 
 QUESTIONS = [
     ("Question: What do you stir in butter?\nAnswer:", [" onions", " bricks", " the sea"]),

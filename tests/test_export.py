@@ -8,11 +8,11 @@ from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from igprune.baselines import find_mask
 from igprune.blocks import is_gated, patch
 from igprune.cli import app
 from igprune.export import export_bundle, export_model, prune_model
 from igprune.files import IGPruneError
+from igprune.finders import find_mask
 from igprune.models import load_model
 
 # per layer (attention, FFN): layers 1 and 4 go, layer 2 loses its FFN, layer 3 its attention

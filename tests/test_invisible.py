@@ -6,16 +6,16 @@ from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, pipeline
 
 import igprune
-from igprune.baselines import find_mask
 from igprune.blocks import ATTN, FFN, masked, patch, unpatch
+from igprune.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.evaluation.perplexity import score_texts
 from igprune.export import prune_model
-from igprune.stage1.pruner import IGPruner
-from igprune.stage1.train import TrainConfig
-from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
+from igprune.finders import find_mask
+from igprune.pruner import IGPruner
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
-FIT = TrainConfig(shared_steps=3, cluster_steps=3, batch_size=3, seq_len=16, loss_positions=8)
+FIT = {"clusters": {"min_cluster_size": 1},
+       "l0": {"shared_steps": 3, "cluster_steps": 3, "batch_size": 3, "seq_len": 16, "loss_positions": 8}}
 
 
 def user_model(arch="llama"):
@@ -57,7 +57,7 @@ def some_mask(n_blocks=8):
 def fitted(tmp_path_factory):
     model, tokenizer = user_model(), tiny_tokenizer()
     before = snapshot(model)
-    pruner = IGPruner(model, tokenizer, n_clusters=3, train=FIT, min_cluster_size=1, progress=False).fit(TEXTS)
+    pruner = IGPruner(model, tokenizer, "paper", config=FIT, n_clusters=3, progress=False).fit(TEXTS)
     return model, tokenizer, before, pruner.save(tmp_path_factory.mktemp("b") / "bundle")
 
 
@@ -80,8 +80,9 @@ def test_dynamic_model_leaves_the_model_as_it_was(fitted):
 def test_fit_with_the_search_finder_leaves_the_model_as_it_was():
     model, tokenizer = user_model(), tiny_tokenizer()
     before = snapshot(model)
-    IGPruner(model, tokenizer, n_clusters=2, min_cluster_size=1, finder="sleb", progress=False,
-             search={"samples": 2, "seq_len": 16, "shared_samples": 2}).fit(TEXTS)
+    config = {"finder": "search", "clusters": {"min_cluster_size": 1},
+              "search": {"samples": 2, "seq_len": 16, "shared_samples": 2}}
+    IGPruner(model, tokenizer, config=config, n_clusters=2, progress=False).fit(TEXTS)
     assert_unchanged(model, before)
 
 

@@ -26,8 +26,7 @@ from igprune.bundle import Bundle
 VOLATILE = {"seconds", "fit_seconds", "masks_scored", "forward_tokens", "resumed"}
 COMMON = ["--seed", "0"]
 RUNS = {  # small settings on a tiny model, sized so the work after startup takes a second or two
-    "fit": ["fit", "--clusters", "2", "--samples", "24", "--seq-len", "16", "--shared-steps", "40",
-            "--cluster-steps", "20", "--batch-size", "4", "--sparsity", "0.25"],
+    "fit": ["fit", "--clusters", "2", "--sparsity", "0.25", "--config", "FIT_CONFIG"],
     "sleb": ["baseline", "sleb", "--blocks", "5", "--granularity", "block"],
     "evopress": ["baseline", "evopress", "--blocks", "6", "--generations", "12", "--offspring", "4"],
     "static-l0": ["baseline", "static-l0", "--blocks", "4", "--samples", "32", "--seq-len", "32", "--option",
@@ -57,9 +56,16 @@ def check_complete(folder: Path, allow_temporaries: bool) -> None:
             load_file(path)
 
 
+FIT_CONFIG = {"recipe": "paper", "data": {"samples": 24},
+              "l0": {"shared_steps": 40, "cluster_steps": 20, "batch_size": 4, "seq_len": 16}}
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return save_model(tiny_model("llama", layers=8), tmp_path_factory.mktemp("model") / "tiny")
+    """A tiny model's folder, with the fit run's config file beside it (fit.json)."""
+    folder = tmp_path_factory.mktemp("model")
+    (folder / "fit.json").write_text(json.dumps(FIT_CONFIG))
+    return save_model(tiny_model("llama", layers=8), folder / "tiny")
 
 
 def kill_once(args: list[str], cwd: Path, checkpoint: Path, delay: float) -> bool:
@@ -85,7 +91,8 @@ def kill_once(args: list[str], cwd: Path, checkpoint: Path, delay: float) -> boo
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_a_killed_run_reruns_to_the_uninterrupted_result(name, model_dir, tmp_path, prepared_data):
-    args = [*RUNS[name], "-m", str(model_dir), *COMMON]
+    config = str(model_dir.parent / "fit.json")
+    args = [config if a == "FIT_CONFIG" else a for a in RUNS[name]] + ["-m", str(model_dir), *COMMON]
     reference_dir, work = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir()
     work.mkdir()
@@ -154,7 +161,10 @@ def test_ctrl_c_exits_130_with_one_line_and_says_how_to_resume(model_dir, tmp_pa
         while child.poll() is None and not (tmp_path / "out.checkpoint").exists():
             time.sleep(0.01)
 
-    fit = [*RUNS["fit"], "--shared-steps", "4000", "-m", str(model_dir), *COMMON, "-o", "out"]
+    long = {**FIT_CONFIG, "l0": {**FIT_CONFIG["l0"], "shared_steps": 4000}}
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    fit = [a.replace("FIT_CONFIG", str(tmp_path / "long.json")) for a in RUNS["fit"]]
+    fit = [*fit, "-m", str(model_dir), *COMMON, "-o", "out"]
     code, stderr = interrupt(fit, tmp_path, checkpoint_made)
     assert code == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (f"igprune: interrupted; rerun the same command to resume from "

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
-from igprune.baselines import Calibration, Scorer, make_calibration
 from igprune.blocks import masked
 from igprune.data import read_texts
 from igprune.evaluation.perplexity import token_nll
 from igprune.files import IGPruneError
-from igprune.stage1.pruner import IGPruner, tokenize
-from igprune.stage1.search import find_order_mask
-from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.finders import Calibration, Scorer, make_calibration
+from igprune.finders.l0 import MaskTrainer, TrainConfig, tokenize
+from igprune.finders.search import find_order_mask
+from igprune.pruner import IGPruner
 from igprune.texts import Request, clean_texts, digest, tokens
 
 COOKING, CODE, SPORT = TOPICS.values()
@@ -100,7 +100,7 @@ def test_the_l0_trainer_learns_from_responses_only():
     assert requests.log.loss != plain.log.loss
 
 
-@pytest.mark.parametrize("finder", ["l0", "sleb"])
+@pytest.mark.parametrize("finder", ["l0", "search"])
 def test_igpruner_clusters_requests_by_their_prompts(finder, monkeypatch):
     model, tok = tiny_model("llama", layers=4), tiny_tokenizer()
     embedded = []
@@ -111,10 +111,10 @@ def test_igpruner_clusters_requests_by_their_prompts(finder, monkeypatch):
 
     monkeypatch.setattr(IGPruner, "_embed", topics)
     texts = [*[f"{t} ({i})" for i, t in enumerate(CODE * 3)], *REQUESTS]
-    pruner = IGPruner(model, tok, n_clusters=2, sparsity=0.5, min_cluster_size=1, finder=finder,
-                      train=TrainConfig(shared_steps=2, cluster_steps=2, batch_size=4, seq_len=128),
-                      search={"samples": 2, "seq_len": 128, "shared_samples": 2, "choose_samples": 0},
-                      progress=False).fit(texts)
+    config = {"finder": finder, "clusters": {"min_cluster_size": 1}, "choose": {"samples": 0},
+              "l0": {"shared_steps": 2, "cluster_steps": 2, "batch_size": 4, "seq_len": 128},
+              "search": {"samples": 2, "seq_len": 128, "shared_samples": 2}}
+    pruner = IGPruner(model, tok, config=config, n_clusters=2, sparsity=0.5, progress=False).fit(texts)
     assert [r.prompt for r in REQUESTS] == embedded[-6:]  # the router's view: prompts only
     labels = pruner.clustering_.labels.tolist()
     assert len(set(labels[-6:])) == 1 and labels[-1] not in labels[:9]  # cooking prompts, not the code answers

@@ -14,9 +14,10 @@ from test_stage1 import samples, small_config
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
 from igprune import distributed
-from igprune.baselines import find_mask
-from igprune.stage1.search import search_cluster_masks
-from igprune.stage1.train import MaskTrainer
+from igprune.choosing import choose_masks
+from igprune.finders import find_mask
+from igprune.finders.l0 import MaskTrainer
+from igprune.finders.search import SearchConfig, search_cluster_masks
 
 # the 1-process and 2-process fits differ only in how the per-sample gradients are summed (two shards, then
 # the ranks), so log_alpha agrees to float32 rounding; the masks agree exactly
@@ -94,9 +95,12 @@ def test_two_process_search_equals_one_process_search(method):
 
 def cluster_search() -> dict:
     groups = [[f"{t} ({i})" for i, t in enumerate(texts * 4)] for texts in TOPICS.values()]
-    masks, log = search_cluster_masks(tiny_model("llama", layers=4), tiny_tokenizer(), groups, 0.5, progress=False,
-                                      samples=2, seq_len=16, shared_samples=3, choose_samples=2, choose_margin=0.0)
-    return {"masks": masks, "log": log}
+    model, tokenizer = tiny_model("llama", layers=4), tiny_tokenizer()
+    found = search_cluster_masks(model, tokenizer, groups, 0.5, config=SearchConfig(samples=2, seq_len=16,
+                                 shared_samples=3), progress=False)
+    masks, choice = choose_masks(model, tokenizer, groups, torch.cat([found.masks, found.global_mask[None]]), 2, 16,
+                                 exclude=found.scored, packing="texts", default=3, margin=0.0)
+    return {"masks": masks, "log": {**found.log, "choose": choice}}
 
 
 def test_two_process_cluster_search_and_choice_equal_one_process():
@@ -218,9 +222,11 @@ def test_cli_fit_and_eval_under_torchrun_give_the_one_process_results(tiny_folde
     from igprune.bundle import Bundle
 
     (tmp_path / "fit").mkdir()
-    outputs = one_and_two_processes("fit", "--model", str(tiny_folder), "--clusters", "2", "--samples", "40",
-                                    "--shared-steps", "3", "--cluster-steps", "3", "--batch-size", "4", "--seq-len",
-                                    "64", str(tmp_path / "fit"))
+    config = tmp_path / "fit.json"
+    config.write_text(json.dumps({"recipe": "paper", "data": {"samples": 40},
+                                  "l0": {"shared_steps": 3, "cluster_steps": 3, "batch_size": 4, "seq_len": 64}}))
+    outputs = one_and_two_processes("fit", "--model", str(tiny_folder), "--clusters", "2", "--config", str(config),
+                                    str(tmp_path / "fit"))
     assert outputs[0].count("wrote") == 1  # only rank 0 prints (and writes)
     one, two = Bundle.load(tmp_path / "fit/one"), Bundle.load(tmp_path / "fit/two")
     assert torch.equal(one.masks, two.masks)

@@ -1,4 +1,5 @@
-"""Cluster masks by search (stage1/search.py and IGPruner(finder="sleb")) on a tiny model."""
+"""Cluster masks by search (finders/search.py), the choice among them (choosing.py) and IGPruner's search recipe on
+a tiny model."""
 
 import math
 
@@ -6,22 +7,43 @@ import pytest
 import torch
 from tiny_models import TOPICS, tiny_model, tiny_tokenizer
 
-from igprune.baselines import find_mask, make_calibration
 from igprune.bundle import Bundle
+from igprune.choosing import ChooseConfig, bonferroni_margin, choose_masks, describe_choice
+from igprune.clustering import ClusterConfig
+from igprune.config import FitConfig
 from igprune.files import IGPruneError, sha256_tensors
-from igprune.stage1.pruner import SEARCH_DEFAULTS, IGPruner
-from igprune.stage1.search import (
-    bonferroni_margin,
-    candidate_blocks,
-    choose_masks,
-    describe_choice,
-    find_order_mask,
-    search_cluster_masks,
-)
+from igprune.finders import find_mask, make_calibration
+from igprune.finders.search import SearchConfig, candidate_blocks, find_order_mask, search_cluster_masks
+from igprune.pruner import IGPruner
 
-# choosing and packing "texts" (the default) have their own tests
-MARGIN = SEARCH_DEFAULTS["choose_margin"]  # what every search's choice uses unless told
-OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "choose_samples": 0, "packing": "joined"}
+MARGIN = ChooseConfig().margin  # what every choice uses unless told
+OPTIONS = {"samples": 2, "seq_len": 16, "shared_samples": 3, "packing": "joined"}  # packing "texts" has its own test
+
+
+def search(model, tok, groups, with_global=False, checkpoint=None, **options):
+    """search_cluster_masks at half the blocks with OPTIONS changed by `options`."""
+    return search_cluster_masks(model, tok, groups, 0.5, config=SearchConfig(**{**OPTIONS, **options}),
+                                with_global=with_global, checkpoint=checkpoint, progress=False)
+
+
+def topic_embeddings(self, texts):
+    """One coordinate per topic of tiny_models.TOPICS: K-means finds the topics (and no encoder is loaded)."""
+    return torch.tensor([[float(any(t in x for t in topic)) for topic in TOPICS.values()] for x in texts])
+
+
+def search_fit(model, tok, groups, monkeypatch, choose=2, checkpoint_dir=None, **options):
+    """IGPruner's search recipe on the groups' texts, clustered by topic, at half the blocks."""
+    monkeypatch.setattr(IGPruner, "_embed", topic_embeddings)
+    config = FitConfig(finder="search", sparsity=0.5, clusters=ClusterConfig(n_clusters=3, min_cluster_size=1),
+                       search=SearchConfig(**{**OPTIONS, **options}), choose=ChooseConfig(samples=choose))
+    return IGPruner(model, tok, config, checkpoint_dir=checkpoint_dir, progress=False).fit(
+        [t for g in groups for t in g])
+
+
+def fit_groups(pruner, groups):
+    """The pruner's clusters as lists of texts, in its cluster order."""
+    texts, labels = [t for g in groups for t in g], pruner.clustering_.labels.tolist()
+    return [[t for t, label in zip(texts, labels, strict=True) if label == k] for k in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +54,9 @@ def setup():
 
 def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=0.5, progress=False, **OPTIONS)
+    found = search(model, tok, groups, shared_fraction=0.5)
+    masks, log = found.masks, found.log
+    assert found.global_mask is None and found.candidates.shape == (0, 8)
     assert masks.shape == (3, 8) and ((~masks).sum(1) == 4).all()
     assert log["shared_units"] == 2 and len(log["shared_order"]) == 2
     # the shared search scored equal shares of the clusters' own sequences
@@ -50,7 +74,7 @@ def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
 
 def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, progress=False, **{**OPTIONS, "samples": 1})
+    masks = search(model, tok, groups, samples=1).masks
     candidates = torch.cat([masks, find_order_mask(model, ["attn0", "ffn0", "attn1", "ffn1"], "block")[None]])
     exclude = [make_calibration(tok, texts, 1, 16, 0).texts for texts in groups]
     free, free_log = choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, default=3)
@@ -65,8 +89,8 @@ def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup
     assert mid_log["chosen"] == [c if zi > cut else 3 for zi, c in zip(z, free_log["chosen"], strict=True)]
     with pytest.raises(IGPruneError, match="needs the default candidate"):
         choose_masks(model, tok, groups, candidates, 4, 16, exclude=exclude, margin=1.0)
-    with pytest.raises(IGPruneError, match="choose_margin must be a number"):
-        IGPruner(model, tok, finder="sleb", search={"choose_margin": -1})
+    with pytest.raises(IGPruneError, match="choose margin must be a number"):
+        IGPruner(model, tok, config={"choose": {"margin": -1}})
     # "auto": each cluster's bar is the Bonferroni t for its 4 rows and the 3 distinct masks beside the default
     duplicated = torch.cat([candidates, candidates[:1]])  # a repeated mask is no further chance to win
     _, auto_log = choose_masks(model, tok, groups, duplicated, 4, 16, exclude=exclude, default=3, margin="auto")
@@ -75,7 +99,7 @@ def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup
     assert auto_log["chosen"] == [c if zi > auto_log["margins"][0] else 3
                                   for zi, c in zip(z, free_log["chosen"], strict=True)]
     with pytest.raises(IGPruneError, match="or 'auto'"):
-        IGPruner(model, tok, finder="sleb", search={"choose_margin": "loose"})
+        IGPruner(model, tok, config={"choose": {"margin": "loose"}})
 
 
 def test_describe_choice_names_each_clusters_mask_and_how_sure_it_was():
@@ -99,7 +123,7 @@ def test_the_bonferroni_margin_rises_with_candidates_and_falls_with_rows():
 
 
 def test_row_nll_adds_up_to_the_perplexity(setup):
-    from igprune.baselines import Scorer
+    from igprune.finders import Scorer
 
     model, tok, groups = setup
     scorer = Scorer(model, make_calibration(tok, groups[0], 3, 16, 0), batch_size=2)
@@ -109,25 +133,26 @@ def test_row_nll_adds_up_to_the_perplexity(setup):
     assert math.exp(sum(x for x, _ in pairs) / 45) == pytest.approx(scorer.perplexity(mask), rel=1e-5)
 
 
-def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, tmp_path):
+def test_each_cluster_keeps_the_mask_that_wins_on_text_no_search_scored(setup, tmp_path, monkeypatch):
     model, tok, groups = setup
-    options = {**OPTIONS, "choose_samples": 2}
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, checkpoint=tmp_path, progress=False, **options)
-    assert (tmp_path / "global" / "search.json").is_file()  # the global mask continued the shared search
+    pruner = search_fit(model, tok, groups, monkeypatch, checkpoint_dir=tmp_path)
+    masks, log, groups = pruner.masks_, pruner.find_log_, fit_groups(pruner, groups)
+    assert (tmp_path / "searches" / "global" / "search.json").is_file()  # the global mask continued the shared search
     assert log["global_order"][:2] == log["shared_order"] and len(log["global_order"]) == 4
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
     candidates = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None]])
     exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
     expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, default=3, margin=MARGIN)
     assert torch.equal(masks, expected) and log["choose"]["chosen"] == table["chosen"]
+    assert torch.equal(pruner.fallback_, candidates[3])  # the global mask, every cluster's default
     assert len(log["choose"]["perplexity"][0]) == 4  # three cluster masks and the global one
 
 
-def test_extra_candidates_join_the_choice(setup):
+def test_extra_candidates_join_the_choice(setup, monkeypatch):
     model, tok, groups = setup
-    options = {**OPTIONS, "choose_samples": 2}
     extra = [["attn0", "ffn0", "attn1", "ffn1"], ["attn3", "ffn3", "ffn2", "attn2"]]  # the first or last layers
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, candidates=extra, progress=False, **options)
+    pruner = search_fit(model, tok, groups, monkeypatch, candidates=extra)
+    masks, log, groups = pruner.masks_, pruner.find_log_, fit_groups(pruner, groups)
     searched = torch.stack([find_order_mask(model, c["order"], "block") for c in log["clusters"]])
     pool = torch.cat([searched, find_order_mask(model, log["global_order"], "block")[None],
                       torch.stack([find_order_mask(model, blocks, "block") for blocks in extra])])
@@ -137,27 +162,28 @@ def test_extra_candidates_join_the_choice(setup):
     assert len(log["choose"]["perplexity"][0]) == 6 and log["candidates"] == extra
     assert candidate_blocks(pool[4]) == ["attn0", "ffn0", "attn1", "ffn1"]  # a mask back to its skipped blocks
     with pytest.raises(IGPruneError, match="must skip 4 blocks"):
-        search_cluster_masks(model, tok, groups, 0.5, candidates=[["attn0"]], progress=False, **options)
+        search(model, tok, groups, candidates=[["attn0"]])
     with pytest.raises(IGPruneError, match="only used when each cluster chooses"):
-        search_cluster_masks(model, tok, groups, 0.5, candidates=extra, progress=False, **OPTIONS)
+        search_fit(model, tok, groups, monkeypatch, choose=0, candidates=extra)
 
 
 def test_metric_kl_reaches_every_search(setup):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, metric="kl", progress=False, **OPTIONS)
+    found = search(model, tok, groups, metric="kl")
+    masks, log = found.masks, found.log
     assert log["metric"] == "kl"
     for i, texts in enumerate(groups):
         alone = find_mask("sleb", model, tok, texts, 0.5, "block", progress=False, samples=2, seq_len=16,
                           start=log["shared_order"], metric="kl")
         assert torch.equal(masks[i], alone.masks[0])
     with pytest.raises(IGPruneError, match="metric must be 'ppl' or 'kl'"):
-        IGPruner(model, tok, finder="sleb", search={"metric": "nll"})
+        IGPruner(model, tok, config={"search": {"metric": "nll"}})
 
 
-def test_packing_texts_reaches_every_search_and_the_choice(setup):
+def test_packing_texts_reaches_every_search_and_the_choice(setup, monkeypatch):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, progress=False,
-                                      **{**OPTIONS, "choose_samples": 2, "packing": "texts"})
+    pruner = search_fit(model, tok, groups, monkeypatch, packing="texts")
+    masks, log, groups = pruner.masks_, pruner.find_log_, fit_groups(pruner, groups)
     for i, texts in enumerate(groups):
         rows = make_calibration(tok, texts, 2, 16, 0, packing="texts")
         assert log["clusters"][i]["calibration"]["sha256"] == rows.info["sha256"]
@@ -168,66 +194,57 @@ def test_packing_texts_reaches_every_search_and_the_choice(setup):
     expected, table = choose_masks(model, tok, groups, candidates, 2, 16, exclude=exclude, packing="texts",
                                    default=3, margin=MARGIN)
     assert torch.equal(masks, expected) and log["choose"] == table and table["packing"] == "texts"
-    assert IGPruner(model, tok, finder="sleb").search_options["packing"] == "texts"  # the default
+    assert SearchConfig().packing == "texts"  # the default
     with pytest.raises(IGPruneError, match="packing must be"):
-        IGPruner(model, tok, finder="sleb", search={"packing": "windows"})
+        IGPruner(model, tok, config={"search": {"packing": "windows"}})
 
 
 def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setup, tmp_path):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, progress=False,
-                                      **{**OPTIONS, "choose_samples": 2})
-    glob = find_order_mask(model, log["global_order"], "block")
-    assert all(torch.equal(m, glob) for m in masks)
+    found = search(model, tok, groups, with_global=True, shared_fraction=1.0)
+    assert torch.equal(found.global_mask, find_order_mask(model, found.log["global_order"], "block"))
+    assert all(torch.equal(m, found.global_mask) for m in found.masks)
     order = ["attn3", "ffn3", "attn2", "ffn2"]
-    _, log = search_cluster_masks(model, tok, groups, 0.5, prefix=order[:1], global_order=order,
-                                  checkpoint=tmp_path, progress=False, **{**OPTIONS, "choose_samples": 2})
+    log = search(model, tok, groups, with_global=True, checkpoint=tmp_path, prefix=order[:1], global_order=order).log
     assert log["global_order"] == order and not (tmp_path / "global").exists()  # given, not searched
     given = tmp_path / "given"  # the whole mask shared and given: every cluster starts there, nothing is searched
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.0, global_order=order,
-                                      checkpoint=given, progress=False, **{**OPTIONS, "choose_samples": 2})
-    assert all(c["order"] == order for c in log["clusters"]) and log["shared_calibration"] is None
-    assert all(torch.equal(m, find_order_mask(model, order, "block")) for m in masks) and not given.exists()
+    found = search(model, tok, groups, with_global=True, checkpoint=given, shared_fraction=1.0, global_order=order)
+    assert all(c["order"] == order for c in found.log["clusters"]) and found.log["shared_calibration"] is None
+    assert all(torch.equal(m, find_order_mask(model, order, "block")) for m in found.masks) and not given.exists()
     with pytest.raises(IGPruneError, match="global mask skips 2 units but 4"):
-        search_cluster_masks(model, tok, groups, 0.5, global_order=order[:2], progress=False, **OPTIONS)
+        search(model, tok, groups, global_order=order[:2])
 
 
 def test_searches_resume_from_their_checkpoint(setup, tmp_path):
     model, tok, groups = setup
-    first, _ = search_cluster_masks(model, tok, groups, 0.5, checkpoint=tmp_path, progress=False, **OPTIONS)
+    first = search(model, tok, groups, checkpoint=tmp_path).masks
     assert (tmp_path / "shared" / "search.json").is_file() and (tmp_path / "cluster2" / "search.json").is_file()
-    again, _ = search_cluster_masks(model, tok, groups, 0.5, checkpoint=tmp_path, progress=False, **OPTIONS)
-    assert torch.equal(first, again)
+    assert torch.equal(first, search(model, tok, groups, checkpoint=tmp_path).masks)
 
 
-def test_igpruner_with_the_sleb_finder_writes_a_routable_bundle(setup, monkeypatch, tmp_path):
+def test_igpruner_with_the_search_finder_writes_a_routable_bundle(setup, monkeypatch, tmp_path):
     model, tok, groups = setup
-    texts = [t for g in groups for t in g]
-    monkeypatch.setattr(IGPruner, "_embed", lambda self, xs: torch.tensor(
-        [[float(any(t in x for t in topic)) for topic in TOPICS.values()] for x in xs]))  # no encoder download
-    pruner = IGPruner(model, tok, n_clusters=3, sparsity=0.5, min_cluster_size=1, finder="sleb",
-                      search={"samples": 2, "seq_len": 16, "shared_samples": 3}, progress=False).fit(texts)
-    bundle = pruner.to_bundle()
-    assert bundle.config["finder"] == "sleb" and bundle.log_alpha is None and bundle.n_clusters == 3
+    bundle = search_fit(model, tok, groups, monkeypatch, choose=0).to_bundle()
+    assert bundle.config["finder"] == "search" and bundle.log_alpha is None and bundle.n_clusters == 3
     assert ((~bundle.masks).sum(1) == 4).all() and bundle.config["blocks_skipped"] == 4
     assert len(bundle.logs["search"]["clusters"]) == 3
-    assert bundle.config["search"]["shared_fraction"] == 0.5
+    assert bundle.config["fit"]["search"]["shared_fraction"] == 0.5
     loaded = Bundle.load(bundle.save(tmp_path / "bundle"))  # passes every load check
-    assert torch.equal(loaded.masks, bundle.masks) and loaded.config["finder"] == "sleb"
+    assert torch.equal(loaded.masks, bundle.masks) and loaded.config["finder"] == "search"
 
 
 def test_bad_finder_settings_are_one_line_errors(setup):
     model, tok, groups = setup
-    with pytest.raises(IGPruneError, match="finder must be one of"):
-        IGPruner(model, tok, finder="magic")
-    with pytest.raises(IGPruneError, match="unknown search option"):
-        IGPruner(model, tok, finder="sleb", search={"steps": 3})
+    with pytest.raises(IGPruneError, match="finder must be 'l0' or 'search'"):
+        IGPruner(model, tok, config={"finder": "magic"})
+    with pytest.raises(IGPruneError, match="config.search has no option steps"):
+        IGPruner(model, tok, config={"search": {"steps": 3}})
     with pytest.raises(IGPruneError, match="shared_fraction"):
-        search_cluster_masks(model, tok, groups, 0.5, shared_fraction=1.5, progress=False)
-    with pytest.raises(IGPruneError, match="choose_samples must be a whole number"):
-        IGPruner(model, tok, finder="sleb", search={"choose_samples": -1})
+        search(model, tok, groups, shared_fraction=1.5)
+    with pytest.raises(IGPruneError, match="choose.samples must be a whole number"):
+        IGPruner(model, tok, config={"choose": {"samples": -1}})
     with pytest.raises(IGPruneError, match="at least one calibration text"):
-        search_cluster_masks(model, tok, [groups[0], []], 0.5, progress=False)
+        search(model, tok, [groups[0], []])
 
 
 @pytest.mark.parametrize("given", [{"global_order": ["attn0", "ffn1"]}, {"candidates": [["attn0", "ffn1"]]}])
@@ -237,9 +254,9 @@ def test_a_given_mask_at_another_sparsity_fails_before_anything_is_embedded(setu
     def never(self, texts):
         raise AssertionError("embedded before the given masks were checked")
 
-    pruner = IGPruner(model, tok, n_clusters=3, sparsity=0.5, min_cluster_size=1, finder="sleb",
-                      checkpoint_dir=tmp_path / "fit.checkpoint", progress=False,
-                      search={"choose_samples": 2, **given})
+    config = FitConfig(finder="search", sparsity=0.5, clusters=ClusterConfig(n_clusters=3, min_cluster_size=1),
+                       search=SearchConfig(**given), choose=ChooseConfig(samples=2))
+    pruner = IGPruner(model, tok, config, checkpoint_dir=tmp_path / "fit.checkpoint", progress=False)
     pruner._embed = never.__get__(pruner)
     with pytest.raises(IGPruneError, match="skips? 2 .*4|must skip 4 blocks"):
         pruner.fit([t for g in groups for t in g])
@@ -248,20 +265,19 @@ def test_a_given_mask_at_another_sparsity_fails_before_anything_is_embedded(setu
 
 def test_a_given_prefix_replaces_the_shared_search(setup, tmp_path):
     model, tok, groups = setup
-    masks, log = search_cluster_masks(model, tok, groups, 0.5, prefix=["attn3"], checkpoint=tmp_path,
-                                      progress=False, **OPTIONS)
+    found = search(model, tok, groups, checkpoint=tmp_path, prefix=["attn3"])
+    masks, log = found.masks, found.log
     assert log["shared_order"] == ["attn3"] and not (tmp_path / "shared").exists()
     assert log["shared_calibration"] is None  # no shared search ran
     assert all(c["order"][0] == "attn3" and len(c["order"]) == 4 for c in log["clusters"])
     assert not masks[:, 6].any()  # attn3 is block 6
     with pytest.raises(IGPruneError, match="prefix names 5 units"):
-        search_cluster_masks(model, tok, groups, 0.5, prefix=["attn0", "attn1", "attn2", "attn3", "ffn0"],
-                             progress=False, **OPTIONS)
+        search(model, tok, groups, prefix=["attn0", "attn1", "attn2", "attn3", "ffn0"])
 
 
 def test_choose_masks_judges_every_candidate_on_text_the_searches_did_not_score(setup):
     model, tok, groups = setup
-    masks, _ = search_cluster_masks(model, tok, groups, 0.5, progress=False, **OPTIONS)
+    masks = search(model, tok, groups).masks
     exclude = [make_calibration(tok, texts, 2, 16, 0).texts for texts in groups]
     chosen, log = choose_masks(model, tok, groups, masks, samples=2, seq_len=16, exclude=exclude)
     assert chosen.shape == masks.shape and len(log["chosen"]) == 3

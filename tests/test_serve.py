@@ -18,10 +18,10 @@ from tiny_models import TOPICS, bundle_config, tiny_model, tiny_tokenizer
 openai = pytest.importorskip("openai")
 
 from igprune.bundle import Bundle, fingerprint  # noqa: E402
+from igprune.dynamic import DynamicPrunedModel, encode_prompts  # noqa: E402
 from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder  # noqa: E402
 from igprune.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
 from igprune.serve.engine import Job, Sampling, Scheduler  # noqa: E402
-from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
+from igprune.blocks import final_hidden, masked
 from igprune.files import IGPruneError
-from igprune.stage1.gates import HardConcreteGates
-from igprune.stage1.train import MaskTrainer, TrainConfig
+from igprune.finders.gates import HardConcreteGates
+from igprune.finders.l0 import MaskTrainer, TrainConfig
 
 
 def test_hard_concrete_samples_lie_in_unit_interval_with_expected_share_of_exact_zeros():
@@ -133,11 +134,25 @@ def test_saved_shared_phase_starts_a_fit_with_any_number_of_clusters(tmp_path):
             samples(seed=1)[0], mask, labels)
 
 
-def test_kl_loss_trains_too():
-    ids, mask, labels = samples()
-    trainer = MaskTrainer(tiny_model(), 3, small_config(loss="kl", cluster_steps=5), progress=False)
-    trainer.fit(ids, mask, labels)
-    assert all(v >= 0 for v in trainer.log.loss)  # KL is non-negative
+def test_kl_loss_is_the_masked_models_divergence_from_the_dense_one():
+    model = tiny_model()
+    ids, mask, _ = samples(n=4)
+    trainer = MaskTrainer(model, 1, small_config(loss="kl"), progress=False)
+    positions = torch.arange(ids.shape[1] - 1).expand(len(ids), -1)
+    skip = torch.ones(8, dtype=torch.bool)
+    skip[[1, 4]] = False
+    with torch.no_grad():
+        dense_logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        with masked(model, skip):
+            masked_logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+            hidden = final_hidden(model, ids, mask)
+        expected = (dense_logp.exp() * (dense_logp - masked_logp)).sum(-1).mean(1)  # mean over positions per sample
+        got = trainer._loss(hidden, ids, mask, mask.bool(), positions)
+        assert torch.allclose(got, expected, atol=1e-5) and expected.min() > 0.01  # a real divergence, computed right
+        assert trainer._loss(final_hidden(model, ids, mask), ids, mask, mask.bool(), positions).abs().max() < 1e-5
+    trainer = MaskTrainer(model, 3, small_config(loss="kl", cluster_steps=5), progress=False)
+    trainer.fit(*samples())
+    assert trainer.log.loss and all(v >= 0 for v in trainer.log.loss)  # the trainer runs on it
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 0.99])

@@ -9,14 +9,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from igprune.blocks import patch
 from igprune.bundle import Bundle
+from igprune.clustering import cluster
+from igprune.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.results import Configuration
 from igprune.files import IGPruneError
-from igprune.stage1.clustering import cluster
-from igprune.stage1.pruner import IGPruner
-from igprune.stage1.train import TrainConfig
-from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
-from igprune.stage2.router import Router, gate_radii
+from igprune.pruner import IGPruner
+from igprune.routing import Router, gate_radii
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 
@@ -30,9 +29,9 @@ def encoder():
 def fitted(tmp_path_factory):
     """A tiny 3-cluster IG-Pruning bundle, fitted once for the module."""
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    config = TrainConfig(shared_steps=4, cluster_steps=6, batch_size=3, seq_len=24, loss_positions=8)
-    pruner = IGPruner(model, tokenizer, n_clusters=3, sparsity=0.25, train=config, min_cluster_size=1,
-                      progress=False).fit(TEXTS)
+    config = {"clusters": {"min_cluster_size": 1},
+              "l0": {"shared_steps": 4, "cluster_steps": 6, "batch_size": 3, "seq_len": 24, "loss_positions": 8}}
+    pruner = IGPruner(model, tokenizer, "paper", config=config, n_clusters=3, sparsity=0.25, progress=False).fit(TEXTS)
     path = pruner.save(tmp_path_factory.mktemp("bundle") / "b")
     return model, tokenizer, pruner, path
 
@@ -254,10 +253,11 @@ def test_fit_rejects_bad_input():
 
 def test_resumed_fit_reuses_embeddings_and_finished_masks(tmp_path, monkeypatch):
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    config = TrainConfig(shared_steps=2, cluster_steps=2, batch_size=3, seq_len=24, loss_positions=8)
+    config = {"clusters": {"min_cluster_size": 1},
+              "l0": {"shared_steps": 2, "cluster_steps": 2, "batch_size": 3, "seq_len": 24, "loss_positions": 8}}
 
     def fit():
-        return IGPruner(model, tokenizer, n_clusters=3, train=config, min_cluster_size=1, checkpoint_dir=tmp_path,
+        return IGPruner(model, tokenizer, "paper", config=config, n_clusters=3, checkpoint_dir=tmp_path,
                         progress=False).fit(TEXTS)
 
     first = fit()
@@ -266,6 +266,6 @@ def test_resumed_fit_reuses_embeddings_and_finished_masks(tmp_path, monkeypatch)
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder should not run again")
 
-    monkeypatch.setattr("igprune.stage1.pruner.SentenceEncoder", no_encoder)
+    monkeypatch.setattr("igprune.pruner.SentenceEncoder", no_encoder)
     again = fit()
     assert torch.equal(again.masks_, first.masks_)

@@ -1,7 +1,7 @@
 """igprune: input-guided dynamic block pruning (IG-Pruning) for decoder-only LLMs.
 
     import igprune
-    pruner = igprune.IGPruner(model, tokenizer, n_clusters=16, sparsity=0.25).fit(texts)
+    pruner = igprune.IGPruner(model, tokenizer, "paper", sparsity=0.25).fit(texts)   # a recipe (igprune recipes)
     with igprune.masked(model, pruner.masks_[0]):     # the user's own model under one mask
         model.generate(**batch)
 
@@ -17,27 +17,30 @@ from typing import TYPE_CHECKING
 from igprune.files import IGPruneError
 
 if TYPE_CHECKING:
-    from igprune.baselines import find_mask
     from igprune.blocks import masked, masked_rows
     from igprune.bundle import Bundle
+    from igprune.config import FitConfig
+    from igprune.dynamic import DynamicPrunedModel
     from igprune.export import export_model, prune_model
+    from igprune.finders import find_mask
     from igprune.models import ZOO, load_model, load_tokenizer
-    from igprune.stage1.pruner import IGPruner
-    from igprune.stage1.train import TrainConfig
-    from igprune.stage2.dynamic import DynamicPrunedModel
-    from igprune.stage2.router import Router
+    from igprune.pruner import IGPruner
+    from igprune.recipes import RECIPES, recipe
+    from igprune.routing import Router
     from igprune.texts import Request
 
 # public name -> the module that defines it
 _PUBLIC = {
     "masked": "igprune.blocks",
     "masked_rows": "igprune.blocks",
-    "IGPruner": "igprune.stage1.pruner",
-    "TrainConfig": "igprune.stage1.train",
-    "DynamicPrunedModel": "igprune.stage2.dynamic",
-    "Router": "igprune.stage2.router",
+    "IGPruner": "igprune.pruner",
+    "FitConfig": "igprune.config",
+    "recipe": "igprune.recipes",
+    "RECIPES": "igprune.recipes",
+    "DynamicPrunedModel": "igprune.dynamic",
+    "Router": "igprune.routing",
     "Bundle": "igprune.bundle",
-    "find_mask": "igprune.baselines",
+    "find_mask": "igprune.finders",
     "prune_model": "igprune.export",
     "export_model": "igprune.export",
     "ZOO": "igprune.models",
@@ -46,8 +49,9 @@ _PUBLIC = {
     "Request": "igprune.texts",
 }
 
-__all__ = ["IGPruneError", "masked", "masked_rows", "IGPruner", "TrainConfig", "DynamicPrunedModel", "Router", "Bundle",
-           "find_mask", "prune_model", "export_model", "ZOO", "load_model", "load_tokenizer", "Request"]
+__all__ = ["IGPruneError", "masked", "masked_rows", "IGPruner", "FitConfig", "recipe", "RECIPES",
+           "DynamicPrunedModel", "Router", "Bundle", "find_mask", "prune_model", "export_model", "ZOO", "load_model",
+           "load_tokenizer", "Request"]
 __version__ = "0.1.0"
 
 

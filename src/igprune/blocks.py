@@ -9,7 +9,7 @@ same computation as its own forward, except that each block's contribution to th
 
 The user never sees this. The layer objects stay where they are, with their own class, parameters and
 state-dict keys: for the duration of a scope each one gets an instance-level `forward` (`gated_forward`
-bound to it), which is deleted when the scope ends (benchmarks/scope_overhead.py: a scope costs under 0.1%
+bound to it), which is deleted when the scope ends (research/scope-overhead/scope_overhead.py: a scope costs under 0.1%
 of a one-token decode step of smollm2-135m). The shared BlockControl lives outside the module tree (a weak
 registry keyed by the model's layer list), so `state_dict()`, `parameters()`, `save_pretrained()` and
 `from_pretrained()` are exactly those of the untouched model.
@@ -453,3 +453,74 @@ def unpatch(model: PreTrainedModel) -> None:
     control._pinned = False
     if control._depth == 0:
         control._uninstall()
+
+
+# ---- reading the model: final hidden states, logits, a layer's input ---------------------------------------------
+
+
+def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's final hidden states (batch, T, d), after its last norm and before the output layer: what
+    scoring needs without vocabulary-sized logits for every position at once."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output logits for final hidden states, in float32, soft-capped as its forward does (Gemma 2):
+    every path that scores tokens forms logits here."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@contextlib.contextmanager
+def layer_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """Record the hidden state each decoder layer receives, in layer order, for every forward inside the block."""
+    inputs: list[torch.Tensor] = []
+
+    def record(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        yield inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def replaced_input(model: PreTrainedModel, layer: int, hidden: torch.Tensor | None) -> Iterator[None]:
+    """Feed `hidden` to decoder layer `layer` in place of whatever the layers before it produced (None: no change),
+    so a forward whose earlier layers would recompute a recorded state can skip them (mask them off)."""
+    if hidden is None:
+        yield
+        return
+
+    def swap(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def block_parameters(model: PreTrainedModel) -> list[list[nn.Parameter]]:
+    """Each block's weights (B lists): an attention with the norms around it, an FFN with its norms, so a
+    per-block importance (ShortenedLlama's Taylor+) sums over what skipping the block removes."""
+    params = []
+    for layer in decoder_layers(model):
+        layout = detect_layout(layer)
+        for branch, norms in ((layer.self_attn, (layout.attn_norm, layout.attn_post_norm)),
+                              (layer.mlp, (layout.ffn_norm, layout.ffn_post_norm))):
+            modules = [branch, *(getattr(layer, n) for n in norms if n)]
+            params.append([p for module in modules for p in module.parameters()])
+    return params

@@ -113,14 +113,6 @@ def _at_least(**options: tuple[int | None, int]) -> None:
             raise IGPruneError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
 
 
-def _margin(text: str) -> float | str:
-    """--choose-margin: "auto" or a number (check_search judges it)."""
-    try:
-        return text if text == "auto" else float(text)
-    except ValueError:
-        raise IGPruneError(f"--choose-margin must be a number of standard errors >= 0 or auto, not {text!r}") from None
-
-
 def _no_empty(texts: list[str], what: str) -> None:
     if any(not t.strip() for t in texts):
         raise IGPruneError(f"empty text: give some text to {what}")
@@ -162,121 +154,54 @@ def _user_texts(path: Path, model: str | None, bundle: Path | None) -> list[Text
 def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")],
     model: ModelOpt = "smollm2-135m",
-    clusters: Annotated[int, typer.Option("--clusters", "-n", help="number of clusters N")] = 16,
-    sparsity: SparsityOpt = 0.25,
     blocks: BlocksOpt = None,
-    data: Annotated[str, typer.Option(help="calibration source (see igprune.data.CALIBRATION_SOURCES)")] = "mixed",
-    samples: Annotated[int | None, typer.Option(help="calibration passages (balanced per source); training "
-                                                "reads about batch-size x steps of them")] = 4096,
-    max_chars: Annotated[int | None, typer.Option(help="passage length in characters (default: 4 x seq-len)")] = None,
-    granularity: GranularityOpt = "block",
-    shared_steps: Annotated[int, typer.Option(help="steps of the shared warm-start mask")] = 200,
-    cluster_steps: Annotated[int, typer.Option(help="steps of the per-cluster phase")] = 64,
-    batch_size: Annotated[int, typer.Option(help="samples per forward (and per shared step)")] = 16,
-    cluster_batch: Annotated[int | None, typer.Option(help="samples of every cluster per cluster step "
-                                                      "(default: batch-size // clusters)")] = None,
-    cluster_lr: Annotated[float | None, typer.Option(help="gate learning rate of the cluster phase "
-                                                     "(default: 0.1, as the shared phase)")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 64,
-    loss: Annotated[str, typer.Option(help="lm (paper eq. 8) or kl (to the dense model)")] = "lm",
-    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute layers in the backward pass: "
-                                                         "less memory for long --seq-len, ~1 forward more")] = False,
-    shared_dir: Annotated[Path | None, typer.Option(help="keep the end of the shared phase here; a fit with "
-                                                    "another --clusters and otherwise the same settings "
-                                                    "starts from it instead of repeating that phase")] = None,
-    finder: Annotated[str, typer.Option(help="how each cluster's mask is found: l0 (the paper's hard-concrete "
-                                        "training) or sleb (SLEB on the cluster's own text from a shared prefix)")
-                      ] = "l0",
-    search_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of --seq-len tokens each "
-                                                "cluster's search scores masks on")] = 8,
-    shared_fraction: Annotated[float, typer.Option(help="--finder sleb: share of the blocks to skip that one "
-                                                   "search on all clusters chooses before each cluster's own")] = 0.5,
-    choose_samples: Annotated[int, typer.Option(help="--finder sleb: sequences of unsearched cluster text on "
-                                                "which each cluster's mask is chosen among all clusters' and "
-                                                "the global one (0: keep each search's own)")] = 8,
-    choose_margin: Annotated[str, typer.Option(help="--finder sleb: a cluster leaves the global mask only "
-                                               "for a mask better on its unsearched text by more than this "
-                                               "many paired standard errors (0: the lowest perplexity wins; "
-                                               "auto, the default: the Bonferroni t for its rows and the "
-                                               "candidates)")
-                             ] = "auto",
-    packing: Annotated[str, typer.Option(help="--finder sleb: calibration rows: texts (every row starts at a "
-                                         "text's first token, as evaluation scores an input) or joined "
-                                         "(EOS-joined texts cut into rows, SLEB's recipe)")] = "texts",
-    search_metric: Annotated[str, typer.Option(help="--finder sleb: what each search minimises: ppl "
-                                               "(perplexity, SLEB's) or kl (divergence from the dense model)")
-                             ] = "ppl",
-    candidates: Annotated[list[Path] | None, typer.Option(
-        "--candidate", help="--finder sleb: a static bundle (e.g. `igprune baseline evopress`) whose mask each "
-        "cluster may choose too; repeat for several")] = None,
-    global_mask: Annotated[Path | None, typer.Option(
-        "--global", help="--finder sleb: a static bundle whose mask is the global one, each cluster's default in the "
-        "choice, instead of a search on every cluster's text; with --shared-fraction 1 nothing is searched: each "
-        "cluster only chooses among it and the --candidate masks")] = None,
+    sparsity: Annotated[float | None, typer.Option(help="share of the 2L blocks to skip, in [0, 1) (default: the "
+                                                   "recipe's, 0.25)")] = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", "-n", help="number of clusters N (default: the "
+                                                 "recipe's)")] = None,
+    data: Annotated[str | None, typer.Option(help="calibration source (igprune.data.CALIBRATION_SOURCES; default: "
+                                             "the recipe's, mixed)")] = None,
     texts: Annotated[Path | None, typer.Option(
-        help="a JSONL file of your own inputs, clustered and fit on beside --data's passages: requests your deployment "
-        "expects that no source holds get clusters and masks of their own. One {\"text\": ...} per line, a request "
-        "{\"prompt\": ..., \"response\": ...} or a chat {\"messages\": [...]} ending with the assistant's reply: "
-        "clustered as routing will see it, scored on the reply")
-                     ] = None,
-    gate: Annotated[float | None, typer.Option(
-        help="--finder sleb: an input farther from its nearest centroid than this quantile (e.g. 0.95) of the "
-        "distances of that cluster's own texts runs under the global mask instead of the cluster's, which was chosen "
-        "on text unlike it; `igprune route` shows it as 'fallback'")] = None,
-    seed: SeedOpt = 0,
+        help="a JSONL file of your own inputs, clustered and fit on beside --data's passages: one {\"text\": ...} per "
+        "line, a request {\"prompt\": ..., \"response\": ...} or a chat {\"messages\": [...]} ending with the "
+        "assistant's reply (clustered as routing will see it, scored on the reply)")] = None,
+    recipe: Annotated[str | None, typer.Option(help="a named recipe (igprune recipes; default: the --config file's, "
+                                               "else the default recipe)")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="a YAML or JSON file of config changes (nested as bundle.json's \"fit\"), or a bundle folder: its "
+        "recorded config, which reproduces it")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for every random choice (recorded in the bundle)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Stage 1: cluster calibration texts and find one mask per cluster; resumable if interrupted."""
-    from igprune.bundle import Bundle
-    from igprune.data import MIN_CHARS
+    """Stage 1: cluster calibration texts and find one mask per cluster, by a recipe; resumable if interrupted."""
+    from igprune.config import read_config
     from igprune.files import tidy
     from igprune.masks import mask_row
     from igprune.models import load_model
-    from igprune.stage1.pruner import FINDERS, check_gate, check_search, fit_bundle
-    from igprune.stage1.search import candidate_blocks
-    from igprune.stage1.train import TrainConfig
+    from igprune.pruner import fit_bundle, fit_config
+    from igprune.recipes import DEFAULT_RECIPE
 
-    _at_least(clusters=(clusters, 1), samples=(samples, 1), max_chars=(max_chars, MIN_CHARS), seq_len=(seq_len, 2),
-              batch_size=(batch_size, 1), cluster_batch=(cluster_batch, 1), shared_steps=(shared_steps, 0),
-              cluster_steps=(cluster_steps, 0), search_samples=(search_samples, 1),
-              choose_samples=(choose_samples, 0))
     _out_path(out)
-    if finder not in FINDERS:
-        raise IGPruneError(f"--finder must be one of {', '.join(FINDERS)}, not {finder!r}")
-    if (candidates or global_mask) and finder != "sleb":
-        option = "--candidate" if candidates else "--global"
-        raise IGPruneError(f"{option} masks are chosen among by the search finder: add --finder sleb")
-    if global_mask and granularity != "block":
-        raise IGPruneError("--global gives a mask by its blocks: use it with --granularity block")
-    given = [("--candidate", path) for path in candidates or []] + ([("--global", global_mask)] if global_mask else [])
-    statics = {path: Bundle.load(path) for _, path in given}
-    for option, path in given:
-        if not statics[path].static:
-            raise IGPruneError(f"{option} {path} has {statics[path].n_clusters} cluster masks; give static bundles")
-    search = {"samples": search_samples, "seq_len": seq_len, "shared_fraction": shared_fraction,
-              "choose_samples": choose_samples, "choose_margin": _margin(choose_margin), "packing": packing,
-              "metric": search_metric,
-              "candidates": [candidate_blocks(statics[path].masks[0]) for path in candidates or []] or None}
-    if global_mask:
-        search["global_order"] = candidate_blocks(statics[global_mask].masks[0])
-    check_gate(gate, finder, check_search(search))  # before the model loads
+    changes = read_config(config) if config else {}
+    named = changes.get("recipe")
+    if recipe and named and named != recipe:
+        raise IGPruneError(f"--config {config} starts from recipe {named!r}, not {recipe!r}: drop --recipe or edit it")
+    base = fit_config(recipe or named or DEFAULT_RECIPE, changes, n_clusters=clusters, sparsity=sparsity, seed=seed)
+    if data is not None:
+        base = base.updated({"data": {"source": data}}).validate()
     extra = _user_texts(texts, model, None) if texts else []
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    for option, path in given:
-        statics[path].check_model(lm, f"{option} {path}")
-    config = TrainConfig(shared_steps=shared_steps, cluster_steps=cluster_steps, batch_size=batch_size,
-                         cluster_batch=cluster_batch, cluster_lr=cluster_lr, seq_len=seq_len, loss=loss,
-                         granularity=granularity, gradient_checkpointing=gradient_checkpointing)
+    if blocks is not None:
+        base = fit_config(base, sparsity=_sparsity(0.0, blocks, lm))
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
     RESUME.append(f"rerun the same command to resume from {checkpoint}")
-    console.print(f"fitting {clusters} clusters on up to {samples or 'all'} {data} passages"
+    console.print(f"fitting recipe {base.recipe}: {base.clusters.n_clusters} clusters on up to "
+                  f"{base.data.samples or 'all'} {base.data.source} passages"
                   f"{f' and {len(extra)} of {texts}' if extra else ''} (checkpoints in {checkpoint})")
-    bundle = fit_bundle(lm, tokenizer, clusters, _sparsity(sparsity, blocks, lm), config, data, samples, max_chars,
-                        seed, checkpoint_dir=checkpoint, shared_dir=shared_dir, finder=finder, search=search,
-                        extra=extra, gate=gate)
+    bundle = fit_bundle(lm, tokenizer, base, extra, checkpoint_dir=checkpoint)
     _on_main(_save_bundle, bundle, out, checkpoint)
     console.print(f"wrote {out}: {bundle.config['blocks_skipped']}/{bundle.config['blocks_total']} blocks off, "
                   f"{bundle.n_clusters} clusters, sizes {bundle.config['cluster_sizes']}, "
@@ -286,22 +211,34 @@ def fit(
 
 
 @app.command()
+def recipes() -> None:
+    """List the named recipes: what each does, what it costs and what it measured."""
+    from igprune.recipes import DEFAULT_RECIPE, RECIPES
+
+    table = Table("recipe", "what it does", "cost", "measured", show_lines=True)
+    for entry in RECIPES.values():
+        name = entry.name + (" (default)" if entry.name == DEFAULT_RECIPE else "")
+        table.add_row(name, entry.summary, entry.cost, entry.measured)
+    console.print(table)
+
+
+@app.command()
 def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> None:
     """Show what a bundle is: method, model, sparsity, clusters and every mask (and, for a search fit, which mask
     each cluster chose and how surely)."""
     from igprune.bundle import Bundle
+    from igprune.choosing import describe_choice
     from igprune.masks import mask_row, skipped_blocks
-    from igprune.stage1.search import describe_choice
 
     loaded = Bundle.load(bundle)
     cfg = loaded.config
-    keys = ["method", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total", "seed",
-            "encoder", "calibration", "gate", "final_loss", "fit_seconds"]
+    keys = ["method", "recipe", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total",
+            "seed", "encoder", "calibration", "gate", "final_loss", "fit_seconds"]
     for key in keys:
         if key in cfg:
             console.print(f"{key:>16}: {cfg[key]}", highlight=False)
     sizes = cfg.get("cluster_sizes", [None] * loaded.n_clusters)
-    choice = loaded.logs.get("choose") or (loaded.logs.get("search") or {}).get("choose")  # --finder sleb
+    choice = loaded.logs.get("choose") or (loaded.logs.get("search") or {}).get("choose")  # the search finder
     chosen = describe_choice(choice, loaded.n_clusters) if choice and loaded.n_clusters > 1 else None
     gated = loaded.radii is not None
     table = Table("cluster", "texts", *(["radius"] if gated else []), "attn off", "ffn off",
@@ -325,7 +262,7 @@ def route(
     """Stage 2 routing: which cluster and mask each text gets."""
     from igprune.bundle import Bundle
     from igprune.masks import mask_row
-    from igprune.stage2.router import Router
+    from igprune.routing import Router
 
     _no_empty(texts, "route")
     _at_least(route_tokens=(route_tokens, 1))
@@ -349,8 +286,8 @@ def generate(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Greedy generation: unpruned with --model, or routed and pruned with --bundle."""
+    from igprune.dynamic import DynamicPrunedModel, encode_prompts
     from igprune.models import DEFAULT_MODEL, load_model
-    from igprune.stage2.dynamic import DynamicPrunedModel, encode_prompts
 
     _at_least(max_new_tokens=(max_new_tokens, 1))
     _no_empty([prompt], "generate from")
@@ -401,7 +338,7 @@ def serve(
     except ImportError as err:
         raise IGPruneError(f"serving needs the serve extra ({err.name} is missing); run: pip install "
                            "'igprune[serve]'") from err
-    from igprune.stage2.dynamic import DynamicPrunedModel
+    from igprune.dynamic import DynamicPrunedModel
 
     if log_requests is not None and (log_requests.is_dir() or not log_requests.parent.is_dir()):
         raise IGPruneError(f"--log-requests {log_requests}: give a file in an existing folder")
@@ -501,9 +438,9 @@ def baseline(
 
     sleb, evopress and static-l0 save their progress beside --out; rerun the same command to continue.
     """
-    from igprune.baselines import find_mask, get_method
     from igprune.data import load_calibration
     from igprune.files import tidy
+    from igprune.finders import find_mask, get_method
     from igprune.masks import mask_row
     from igprune.models import load_model
 

@@ -1,22 +1,14 @@
-"""Logits and token NLL: the one place igprune turns hidden states into scores.
+"""Token NLL: the one place igprune turns logits into scores.
 
 Every path (mask training, baseline scoring, perplexity, DynamicPrunedModel's loss) forms logits with
-`output_logits`, so a model's final logit soft-capping (Gemma 2) applies wherever the model's own forward
-applies it, and scores tokens with `token_nll`.
+blocks.output_logits, so a model's final logit soft-capping (Gemma 2) applies wherever its own forward applies it,
+and scores tokens here.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
-
-
-def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's output logits for final hidden states, in float32, soft-capped as its forward does."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:

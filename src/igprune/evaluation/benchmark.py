@@ -149,9 +149,9 @@ class _Runner:
 
     def __init__(self, config: Configuration, tokenizer: PreTrainedTokenizerBase, batch_size: int,
                  kv_policy: KVPolicy, seed: int):
+        from igprune.dynamic import DynamicPrunedModel
         from igprune.evaluation.harness import IGPruneLM
         from igprune.evaluation.tasks import task_manager
-        from igprune.stage2.dynamic import DynamicPrunedModel
 
         pruned = None
         if config.bundle is not None:

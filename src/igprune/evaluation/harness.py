@@ -33,7 +33,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from igprune import distributed
-from igprune.stage2.dynamic import DynamicPrunedModel
+from igprune.dynamic import DynamicPrunedModel
 
 DocKey = tuple[str | None, Any]  # (task name, doc id), or (task name, text) for requests without a doc id
 

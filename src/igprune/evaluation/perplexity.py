@@ -24,10 +24,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from igprune import distributed
 from igprune.blocks import KVPolicy
 from igprune.bundle import Bundle
+from igprune.dynamic import DynamicPrunedModel
 from igprune.evaluation.results import Configuration, provenance
 from igprune.files import IGPruneError
 from igprune.nll import next_token_nll
-from igprune.stage2.dynamic import DynamicPrunedModel
 from igprune.texts import Request, Text, digest, routed, tokens
 
 CHARS_PER_TOKEN = 8  # generous: most text is 3-5 characters per token, so passages fill seq_len

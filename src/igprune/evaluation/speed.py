@@ -42,7 +42,7 @@ from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder
 from igprune.evaluation.flops import ORDERS, Order, canonical_mask, decode_flops, flops
 from igprune.files import IGPruneError
 from igprune.masks import skipped_blocks
-from igprune.stage2.router import Router
+from igprune.routing import Router
 
 
 @dataclass

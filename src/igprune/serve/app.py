@@ -28,10 +28,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
+from igprune.dynamic import DynamicPrunedModel
 from igprune.files import IGPruneError, append_jsonl
 from igprune.serve.engine import FAILED, Job, Overloaded, Sampling, Scheduler, log
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
-from igprune.stage2.dynamic import DynamicPrunedModel
 from igprune.texts import chat_prompt, chat_route_text
 
 

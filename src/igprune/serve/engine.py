@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from igprune.dynamic import DynamicPrunedModel
 from igprune.files import IGPruneError
 from igprune.masks import mask_row
-from igprune.stage2.dynamic import DynamicPrunedModel
 
 log = logging.getLogger("igprune.serve")
 FAILED = "internal error while generating; the server log has the details under request id {rid}"

@@ -1,0 +1,47 @@
+"""Named recipes: the fits igprune publishes, each a FitConfig with what it costs and what it measured.
+
+`igprune fit --recipe NAME` runs one; `igprune recipes` lists them. A recipe earns its place by a published
+result (benchmarks/RESULTS.md names the command); knobs under investigation live in research/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from igprune.clustering import ClusterConfig
+from igprune.config import DataConfig, FitConfig
+from igprune.files import IGPruneError
+from igprune.finders.l0 import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    cost: str  # wall time of the published fit, and how it grows
+    measured: str  # the published result it gave, where RESULTS.md has it
+    config: FitConfig
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("paper", "the paper's recipe: 16 K-means clusters, one hard-concrete (L0) mask per cluster trained with a "
+           "Lagrangian sparsity constraint, nearest-centroid routing",
+           "about 20 min on 2 CPU threads for smollm2-135m (4,096 passages, 264 steps of 16 x 64 tokens); linear in "
+           "steps x model size, independent of the number of blocks",
+           "six tasks at 15 of 60 blocks (limit 500): 94.06% of dense, +0.45 ± 1.43 points over EvoPress, the best "
+           "static method, paired (RESULTS.md)",
+           FitConfig(recipe="paper", finder="l0")),
+    Recipe("fast", "a demo: the paper's recipe with 4 clusters, 400 passages and 70 short steps",
+           "about 4 min on 2 CPU threads for smollm2-135m",
+           "none: for trying the tool, not for results",
+           FitConfig(recipe="fast", finder="l0", data=DataConfig(samples=400), clusters=ClusterConfig(n_clusters=4),
+                     l0=TrainConfig(shared_steps=30, cluster_steps=40, batch_size=8, seq_len=64))),
+]}
+DEFAULT_RECIPE = "paper"
+
+
+def recipe(name: str) -> FitConfig:
+    """The named recipe's config; an unknown name is a one-line error listing the known ones."""
+    if name not in RECIPES:
+        raise IGPruneError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (igprune recipes)")
+    return RECIPES[name].config
