@@ -456,3 +456,31 @@ def test_a_reply_cut_inside_a_character_drops_it_instead_of_sending_u_fffd(dynam
         assert job.text == "a" and events == [("delta", "a"), ("done", "length")]
     finally:
         loop.close()
+
+
+def test_a_batch_failing_midway_reruns_its_requests_without_repeating_what_was_sent(dynamic, monkeypatch):
+    """The poisoned row fails at its fourth token, after the other rows have sent text: each is rerun alone and
+    its events still add up to its answer alone, each piece once."""
+    scheduler, loop = Scheduler(dynamic, max_batch=4, max_wait=0), asyncio.new_event_loop()
+    jobs = [Job(dynamic.tokenizer(p).input_ids, Sampling(8), k, loop, f"cmpl-{k}") for k, p in enumerate(PROMPTS)]
+    poison = Job(jobs[0].prompt_ids, Sampling(8), 0, loop, "cmpl-poisoned")
+    on_token = scheduler._on_token
+
+    def failing(job, token):
+        if job is poison and len(job.ids) == 3:
+            raise RuntimeError("poisoned")
+        return on_token(job, token)
+
+    monkeypatch.setattr(scheduler, "_on_token", failing)
+    try:
+        scheduler._run([*jobs, poison])
+        loop.run_until_complete(asyncio.sleep(0))
+        for job, prompt in zip(jobs, PROMPTS, strict=True):
+            events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+            assert "".join(e[1] for e in events if e[0] == "delta") == alone(dynamic, prompt, 8)[0]
+            assert [e[0] for e in events].count("done") == 1 and events[-1][0] == "done"
+            assert len([e for e in events if e[0] == "delta"]) > 3  # it had sent text before the failure
+        poisoned = [poison.events.get_nowait() for _ in range(poison.events.qsize())]
+        assert poisoned[-1][:2] == ("error", 500) and "done" not in [e[0] for e in poisoned]
+    finally:
+        loop.close()
