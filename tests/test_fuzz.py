@@ -11,8 +11,6 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 from test_cli_errors import run_cli
 from tiny_models import tiny_tokenizer
 
@@ -20,8 +18,10 @@ from igprune.data import read_texts
 from igprune.files import IGPruneError
 from igprune.texts import ROLES
 
-schemathesis = pytest.importorskip("schemathesis")
+schemathesis = pytest.importorskip("schemathesis")  # with hypothesis: the dev extra on Python >= 3.11
 
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 from test_serve import PROMPTS, TEMPLATE, TIMEOUT, alone, client_of, cluster_masks, routed_model  # noqa: E402
 
