@@ -1,10 +1,12 @@
-"""The figures of the README's reliability section: runs the three reliability tests and prints their counts.
+"""The figures of the reliability section (docs/reliability.md): runs the reliability tests and prints their counts.
 
-    python benchmarks/reliability.py      (about two minutes on one thread; needs `igprune prepare` data)
+    python benchmarks/reliability.py      (about five minutes on one thread; needs `igprune prepare` data)
 
 tests/test_cli_errors.py  the table of bad inputs and damaged bundles through the CLI (cases tried, rejected)
 tests/test_bundle_integrity.py  random byte flips in a bundle (refused, harmless, accepted damaged)
-tests/test_kill_resume.py  fit and the long searches SIGKILLed and rerun (kills survived)
+tests/test_kill_resume.py  fit and the long searches SIGKILLed and rerun (kills survived); Ctrl-C exits 130
+tests/test_serve.py  requests generation cannot take (400s), a poisoned request inside a batch (others unharmed)
+tests/test_fuzz.py  generated HTTP requests, command lines and --texts files (5xx, tracebacks, one-line refusals)
 
 Every figure is counted by the tests themselves; a failing test fails this script.
 """
@@ -17,7 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_cli_errors.py", "tests/test_bundle_integrity.py", "tests/test_kill_resume.py"]
+TESTS = ["tests/test_cli_errors.py", "tests/test_bundle_integrity.py", "tests/test_kill_resume.py",
+         "tests/test_serve.py", "tests/test_fuzz.py"]
 
 
 def main() -> int:

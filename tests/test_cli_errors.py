@@ -262,6 +262,26 @@ CASES = [
          "sleb has no option nope"),
     Case("unknown method", ["baseline", "nomethod", "-o", "out"], 2, "unknown method 'nomethod'"),
     Case("missing option", ["fit"], 2, "Missing option '--out'"),
+    # issue 42: the last tracebacks and silent choices
+    Case("device not on this machine", ["generate", "-m", "MODEL_A", "-p", "hi", "--device", "cuda:99"], 2,
+         "device 'cuda:99'"),
+    Case("unknown device", ["generate", "-m", "MODEL_A", "-p", "hi", "--device", "gpu"], 2, "unknown device 'gpu'"),
+    Case("out under a file", ["fit", "-m", "MODEL_A", "-o", "TEXTS/sub"], 2, "is a file, not a folder", texts="x"),
+    Case("out is a file", ["baseline", "sleb", "-m", "MODEL_A", "-o", "TEXTS"], 2, "is a file; give a folder",
+         texts="x"),
+    Case("export of one cluster of several unasked", ["export", "-b", "BUNDLE", "-o", "x.gguf", "--format", "gguf"],
+         2, "has 3 cluster masks and an export holds one: choose it with --cluster", "ig"),
+    Case("route tokens below one", ["route", "hi", "-b", "BUNDLE", "--route-tokens", "0"], 2,
+         "--route-tokens must be at least 1", "ig"),
+    Case("port out of range", ["serve", "-b", "BUNDLE", "--port", "99999"], 2, "Invalid value for '--port'", "static"),
+    Case("negative request timeout", ["serve", "-b", "BUNDLE", "--timeout", "-1"], 2, "--timeout must be above 0",
+         "static"),
+    Case("no documents to evaluate", ["eval", "-m", "MODEL_A", "-o", "x.json", "--limit", "0"], 2,
+         "--limit must be at least 1"),
+    Case("no passages to score", ["ppl", "-m", "MODEL_A", "-o", "x.json", "--seq-len", "0"], 2,
+         "--seq-len must be at least 2"),
+    Case("texts with a lone surrogate", ["fit", "-m", "MODEL_A", "-o", "out", "--texts", "TEXTS"], 2,
+         "texts.jsonl:2: holds a lone surrogate", texts='{"text": "fine"}\n{"text": "a \\ud800 b"}\n'),
     # warnings a person can read (these run, exit 0, and write nothing)
     Case("format-1 bundle", ["inspect", "BUNDLE"], 0, "igprune: warning: bundle", "ig", "v1"),
     Case("50,000-character prompt", ["generate", "-m", "MODEL_A", "-p", LONG, "--max-new-tokens", "2"], 0,
@@ -288,7 +308,7 @@ def _prepare(case: Case, originals: dict[str, Path], work: Path) -> list[str]:
     names = {"BUNDLE": str(work / "bundle"), "MODEL_A": str(originals["model_a"]),
              "MODEL_B": str(originals["model_b"]), "TEXTS": str(work / "texts.jsonl"),
              "CONFIG": str(work / "config.yaml")}
-    return [names.get(a, a) for a in case.args]
+    return [names.get(a, names["TEXTS"] + a[5:] if a.startswith("TEXTS/") else a) for a in case.args]
 
 
 TALLY = {"tried": 0, "rejected": 0, "warned": 0, "tracebacks": 0, "written": 0}

@@ -133,3 +133,49 @@ def test_a_killed_run_reruns_to_the_uninterrupted_result(name, model_dir, tmp_pa
 def test_zz_print_kills_survived():
     assert len(SURVIVED) == len(RUNS), "run all the kill tests to count them"
     print(f"\nreliability: kill test: {len(SURVIVED)} SIGKILLs survived, identical results: {'; '.join(SURVIVED)}")
+
+
+def interrupt(args: list[str], cwd: Path, ready) -> tuple[int, str]:
+    """Start `igprune ARGS`, wait until `ready(child)` returns, then SIGINT it as Ctrl-C would: its exit code and
+    stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen([sys.executable, "-m", "igprune", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        ready(child)
+        assert child.poll() is None, f"finished before its interrupt: {child.stderr.read()}"
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return child.returncode, stderr
+
+
+def test_ctrl_c_exits_130_with_one_line_and_says_how_to_resume(model_dir, tmp_path, prepared_data):
+    """An interrupted command is never taken for a finished one: exit 130, one line, the resumable `fit` naming
+    its checkpoint (issue 42: both used to exit 0 silently)."""
+    from tiny_models import bundle_config
+
+    def checkpoint_made(child):
+        while child.poll() is None and not (tmp_path / "out.checkpoint").exists():
+            time.sleep(0.01)
+
+    long = {**FIT_CONFIG, "l0": {**FIT_CONFIG["l0"], "shared_steps": 4000}}
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    fit = [a.replace("FIT_CONFIG", str(tmp_path / "long.json")) for a in RUNS["fit"]]
+    fit = [*fit, "-m", str(model_dir), *COMMON, "-o", "out"]
+    code, stderr = interrupt(fit, tmp_path, checkpoint_made)
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"igprune: interrupted; rerun the same command to resume from "
+                                               f"{Path('out.checkpoint')}")
+
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    lm = tiny_model("llama", layers=8)
+    Bundle(mask, torch.zeros(1, 0), bundle_config(mask, lm, model=str(model_dir))).save(tmp_path / "static")
+    generate = ["generate", "-b", str(tmp_path / "static"), "-p", "x", "--max-new-tokens", "250"]
+    code, stderr = interrupt(generate, tmp_path, lambda child: child.stdout.readline())  # its "cluster 0" line
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "igprune: interrupted"
+    print("\nreliability: Ctrl-C: fit and generate interrupted by SIGINT exit 130 with one line (fit's names its "
+          "checkpoint); 0 tracebacks")

@@ -5,6 +5,7 @@ Every greedy answer is checked token for token against DynamicPrunedModel.genera
 
 import asyncio
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -165,6 +166,7 @@ def test_a_request_log_holds_what_was_served_as_fit_and_ppl_read_it(dynamic, tmp
         reply = chat.choices[0].message.content
         assert served == [Request(PROMPTS[0], plain.choices[0].text), Request(PROMPTS[1], streamed),
                           Request(chat_prompt(dynamic.tokenizer, messages), reply, PROMPTS[2], templated=True)]
+        assert log.stat().st_mode & 0o077 == 0  # owner-only: it holds what users sent
         records = [json.loads(line) for line in log.read_text().splitlines()]
         assert [r["igprune"]["cluster"] for r in records] == [0, 1, 2]  # the cluster that served each
         assert records[2]["messages"] == [*messages, {"role": "assistant", "content": reply}]
@@ -348,4 +350,137 @@ def test_cli_serve_loads_the_bundle_and_listens_on_localhost(tmp_path, monkeypat
     nowhere = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--log-requests",
                                        str(tmp_path / "no" / "log.jsonl")])
     assert nowhere.exit_code != 0 and "give a file in an existing folder" in str(nowhere.exception)
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # refused before the model loads, not by uvicorn after
+        busy = CliRunner().invoke(cli, ["serve", "--bundle", str(tmp_path / "b1"), "--port",
+                                        str(taken.getsockname()[1])])
+    assert busy.exit_code != 0 and "cannot listen on 127.0.0.1" in str(busy.exception)
     assert torch.equal(served.masks, mask)
+
+
+def test_values_generation_cannot_take_are_refused_naming_the_field(server):
+    """Strict types and the ranges generation can take: each a 400 naming the field, never a 500 (issue 42)."""
+    ok = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    cases = [
+        ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": "7"}, "seed"),
+        ({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"), ({"temperature": "1"}, "temperature"),
+        ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"prompt": "a \ud800 b"}, "prompt"), ({"prompt": ["a \udfff"]}, "prompt.0"), ({"stop": "\ud800"}, "stop"),
+        ({"max_tokens": 2.0}, "max_tokens"),
+    ]
+    for change, param in cases:
+        status, body = post(server + "/v1/completions", json.dumps({**ok, **change}).encode())
+        assert status == 400 and body["error"]["param"] == param, (change, body)
+        assert body["error"]["type"] == "invalid_request_error"
+    status, body = post(server + "/v1/completions", json.dumps(ok).encode()[:-1] + b', "seed": NaN, "top_p": NaN}')
+    assert status == 400 and body["error"]["param"] == "top_p" and "finite" in body["error"]["message"]
+    status, body = post(server + "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x\ud800"}]}).encode())
+    assert status == 400 and body["error"]["param"] == "messages.0.content" and "surrogate" in body["error"]["message"]
+    status, body = post(server + "/v1/completions", b'{"model": "tiny", "prompt": "hi",}')
+    assert status == 400 and body["error"]["param"] is None and "not valid JSON" in body["error"]["message"]
+    print(f"\nreliability: serve: {len(cases) + 3} requests generation cannot take, each refused with a 400 naming "
+          "its field; 0 500s")
+
+
+def test_a_tiny_temperature_is_greedy_and_every_seed_in_range_samples(dynamic, client):
+    """A positive temperature however small picks the greedy token (it used to make nan probabilities); seeds at
+    both ends of the range torch takes sample."""
+    text, _ = alone(dynamic, PROMPTS[0], 8)
+    for temperature in (1e-40, 1e-300, 5e-324):
+        out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=temperature, seed=1)
+        assert out.choices[0].text == text
+    for seed in (2**64 - 1, -(2**63)):
+        out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=seed)
+        assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_poisoned_request_fails_alone_and_its_batch_is_answered_as_if_alone(dynamic, app, client, caplog):
+    """A request whose generation fails (a token id past the vocabulary, as a tokenizer that does not match the
+    model would give) shares a batch with valid ones, plain and streamed: the batch is rerun request by request,
+    every valid answer equals its answer alone, and only the poisoned one gets a 500 whose message holds a request
+    id and no details."""
+    scheduler = app.state.scheduler
+    poison = Job([5, 10_000], Sampling(8), 0, asyncio.new_event_loop(), "cmpl-poisoned")
+    prompts = PROMPTS + [PROMPTS[0]]
+    with ThreadPoolExecutor(4) as pool, caplog.at_level("WARNING", logger="igprune.serve"):
+        with scheduler.hold():
+            futures = [pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=8, temperature=0)
+                       for p in prompts[:2]]
+            streamed = pool.submit(lambda: "".join(c.choices[0].text for c in client.completions.create(
+                model="tiny", prompt=prompts[2], max_tokens=8, temperature=0, stream=True)))
+            wait_until(lambda: sum(scheduler.depth(k) for k in range(3)) == 3)
+            scheduler.admit()
+            scheduler.submit(poison)
+        outs = [f.result(timeout=TIMEOUT).choices[0].text for f in futures] + [streamed.result(timeout=TIMEOUT)]
+        wait_until(lambda: poison.finish is not None)
+    assert outs == [alone(dynamic, p, 8)[0] for p in prompts[:3]]
+    assert "a batch of 4 failed; rerunning its 4 unanswered requests one by one" in caplog.text
+    assert "request cmpl-poisoned failed in generation" in caplog.text
+    poison.loop.run_until_complete(asyncio.sleep(0))
+    event = poison.events.get_nowait()
+    assert event[:2] == ("error", 500) and "cmpl-poisoned" in event[2] and "index" not in event[2].lower()
+    poison.loop.close()
+    print(f"\nreliability: isolation: a poisoned request in a batch of 4: {len(outs)} of {len(outs)} other requests "
+          "answered as if alone, only the poisoned one failed (500 with a request id)")
+    seeded = [client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, seed=5)
+              for _ in range(2)]
+    assert seeded[0].choices[0].text == seeded[1].choices[0].text  # the server is fine afterwards
+
+
+def test_a_crash_answers_500_with_a_request_id_and_leaves_the_details_to_the_log(dynamic, server, monkeypatch,
+                                                                                 caplog):
+    def broken(texts):
+        raise RuntimeError("cannot open /secret/place/weights.bin")
+
+    monkeypatch.setattr(dynamic, "route", broken)
+    with caplog.at_level("ERROR", logger="igprune.serve"):
+        status, body = post(server + "/v1/completions", json.dumps({"model": "tiny", "prompt": "hi"}).encode())
+    assert status == 500 and body["error"]["type"] == "server_error" and body["error"]["code"] == "internal_error"
+    assert "/secret" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+    rid = body["error"]["message"].split("request id ")[1]
+    assert rid.startswith("req-") and rid in caplog.text and "/secret/place/weights.bin" in caplog.text
+
+
+def test_a_reply_cut_inside_a_character_drops_it_instead_of_sending_u_fffd(dynamic):
+    """Byte-level tokens: max_tokens ends the reply after the first byte of "é"; the text ends before it."""
+    from tiny_models import tiny_bpe_tokenizer
+
+    scheduler, loop = Scheduler(dynamic), asyncio.new_event_loop()
+    scheduler.tokenizer = tok = tiny_bpe_tokenizer()
+    a, first_byte = tok.convert_tokens_to_ids(["a", "Ã"])  # "é" is bytes C3 A9, byte-level "Ã©"
+    try:
+        job = Job([5], Sampling(2), 0, loop)
+        assert not scheduler._on_token(job, a) and scheduler._on_token(job, first_byte)
+        loop.run_until_complete(asyncio.sleep(0))
+        events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+        assert job.text == "a" and events == [("delta", "a"), ("done", "length")]
+    finally:
+        loop.close()
+
+
+def test_a_batch_failing_midway_reruns_its_requests_without_repeating_what_was_sent(dynamic, monkeypatch):
+    """The poisoned row fails at its fourth token, after the other rows have sent text: each is rerun alone and
+    its events still add up to its answer alone, each piece once."""
+    scheduler, loop = Scheduler(dynamic, max_batch=4, max_wait=0), asyncio.new_event_loop()
+    jobs = [Job(dynamic.tokenizer(p).input_ids, Sampling(8), k, loop, f"cmpl-{k}") for k, p in enumerate(PROMPTS)]
+    poison = Job(jobs[0].prompt_ids, Sampling(8), 0, loop, "cmpl-poisoned")
+    on_token = scheduler._on_token
+
+    def failing(job, token):
+        if job is poison and len(job.ids) == 3:
+            raise RuntimeError("poisoned")
+        return on_token(job, token)
+
+    monkeypatch.setattr(scheduler, "_on_token", failing)
+    try:
+        scheduler._run([*jobs, poison])
+        loop.run_until_complete(asyncio.sleep(0))
+        for job, prompt in zip(jobs, PROMPTS, strict=True):
+            events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+            assert "".join(e[1] for e in events if e[0] == "delta") == alone(dynamic, prompt, 8)[0]
+            assert [e[0] for e in events].count("done") == 1 and events[-1][0] == "done"
+            assert len([e for e in events if e[0] == "delta"]) > 3  # it had sent text before the failure
+        poisoned = [poison.events.get_nowait() for _ in range(poison.events.qsize())]
+        assert poisoned[-1][:2] == ("error", 500) and "done" not in [e[0] for e in poisoned]
+    finally:
+        loop.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -92,6 +93,19 @@ SeedOpt = Annotated[int, typer.Option(help="seed for every random choice (record
 KVOpt = Annotated[str, typer.Option(help="skipped attention: keep (write K/V, paper) or drop (faster)")]
 
 
+def _out_path(out: Path, folder: bool = True) -> None:
+    """Refuse an --out that cannot be written (under a regular file, or a file where a folder goes) before any slow
+    step, not with an OSError at the first write."""
+    if folder and out.exists() and not out.is_dir():
+        raise IGPruneError(f"--out {out} is a file; give a folder to write the bundle into")
+    parent = next(p for p in out.parents if p.exists())  # the last of out.parents is "." or "/", which exist
+    if not parent.is_dir():
+        raise IGPruneError(f"--out {out}: {parent} is a file, not a folder; give a path in a folder")
+
+
+RESUME: list[str] = []  # how to resume the running command, once it can: said when it is interrupted
+
+
 def _at_least(**options: tuple[int | None, int]) -> None:
     """Refuse counts below their minimum before any slow step; keyword `max_new_tokens` names --max-new-tokens."""
     for name, (value, low) in options.items():
@@ -168,6 +182,7 @@ def fit(
     from igprune.pruner import fit_bundle, fit_config
     from igprune.recipes import DEFAULT_RECIPE
 
+    _out_path(out)
     changes = read_config(config) if config else {}
     named = changes.get("recipe")
     if recipe and named and named != recipe:
@@ -182,6 +197,7 @@ def fit(
         base = fit_config(base, sparsity=_sparsity(0.0, blocks, lm))
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
+    RESUME.append(f"rerun the same command to resume from {checkpoint}")
     console.print(f"fitting recipe {base.recipe}: {base.clusters.n_clusters} clusters on up to "
                   f"{base.data.samples or 'all'} {base.data.source} passages"
                   f"{f' and {len(extra)} of {texts}' if extra else ''} (checkpoints in {checkpoint})")
@@ -249,6 +265,7 @@ def route(
     from igprune.routing import Router
 
     _no_empty(texts, "route")
+    _at_least(route_tokens=(route_tokens, 1))
     loaded = Bundle.load(bundle)
     table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
     for text, r in zip(texts, Router.from_bundle(loaded, route_tokens).route(texts), strict=True):
@@ -297,7 +314,7 @@ def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on; 127.0.0.1 keeps it on this machine")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
     name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the bundle folder's name)")]
     = None,
     max_batch: Annotated[int, typer.Option(help="requests per batch")] = 8,
@@ -331,8 +348,12 @@ def serve(
 
     if log_requests is not None and (log_requests.is_dir() or not log_requests.parent.is_dir()):
         raise IGPruneError(f"--log-requests {log_requests}: give a file in an existing folder")
+    _at_least(max_batch=(max_batch, 1), max_queue=(max_queue, 1))
+    if not timeout > 0 or not max_wait_ms >= 0:
+        raise IGPruneError("--timeout must be above 0 seconds and --max-wait-ms at least 0")
     if engine not in ("hf", "llama.cpp", "auto"):
         raise IGPruneError(f"--engine must be hf, llama.cpp or auto, not {engine!r}")
+    _can_listen(host, port)
     settings = ServeSettings(max_batch, max_wait_ms, max_queue, timeout, mix_masks=mix_masks,
                              request_log=log_requests and str(log_requests))
     if engine != "hf":
@@ -344,6 +365,19 @@ def serve(
     loaded, lm, tokenizer = _bundle_model(bundle, model, device, dtype)
     dynamic = DynamicPrunedModel.from_bundle(lm, loaded, tokenizer, kv_policy=kv_policy)
     run_server(dynamic, name or bundle.resolve().name, host, port, settings)
+
+
+def _can_listen(host: str, port: int) -> None:
+    """Refuse a taken port or an address not of this machine before the model loads, in one line (uvicorn would
+    log it after loading and exit 1)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise IGPruneError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port or "
+                           "--host") from None
 
 
 @app.command("bench-speed")
@@ -427,6 +461,7 @@ def baseline(
     entry = get_method(method)
     _at_least(samples=(samples, 1), seq_len=(seq_len, 2), keep_first=(keep_first, 0), keep_last=(keep_last, 0),
               generations=(generations, 1), offspring=(offspring, 1))
+    _out_path(out)
     given = {"samples": samples, "seq_len": seq_len, "keep_first": keep_first, "keep_last": keep_last,
              "generations": generations, "offspring": offspring, "fitness": fitness}
     options = {**{k: v for k, v in given.items() if v is not None}, **_method_options(option)}
@@ -436,6 +471,8 @@ def baseline(
     texts = load_calibration(data, split="train", seed=seed)
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
+    if entry.resumes:
+        RESUME.append(f"rerun the same command to resume from {checkpoint}")
     console.print(f"{method} ({entry.reference}) on {data}, granularity {granularity or entry.granularity}"
                   + (f" (progress in {checkpoint})" if entry.resumes else ""))
     bundle = find_mask(method, lm, tokenizer, texts, _sparsity(sparsity, blocks, lm), granularity, seed=seed,
@@ -453,7 +490,8 @@ def baseline(
 def export(
     bundle: BundleOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the HF checkpoint, or the .gguf file")],
-    cluster: Annotated[int, typer.Option(help="which cluster's mask (static bundles have only 0)")] = 0,
+    cluster: Annotated[int | None, typer.Option(help="which cluster's mask; required for a bundle of several "
+                                                "(static bundles have only 0)")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or folder (default: bundle's)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -468,6 +506,8 @@ def export(
     skipped blocks are absent; then check it against the masked model."""
     if fmt not in ("hf", "gguf"):
         raise IGPruneError(f"--format must be hf or gguf, not {fmt!r}")
+    _out_path(out, folder=fmt == "hf")
+    cluster = _export_cluster(bundle, cluster)
     if fmt == "gguf":
         return _export_gguf(bundle, out, cluster, model, device, gguf_type, tokenizer_pre)
     import torch
@@ -493,6 +533,19 @@ def export(
     verdict = "matches" if diff < 1e-3 else "DOES NOT match"
     console.print(f"check: plain from_pretrained reload {verdict} the masked model (max |logit diff| {diff:.2g})",
                   highlight=False)
+
+
+def _export_cluster(bundle: Path, cluster: int | None) -> int:
+    """--cluster, or 0 for a static bundle: exporting cluster 0 of several unasked would pass for the bundle."""
+    from igprune.bundle import Bundle
+
+    if cluster is not None:
+        return cluster
+    n = Bundle.load(bundle).n_clusters
+    if n > 1:
+        raise IGPruneError(f"{bundle} has {n} cluster masks and an export holds one: choose it with --cluster K "
+                           f"(0 to {n - 1})")
+    return 0
 
 
 EXPORT_PROBE = "The pruned model should predict exactly what the masked model predicts."
@@ -640,7 +693,10 @@ def eval_(
     from igprune.evaluation.benchmark import evaluate
     from igprune.evaluation.results import load_results, results_table, save_results
 
+    _at_least(limit=(limit, 1), batch_size=(batch_size, 1))
     reference = load_results(dense) if dense is not None else None
+    if cache:
+        RESUME.append("rerun the same command: the tasks that finished are cached")
     _join_ranks()  # under accelerate launch / torchrun: lm-eval's data parallelism, each rank a share of the tasks
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
@@ -649,7 +705,8 @@ def eval_(
     table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
     for name, task in results["tasks"].items():
         routing = (results["routing"] or {}).get(name) or {}
-        table.add_row(name, task["metric"], f"{task['value']:.2f}", f"{task['stderr']:.2f}", str(task["n"]),
+        stderr = "-" if task["stderr"] is None else f"{task['stderr']:.2f}"  # None: lm-eval gave none (e.g. n = 1)
+        table.add_row(name, task["metric"], f"{task['value']:.2f}", stderr, str(task["n"]),
                       "cached" if task["cached"] else f"{task['seconds']:.0f}",
                       " ".join(f"{k}:{v}" for k, v in routing.items()))
     console.print(table)
@@ -705,6 +762,7 @@ def ppl(
     from igprune.evaluation.perplexity import perplexity
     from igprune.evaluation.results import save_results
 
+    _at_least(limit=(limit, 1), batch_size=(batch_size, 1), seq_len=(seq_len, 2))
     given = _user_texts(texts, model, bundle) if texts else None  # before the model loads
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = perplexity(lm, tokenizer, bundle, source=str(texts) if texts else data, seq_len=seq_len, limit=limit,
@@ -723,9 +781,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"igprune: warning: {message}", file=file or sys.stderr)
 
 
+def _interrupted() -> None:
+    """Ctrl-C: one line, the resumable commands' way back, and exit 130 (128 + SIGINT), never success; a second
+    Ctrl-C while Python shuts down would print tracebacks from wherever it lands, so it is ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"igprune: interrupted{f'; {RESUME[-1]}' if RESUME else ''}", file=sys.stderr)
+    sys.exit(130)
+
+
 def main() -> None:
-    """Entry point: run the app and turn IGPruneError into one line on stderr and exit code 2."""
+    """Entry point: run the app and turn IGPruneError (and the machine's refusals: OSError) into one line on stderr
+    and exit code 2, an interruption into exit code 130."""
     warnings.showwarning = _show_warning
+    RESUME.clear()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -733,14 +801,19 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # weight-loading bars; igprune shows its own progress
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt it caught
     except IGPruneError as err:
         print(f"igprune: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk, a permission, a path through a file: the system's words, one line
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"igprune: error: {where}{err.strerror or err}", file=sys.stderr)
         sys.exit(2)
     except typer.exceptions.TyperException as err:  # usage errors: missing or unknown options
         command = " ".join(sys.argv[1:2])
         print(f"igprune: error: {err.format_message()} (see `igprune {command} --help`)", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        print("igprune: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+    if code == 130:
+        _interrupted()

@@ -519,8 +519,8 @@ def read_texts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = Non
     (igprune.texts); a chat needs the model's `tokenizer` for its template."""
     path = Path(path)
     hint = 'give one {"text": ...}, {"prompt": ..., "response": ...} or {"messages": [...]} object per line'
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # lines end at "\n" only: str.splitlines would also cut at U+2028 and the like, which JSON strings may hold
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise IGPruneError(f"{path}: cannot read it as UTF-8 JSONL ({err.__class__.__name__}); {hint}") from None
     texts: list[Text] = []
@@ -529,8 +529,13 @@ def read_texts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = Non
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise IGPruneError(f"{path}:{number}: not valid JSON; {hint}") from None
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # valid JSON ("\\ud800"), but no text a tokenizer takes
+            raise IGPruneError(f"{path}:{number}: holds a lone surrogate (a \\uD800-\\uDFFF escape alone), which "
+                               f"is not text; {hint}") from None
         try:
             texts.append(_user_text(record if isinstance(record, dict) else {}, tokenizer))
         except IGPruneError as err:

@@ -136,8 +136,8 @@ def read_json(path: Path) -> Any:
 
 def append_jsonl(path: Path, record: Any) -> None:
     """Add one JSON line to a log with a single O_APPEND write: concurrent writers never interleave, and a crash
-    leaves whole lines (the ones written) and nothing else."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    leaves whole lines (the ones written) and nothing else. A new log is its owner's only: it holds what users sent."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
     finally:

@@ -176,9 +176,19 @@ SHARD = "shard"  # --device shard: the model spread over every visible device (d
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """The one place a default device is chosen. "auto" / None: this process's GPU (cuda:LOCAL_RANK under
-    torchrun) when CUDA is present, else Apple's mps, else the CPU; anything else as given."""
+    torchrun) when CUDA is present, else Apple's mps, else the CPU; anything else as given, if this machine has it
+    (checked here, before any weights load, instead of a torch assertion after)."""
     if device is not None and device != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise IGPruneError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N, mps or shard") from None
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count() > 0:
+            raise IGPruneError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(chosen.type)
+        if present is not None and not present():
+            raise IGPruneError(f"device {device!r}: torch sees no {chosen.type} device here; use cpu or auto")
+        return chosen
     if torch.cuda.is_available():
         from igprune.distributed import local_rank
 
@@ -236,6 +246,7 @@ def load_model(
     source = model_source(name_or_path)
     if device == SHARD:
         device_map = device_map or "auto"
+    target = resolve_device(device) if device_map is None else None  # a missing device refused before loading
     kwargs: dict = {"dtype": resolve_dtype(dtype, device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -248,8 +259,8 @@ def load_model(
             raise IGPruneError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
     model.name_or_path = model.config.name_or_path = name_or_path  # the zoo name, recorded in bundles
     model.requires_grad_(False)
-    if device_map is None:
-        model = model.to(resolve_device(device))
+    if target is not None:
+        model = model.to(target)
     return model.eval(), load_tokenizer(name_or_path)
 
 

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 
 from igprune.dynamic import DynamicPrunedModel
 from igprune.files import IGPruneError, append_jsonl
-from igprune.serve.engine import Job, Overloaded, Sampling, Scheduler
+from igprune.serve.engine import FAILED, Job, Overloaded, Sampling, Scheduler, log
 from igprune.serve.schemas import APIError, ChatRequest, CompletionRequest
 from igprune.texts import chat_prompt, chat_route_text
 
@@ -91,6 +91,12 @@ def _error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def _field(part: str | int) -> bool:
+    """Whether a part of a validation error's loc names a field or an index, not "body" or a union's member
+    ("function-after[...]", "list[str]", "int")."""
+    return isinstance(part, int) or (part.isidentifier() and part not in ("body", "str", "int", "bool", "float"))
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -104,8 +110,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        errors = err.errors()
+        if errors[0].get("type") == "json_invalid":  # its loc is a character position, not a field
+            why, where = errors[0].get("ctx", {}).get("error", "invalid"), errors[0].get("loc", ())[-1:]
+            at = f" at character {where[0]}" if where else ""
+            return _error(APIError(400, f"the body is not valid JSON ({why}{at}); send one JSON object"))
+        # of a union's failures, the one that got deepest into the value: a list prompt's bad item, not "not a string"
+        first = max(errors, key=lambda e: len(e.get("loc", ())))
+        param = ".".join(str(p) for p in first.get("loc", ()) if _field(p)) or None
         return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param))
 
     @app.exception_handler(HTTPException)
@@ -115,7 +127,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception) -> JSONResponse:
-        return _error(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+        """A bug: the client gets an id to quote, the log the traceback (which may name files and values)."""
+        rid = f"req-{uuid.uuid4().hex}"
+        log.error("request %s to %s failed", rid, request.url.path, exc_info=err)
+        return _error(APIError(500, FAILED.format(rid=rid), type="server_error", code="internal_error",
+                               headers={"x-request-id": rid}))
 
 
 def add_info_routes(app: FastAPI, name: str, metrics: RequestMetrics) -> None:
@@ -235,12 +251,12 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
         except BaseException:
             scheduler.withdraw()
             raise
-        job = Job(ids, want, cluster, loop)
+        rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        job = Job(ids, want, cluster, loop, rid)
         scheduler.submit(job)
         label = str(cluster)
         extra = {"cluster": cluster, "blocks_skipped": skipped[cluster]}
-        headers = {"x-igprune-cluster": label, "x-igprune-blocks-skipped": str(skipped[cluster])}
-        rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        headers = {"x-igprune-cluster": label, "x-igprune-blocks-skipped": str(skipped[cluster]), "x-request-id": rid}
         deadline = arrived + settings.request_timeout
         first: list[float] = []
 
@@ -254,7 +270,7 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
                     raise APIError(504, f"request timed out after {settings.request_timeout:g} s", type="timeout",
                                    code="timeout") from None
                 if event[0] == "error":
-                    raise APIError(event[1], event[2], type="server_error")
+                    raise APIError(event[1], event[2], type="server_error", code="internal_error")
                 if event[0] == "delta" and not first:
                     first.append(time.monotonic())
                     metrics.ttft.labels(label).observe(first[0] - arrived)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import threading
 import time
@@ -37,6 +38,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from igprune.dynamic import DynamicPrunedModel
 from igprune.files import IGPruneError
 from igprune.masks import mask_row
+
+log = logging.getLogger("igprune.serve")
+FAILED = "internal error while generating; the server log has the details under request id {rid}"
 
 
 def generate_under_masks(dynamic: DynamicPrunedModel, clusters: list[int], input_ids: torch.Tensor,
@@ -66,11 +70,14 @@ class Sampling:
 class Job:
     """One request on its way through the scheduler; the worker reports to it through `events`.
 
-    Events are ("delta", text), then ("done", finish_reason) or ("error", status, message).
+    Events are ("delta", text), then ("done", finish_reason) or ("error", status, message). An unseeded sampled
+    job draws its seed here, once, so that a rerun of it (see Scheduler._run) repeats the text already sent.
     """
 
-    def __init__(self, prompt_ids: list[int], sampling: Sampling, cluster: int, loop: asyncio.AbstractEventLoop):
-        self.prompt_ids, self.sampling, self.cluster, self.loop = prompt_ids, sampling, cluster, loop
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, cluster: int, loop: asyncio.AbstractEventLoop,
+                 rid: str = "-"):
+        self.prompt_ids, self.sampling, self.cluster, self.loop, self.rid = prompt_ids, sampling, cluster, loop, rid
+        self.seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**63)
         self.events: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []  # generated tokens, EOS included
         self.text = ""  # generated text so far, cut at a stop sequence
@@ -93,6 +100,11 @@ class Job:
         self.finish = "error"
         self.emit("error", status, message)
 
+    def restart(self) -> None:
+        """Forget what was generated, not what was sent: a rerun of the same prompt, seed and mask makes the same
+        tokens, and only the text past `sent` is reported again."""
+        self.ids, self.text, self.finish = [], "", None
+
 
 def held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters must wait: an unfinished UTF-8 character, or the start of a stop sequence."""
@@ -109,20 +121,18 @@ class _RowSampler(LogitsProcessor):
     """Per-row temperature / top-p sampling with the row's own seeded generator.
 
     The drawn token gets score 0 and every other -inf, so generate's greedy pick takes it; greedy rows
-    are left untouched.
+    are left untouched. Scores are shifted to a maximum of 0 and divided in float64, so that any positive
+    temperature, however tiny (5e-324), gives the greedy token, not nan.
     """
 
     def __init__(self, jobs: list[Job]):
-        self.rows = []
-        for i, job in enumerate(jobs):
-            s = job.sampling
-            if s.temperature > 0:
-                seed = s.seed if s.seed is not None else random.SystemRandom().randrange(2**63)
-                self.rows.append((i, s, torch.Generator().manual_seed(seed)))
+        self.rows = [(i, job.sampling, torch.Generator().manual_seed(job.seed))
+                     for i, job in enumerate(jobs) if job.sampling.temperature > 0]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for i, s, generator in self.rows:
-            probs = torch.softmax(scores[i].float().cpu() / s.temperature, dim=-1)
+            row = scores[i].double().cpu()  # float32 would round a temperature below ~1e-45 to 0
+            probs = torch.softmax((row - row.max()) / s.temperature, dim=-1)
             if s.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 outside = sorted_probs.cumsum(0) - sorted_probs >= s.top_p  # the first token always stays
@@ -266,14 +276,27 @@ class Scheduler:
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:
-            if not batch:
-                continue
-            try:
-                self._generate(batch)
-            except Exception as err:  # a failed batch answers its requests; the server carries on
-                for job in batch:
-                    if job.finish is None:
-                        job.fail(500, f"generation failed: {type(err).__name__}: {err}")
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        """Generate a batch; when it fails, rerun each of its unanswered requests alone, so that one request's failure
+        is its own: only a request that fails alone gets a 500, with a request id and no details (they go to the
+        log)."""
+        try:
+            self._generate(batch)
+        except Exception:
+            left = [job for job in batch if job.finish is None]
+            if len(batch) == 1:
+                log.exception("request %s failed in generation", batch[0].rid)
+                for job in left:
+                    job.fail(500, FAILED.format(rid=job.rid))
+                return
+            log.warning("a batch of %d failed; rerunning its %d unanswered requests one by one", len(batch),
+                        len(left), exc_info=True)
+            for job in left:
+                job.restart()
+                self._run([job])
 
     def _generate(self, batch: list[Job]) -> None:
         pad = self.tokenizer.pad_token_id
@@ -319,6 +342,9 @@ class Scheduler:
         return False
 
     def _finish(self, job: Job, reason: str) -> bool:
+        """End the job; a character cut by max_tokens or EOS is dropped from the text (its bytes never came), not
+        sent as U+FFFD."""
+        job.text = job.text.rstrip("\ufffd")
         if len(job.text) > job.sent:
             job.emit("delta", job.text[job.sent:])
             job.sent = len(job.text)

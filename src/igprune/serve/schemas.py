@@ -1,14 +1,17 @@
 """The OpenAI request bodies `igprune serve` accepts, and its OpenAI-style errors.
 
 Unknown fields are ignored (clients send many); fields igprune cannot honour (n > 1, logprobs, echo,
-best_of, suffix) are refused with a 400 naming the field rather than silently dropped.
+best_of, suffix) are refused with a 400 naming the field rather than silently dropped. Types are strict
+("stream": "yes" is refused, not taken as true) and every range is what generation can take, so a request that
+passes here cannot fail in the generation thread for its values; this is the one place requests are checked, for
+any engine behind the server.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from igprune.texts import ROLES
 
@@ -26,21 +29,39 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _utf8(text: str) -> str:
+    """A lone surrogate (JSON "\\ud800") is valid JSON but no text: the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"holds {text[err.start]!r} at position {err.start}, which is not a character (a lone "
+                         "surrogate); send valid UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+# torch.Generator.manual_seed takes exactly these: int64 and uint64 values
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -62,10 +83,10 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -85,15 +106,17 @@ class CompletionRequest(_Generation):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal[ROLES]  # the roles a `fit --texts` chat line may have too
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
