@@ -74,30 +74,26 @@ def test_the_planted_model_needs_one_ffn_per_kind(planted):
                 assert nll(model, tok, text) > math.log(len(tok)) - 0.5  # without it: chance
 
 
-@pytest.mark.parametrize("route", [{"kind": "nearest"}, {"kind": "evidence", "samples": 6, "k": 4}],
-                         ids=["nearest", "evidence"])
-def test_the_search_fit_beats_every_static_mask_and_routes_each_kind_to_its_mask(planted, route):
-    """The search finder scores every candidate mask exactly on each cluster's text, so it finds the planted masks;
-    the nearest-centroid router and the evidence router both send each kind to a mask that keeps its FFN (the
-    evidence one keeps the global mask for the kind that mask already serves). The paper's L0 trainer at this budget
-    does not find them: research/planted/LOG.md."""
+def test_the_search_fit_beats_every_static_mask_and_routes_each_kind_to_its_mask(planted):
+    """The search finder scores every candidate mask exactly on each cluster's text, so it finds the planted masks.
+    (The paper's L0 trainer at this budget does not: its gates collapse onto one FFN for both clusters, or leave a
+    cluster on a block that predicts nothing; see research/ for the runs.)"""
     model, tok = planted
     calibration = [t for kind in KINDS for t in texts(kind, 24)]
-    config = {"finder": "search", "search": {"samples": 4, "seq_len": 32, "shared_fraction": 0.0},
-              "choose": {"samples": 4}, "route": route}
+    config = {"finder": "search", "search": {"samples": 4, "seq_len": 32, "shared_fraction": 0.0}}
     pruner = IGPruner(model, tok, config=config, n_clusters=2, sparsity=SPARSITY, progress=False)
     dynamic = DynamicPrunedModel.from_bundle(model, pruner.fit(calibration).to_bundle(), tok)
     held_out = {kind: texts(kind, 6, offset=3) for kind in KINDS}
     for kind, layer in FFN_OF.items():
         routes = {r.cluster for r in dynamic.router.route(held_out[kind])}
-        assert len(routes) == 1, f"{kind} split over routes {routes}"
-        assert bool(dynamic.mask_for(routes.pop())[2 * layer + 1])  # its route's mask keeps its FFN
+        assert len(routes) == 1, f"{kind} split over clusters {routes}"
+        assert bool(dynamic.masks[routes.pop()][2 * layer + 1])  # its cluster's mask keeps its FFN
 
     def under(mask: torch.Tensor, text: str) -> float:
         with masked(model, mask):
             return nll(model, tok, text)
 
     every = [t for kind in KINDS for t in held_out[kind]]
-    routed = sum(under(dynamic.mask_for(r.cluster), t) for r, t in zip(dynamic.router.route(every), every, strict=True))
+    routed = sum(under(dynamic.masks[r.cluster], t) for r, t in zip(dynamic.router.route(every), every, strict=True))
     best_static = min(sum(under(torch.arange(8) == kept, t) for t in every) for kept in range(8))
     assert routed < 0.5 * best_static, (routed, best_static)  # a static mask loses one kind: about half the texts

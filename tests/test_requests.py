@@ -13,10 +13,9 @@ from igprune.data import read_texts
 from igprune.evaluation.perplexity import token_nll
 from igprune.files import IGPruneError
 from igprune.finders import Calibration, Scorer, make_calibration
-from igprune.finders.l0 import MaskTrainer, TrainConfig
+from igprune.finders.l0 import MaskTrainer, TrainConfig, tokenize
 from igprune.finders.search import find_order_mask
 from igprune.pruner import IGPruner
-from igprune.scoring import tokenize
 from igprune.texts import Request, clean_texts, digest, tokens
 
 COOKING, CODE, SPORT = TOPICS.values()

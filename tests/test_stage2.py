@@ -15,7 +15,7 @@ from igprune.encoder import SentenceEncoder
 from igprune.evaluation.results import Configuration
 from igprune.files import IGPruneError
 from igprune.pruner import IGPruner
-from igprune.routing import Evidence, Router, gate_radii
+from igprune.routing import Router, gate_radii
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 
@@ -99,47 +99,6 @@ def test_a_gated_bundle_round_trips_and_runs_the_fallback_beyond_the_radii(fitte
         bundle.with_gate(torch.zeros(3), fallback.logical_and(torch.arange(len(fallback)) != 5), 0.95)
     with pytest.raises(IGPruneError, match="not 3 finite distances"):
         bundle.with_gate(torch.zeros(2), fallback, 0.95)
-
-
-def test_evidence_leaves_the_global_mask_only_where_the_nearest_texts_clearly_gain():
-    texts = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0], [-0.9, -0.1]])
-    # gains over the global mask (the last route) of routes 0 and 1: the first pair gains from route 0, the second
-    # pair from nothing, the third pair from route 1 but unsurely (one text gains, one loses)
-    gains = torch.tensor([[0.5, 0.0, 0.0], [0.4, 0.0, 0.0], [0.0, 0.01, 0.0], [-0.2, 0.02, 0.0],
-                          [0.0, 0.9, 0.0], [0.0, -0.5, 0.0]])
-    evidence = Evidence(texts, gains, k=2, z=0.0, margin=0.05)
-    inputs = torch.tensor([[2.0, 0.1], [0.1, 3.0], [-1.0, -0.05]])  # scale does not matter: cosine
-    assert evidence.routes(inputs).tolist() == [0, 2, 1]  # a mean gain of 0.2 > 0.05 leaves for route 1
-    assert Evidence(texts, gains, k=2, z=1.0, margin=0.05).routes(inputs).tolist() == [0, 2, 2]  # unsure: global
-    assert Evidence(texts, gains, k=2, z=0.0, margin=0.5).routes(inputs).tolist() == [2, 2, 2]  # too small a gain
-    router = Router(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), evidence=evidence)
-    routes, distances = router.route_embeddings(inputs)
-    assert routes.tolist() == [0, 2, 1] and router.n_routes == 3
-    assert distances[0] == pytest.approx(((2.0 - 1.0) ** 2 + 0.1 ** 2) ** 0.5)  # the nearest centroid's, as before
-
-
-def test_a_bundle_with_evidence_round_trips_and_routes_by_it(fitted, tmp_path):
-    model, tokenizer, _, path = fitted
-    bundle = Bundle.load(path)
-    fallback = torch.ones(bundle.masks.shape[1], dtype=torch.bool)
-    fallback[[1, 3]] = False
-    embeddings = SentenceEncoder(bundle.config["encoder"], device="cpu").encode(TEXTS[:4])
-    gains = torch.zeros(4, 4)  # no route gains anywhere: every input keeps the global mask
-    settings = {"k": 2, "z": 0.0, "margin": 0.05}
-    guarded = Bundle.load(bundle.with_evidence(embeddings, gains, fallback, settings).save(tmp_path / "evidence"))
-    assert torch.equal(guarded.evidence_gains, gains) and torch.equal(guarded.route_masks[3], fallback)
-    assert guarded.config["evidence"] == {**settings, "texts": 4}
-    dynamic = DynamicPrunedModel.from_bundle(model, guarded, tokenizer)
-    assert dynamic.clusters(TEXTS[:3]) == [3, 3, 3]
-    gains[:, 1] = 1.0  # now every text gains from cluster 1's mask
-    eager = Bundle.load(bundle.with_evidence(embeddings, gains, fallback, settings).save(tmp_path / "eager"))
-    assert DynamicPrunedModel.from_bundle(model, eager, tokenizer).clusters(TEXTS[:3]) == [1, 1, 1]
-    key = Configuration(model, guarded).content_sha256  # other evidence, another configuration to cache
-    assert key != Configuration(model, eager).content_sha256 != Configuration(model, bundle).content_sha256
-    with pytest.raises(IGPruneError, match="evidence of shapes"):
-        bundle.with_evidence(embeddings, gains[:, :3], fallback, settings)
-    with pytest.raises(IGPruneError, match="a gate or evidence, not both"):
-        guarded.with_gate(torch.zeros(3), fallback, 0.95)
 
 
 def test_bundle_round_trips_bit_exactly(fitted, tmp_path):

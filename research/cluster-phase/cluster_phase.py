@@ -36,9 +36,8 @@ from igprune.dynamic import DynamicPrunedModel
 from igprune.encoder import SentenceEncoder
 from igprune.evaluation.perplexity import CHARS_PER_TOKEN, by_cluster, score_texts, token_perplexity
 from igprune.files import write_json
-from igprune.finders.l0 import MaskTrainer, TrainConfig
+from igprune.finders.l0 import MaskTrainer, TrainConfig, tokenize
 from igprune.routing import Router
-from igprune.scoring import tokenize
 
 OUT = HERE / "results"
 PASSES = 1024  # sample passes per recipe: 64 forwards of 16 passages

@@ -41,7 +41,7 @@ REQUIRED: dict[str, tuple[type, ...]] = {
     "granularity": (str,), "blocks_total": (int,), "blocks_skipped": (int,), "seed": (int,)}
 OPTIONAL: dict[str, tuple[type, ...]] = {
     "encoder": (str,), "encoder_tokens": (int, type(None)), "cluster_sizes": (list,), "attn_skipped": (int,),
-    "ffn_skipped": (int,), "calibration": (dict,), "logs": (dict,), "gate": (dict,), "evidence": (dict,)}
+    "ffn_skipped": (int,), "calibration": (dict,), "logs": (dict,), "gate": (dict,)}
 FINGERPRINT: dict[str, tuple[type, ...]] = {
     "architecture": (str,), "num_layers": (int,), "hidden_size": (int,), "config_sha256": (str,),
     "weight_signature": (list,)}
@@ -162,10 +162,6 @@ class Bundle:
     # runs under the fallback mask, route N, instead of the cluster's.
     radii: torch.Tensor | None = None  # (N,) float32
     fallback: torch.Tensor | None = None  # (1, B) bool
-    # Evidence (routing.Evidence): calibration texts' embeddings (n, d) and each route's gain on them (n, N + 1),
-    # the fallback's last; an input leaves the fallback only for a route its nearest texts clearly gain from.
-    evidence_embeddings: torch.Tensor | None = None
-    evidence_gains: torch.Tensor | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -177,7 +173,7 @@ class Bundle:
 
     @property
     def route_masks(self) -> torch.Tensor:
-        """The mask of every route: the clusters', then the fallback's when the bundle has a gate or evidence."""
+        """The mask of every route: the clusters', then the fallback's when the bundle has a gate."""
         return self.masks if self.fallback is None else torch.cat([self.masks, self.fallback])
 
     def with_gate(self, radii: torch.Tensor, fallback: torch.Tensor, quantile: float) -> Bundle:
@@ -186,17 +182,6 @@ class Bundle:
         config = {**self.config, "gate": {"quantile": quantile}}
         bundle = Bundle(self.masks, self.centroids, config, self.log_alpha, self.logs,
                         radii=radii.float(), fallback=fallback.to(torch.bool).reshape(1, -1))
-        bundle.validate()
-        return bundle
-
-    def with_evidence(self, embeddings: torch.Tensor, gains: torch.Tensor, fallback: torch.Tensor,
-                      settings: dict[str, Any]) -> Bundle:
-        """A copy that keeps every input on `fallback`, the global mask, unless the calibration texts most like it
-        (`embeddings`) clearly gain from a route's mask (`gains`, the fallback's last); settings: k, z, margin."""
-        config = {**self.config, "evidence": {**settings, "texts": int(embeddings.shape[0])}}
-        bundle = Bundle(self.masks, self.centroids, config, self.log_alpha, self.logs,
-                        fallback=fallback.to(torch.bool).reshape(1, -1), evidence_embeddings=embeddings.float(),
-                        evidence_gains=gains.float())
         bundle.validate()
         return bundle
 
@@ -214,9 +199,8 @@ class Bundle:
         tensors = {"masks": self.masks.to(torch.bool).contiguous(), "centroids": self.centroids.float().contiguous()}
         if self.log_alpha is not None:
             tensors["log_alpha"] = self.log_alpha.detach().float().cpu().contiguous()
-        optional = {"radii": self.radii, "fallback": self.fallback, "evidence_embeddings": self.evidence_embeddings,
-                    "evidence_gains": self.evidence_gains}
-        tensors.update({k: v.contiguous() for k, v in optional.items() if v is not None})
+        if self.radii is not None and self.fallback is not None:
+            tensors.update(radii=self.radii.float().contiguous(), fallback=self.fallback.to(torch.bool).contiguous())
         # digested as it will be read back (tuples as lists, keys as strings)
         record = json.loads(json.dumps({"format": FORMAT, **self.config, "logs": self.logs}))
         with atomic_path(path) as tmp:
@@ -241,7 +225,7 @@ class Bundle:
             raise IGPruneError(f"{err.filename or path}: cannot be read ({err.strerror or err})") from err
         config = {k: v for k, v in record.items() if k not in ("format", "sha256", "logs")}
         bundle = cls(tensors["masks"], tensors["centroids"], config, tensors.get("log_alpha"), record.get("logs", {}),
-                     source=path, **_guards(tensors))
+                     source=path, radii=tensors.get("radii"), fallback=tensors.get("fallback"))
         bundle.validate()
         return bundle
 
@@ -283,7 +267,7 @@ class Bundle:
             problems.append(f"log_alpha of shape {tuple(self.log_alpha.shape)} does not fit {n} masks")
         if any(t is not None and not bool(torch.isfinite(t).all()) for t in (self.centroids, self.log_alpha)):
             problems.append("centroids or log_alpha hold NaN or infinity")
-        problems += self._guard_problems()
+        problems += self._gate_problems()
         if n > 1 and not cfg.get("encoder"):
             problems.append(f"{n} clusters need an 'encoder' in {CONFIG_FILE} to route by")
         sizes = cfg.get("cluster_sizes")
@@ -291,34 +275,16 @@ class Bundle:
             problems.append(f"cluster_sizes {sizes} do not fit {n} clusters")
         return problems
 
-    def _guard_problems(self) -> list[str]:
-        """A guard is a gate (radii for every cluster and its 'gate' record) or evidence (texts' embeddings and gains
-        over every route, and its 'evidence' record), never both, with a fallback mask skipping as many blocks as the
-        clusters' masks do."""
-        radii, fallback, n, cfg = self.radii, self.fallback, self.n_clusters, self.config
-        gate = (radii, cfg.get("gate"))
-        evidence = (self.evidence_embeddings, self.evidence_gains, cfg.get("evidence"))
-        has_gate, has_evidence = any(x is not None for x in gate), any(x is not None for x in evidence)
-        if not (has_gate or has_evidence or fallback is not None):
+    def _gate_problems(self) -> list[str]:
+        """A gate is radii for every cluster, a fallback mask skipping as many blocks as they do, and its record."""
+        radii, fallback, n = self.radii, self.fallback, self.n_clusters
+        if radii is None and fallback is None and "gate" not in self.config:
             return []
-        if has_gate and has_evidence:
-            return ["a bundle has a gate or evidence, not both"]
-        if has_gate and (None in gate or fallback is None):
+        if radii is None or fallback is None or "gate" not in self.config:
             return ["a gate needs radii, a fallback mask and its 'gate' record together"]
-        if has_evidence and (None in evidence or fallback is None):
-            return ["evidence needs its embeddings, gains, a fallback mask and its 'evidence' record together"]
-        if not (has_gate or has_evidence):
-            return ["a fallback mask without a gate or evidence"]
         problems = []
-        if has_gate and (radii.shape != (n,) or not bool(torch.isfinite(radii).all()) or bool((radii < 0).any())):
+        if radii.shape != (n,) or not bool(torch.isfinite(radii).all()) or bool((radii < 0).any()):
             problems.append(f"gate radii of shape {tuple(radii.shape)} are not {n} finite distances")
-        if has_evidence:
-            embeddings, gains = self.evidence_embeddings, self.evidence_gains
-            if (embeddings.dim() != 2 or embeddings.shape[1] != self.centroids.shape[1]
-                    or gains.shape != (embeddings.shape[0], n + 1)
-                    or not bool(torch.isfinite(embeddings).all() and torch.isfinite(gains).all())):
-                problems.append(f"evidence of shapes {tuple(embeddings.shape)} and {tuple(gains.shape)} is not finite "
-                                f"(texts, {self.centroids.shape[1]}) embeddings and (texts, {n + 1}) gains")
         if fallback.dtype != torch.bool or fallback.shape != (1, self.masks.shape[1]):
             problems.append(f"the fallback mask is {fallback.dtype} of shape {tuple(fallback.shape)}, not "
                             f"(1, {self.masks.shape[1]}) bool")
@@ -334,11 +300,6 @@ class Bundle:
         if self.masks.shape[1] != 2 * len(decoder_layers(model)):
             raise IGPruneError(f"bundle {where} has masks over {self.masks.shape[1]} blocks but the model has "
                                f"{2 * len(decoder_layers(model))}; load it with the model named in its bundle.json")
-
-
-def _guards(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """The optional routing tensors of a bundle file, as Bundle's fields."""
-    return {k: tensors.get(k) for k in ("radii", "fallback", "evidence_embeddings", "evidence_gains")}
 
 
 def rehash(path: str | Path, force: bool = False) -> str:
@@ -360,7 +321,8 @@ def rehash(path: str | Path, force: bool = False) -> str:
     content = {k: v for k, v in record.items() if k not in ("format", "sha256")}
     tensors = _read_tensors(path)
     Bundle(tensors["masks"], tensors["centroids"], {k: v for k, v in content.items() if k != "logs"},
-           tensors.get("log_alpha"), content.get("logs", {}), source=path, **_guards(tensors)).validate()
+           tensors.get("log_alpha"), content.get("logs", {}), source=path, radii=tensors.get("radii"),
+           fallback=tensors.get("fallback")).validate()
     new = {"format": FORMAT, **content}
     write_json(path / CONFIG_FILE, {"format": FORMAT, "sha256": _digests(path, new), **content})
     return f"digests written (format {FORMAT})"

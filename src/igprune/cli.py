@@ -233,7 +233,7 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> No
     loaded = Bundle.load(bundle)
     cfg = loaded.config
     keys = ["method", "recipe", "model", "n_clusters", "sparsity", "granularity", "blocks_skipped", "blocks_total",
-            "seed", "encoder", "calibration", "gate", "evidence", "final_loss", "fit_seconds"]
+            "seed", "encoder", "calibration", "gate", "final_loss", "fit_seconds"]
     for key in keys:
         if key in cfg:
             console.print(f"{key:>16}: {cfg[key]}", highlight=False)

@@ -87,10 +87,9 @@ class FitConfig:
         if given and not self.choose.samples:
             raise IGPruneError("extra candidate and global masks are only used when each cluster chooses its mask: "
                                "set choose.samples > 0")
-        guarded = self.route.gate is not None or self.route.kind == "evidence"
-        if guarded and (self.finder != "search" or not self.choose.samples):
-            raise IGPruneError(f"{'a gate' if self.route.gate is not None else 'evidence'} falls back to the global "
-                               "mask each cluster chooses against: use finder 'search' with choose.samples > 0")
+        if self.route.gate is not None and (self.finder != "search" or not self.choose.samples):
+            raise IGPruneError("a gate falls back to the global mask each cluster chooses against: use finder "
+                               "'search' with choose.samples > 0")
         return self
 
     def train_config(self) -> TrainConfig:

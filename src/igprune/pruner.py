@@ -13,7 +13,6 @@ with a gate, each cluster's radius. Learned attributes end in an underscore.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from igprune.finders.search import check_given_masks, search_cluster_masks
 from igprune.masks import skipped_blocks
 from igprune.models import model_device
 from igprune.recipes import DEFAULT_RECIPE, recipe
-from igprune.routing import gate_radii, route_gains
+from igprune.routing import gate_radii
 from igprune.texts import Request, Text, clean_texts, digest, routed
 
 
@@ -86,36 +85,18 @@ class IGPruner:
         # clusters. A request is placed by its prompt, which is all the router will see of it.
         self.clustering_, embeddings = distributed.on_main(lambda: self._cluster([routed(t) for t in texts]))
         labels = self.clustering_.labels.tolist()
-        members = [[i for i, label in enumerate(labels) if label == k] for k in range(len(self.clustering_.centroids))]
-        # the router's evidence: texts of every cluster that no finder and no choice will score
-        held = self._held_out(members) if cfg.route.kind == "evidence" else set()
-        groups = [[texts[i] for i in m if i not in held] for m in members]
+        groups = [[t for t, label in zip(texts, labels, strict=True) if label == k]
+                  for k in range(len(self.clustering_.centroids))]
         # (2) find candidate masks for each cluster, and (3) choose each cluster's among them
         found = self._find(texts, groups)
         self.log_alpha_, self.fallback_, self.find_log_ = found.log_alpha, found.global_mask, found.log
         chooses = found.global_mask is not None and cfg.choose.samples > 0
         self.masks_ = self._choose(groups, found) if chooses else found.masks
-        # (4) what the router needs beyond the centroids: with a gate each cluster's radius, with evidence each
-        # route's gain over the global mask on the held-out texts
+        # (4) what the router needs beyond the centroids: with a gate, each cluster's radius
         self.radii_ = None if cfg.route.gate is None else gate_radii(self.clustering_.centroids, embeddings,
                                                                      cfg.route.gate)
-        self.evidence_ = None
-        if cfg.route.kind == "evidence":
-            order = sorted(held)
-            route_masks = torch.cat([self.masks_, self.fallback_[None]])
-            gains = route_gains(self.model, self.tokenizer, [texts[i] for i in order], route_masks,
-                                cfg.search.seq_len)
-            self.evidence_ = (embeddings[order], gains)
         self.seconds_ = time.perf_counter() - started
         return self
-
-    def _held_out(self, members: list[list[int]]) -> set[int]:
-        """route.samples texts of each cluster (seeded), at most half of it, kept from the finder and the choice."""
-        rng = random.Random(self.config.seed)
-        held = {i for m in members for i in rng.sample(m, min(self.config.route.samples, len(m) // 2))}
-        if not held:
-            raise IGPruneError("the router's evidence needs clusters of at least 2 texts; give more calibration text")
-        return held
 
     def _cluster(self, texts: list[str]) -> tuple[Clustering, torch.Tensor]:
         embeddings = self._embed(texts)
@@ -185,9 +166,6 @@ class IGPruner:
         }
         if cfg.finder == "search":
             bundle = Bundle(self.masks_, self.clustering_.centroids, config, logs={"search": self.find_log_})
-            if self.evidence_ is not None:
-                settings = {"k": cfg.route.k, "z": cfg.route.z, "margin": cfg.route.margin}
-                return bundle.with_evidence(*self.evidence_, self.fallback_, settings)
             return bundle if self.radii_ is None else bundle.with_gate(self.radii_, self.fallback_, cfg.route.gate)
         loss, expected = self.find_log_["train"]["loss"][-10:], self.find_log_["train"]["expected_sparsity"]
         config.update({"final_loss": sum(loss) / max(1, len(loss)),

@@ -126,19 +126,6 @@ def make_calibration(tokenizer: PreTrainedTokenizerBase, texts: list[Text], n_se
     return Calibration(tensor, info, tuple(texts[i] for i in order[:used]), targets)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[Text],
-             seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (M, T) ids, attention mask and scored mask (the tokens the loss scores: a passage's, a
-    request's response), each text cut to its first seq_len tokens."""
-    rows = [[part[:seq_len] for part in tokens(tokenizer, t)] for t in texts]
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long)
-    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows], dtype=torch.long)
-    scored = torch.tensor([flags + [False] * (width - len(flags)) for _, flags in rows], dtype=torch.bool)
-    return ids, attention, scored
-
-
 @dataclass
 class _Prefix:
     base: torch.Tensor  # (B,) bool

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igprune.distributed import main_writes
-from igprune.files import IGPruneError, cache_root, read_json, sha256_tensors, write_json
+from igprune.files import IGPruneError, cache_root, read_json, write_json
 
 if TYPE_CHECKING:  # torch and transformers load only when a model is involved: `igprune table` stays fast
     from transformers import PreTrainedModel
@@ -92,16 +92,10 @@ def config_hash(data: Any) -> str:
 
 
 def router_identity(bundle: Bundle) -> dict[str, Any]:
-    """What decides which cluster an input goes to: the centroids, the encoder that embeds it, and a gate's radii
-    or the evidence (its tensors by digest, its settings)."""
+    """What decides which cluster an input goes to: the centroids, the encoder that embeds it, and a gate's radii."""
     identity = {"centroids": bundle.centroids.float().tolist(), "encoder": bundle.config.get("encoder"),
                 "encoder_tokens": bundle.config.get("encoder_tokens")}
-    if bundle.radii is not None:
-        identity["radii"] = bundle.radii.float().tolist()
-    if bundle.evidence_gains is not None:
-        identity["evidence"] = {**bundle.config["evidence"],
-                                "sha256": sha256_tensors(bundle.evidence_embeddings, bundle.evidence_gains)}
-    return identity
+    return identity if bundle.radii is None else {**identity, "radii": bundle.radii.float().tolist()}
 
 
 # ---------------------------------------------------------------------------------------- configuration

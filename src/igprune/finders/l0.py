@@ -43,8 +43,7 @@ from igprune.finders.gates import HardConcreteGates, Lagrangian
 from igprune.masks import Granularity, expand, n_units, units_off
 from igprune.models import model_device
 from igprune.nll import token_nll
-from igprune.scoring import tokenize
-from igprune.texts import Text
+from igprune.texts import Text, tokens
 
 CLUSTER_PHASE = ("cluster_steps", "cluster_batch", "cluster_lr")  # TrainConfig fields the shared phase ignores
 
@@ -389,6 +388,19 @@ class MaskTrainer:
             state = {k.rsplit(".", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith(prefix + ".")}
             if state:
                 states[param] = state
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[Text],
+             seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (M, T) ids, attention mask and scored mask (the tokens the loss scores: a passage's, a
+    request's response), each text cut to its first seq_len tokens."""
+    rows = [[part[:seq_len] for part in tokens(tokenizer, t)] for t in texts]
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+    scored = torch.tensor([flags + [False] * (width - len(flags)) for _, flags in rows], dtype=torch.bool)
+    return ids, attention, scored
 
 
 def train_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[Text],
