@@ -50,7 +50,7 @@ from igprune.files import cache_root
 
 SEED = 0
 TOKENS = 192
-N = 48  # texts per domain and split
+N = 32  # texts per domain and split
 PER_SOURCE = 3
 PER_LANGUAGE = 5  # i18n: chunks per language (12 languages)
 CHUNK_CHARS = 1600

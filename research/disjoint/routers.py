@@ -1,0 +1,83 @@
+"""Router prototypes as small pure functions: inputs are embeddings or per-candidate NLLs, outputs route indices.
+
+Conventions: M candidate masks, index `g` is the global mask (the one every input keeps when the router cannot
+tell). `gain[i, c]` = mean per-token NLL under the global mask minus under candidate c (nats/token; > 0: c is
+better). Every router returns, per input, an index into the candidates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nearest_centroid(emb: np.ndarray, centroids: np.ndarray, cluster_mask: np.ndarray) -> np.ndarray:
+    """Today's router: the mask of the nearest centroid (Euclidean). cluster_mask[k]: candidate index of cluster k."""
+    d = ((emb[:, None, :] - centroids[None]) ** 2).sum(-1)
+    return cluster_mask[d.argmin(1)]
+
+
+def radius_gate(emb: np.ndarray, centroids: np.ndarray, cluster_mask: np.ndarray, radii: np.ndarray,
+                g: int) -> np.ndarray:
+    """Nearest centroid, but the global mask for an input farther from it than that cluster's radius."""
+    d = np.sqrt(((emb[:, None, :] - centroids[None]) ** 2).sum(-1))
+    k = d.argmin(1)
+    return np.where(d[np.arange(len(k)), k] > radii[k], g, cluster_mask[k])
+
+
+def knn_gain(emb: np.ndarray, train_emb: np.ndarray, train_gain: np.ndarray, k: int,
+             exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per input and candidate: the mean gain of its k nearest training texts (cosine), the standard error of that
+    mean, and the mean cosine similarity of the neighbours. exclude[i, j] True: training text j may not be a
+    neighbour of input i (leave-one-source-out)."""
+    sim = emb @ train_emb.T
+    if exclude is not None:
+        sim = np.where(exclude, -np.inf, sim)
+    idx = np.argsort(-sim, axis=1)[:, :k]
+    neigh = train_gain[idx]  # (n, k, M)
+    mean = neigh.mean(1)
+    se = neigh.std(1, ddof=1) / np.sqrt(k)
+    return mean, se, np.take_along_axis(sim, idx, 1).mean(1)
+
+
+def lcb_route(mean: np.ndarray, se: np.ndarray, g: int, z: float, margin: float = 0.0,
+              allowed: np.ndarray | None = None) -> np.ndarray:
+    """Leave the global mask for the candidate with the highest lower confidence bound mean - z * se, only where
+    that bound clears `margin` (nats/token). allowed (M,) bool: the candidates it may pick."""
+    lcb = mean - z * se
+    if allowed is not None:
+        lcb = np.where(allowed[None], lcb, -np.inf)
+    lcb[:, g] = -np.inf
+    best = lcb.argmax(1)
+    return np.where(lcb[np.arange(len(best)), best] > margin, best, g)
+
+
+def prompt_route(prefix_nll: np.ndarray, g: int, margin: float, proposals: np.ndarray | None = None) -> np.ndarray:
+    """Choose by the input itself: prefix_nll[i, c] is the mean per-token NLL of input i's first T tokens under
+    candidate c. Among the proposed candidates (proposals[i]: candidate indices scored beside the global mask;
+    None: all), keep the lowest if it beats the global mask by more than `margin` nats/token."""
+    n, m = prefix_nll.shape
+    scored = np.full((n, m), np.inf)
+    if proposals is None:
+        scored = prefix_nll.copy()
+    else:
+        rows = np.arange(n)[:, None]
+        scored[rows, proposals] = prefix_nll[rows, proposals]
+    scored[:, g] = np.inf
+    best = scored.argmin(1)
+    gain = prefix_nll[:, g] - scored[np.arange(n), best]
+    return np.where(gain > margin, best, g)
+
+
+def top_proposals(mean: np.ndarray, g: int, m: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    """The m candidates (not the global one) with the highest predicted gain, per input: (n, m) indices."""
+    score = mean.copy()
+    if allowed is not None:
+        score = np.where(allowed[None], score, -np.inf)
+    score[:, g] = -np.inf
+    return np.argsort(-score, axis=1)[:, :m]
+
+
+def oracle(cont_nll: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """The best candidate on the scored tokens themselves (an upper bound, not a router)."""
+    x = cont_nll if allowed is None else np.where(allowed[None], cont_nll, np.inf)
+    return x.argmin(1)
