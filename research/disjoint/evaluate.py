@@ -33,7 +33,8 @@ from score import BUNDLE, CONTEXT, MODEL, REPO, STATIC, cache_dir, load_set, mas
 GATED = BUNDLE.with_name(BUNDLE.name.replace("-b15", "-gate95-b15"))
 GLOBAL = "sleb-b15-mixed"
 COST_TOKENS = 512 + 128  # a 512-token prompt and 128 generated tokens
-ENCODER_SHARE = 0.01  # all-MiniLM-L6-v2 on 64 tokens against smollm2-135m (45 of 60 blocks) on 640: see LOG.md
+COST = json.loads((HERE / "cost.json").read_text())  # research/disjoint/cost.py: FLOPs shares of 512 + 128 tokens
+ENCODER_SHARE = COST["encoder_64"]
 
 
 def embeddings(set_name: str, rows: list[dict], encoder) -> np.ndarray:
@@ -65,15 +66,21 @@ def encoder_tokenizer_decode(row: dict) -> str:
 class Scores:
     """Per set: continuation (sum NLL, tokens) and prefix mean NLL per text and candidate."""
 
-    def __init__(self, set_name: str, rows: list[dict], keys: list[str]):
+    def __init__(self, set_name: str, rows: list[dict], keys: list[str], totals: dict | None = None):
         self.rows, self.keys = rows, keys
-        arrs = [np.load(nll_path(set_name, rows, k)) for k in keys]
-        self.arr = np.stack(arrs, 1)  # (n, M, 191)
-        cont = self.arr[:, :, CONTEXT - 1:]
-        self.cont_sum = np.nansum(cont, 2)
-        self.cont_n = np.sum(~np.isnan(cont), 2)[:, 0]
-        self.cont_mean = self.cont_sum / self.cont_n[:, None]
         self.domains = [r["domain"] for r in rows]
+        if totals is not None:  # domains.py's cache: {key: {domain: [[sum, n], ...]}}, whole passages scored
+            self.arr = None
+            per = [np.array([x for d in dict.fromkeys(self.domains) for x in totals[k][d]]) for k in keys]
+            self.cont_sum = np.stack([p[:, 0] for p in per], 1)
+            self.cont_n = per[0][:, 1]
+        else:
+            arrs = [np.load(nll_path(set_name, rows, k)) for k in keys]
+            self.arr = np.stack(arrs, 1)  # (n, M, 191)
+            cont = self.arr[:, :, CONTEXT - 1:]
+            self.cont_sum = np.nansum(cont, 2)
+            self.cont_n = np.sum(~np.isnan(cont), 2)[:, 0]
+        self.cont_mean = self.cont_sum / self.cont_n[:, None]
 
     def prefix(self, T: int) -> np.ndarray:
         return self.arr[:, :, :T - 1].mean(2)
@@ -110,10 +117,20 @@ def summary(s: Scores, route: np.ndarray, refs: dict[str, np.ndarray]) -> dict:
 GLOBAL_KEY = None
 
 
+def indist_rows(tokenizer) -> list[dict]:
+    """benchmarks/domains.py's held-out passages (HELDOUT: 24 per domain, first 128 tokens), as its `score` step
+    cached them: the in-distribution benchmark, and the learned router's training text (leave-one-source-out)."""
+    from domains import heldout_ids
+
+    return [{"id": f"indist-{d}-{i}", "domain": d, "ids": ids}
+            for d, rows in heldout_ids(tokenizer).items() for i, ids in enumerate(rows)]
+
+
 def main() -> None:
     global GLOBAL_KEY
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO / "benchmarks"))
     from igprune import load_model
     from igprune.bundle import Bundle
     from igprune.encoder import SentenceEncoder
@@ -134,42 +151,44 @@ def main() -> None:
     centroids = bundle.centroids.float().numpy()
     radii = gated.radii.float().numpy()
 
-    sets = {s: load_set(s, tokenizer) for s in ("calib", "dev", "test", "indist")}
-    scores = {s: Scores(s, rows, cand) for s, rows in sets.items()
-              if all(nll_path(s, rows, k).is_file() for k in cand)}
+    totals = json.loads((REPO / "benchmarks/results/domains" / MODEL / "passages-b15.json").read_text())
+    sets = {"indist": indist_rows(tokenizer), **{s: load_set(s, tokenizer) for s in ("dev", "test")}}
+    scores = {"indist": Scores("indist", sets["indist"], cand, totals)}
+    scores.update({s: Scores(s, sets[s], cand) for s in ("dev", "test")
+                   if all(nll_path(s, sets[s], k).is_file() for k in cand)})
     emb = {s: embeddings(s, sets[s], encoder) for s in scores}
     report = {"model": MODEL, "blocks": 15, "bundle": str(BUNDLE.relative_to(REPO)), "global": GLOBAL,
               "candidates": [label[k] for k in cand], "cluster_to_candidate": cluster_mask.tolist(),
-              "context_tokens": CONTEXT, "texts": {s: len(r) for s, r in sets.items()}, "sets": {}}
+              "context_tokens": CONTEXT, "texts": {s: len(sets[s]) for s in scores},
+              "router_training": "indist (domains.py held-out passages of the six calibration sources, whole "
+                                 "passages scored); on indist itself leave-one-source-out", "sets": {}}
 
-    # the learned router's training data: calibration texts' gains over the global mask
-    cal = scores["calib"]
+    # the learned router's training data: per passage, the gain of each candidate over the global mask
+    cal = scores["indist"]
     cal_gain = cal.cont_mean[:, [g]] - cal.cont_mean  # (n, M) > 0: candidate better
     cal_src = np.array(cal.domains)
 
-    def knn(s: str, k: int, loso: bool = False):
-        exclude = (np.array(scores[s].domains)[:, None] == cal_src[None]) if loso else None
-        return R.knn_gain(emb[s], emb["calib"], cal_gain, k, exclude)
-
-    # --- choose the learned router's k, z, margin on dev (and LOSO on calib): the best dev gain over global
-    grid = list(itertools.product([8, 16, 32], [0.0, 1.0, 2.0], [0.0, 0.02, 0.05]))
+    def knn(s: str, k: int):
+        exclude = (np.array(scores[s].domains)[:, None] == cal_src[None]) if s == "indist" else None
+        return R.knn_gain(emb[s], emb["indist"], cal_gain, k, exclude)
 
     def gain_over_global(s: str, route: np.ndarray) -> float:
         sc = scores[s]
         return paired(sc.picked(route), sc.picked(np.zeros(len(route), int)))[0]
 
-    tuning = {"knn": {}, "prompt": {}}
-    for k, z, margin in grid:
-        mean, se, _ = knn("dev", k)
-        mean_l, se_l, _ = knn("calib", k, loso=True)
-        tuning["knn"][f"k{k}-z{z}-m{margin}"] = {
-            "dev": gain_over_global("dev", R.lcb_route(mean, se, g, z, margin)),
-            "calib_loso": gain_over_global("calib", R.lcb_route(mean_l, se_l, g, z, margin))}
-    best_knn = max(tuning["knn"], key=lambda key: (tuning["knn"][key]["dev"], tuning["knn"][key]["calib_loso"]))
-    k_best, z_best, m_best = (float(x[1:]) for x in best_knn.split("-"))
+    tuning: dict = {"knn": {}, "prompt": {}}
+    chosen: dict = {}
+    if "dev" in scores:
+        for k, z, margin in itertools.product([8, 16, 32], [0.0, 1.0, 2.0], [0.0, 0.02, 0.05]):
+            tuning["knn"][f"k{k}-z{z}-m{margin}"] = {
+                "dev": gain_over_global("dev", R.lcb_route(*knn("dev", k)[:2], g, z, margin)),
+                "indist_loso": gain_over_global("indist", R.lcb_route(*knn("indist", k)[:2], g, z, margin))}
+        chosen["knn"] = max(tuning["knn"], key=lambda key: (tuning["knn"][key]["dev"], tuning["knn"][key]["indist_loso"]))
+    else:
+        chosen["knn"] = "k16-z1.0-m0.0"
+    k_best, z_best, m_best = (float(x[1:]) for x in chosen["knn"].split("-"))
     k_best = int(k_best)
 
-    # --- prompt scoring: T, margin, proposals chosen on dev
     def prompt_routes(s: str, T: int, margin: float, proposals: str):
         sc = scores[s]
         pre = sc.prefix(T)
@@ -179,20 +198,23 @@ def main() -> None:
             p = R.nearest_centroid(emb[s], centroids, cluster_mask)[:, None]
             return np.where(p[:, 0] == g, g, R.prompt_route(pre, g, margin, p)), 1
         m = int(proposals[-1])
-        mean, _, _ = knn(s, k_best)
+        mean = knn(s, k_best)[0]
         return R.prompt_route(pre, g, margin, R.top_proposals(mean, g, m)), m
 
-    for T, margin, proposals in itertools.product([16, 24, 32, 64], [0.0, 0.02, 0.05, 0.1],
-                                                  ["all", "centroid", "knn-top1", "knn-top2"]):
-        route, m = prompt_routes("dev", T, margin, proposals)
-        tuning["prompt"][f"T{T}-m{margin}-{proposals}"] = {"dev": gain_over_global("dev", route),
-                                                          "cost": round(m * T / COST_TOKENS + ENCODER_SHARE, 4)}
+    if "dev" in scores:
+        for T, margin, proposals in itertools.product([16, 24, 32, 64], [0.0, 0.02, 0.05, 0.1],
+                                                      ["all", "centroid", "knn-top1", "knn-top2"]):
+            route, m = prompt_routes("dev", T, margin, proposals)
+            tuning["prompt"][f"T{T}-m{margin}-{proposals}"] = {
+                "dev": gain_over_global("dev", route), "extra_token_forwards": m * T,
+                "cost": round(COST["prompt"][f"T{T}-m{m}"] + (ENCODER_SHARE if proposals != "all" else 0), 4)}
 
-    def best_prompt(max_cost: float | None) -> str:
-        ok = {key: v for key, v in tuning["prompt"].items() if max_cost is None or v["cost"] <= max_cost}
-        return max(ok, key=lambda key: ok[key]["dev"])
+        def best_prompt(max_cost: float | None) -> str:
+            ok = {key: v for key, v in tuning["prompt"].items() if max_cost is None or v["cost"] <= max_cost}
+            return max(ok, key=lambda key: ok[key]["dev"])
 
-    chosen = {"knn": best_knn, "prompt_any_cost": best_prompt(None), "prompt_5pct": best_prompt(0.05)}
+        chosen.update({"prompt_any_cost": best_prompt(None), "prompt_5pct": best_prompt(0.05),
+                       "prompt_7pct": best_prompt(0.07)})
     report["tuning"] = tuning
     report["chosen_on_dev"] = chosen
 
@@ -203,31 +225,30 @@ def main() -> None:
     for s, sc in scores.items():
         n = len(sc.rows)
         ref_static = {}
-        static_keys = {name: key for name, key in statics.items()
-                       if nll_path(s, sets[s], key).is_file()}
-        static_sc = {name: Scores(s, sets[s], [key]) for name, key in static_keys.items()}
-        for name, ssc in static_sc.items():
-            ref_static[name] = ssc.picked(np.zeros(n, int))
+        for name, key in statics.items():
+            if s == "indist":
+                ref_static[name] = Scores(s, sets[s], [key], totals).picked(np.zeros(n, int))
+            elif nll_path(s, sets[s], key).is_file():
+                ref_static[name] = Scores(s, sets[s], [key]).picked(np.zeros(n, int))
         best_static = min(ref_static, key=lambda name: rate(ref_static[name])[0])
         refs = {"global": sc.picked(np.zeros(n, int)), "best_static": ref_static[best_static]}
-        mean, se, _ = knn(s, k_best, loso=(s == "calib"))
+        mean, se, _ = knn(s, k_best)
         methods = {
             "global": np.zeros(n, int),
             "nearest_centroid": R.nearest_centroid(emb[s], centroids, cluster_mask),
             "radius_gate_0.95": R.radius_gate(emb[s], centroids, cluster_mask, radii, g),
-            f"knn_lcb ({best_knn})": R.lcb_route(mean, se, g, z_best, m_best),
+            f"knn_lcb ({chosen['knn']})": R.lcb_route(mean, se, g, z_best, m_best),
             "oracle": R.oracle(sc.cont_mean),
         }
-        for tag in ("prompt_any_cost", "prompt_5pct"):
-            T, margin, proposals = parse_prompt(chosen[tag])
-            methods[f"{tag} ({chosen[tag]})"] = prompt_routes(s, T, margin, proposals)[0]
-        methods["issue rule (T64-m0.05-all)"] = prompt_routes(s, 64, 0.05, "all")[0]
+        if sc.arr is not None and "prompt_5pct" in chosen:
+            for tag in ("prompt_any_cost", "prompt_7pct", "prompt_5pct"):
+                T, margin, proposals = parse_prompt(chosen[tag])
+                methods[f"{tag} ({chosen[tag]})"] = prompt_routes(s, T, margin, proposals)[0]
+            methods["issue rule (T64-m0.05-all)"] = prompt_routes(s, 64, 0.05, "all")[0]
         entry = {"best_static": best_static, "static": {}, "methods": {}}
         for name, ref in ref_static.items():
-            entry["static"][name] = {"ppl": round(math.exp(rate(ref)[0]), 3),
-                                     "vs_global": paired(ref, refs["global"])}
-        dense = nll_path(s, sets[s], "dense")
-        if dense.is_file():
+            entry["static"][name] = {"ppl": round(math.exp(rate(ref)[0]), 3), "vs_global": paired(ref, refs["global"])}
+        if s != "indist" and nll_path(s, sets[s], "dense").is_file():
             d = Scores(s, sets[s], ["dense"]).picked(np.zeros(n, int))
             entry["static"]["dense"] = {"ppl": round(math.exp(rate(d)[0]), 3), "vs_global": paired(d, refs["global"])}
         orc = sc.picked(methods["oracle"])
@@ -236,11 +257,14 @@ def main() -> None:
             entry["methods"][name] = summary(sc, route, refs)
             entry["methods"][name]["headroom_captured"] = round(
                 (rate(refs["global"])[0] - rate(sc.picked(route))[0]) / head, 3) if head > 0 else None
+            entry["methods"][name]["routes"] = {d: np.bincount(route[np.array(sc.domains) == d],
+                                                               minlength=len(cand)).tolist()
+                                                for d in dict.fromkeys(sc.domains)}
         report["sets"][s] = entry
-        print(s, json.dumps({k: (v["vs_global"]["all"], v["vs_best_static"]["all"]) for k, v in entry["methods"].items()}))
+        print(s, json.dumps({k: (v["vs_global"]["all"], v["vs_best_static"]["all"])
+                             for k, v in entry["methods"].items()}), flush=True)
     (HERE / "results.json").write_text(json.dumps(report, indent=1))
     print("chosen on dev:", chosen)
-
 
 if __name__ == "__main__":
     main()

@@ -40,10 +40,10 @@ SEED = 0
 TOKENS = 192
 CONTEXT = 64
 MIN_TOKENS = 128
-INDIST = 16
-CALIB = 24
+INDIST = 12
+CALIB = 16
 BUNDLE = REPO / "benchmarks/bundles/smollm2-135m/domains/ig-sleb-n7-texts64-p0-domains-auto-unscored-b15"
-STATIC = ["sleb-b15-mixed", "sleb-b15", "evopress-b15", "shortened-ppl-b15", "static-l0-b15"]
+STATIC = ["sleb-b15-mixed", "sleb-b15", "evopress-b15", "static-l0-b15", "shortened-ppl-b15"]
 WIDE = REPO / "benchmarks/results/domains/smollm2-135m"
 DOMAINS = ("code", "math", "wiki", "tiny", "multilingual", "qa")
 
@@ -151,7 +151,11 @@ def main() -> None:
                                      *(mask_key(m) for label, m in masks.items() if label.startswith("cluster"))]))
     other_keys = [k for k in labels if k not in bundle_keys and labels[k] != "dense"]
     # priority: the bundle's distinct masks everywhere, then the other static and search masks, then dense
-    jobs = [(s, k) for s in ("dev", "test", "calib", "indist") for k in bundle_keys]
+    static_keys = [mask_key(masks[name]) for name in STATIC if mask_key(masks[name]) not in bundle_keys]
+    jobs = [(s, k) for s in ("dev", "test") for k in bundle_keys]
+    jobs += [(s, k) for s in ("test", "dev") for k in static_keys]
+    jobs += [("calib", k) for k in bundle_keys]
+    jobs += [("indist", k) for k in [*bundle_keys, *static_keys]]
     jobs += [(s, k) for s in ("dev", "test", "indist") for k in other_keys]
     jobs += [(s, k) for s in ("dev", "test", "indist") for k in labels if labels[k] == "dense"]
     wanted = args.sets.split(",")
