@@ -158,7 +158,7 @@ def main() -> None:
                    if all(nll_path(s, sets[s], k).is_file() for k in cand)})
     emb = {s: embeddings(s, sets[s], encoder) for s in scores}
     report = {"model": MODEL, "blocks": 15, "bundle": str(BUNDLE.relative_to(REPO)), "global": GLOBAL,
-              "candidates": [label[k] for k in cand], "cluster_to_candidate": cluster_mask.tolist(),
+              "candidates": [label[k] for k in cand], "cand_keys": cand, "cluster_to_candidate": cluster_mask.tolist(),
               "context_tokens": CONTEXT, "texts": {s: len(sets[s]) for s in scores},
               "router_training": "indist (domains.py held-out passages of the six calibration sources, whole "
                                  "passages scored); on indist itself leave-one-source-out", "sets": {}}
@@ -189,9 +189,19 @@ def main() -> None:
     k_best, z_best, m_best = (float(x[1:]) for x in chosen["knn"].split("-"))
     k_best = int(k_best)
 
+    keep = np.ones(len(cand), bool)
+    if "dev" in scores:  # the candidates whose nearest-centroid texts on dev gain by more than 1 stderr
+        dev_route = R.nearest_centroid(emb["dev"], centroids, cluster_mask)
+        dev_gain = scores["dev"].cont_mean[:, 0] - scores["dev"].cont_mean[np.arange(len(dev_route)), dev_route]
+        keep = R.validated_clusters(dev_route, dev_gain, len(cand), g, 1.0)
+        chosen["validated_on_dev"] = [label[cand[c]] for c in np.flatnonzero(keep)]
+
     def prompt_routes(s: str, T: int, margin: float, proposals: str):
         sc = scores[s]
         pre = sc.prefix(T)
+        if proposals == "validated":
+            p = R.restrict(R.nearest_centroid(emb[s], centroids, cluster_mask), keep, g)[:, None]
+            return np.where(p[:, 0] == g, g, R.prompt_route(pre, g, margin, p)), 1
         if proposals == "all":
             return R.prompt_route(pre, g, margin), len(cand) - 1
         if proposals == "centroid":
@@ -203,7 +213,7 @@ def main() -> None:
 
     if "dev" in scores:
         for T, margin, proposals in itertools.product([16, 24, 32, 64], [0.0, 0.02, 0.05, 0.1],
-                                                      ["all", "centroid", "knn-top1", "knn-top2"]):
+                                                      ["all", "centroid", "validated", "knn-top1", "knn-top2"]):
             route, m = prompt_routes("dev", T, margin, proposals)
             tuning["prompt"][f"T{T}-m{margin}-{proposals}"] = {
                 "dev": gain_over_global("dev", route), "extra_token_forwards": m * T,
@@ -240,6 +250,8 @@ def main() -> None:
             f"knn_lcb ({chosen['knn']})": R.lcb_route(mean, se, g, z_best, m_best),
             "oracle": R.oracle(sc.cont_mean),
         }
+        if "validated_on_dev" in chosen:
+            methods["validated centroid (z1 on dev)"] = R.restrict(methods["nearest_centroid"], keep, g)
         if sc.arr is not None and "prompt_5pct" in chosen:
             for tag in ("prompt_any_cost", "prompt_7pct", "prompt_5pct"):
                 T, margin, proposals = parse_prompt(chosen[tag])

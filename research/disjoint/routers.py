@@ -81,3 +81,21 @@ def oracle(cont_nll: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarra
     """The best candidate on the scored tokens themselves (an upper bound, not a router)."""
     x = cont_nll if allowed is None else np.where(allowed[None], cont_nll, np.inf)
     return x.argmin(1)
+
+
+def validated_clusters(route: np.ndarray, gain_of_route: np.ndarray, n_routes: int, g: int, z: float) -> np.ndarray:
+    """Which routes to keep: those whose texts (of a validation set) gain over the global mask by more than z
+    standard errors on average. route[i]: the route text i took; gain_of_route[i]: its gain (nats/token) there.
+    Returns a (n_routes,) bool array; the global mask's route is always kept."""
+    keep = np.zeros(n_routes, bool)
+    keep[g] = True
+    for c in range(n_routes):
+        x = gain_of_route[route == c]
+        if c != g and len(x) >= 2 and x.mean() - z * x.std(ddof=1) / np.sqrt(len(x)) > 0:
+            keep[c] = True
+    return keep
+
+
+def restrict(route: np.ndarray, keep: np.ndarray, g: int) -> np.ndarray:
+    """A router's choices, with every route outside `keep` sent to the global mask."""
+    return np.where(keep[route], route, g)
