@@ -85,6 +85,9 @@ class Scores:
     def prefix(self, T: int) -> np.ndarray:
         return self.arr[:, :, :T - 1].mean(2)
 
+    def prefix_tokens(self, T: int) -> np.ndarray:
+        return self.arr[:, :, :T - 1]
+
     def picked(self, route: np.ndarray) -> np.ndarray:
         """[[nll sum, tokens], ...] per text under the routed candidate."""
         return np.stack([self.cont_sum[np.arange(len(route)), route], self.cont_n], 1)
@@ -198,6 +201,16 @@ def main() -> None:
 
     def prompt_routes(s: str, T: int, margin: float, proposals: str):
         sc = scores[s]
+        if proposals.startswith("z"):  # "z<Z>-<proposals>": a paired test on the prompt tokens, no flat margin
+            z, proposals = proposals.split("-", 1)
+            pre_tok = sc.prefix_tokens(T)
+            if proposals == "all":
+                return R.prompt_route_z(pre_tok, g, float(z[1:])), len(cand) - 1
+            if proposals == "centroid":
+                p = R.nearest_centroid(emb[s], centroids, cluster_mask)[:, None]
+                return np.where(p[:, 0] == g, g, R.prompt_route_z(pre_tok, g, float(z[1:]), p)), 1
+            m = int(proposals[-1])
+            return R.prompt_route_z(pre_tok, g, float(z[1:]), R.top_proposals(knn(s, k_best)[0], g, m)), m
         pre = sc.prefix(T)
         if proposals == "validated":
             p = R.restrict(R.nearest_centroid(emb[s], centroids, cluster_mask), keep, g)[:, None]
@@ -218,6 +231,12 @@ def main() -> None:
             tuning["prompt"][f"T{T}-m{margin}-{proposals}"] = {
                 "dev": gain_over_global("dev", route), "extra_token_forwards": m * T,
                 "cost": round(COST["prompt"][f"T{T}-m{m}"] + (ENCODER_SHARE if proposals != "all" else 0), 4)}
+        for T, z, proposals in itertools.product([16, 24, 32, 64], [1.0, 2.0, 3.0],
+                                                 ["all", "centroid", "knn-top1", "knn-top2"]):
+            route, m = prompt_routes("dev", T, 0.0, f"z{z}-{proposals}")
+            tuning["prompt"][f"T{T}-m0.0-z{z}-{proposals}"] = {
+                "dev": gain_over_global("dev", route), "extra_token_forwards": m * T,
+                "cost": round(COST["prompt"][f"T{T}-m{m}"] + (ENCODER_SHARE if proposals != "all" else 0), 4)}
 
         def best_prompt(max_cost: float | None) -> str:
             ok = {key: v for key, v in tuning["prompt"].items() if max_cost is None or v["cost"] <= max_cost}
@@ -227,6 +246,64 @@ def main() -> None:
                        "prompt_7pct": best_prompt(0.07)})
     report["tuning"] = tuning
     report["chosen_on_dev"] = chosen
+
+    # kNN trained on ten sources: the six calibration sources' held-out passages and the four dev sources; k, z and
+    # margin chosen by leave-one-source-out over those ten (never on test); each text of indist and dev is predicted
+    # with its own source left out, each test text from all ten.
+    multi = {}
+    if "dev" in scores:
+        tr_emb = np.concatenate([emb["indist"], emb["dev"]])
+        dev_sc = scores["dev"]
+        tr_gain = np.concatenate([cal_gain, dev_sc.cont_mean[:, [g]] - dev_sc.cont_mean])
+        tr_src = np.array([*cal.domains, *(f"dev-{d}" for d in dev_sc.domains)])
+        tr_pick = np.concatenate([cal.cont_sum, dev_sc.cont_sum])
+        tr_n = np.concatenate([cal.cont_n, dev_sc.cont_n])
+        tuning["knn10_loso"] = {}
+        for k, z, margin in itertools.product([8, 16, 32, 64], [0.0, 1.0, 2.0], [0.0, 0.02, 0.05]):
+            mean, se, _ = R.knn_gain(tr_emb, tr_emb, tr_gain, k, tr_src[:, None] == tr_src[None])
+            route = R.lcb_route(mean, se, g, z, margin)
+            a = np.stack([tr_pick[np.arange(len(route)), route], tr_n], 1)
+            b = np.stack([tr_pick[:, 0], tr_n], 1)
+            tuning["knn10_loso"][f"k{k}-z{z}-m{margin}"] = paired(a, b)[0]
+        best10 = max(tuning["knn10_loso"], key=tuning["knn10_loso"].get)
+        chosen["knn10"] = best10
+        k10, z10, m10 = (float(x[1:]) for x in best10.split("-"))
+
+        def knn10(s: str) -> np.ndarray:
+            if s == "test":
+                mean, se, _ = R.knn_gain(emb[s], tr_emb, tr_gain, int(k10))
+                return R.lcb_route(mean, se, g, z10, m10)
+            mean, se, _ = R.knn_gain(tr_emb, tr_emb, tr_gain, int(k10), tr_src[:, None] == tr_src[None])
+            route = R.lcb_route(mean, se, g, z10, m10)
+            return route[:len(cal.domains)] if s == "indist" else route[len(cal.domains):]
+        multi["knn10"] = knn10
+
+    # familiarity gate: nearest centroid only for inputs whose 8 nearest fit passages are similar enough; tau the
+    # lowest value (on a grid) at which the gated router is no worse than the global mask on dev overall and in no
+    # dev domain beyond one stderr
+    from domains import fit_passages
+
+    fit_path = cache_dir() / "emb" / "fit-passages.npy"
+    if not fit_path.is_file():
+        np.save(fit_path, encoder.encode(fit_passages(bundle, "ig-sleb-n7-texts64-p0-domains-auto-unscored")).numpy())
+    fit_emb = np.load(fit_path)
+    fam = {s: R.familiarity(emb[s], fit_emb) for s in scores}
+    if "dev" in scores:
+        dev_nc = R.nearest_centroid(emb["dev"], centroids, cluster_mask)
+        grid_tau = np.round(np.arange(0.30, 0.96, 0.025), 3)
+        tuning["familiarity"] = {}
+        chosen["familiarity_tau"] = float(grid_tau[-1])
+        for tau in grid_tau:
+            route = R.familiarity_gate(dev_nc, fam["dev"], tau, g)
+            a, b = scores["dev"].picked(route), scores["dev"].picked(np.zeros(len(route), int))
+            per = [paired(a[np.array(scores["dev"].domains) == d], b[np.array(scores["dev"].domains) == d])
+                   for d in dict.fromkeys(scores["dev"].domains)]
+            tuning["familiarity"][str(tau)] = {"dev": paired(a, b), "worst_domain": min(x[0] + x[1] for x in per)}
+        ok = [t for t in grid_tau if tuning["familiarity"][str(t)]["dev"][0] >= 0
+              and tuning["familiarity"][str(t)]["worst_domain"] >= 0]
+        chosen["familiarity_tau"] = float(min(ok)) if ok else float(grid_tau[-1])
+        tuning["familiarity_quantiles"] = {s: np.quantile(f, [0.05, 0.25, 0.5, 0.75, 0.95]).round(3).tolist()
+                                           for s, f in fam.items()}
 
     def parse_prompt(key: str):
         T, margin, proposals = key.split("-", 2)
@@ -249,7 +326,14 @@ def main() -> None:
             "radius_gate_0.95": R.radius_gate(emb[s], centroids, cluster_mask, radii, g),
             f"knn_lcb ({chosen['knn']})": R.lcb_route(mean, se, g, z_best, m_best),
             "oracle": R.oracle(sc.cont_mean),
+            "domain oracle (one mask per domain, cross-fitted halves)": R.domain_oracle_halves(sc.cont_mean,
+                                                                                               sc.domains),
         }
+        if "familiarity_tau" in chosen:
+            methods[f"familiarity-gated centroid (tau {chosen['familiarity_tau']} on dev)"] = R.familiarity_gate(
+                methods["nearest_centroid"], fam[s], chosen["familiarity_tau"], g)
+        if "knn10" in multi:
+            methods[f"knn10_lcb ({chosen['knn10']}; LOSO outside test)"] = multi["knn10"](s)
         if "validated_on_dev" in chosen:
             methods["validated centroid (z1 on dev)"] = R.restrict(methods["nearest_centroid"], keep, g)
         if sc.arr is not None and "prompt_5pct" in chosen:
@@ -272,6 +356,16 @@ def main() -> None:
             entry["methods"][name]["routes"] = {d: np.bincount(route[np.array(sc.domains) == d],
                                                                minlength=len(cand)).tolist()
                                                 for d in dict.fromkeys(sc.domains)}
+        if sc.arr is not None:  # how predictable a text's best mask is from its own text: choose on tokens 64..127
+            early = np.nanmean(sc.arr[:, :, CONTEXT - 1:CONTEXT + 63], 2)  # (by the oracle rule), score on 128..191
+            late_sum = np.nansum(sc.arr[:, :, CONTEXT + 63:], 2)
+            late_n = np.sum(~np.isnan(sc.arr[:, 0, CONTEXT + 63:]), 1)
+            pick_late = lambda r: np.stack([late_sum[np.arange(n), r], late_n], 1)  # noqa: E731
+            entry["self_split"] = {
+                "late_oracle_vs_global": paired(pick_late(R.oracle(late_sum / late_n[:, None])), pick_late(np.zeros(n, int))),
+                "chosen_by_early_half_vs_global": paired(pick_late(early.argmin(1)), pick_late(np.zeros(n, int))),
+                "chosen_by_early_half_margin0.05_vs_global": paired(
+                    pick_late(R.prompt_route(early, g, 0.05)), pick_late(np.zeros(n, int)))}
         report["sets"][s] = entry
         print(s, json.dumps({k: (v["vs_global"]["all"], v["vs_best_static"]["all"])
                              for k, v in entry["methods"].items()}), flush=True)

@@ -99,3 +99,45 @@ def validated_clusters(route: np.ndarray, gain_of_route: np.ndarray, n_routes: i
 def restrict(route: np.ndarray, keep: np.ndarray, g: int) -> np.ndarray:
     """A router's choices, with every route outside `keep` sent to the global mask."""
     return np.where(keep[route], route, g)
+
+
+def prompt_route_z(prefix_tok: np.ndarray, g: int, z: float, proposals: np.ndarray | None = None) -> np.ndarray:
+    """prompt_route with a paired test in place of a flat margin: prefix_tok[i, c, t] is the NLL of prompt token t
+    of input i under candidate c; a proposed candidate replaces the global mask only where its per-token NLL is
+    lower on average by more than z standard errors (over the T - 1 scored prompt tokens)."""
+    n, m, t = prefix_tok.shape
+    diff = prefix_tok[:, [g], :] - prefix_tok  # (n, m, t) > 0: candidate better
+    zs = diff.mean(2) / (diff.std(2, ddof=1) / np.sqrt(t) + 1e-9)
+    allowed = np.zeros((n, m), bool)
+    if proposals is None:
+        allowed[:] = True
+    else:
+        allowed[np.arange(n)[:, None], proposals] = True
+    allowed[:, g] = False
+    zs = np.where(allowed, zs, -np.inf)
+    best = zs.argmax(1)
+    return np.where(zs[np.arange(n), best] > z, best, g)
+
+
+def domain_oracle_halves(cont_mean: np.ndarray, groups: list[str]) -> np.ndarray:
+    """Per group (domain), the single candidate with the lowest mean NLL on the group's other half (even texts choose
+    for odd ones and back): the best one-mask-per-domain choice, never scored on the texts that chose it."""
+    groups = np.asarray(groups)
+    route = np.zeros(len(groups), int)
+    for d in dict.fromkeys(groups.tolist()):
+        idx = np.flatnonzero(groups == d)
+        for half in (0, 1):
+            judges, scored = idx[half::2], idx[1 - half::2]
+            route[scored] = cont_mean[judges].mean(0).argmin()
+    return route
+
+
+def familiarity(emb: np.ndarray, ref_emb: np.ndarray, k: int = 8) -> np.ndarray:
+    """How familiar an input is: the mean cosine similarity of its k nearest calibration passages (the fit's own)."""
+    sim = emb @ ref_emb.T
+    return np.sort(sim, axis=1)[:, -k:].mean(1)
+
+
+def familiarity_gate(route: np.ndarray, fam: np.ndarray, tau: float, g: int) -> np.ndarray:
+    """A router's choices where the input is at least `tau` familiar, the global mask elsewhere."""
+    return np.where(fam >= tau, route, g)
