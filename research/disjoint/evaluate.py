@@ -329,6 +329,14 @@ def main() -> None:
             "domain oracle (one mask per domain, cross-fitted halves)": R.domain_oracle_halves(sc.cont_mean,
                                                                                                sc.domains),
         }
+        if s == "indist":  # in-source: each passage's neighbours from the other half of the passages (every source)
+            half = np.arange(n) % 2
+            mean_h, se_h, _ = R.knn_gain(emb[s], emb[s], cal_gain, k_best, half[:, None] == half[None])
+            methods[f"knn_lcb ({chosen['knn']}), in-source: neighbours from the other half"] = R.lcb_route(
+                mean_h, se_h, g, z_best, m_best)
+            mean_h, se_h, _ = R.knn_gain(emb[s], emb[s], cal_gain, 16, half[:, None] == half[None])
+            methods["knn_lcb (k16-z1.0-m0.0), in-source: neighbours from the other half"] = R.lcb_route(
+                mean_h, se_h, g, 1.0, 0.0)
         if "familiarity_tau" in chosen:
             methods[f"familiarity-gated centroid (tau {chosen['familiarity_tau']} on dev)"] = R.familiarity_gate(
                 methods["nearest_centroid"], fam[s], chosen["familiarity_tau"], g)
