@@ -305,6 +305,26 @@ def main() -> None:
         tuning["familiarity_quantiles"] = {s: np.quantile(f, [0.05, 0.25, 0.5, 0.75, 0.95]).round(3).tolist()
                                            for s, f in fam.items()}
 
+    # radius gate at other quantiles (radii over the fit's own passages, as stage2.router.gate_radii): the largest q
+    # at which the gated router is no worse than the global mask on dev overall and in no dev domain beyond 1 stderr
+    d_fit = np.sqrt(((fit_emb[:, None, :] - centroids[None]) ** 2).sum(-1))
+    k_fit = d_fit.argmin(1)
+
+    def radii_at(q: float) -> np.ndarray:
+        return np.array([np.quantile(d_fit[k_fit == c, c], q, method="higher") if (k_fit == c).any() else 0.0
+                         for c in range(len(centroids))])
+
+    if "dev" in scores:
+        tuning["radius_gate"] = {}
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95):
+            route = R.radius_gate(emb["dev"], centroids, cluster_mask, radii_at(q), g)
+            a, b = scores["dev"].picked(route), scores["dev"].picked(np.zeros(len(route), int))
+            doms = np.array(scores["dev"].domains)
+            per = [paired(a[doms == d], b[doms == d]) for d in dict.fromkeys(doms.tolist())]
+            tuning["radius_gate"][str(q)] = {"dev": paired(a, b), "worst_domain": min(x[0] + x[1] for x in per)}
+        ok = [q for q, v in tuning["radius_gate"].items() if v["dev"][0] >= 0 and v["worst_domain"] >= 0]
+        chosen["radius_gate_q"] = float(max(ok, key=float)) if ok else 0.0
+
     def parse_prompt(key: str):
         T, margin, proposals = key.split("-", 2)
         return int(T[1:]), float(margin[1:]), proposals
@@ -337,6 +357,9 @@ def main() -> None:
             mean_h, se_h, _ = R.knn_gain(emb[s], emb[s], cal_gain, 16, half[:, None] == half[None])
             methods["knn_lcb (k16-z1.0-m0.0), in-source: neighbours from the other half"] = R.lcb_route(
                 mean_h, se_h, g, 1.0, 0.0)
+        if "radius_gate_q" in chosen:
+            methods[f"radius gate q {chosen['radius_gate_q']} (on dev)"] = R.radius_gate(
+                emb[s], centroids, cluster_mask, radii_at(chosen["radius_gate_q"]), g)
         if "familiarity_tau" in chosen:
             methods[f"familiarity-gated centroid (tau {chosen['familiarity_tau']} on dev)"] = R.familiarity_gate(
                 methods["nearest_centroid"], fam[s], chosen["familiarity_tau"], g)
