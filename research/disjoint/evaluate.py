@@ -186,7 +186,8 @@ def main() -> None:
             tuning["knn"][f"k{k}-z{z}-m{margin}"] = {
                 "dev": gain_over_global("dev", R.lcb_route(*knn("dev", k)[:2], g, z, margin)),
                 "indist_loso": gain_over_global("indist", R.lcb_route(*knn("indist", k)[:2], g, z, margin))}
-        chosen["knn"] = max(tuning["knn"], key=lambda key: (tuning["knn"][key]["dev"], tuning["knn"][key]["indist_loso"]))
+        chosen["knn"] = max(tuning["knn"],
+                            key=lambda key: (tuning["knn"][key]["dev"], tuning["knn"][key]["indist_loso"]))
     else:
         chosen["knn"] = "k16-z1.0-m0.0"
     k_best, z_best, m_best = (float(x[1:]) for x in chosen["knn"].split("-"))
@@ -391,9 +392,10 @@ def main() -> None:
             early = np.nanmean(sc.arr[:, :, CONTEXT - 1:CONTEXT + 63], 2)  # (by the oracle rule), score on 128..191
             late_sum = np.nansum(sc.arr[:, :, CONTEXT + 63:], 2)
             late_n = np.sum(~np.isnan(sc.arr[:, 0, CONTEXT + 63:]), 1)
-            pick_late = lambda r: np.stack([late_sum[np.arange(n), r], late_n], 1)  # noqa: E731
+            pick_late = lambda r: np.stack([late_sum[np.arange(n), r], late_n], 1)  # noqa: E731, B023
             entry["self_split"] = {
-                "late_oracle_vs_global": paired(pick_late(R.oracle(late_sum / late_n[:, None])), pick_late(np.zeros(n, int))),
+                "late_oracle_vs_global": paired(pick_late(R.oracle(late_sum / late_n[:, None])),
+                                                pick_late(np.zeros(n, int))),
                 "chosen_by_early_half_vs_global": paired(pick_late(early.argmin(1)), pick_late(np.zeros(n, int))),
                 "chosen_by_early_half_margin0.05_vs_global": paired(
                     pick_late(R.prompt_route(early, g, 0.05)), pick_late(np.zeros(n, int)))}

@@ -16,7 +16,6 @@ import routers as R  # noqa: E402
 from evaluate import paired  # noqa: E402
 
 REPO = HERE.parents[1]
-b = json.loads((REPO / "benchmarks/bundles/smollm2-135m/domains/ig-sleb-n7-texts64-p0-domains-auto-unscored-b15/bundle.json").read_text())
 totals = json.loads((REPO / "benchmarks/results/domains/smollm2-135m/passages-b15.json").read_text())
 emb = np.load(sorted((Path.home() / ".cache/igprune/data/disjoint/emb").glob("indist-144-*.npy"))[0])
 from igprune.bundle import Bundle  # noqa: E402
@@ -32,7 +31,11 @@ n = np.array([x[1] for d in doms for x in totals[cand[0]][d]])
 mean_nll = S / n[:, None]
 gain = mean_nll[:, [0]] - mean_nll
 exclude = src[:, None] == src[None]
-pick = lambda r: np.stack([S[np.arange(len(r)), r], n], 1)
+def pick(r):
+    return np.stack([S[np.arange(len(r)), r], n], 1)
+
+
+
 glob = pick(np.zeros(len(n), int))
 for k, z, m, smin in itertools.product([8, 16, 32], [0, 1, 2, 3], [0, 0.05], [0, 0.3, 0.4]):
     mu, se, sim = R.knn_gain(emb, emb, gain, k, exclude)
