@@ -306,7 +306,7 @@ def main() -> None:
         tuning["familiarity_quantiles"] = {s: np.quantile(f, [0.05, 0.25, 0.5, 0.75, 0.95]).round(3).tolist()
                                            for s, f in fam.items()}
 
-    # radius gate at other quantiles (radii over the fit's own passages, as stage2.router.gate_radii): the largest q
+    # radius gate at other quantiles (radii over the fit's own passages, as routing.gate_radii): the largest q
     # at which the gated router is no worse than the global mask on dev overall and in no dev domain beyond 1 stderr
     d_fit = np.sqrt(((fit_emb[:, None, :] - centroids[None]) ** 2).sum(-1))
     k_fit = d_fit.argmin(1)

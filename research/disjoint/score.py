@@ -83,7 +83,7 @@ def set_digest(rows: list[dict]) -> str:
 def named_masks(model) -> dict[str, torch.Tensor | None]:
     """label -> mask (None: dense): static bundles, the wide-texts-p0 domain searches, the bundle's masks."""
     from igprune.bundle import Bundle
-    from igprune.stage1.search import find_order_mask
+    from igprune.finders.search import find_order_mask
 
     masks: dict[str, torch.Tensor | None] = {"dense": None}
     for name in STATIC:
