@@ -150,17 +150,20 @@ def pass_at_1(references: list[str], predictions: list[list[str]] | list[str]) -
 
 
 def first_code_block(text: str) -> str:
-    """The first fenced code block of a reply whose opening fence was in the prompt (lm-eval's
-    mbpp extract_code_blocks); a reply with no closing fence is taken whole."""
-    blocks = re.findall(r"```(?:\w+)?\n?(.*?)\n?```", "```" + text, re.DOTALL)
-    return blocks[0] if blocks else text
+    """The first fenced code block of a reply whose opening fence ended the prompt, "" if there is none (lm-eval's
+    mbpp extract_code_blocks)."""
+    pattern = r"```(?:\w+)?\n?(.*?)\n?```"
+    blocks = re.findall(pattern, "```" + text, re.DOTALL) or re.findall(pattern, text.replace("```python", "```"),
+                                                                        re.DOTALL)
+    return blocks[0] if blocks else ""
 
 
 def mbpp_code(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """lm-eval filter: the code of each MBPP reply (the text before [DONE], or its first code block)."""
-    return [[first_code_block(r) if "```" in r else r for r in resp] for resp in resps]
+    """lm-eval filter (mbpp_instruct's build_predictions): each reply's first code block."""
+    return [[first_code_block(r) for r in resp] for resp in resps]
 
 
 def humaneval_program(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """lm-eval filter (lm-eval's humaneval build_predictions): the prompt's signature and docstring + the body."""
-    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs, strict=True)]
+    """lm-eval filter (humaneval_instruct's build_predictions_instruct): the prompt's signature and docstring, then
+    the reply up to its closing fence."""
+    return [[doc["prompt"] + r.split("```", 1)[0] for r in resp] for resp, doc in zip(resps, docs, strict=True)]
