@@ -614,6 +614,8 @@ def eval_(
     seed: EvalSeedOpt = 0,
     chat_template: Annotated[bool | None, typer.Option("--chat-template/--no-chat-template", help="generative "
                              "tasks through the model's chat template (default: if the tokenizer has one)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="generative tasks: at most this many new tokens "
+                                                            "(default: each task's own)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -629,7 +631,8 @@ def eval_(
     _join_ranks()  # under accelerate launch / torchrun: lm-eval's data parallelism, each rank a share of the tasks
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
-                       dense=reference, use_cache=cache, seed=seed, chat_template=chat_template)
+                       dense=reference, use_cache=cache, seed=seed, chat_template=chat_template,
+                       max_new_tokens=max_new_tokens)
     _on_main(save_results, out, results)
     table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
     for name, task in results["tasks"].items():

@@ -71,9 +71,10 @@ def resolve_tasks(tasks: Sequence[str]) -> list[str]:
 
 
 def _task_key(model: PreTrainedModel, bundle_content: str | None, task: str, limit: int | None,
-              seed: int, chat: bool = False) -> dict[str, Any]:
+              seed: int, chat: bool = False, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Everything that decides one task's result; the results cache is keyed by it."""
-    generative = {"chat_template": chat, "execution": [TIMEOUT, MEMORY]} if task in GENERATIVE else {}
+    generative = {"chat_template": chat, "max_new_tokens": max_new_tokens,
+                  "execution": [TIMEOUT, MEMORY]} if task in GENERATIVE else {}
     return {**generative, "model": model.name_or_path, "fingerprint": fingerprint(model), "bundle": bundle_content,
             "task": task, "task_sha256": config_hash([definition(task), sha256_file(eval_dataset_path(
                 task.removeprefix(PREFIX)))]),
@@ -100,11 +101,11 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
              tasks: Sequence[str] = (GROUP,), limit: int | None = None, batch_size: int = 8,
              kv_policy: KVPolicy = "keep", dense: dict[str, Any] | None = None, use_cache: bool = True,
              cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-             chat_template: bool | None = None) -> dict[str, Any]:
+             chat_template: bool | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Zero-shot accuracy of `model` (dense), or of `model` pruned by `bundle`, as a results dict.
 
     Generative tasks run through the tokenizer's chat template when chat_template is True, or None and the
-    tokenizer has one (an instruct model).
+    tokenizer has one (an instruct model); each writes at most its definition's max tokens, or `max_new_tokens`.
     "percentage" is filled in against `dense` (a dense results dict) when given, else against a cached
     dense result for the same model, tasks and limit if there is one. `cache_dir` defaults to <cache>/results;
     use_cache=False recomputes every task (and refreshes the cache).
@@ -115,6 +116,8 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
     names = resolve_tasks(tasks)
     if limit is not None and limit < 1:
         raise IGPruneError("limit must be a positive number of documents per task")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise IGPruneError("max_new_tokens must be a positive number of tokens")
     cache = ResultCache(cache_dir)
     chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
     started = time.perf_counter()
@@ -122,15 +125,16 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
     results: dict[str, Any] = {"kind": "accuracy", **config.describe(), "limit": limit, "kv_policy": kv_policy,
                                "batch_size": batch_size, "tasks": {}, "routing": {} if config.dynamic else None}
     if any(task in GENERATIVE for task in names):
-        results["generation"] = {"chat_template": chat, "decoding": "greedy", "execution": isolation()}
+        results["generation"] = {"chat_template": chat, "decoding": "greedy", "max_new_tokens": max_new_tokens
+                                 or "the task's", "execution": isolation()}
     for task in tqdm(names, desc="tasks", unit="task", disable=not distributed.shows_progress(progress) or None):
-        key = _task_key(model, config.content_sha256, task, limit, seed, chat)
+        key = _task_key(model, config.content_sha256, task, limit, seed, chat, max_new_tokens)
         entry = cache.get(key) if use_cache else None
         if entry is not None:
             entry["cached"] = True
         else:
             runner = runner or _Runner(config, tokenizer, batch_size, kv_policy, seed)
-            entry = runner.run(task, limit, chat)
+            entry = runner.run(task, limit, chat, max_new_tokens)
             cache.put(key, entry)
             entry["cached"] = False
         short = task.removeprefix(PREFIX)
@@ -178,7 +182,8 @@ class _Runner:
         self.manager = task_manager()
         self.seed = seed
 
-    def run(self, task: str, limit: int | None, chat: bool = False) -> dict[str, Any]:
+    def run(self, task: str, limit: int | None, chat: bool = False,
+            max_new_tokens: int | None = None) -> dict[str, Any]:
         import lm_eval
 
         self.lm.reset_routing()
@@ -198,7 +203,9 @@ class _Runner:
             output = lm_eval.simple_evaluate(
                 model=self.lm, tasks=[what], task_manager=self.manager, limit=limit,
                 num_fewshot=None if generative else 0, apply_chat_template=chat and generative,
-                confirm_run_unsafe_code=generative, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True,
+                confirm_run_unsafe_code=generative,
+                gen_kwargs={"max_gen_toks": max_new_tokens} if generative and max_new_tokens else None,
+                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True,
                 random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
                 fewshot_random_seed=self.seed)
         finally:

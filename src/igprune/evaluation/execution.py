@@ -23,7 +23,6 @@ the hub and so cannot run offline): a prediction passes when prediction + "\\n" 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -116,17 +115,21 @@ def run_program(program: str, timeout: float = TIMEOUT, memory: int = MEMORY) ->
                    str(FILE_SIZE)]
         if network_namespace():
             command = ["unshare", *_NET_ARGS, *command]
-        process = subprocess.Popen(command, cwd=folder, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        errors = os.path.join(folder, "stderr.txt")  # a file, so output is bounded by RLIMIT_FSIZE, not our memory
+        with open(errors, "wb") as err:
+            process = subprocess.Popen(command, cwd=folder, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
-            _, err = process.communicate(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            process.wait()
             return Outcome("timeout", f"no result in {timeout:g} s")
         if process.returncode == 0:
             return Outcome("passed")
-        lines = err.decode("utf-8", "replace").strip().splitlines()
+        with open(errors, "rb") as err:
+            err.seek(max(0, os.path.getsize(errors) - 4096))
+            lines = err.read().decode("utf-8", "replace").strip().splitlines()
         return Outcome("failed", lines[-1][:200] if lines else f"exit status {process.returncode}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -149,21 +152,19 @@ def pass_at_1(references: list[str], predictions: list[list[str]] | list[str]) -
     return sum(o.passed for o in outcomes) / len(outcomes)
 
 
-def first_code_block(text: str) -> str:
-    """The first fenced code block of a reply whose opening fence ended the prompt, "" if there is none (lm-eval's
-    mbpp extract_code_blocks)."""
-    pattern = r"```(?:\w+)?\n?(.*?)\n?```"
-    blocks = re.findall(pattern, "```" + text, re.DOTALL) or re.findall(pattern, text.replace("```python", "```"),
-                                                                        re.DOTALL)
-    return blocks[0] if blocks else ""
+def reply_code(text: str) -> str:
+    """The code of a reply whose opening fence ended the prompt: the reply up to its closing fence. (lm-eval's mbpp
+    extract_code_blocks matches "```" + reply against "```(\\w+)?\\n?(.*?)```", whose optional language tag then
+    swallows the code's first word, "def" or "import", so nearly every answer would fail.)"""
+    return text.split("```", 1)[0]
 
 
 def mbpp_code(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """lm-eval filter (mbpp_instruct's build_predictions): each reply's first code block."""
-    return [[first_code_block(r) for r in resp] for resp in resps]
+    """lm-eval filter (in place of mbpp_instruct's build_predictions): each reply's code."""
+    return [[reply_code(r) for r in resp] for resp in resps]
 
 
 def humaneval_program(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
     """lm-eval filter (humaneval_instruct's build_predictions_instruct): the prompt's signature and docstring, then
     the reply up to its closing fence."""
-    return [[doc["prompt"] + r.split("```", 1)[0] for r in resp] for resp, doc in zip(resps, docs, strict=True)]
+    return [[doc["prompt"] + reply_code(r) for r in resp] for resp, doc in zip(resps, docs, strict=True)]
