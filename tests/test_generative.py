@@ -6,9 +6,8 @@ import os
 import tempfile
 
 import pytest
-import torch
 from lm_eval.api.instance import Instance
-from test_evaluation import dynamic_model, make_bundle
+from test_evaluation import dynamic_model, routed_bundle
 from tiny_models import tiny_model, tiny_tokenizer
 
 from igprune.evaluation import benchmark
@@ -93,11 +92,7 @@ def test_a_generation_batch_runs_rows_of_different_masks_as_each_alone():
 
 def test_generative_tasks_run_routed_on_a_tiny_model(prepared_data, tmp_path):
     tokenizer, model = tiny_tokenizer(), tiny_model()
-    masks = torch.ones(2, 8, dtype=torch.bool)
-    masks[0, 3], masks[1, 5] = False, False
-    bundle = make_bundle(model, masks, "ig-pruning")
-    bundle.centroids = torch.nn.functional.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(0)))
-    bundle.config["encoder"] = "all-MiniLM-L6-v2"
+    bundle = routed_bundle(model)
     assert benchmark.resolve_tasks(["generative"]) == GENERATIVE
     run = dict(tasks=["generative"], limit=2, cache_dir=tmp_path, progress=False, max_new_tokens=4)
     out = benchmark.evaluate(model, tokenizer, bundle, **run)
