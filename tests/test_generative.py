@@ -64,6 +64,27 @@ def test_code_filters_follow_lm_evals():
     assert humaneval_program([["    return 2 * x\n```\nDone."]], [doc]) == [[doc["prompt"] + "    return 2 * x\n"]]
 
 
+def test_generative_tasks_load_through_lm_eval_with_its_prompts(prepared_data):
+    """lm-eval builds each task from igprune's YAML and the offline data: its prompts, few-shot examples, targets."""
+    from lm_eval.tasks import get_task_dict
+
+    from igprune.evaluation.tasks import task_manager
+
+    tasks = get_task_dict(GENERATIVE, task_manager())
+    mbpp, gsm8k, humaneval = (tasks[name] for name in GENERATIVE)
+    assert [len(t.eval_docs) for t in (mbpp, gsm8k, humaneval)] == [500, 1319, 164]
+    doc = mbpp.eval_docs[0]
+    assert doc["task_id"] == 11 and mbpp.doc_to_text(doc).startswith("You are an expert Python programmer")
+    assert mbpp.doc_to_target(doc) == "\n".join(doc["test_list"]) and mbpp.config.num_fewshot == 3
+    assert "similar_elements" in mbpp.fewshot_context(doc, 3) and mbpp.config.unsafe_code
+    doc = gsm8k.eval_docs[0]
+    assert gsm8k.doc_to_text(doc).startswith("Q: Janet") and gsm8k.doc_to_target(doc) == "18"
+    assert gsm8k.config.num_fewshot == 8 and "15 trees" in gsm8k.fewshot_context(doc, 8)
+    assert gsm8k.config.generation_kwargs["max_gen_toks"] == 256
+    doc = humaneval.eval_docs[0]
+    assert humaneval.doc_to_target(doc).endswith("check(has_close_elements)")
+
+
 def generation_requests(texts, max_gen_toks=6):
     kwargs = {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
     return [Instance("generate_until", {"q": text}, (text, dict(kwargs)), 0, ("gen", doc, 1))
