@@ -19,6 +19,7 @@ from igprune.evaluation.execution import (
     run_program,
 )
 from igprune.evaluation.harness import IGPruneLM
+from igprune.evaluation.results import results_table
 from igprune.evaluation.tasks import GENERATIVE
 
 
@@ -125,3 +126,4 @@ def test_generative_tasks_run_routed_on_a_tiny_model(prepared_data, tmp_path):
         assert len(entry["responses"]) == 2 and len(entry["clusters"]) == 2 and entry["batches"]
     again = benchmark.evaluate(model, tokenizer, bundle, **run)
     assert all(entry["cached"] for entry in again["tasks"].values())
+    assert "| MBPP | GSM8K | HumanEval |" in results_table([out])
