@@ -12,6 +12,7 @@ the prompts got. Per-task results are cached by igprune, so an interrupted run r
     python benchmarks/generative.py --model smollm2-135m --limit 20 --only dense,static-l0-b8,ig16-b8   # the slice
     python benchmarks/generative.py --model smollm2-135m --limit 200                                    # full
     python benchmarks/generative.py --model qwen2.5-0.5b --limit 200
+    python benchmarks/generative.py --model smollm2-135m --limit 20 --summary-only    # tabulate what is written
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def summary(model: str, names: list[str], limit: int, out: Path) -> str:
     from igprune.evaluation.results import load_results, paired_gain
 
     runs = {n: load_results(out / f"{n}.json") for n in names if (out / f"{n}.json").is_file()}
+    if not runs:
+        raise SystemExit(f"no results in {out} yet")
     static = [n for n in RUNS[model]["static"] if n in runs]
     lines = [f"## {model}, {RUNS[model]['blocks']} blocks skipped, first {limit} problems", ""]
     for task in TASKS:
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--only", help="runs, with commas (default: all of the model's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--summary-only", action="store_true", help="only tabulate the runs already written")
     args = parser.parse_args()
     import torch
 
@@ -113,7 +117,8 @@ def main() -> None:
     names = args.only.split(",") if args.only else run_names(args.model)
     out = RESULTS / args.model / f"n{args.limit}"
     out.mkdir(parents=True, exist_ok=True)
-    evaluate_runs(args.model, names, args.limit, args.batch_size, out)
+    if not args.summary_only:
+        evaluate_runs(args.model, names, args.limit, args.batch_size, out)
     table = summary(args.model, names, args.limit, out)
     (out / "summary.md").write_text(table)
     (out / "runs.json").write_text(json.dumps({"model": args.model, "limit": args.limit, "runs": names}, indent=1))
