@@ -101,7 +101,7 @@ def test_a_generation_batch_runs_rows_of_different_masks_as_each_alone():
     lm.route_text = lambda doc: doc["q"]  # as a generative task routes: by the document's own text
     together = lm.generate_until(generation_requests(texts), disable_tqdm=True)
     clusters = pruned.clusters(texts)
-    assert len(set(clusters)) > 1 and lm.batch_masks == [len(set(clusters))]  # one batch, several masks
+    assert len(set(clusters)) > 1 and lm.batch_clusters == [len(set(clusters))]  # one batch, several masks
     alone = []
     for text, cluster in zip(texts, clusters, strict=True):
         with pruned.use_cluster(cluster):

@@ -194,7 +194,7 @@ class _Runner:
 
             what = get_task_dict([task], self.manager)[task]
             self.lm.route_text = what.doc_to_text
-        self.lm.batch_masks.clear()
+        self.lm.batch_clusters.clear()
         started, cpu = time.perf_counter(), time.process_time()
         lm_logger = logging.getLogger("lm_eval")
         level = lm_logger.level
@@ -216,8 +216,8 @@ class _Runner:
         # CPU seconds as well as wall: on a shared machine wall time depends on the neighbours' load
         entry["seconds"] = round(time.perf_counter() - started, 1)
         entry["cpu_seconds"] = round(time.process_time() - cpu, 1)
-        if generative and self.lm.batch_masks:  # generation batches and how many masks their rows had
-            entry["batches"] = {str(k): v for k, v in sorted(Counter(self.lm.batch_masks).items())}
+        if generative and self.lm.batch_clusters:  # generation batches by how many clusters their rows had
+            entry["batches"] = {str(k): v for k, v in sorted(Counter(self.lm.batch_clusters).items())}
         # each rank routed its share of the documents: the cluster of every document, in document order as "items"
         clusters = {doc: c for share in distributed.all_gather(self.lm.document_clusters(task)) for doc, c in
                     share.items()}

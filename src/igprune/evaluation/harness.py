@@ -78,7 +78,7 @@ class IGPruneLM(HFLM):
         self.route_text: Callable[[dict], str] | None = None  # a document's own text, where not its requests' context
         self._context_cluster: dict[str, int] = {}  # generation: each prompt's cluster, by its context
         self._batch_contexts: list[str] = []  # generation: the contexts of the batch being encoded and run
-        self.batch_masks: list[int] = []  # generation: how many distinct clusters each batch had
+        self.batch_clusters: list[int] = []  # generation: how many distinct clusters each batch had
 
     def document_clusters(self, task: str) -> dict[int, int]:
         """The cluster of each of `task`'s documents seen so far, by lm-eval doc_id."""
@@ -172,6 +172,7 @@ class IGPruneLM(HFLM):
             self._context_cluster = {}
 
     def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """HFLM's, remembering the batch's prompts: _model_generate gets only their tokens and routes by the text."""
         self._batch_contexts = list(strings)
         return super().tok_batch_encode(strings, *args, **kwargs)
 
@@ -181,6 +182,6 @@ class IGPruneLM(HFLM):
         clusters = [self._context_cluster[c] for c in self._batch_contexts]
         if len(clusters) != context.shape[0]:
             raise RuntimeError(f"{len(clusters)} routed prompts for a batch of {context.shape[0]} rows")
-        self.batch_masks.append(len(set(clusters)))
+        self.batch_clusters.append(len(set(clusters)))
         with self.pruned.use_clusters(clusters):
             return super()._model_generate(context, max_length, stop, **kwargs)
