@@ -245,6 +245,8 @@ CASES = [
     Case("ppl texts reply past seq-len", ["ppl", "-m", "MODEL_A", "-o", "out.json", "--texts", "TEXTS", "--seq-len",
                                           "8"], 2, "a request's prompt fills all 8 tokens",
          texts='{"prompt": "a prompt longer than eight", "response": "yes"}\n'),
+    Case("eval max-new-tokens 0", ["eval", "-m", "MODEL_A", "-o", "out.json", "--tasks", "generative",
+                                   "--max-new-tokens", "0"], 2, "max_new_tokens must be a positive number"),
     Case("seq-len too short", FIT, 2, "seq_len >= 2", config="l0: {seq_len: 1}\n"),
     Case("max-chars too short", FIT, 2, "data.max_chars must be >= 200", config="data: {max_chars: 10}\n"),
     Case("sparsity out of range", ["fit", "-m", "MODEL_A", "-o", "out", "--sparsity", "1.5"], 2,

@@ -42,6 +42,10 @@ EVAL_FILES = {
     "piqa": (1838, "61533005e22f175534909b1ec8eacb6da03c233933558d1bafb15787453b1f55"),
     "arc_easy": (2376, "6ce8fb7b4baa1a5d6f2f1b92a3055787cf04759819c3f03195cda787822f7f12"),
     "arc_challenge": (1172, "a03a11a8fee86f6d0607f426e7b3b7a9180a4894170e934da75596e93c4b51f1"),
+    # the generative tasks' test sets (MBPP task_id 11..510, GSM8K test, HumanEval)
+    "mbpp": (500, "8478a56b5daea733256fff11a2998234cd6e100cd20894093ea41c8d89459fda"),
+    "gsm8k": (1319, "dfdf3e1e5e5b36d4b0116aa9d1f816b548a6cbfc489488550626276edf092c10"),
+    "humaneval": (164, "b2adeeae8b383b6f0c615746a397f25c8abe44da4afb29cd10e6c4bbf0463fd3"),
 }
 
 

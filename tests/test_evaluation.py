@@ -67,6 +67,17 @@ def make_bundle(model, masks, method="sleb"):
     return Bundle(masks, torch.zeros(masks.shape[0], 0), config)
 
 
+def routed_bundle(model):
+    """Two clusters with different masks over the tiny model's 8 blocks, routed by the real encoder to random
+    centroids."""
+    masks = torch.ones(2, 8, dtype=torch.bool)
+    masks[0, 3], masks[1, 5] = False, False
+    bundle = make_bundle(model, masks, "ig-pruning")
+    bundle.centroids = torch.nn.functional.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(0)))
+    bundle.config["encoder"] = "all-MiniLM-L6-v2"
+    return bundle
+
+
 def test_dense_and_static_all_on_give_lm_evals_own_loglikelihoods():
     tokenizer = tiny_tokenizer()
     reference = HFLM(pretrained=tiny_model(), tokenizer=tokenizer, batch_size=1).loglikelihood(requests())
@@ -320,11 +331,7 @@ def test_evaluate_caches_each_task_and_compares_with_cached_dense(prepared_data,
 def test_cloze_task_runs_routed_on_a_tiny_model(prepared_data, tmp_path):
     """A domain cloze task through lm-eval, every document routed by its context to one of two masks."""
     tokenizer, model = tiny_tokenizer(), tiny_model()
-    masks = torch.ones(2, 8, dtype=torch.bool)
-    masks[0, 3], masks[1, 5] = False, False
-    bundle = make_bundle(model, masks, "ig-pruning")
-    bundle.centroids = torch.nn.functional.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(0)))
-    bundle.config["encoder"] = "all-MiniLM-L6-v2"
+    bundle = routed_bundle(model)
     out = benchmark.evaluate(model, tokenizer, bundle, tasks=["cloze_math"], limit=6, cache_dir=tmp_path,
                              progress=False)
     assert out["tasks"]["cloze_math"]["metric"] == "acc_bytes" and out["tasks"]["cloze_math"]["n"] == 6

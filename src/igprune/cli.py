@@ -673,8 +673,8 @@ def eval_(
     out: ResultsOutOpt,
     model: EvalModelOpt = None,
     bundle: EvalBundleOpt = None,
-    tasks: Annotated[str, typer.Option(help="paper6, domains6, or task names with commas "
-                                            "(e.g. arc_easy,cloze_code)")] = "paper6",
+    tasks: Annotated[str, typer.Option(help="paper6, domains6, generative (mbpp, gsm8k, humaneval), or task names "
+                                            "with commas (e.g. arc_easy,cloze_code)")] = "paper6",
     limit: Annotated[int | None, typer.Option(help="first N documents of each task (default: all)")] = None,
     batch_size: Annotated[int, typer.Option(help="requests per forward pass")] = 8,
     kv_policy: KVOpt = "keep",
@@ -683,10 +683,15 @@ def eval_(
     markdown: Annotated[bool, typer.Option("--markdown", help="also print the paper-style table row")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached per-task results")] = True,
     seed: EvalSeedOpt = 0,
+    chat_template: Annotated[bool | None, typer.Option("--chat-template/--no-chat-template", help="generative "
+                             "tasks through the model's chat template (default: if the tokenizer has one)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="generative tasks: at most this many new tokens "
+                                                            "(default: each task's own)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Zero-shot accuracy through lm-eval (the paper's tasks, or domains6): dense (--model) or pruned (--bundle).
+    """Accuracy through lm-eval: the paper's zero-shot tasks, domains6, or generative tasks (code run in an isolated
+    process, docs/generative.md); dense (--model) or pruned (--bundle), each input routed by its own text.
 
     Every task's result is cached, so an interrupted run resumes and a repeated one returns at once.
     """
@@ -700,7 +705,8 @@ def eval_(
     _join_ranks()  # under accelerate launch / torchrun: lm-eval's data parallelism, each rank a share of the tasks
     lm, tokenizer = _eval_target(model, bundle, device, dtype)
     results = evaluate(lm, tokenizer, bundle, tasks=[tasks], limit=limit, batch_size=batch_size, kv_policy=kv_policy,
-                       dense=reference, use_cache=cache, seed=seed)
+                       dense=reference, use_cache=cache, seed=seed, chat_template=chat_template,
+                       max_new_tokens=max_new_tokens)
     _on_main(save_results, out, results)
     table = Table("task", "metric", "value (%)", "stderr", "n", "seconds", "docs per cluster")
     for name, task in results["tasks"].items():

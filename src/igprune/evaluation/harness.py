@@ -10,6 +10,12 @@ the harness's. A pruned model only adds masks around HFLM's methods:
   sorting and batching, and the answers are put back in the original order. A dynamic model so costs about
   what the dense one does, plus routing and at most one part-filled batch per cluster.
 
+* generation (generate_until) runs through HFLM's own generate_until (its sorting, batching, stop sequences and
+  max tokens) in one pass: each batch runs as one HF generate with every row under its own prompt's mask
+  (DynamicPrunedModel.use_clusters, as `igprune serve` runs a mixed batch). A generative task routes each
+  prompt by the document's own text (`route_text`, the task's doc_to_text), not by its few-shot examples or chat
+  template, which every prompt shares.
+
 `document_clusters` gives each task's documents' clusters: routing collapse (every input to one cluster) shows
 there.
 
@@ -69,6 +75,10 @@ class IGPruneLM(HFLM):
         self._routes: dict[str, int] = {}  # routed text -> cluster
         self._doc_cluster: dict[DocKey, int] = {}
         self.routing_seconds = 0.0  # time spent in the encoder, to compare with the evaluation itself
+        self.route_text: Callable[[dict], str] | None = None  # a document's own text, where not its requests' context
+        self._context_cluster: dict[str, int] = {}  # generation: each prompt's cluster, by its context
+        self._batch_contexts: list[str] = []  # generation: the contexts of the batch being encoded and run
+        self.batch_clusters: list[int] = []  # generation: how many distinct clusters each batch had
 
     def document_clusters(self, task: str) -> dict[int, int]:
         """The cluster of each of `task`'s documents seen so far, by lm-eval doc_id."""
@@ -114,7 +124,10 @@ class IGPruneLM(HFLM):
         texts: dict[DocKey, list[str]] = defaultdict(list)
         for key, request in zip(keys, requests, strict=True):
             texts[key].append(request.args[0])
-        routed = {key: shared_text(t) for key, t in texts.items()}
+        if self.route_text is None:
+            routed = {key: shared_text(t) for key, t in texts.items()}
+        else:
+            routed = {key: self.route_text(request.doc) for key, request in zip(keys, requests, strict=True)}
         todo = sorted({t for t in routed.values() if t not in self._routes})
         if todo:
             started = time.perf_counter()
@@ -148,4 +161,27 @@ class IGPruneLM(HFLM):
         return self._per_cluster(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        return self._per_cluster(super().generate_until, requests, disable_tqdm)
+        """HFLM's generation, each batch with rows of different masks (tok_batch_encode and _model_generate
+        below put each row under its prompt's cluster)."""
+        if self.pruned is None:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._context_cluster = {r.args[0]: c for r, c in zip(requests, self.clusters(requests), strict=True)}
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._context_cluster = {}
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """HFLM's, remembering the batch's prompts: _model_generate gets only their tokens and routes by the text."""
+        self._batch_contexts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> torch.Tensor:
+        if not self._context_cluster:
+            return super()._model_generate(context, max_length, stop, **kwargs)
+        clusters = [self._context_cluster[c] for c in self._batch_contexts]
+        if len(clusters) != context.shape[0]:
+            raise RuntimeError(f"{len(clusters)} routed prompts for a batch of {context.shape[0]} rows")
+        self.batch_clusters.append(len(set(clusters)))
+        with self.pruned.use_clusters(clusters):
+            return super()._model_generate(context, max_length, stop, **kwargs)

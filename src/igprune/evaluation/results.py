@@ -36,7 +36,8 @@ FORMAT = "igprune-results/1"
 # Table columns, task (short name) -> header, in order: the paper's Table 1, then the domain cloze tasks.
 COLUMNS = {"openbookqa": "OBQA", "winogrande": "WG", "hellaswag": "HS", "piqa": "PIQA", "arc_easy": "ARC-E",
            "arc_challenge": "ARC-C", "cloze_code": "code", "cloze_math": "maths", "cloze_wiki": "wiki",
-           "cloze_tiny": "stories", "cloze_multilingual": "non-English", "cloze_qa": "QA (SciQ)"}
+           "cloze_tiny": "stories", "cloze_multilingual": "non-English", "cloze_qa": "QA (SciQ)", "mbpp": "MBPP",
+           "gsm8k": "GSM8K", "humaneval": "HumanEval"}
 METHOD_NAMES = {"dense": "Dense", "sleb": "SLEB", "shortened-ppl": "ShortenedLlama (PPL)",
                 "shortened-taylor": "ShortenedLlama (Taylor)", "evopress": "EvoPress", "static-l0": "Static L0",
                 "ig-pruning": "IG-Pruning"}

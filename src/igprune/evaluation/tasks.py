@@ -1,5 +1,6 @@
-"""lm-eval task definitions, reading the offline cache: the paper's six zero-shot tasks ("paper6") and the domain
-benchmark's six cloze tasks ("domains6", igprune.data.CLOZE).
+"""lm-eval task definitions, reading the offline cache: the paper's six zero-shot tasks ("paper6"), the domain
+benchmark's six cloze tasks ("domains6", igprune.data.CLOZE) and three generative tasks ("generative": MBPP, GSM8K,
+HumanEval; the code tasks run the model's code through igprune.evaluation.execution).
 
 Each shipped YAML (igprune/evaluation/tasks/) includes lm-eval's own task file, so prompts, metrics and
 preprocessing (hellaswag's and winogrande's `!function`s resolve beside the included file) are the harness's;
@@ -17,7 +18,7 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
 
-from igprune.data import CLOZE_TASKS, EVAL_TASKS, data_dir, eval_dataset_path
+from igprune.data import CLOZE_TASKS, EVAL_TASKS, GENERATIVE_SOURCES, data_dir, eval_dataset_path
 from igprune.files import IGPruneError, atomic_path
 
 if TYPE_CHECKING:
@@ -30,12 +31,17 @@ PREFIX = "igprune_"
 # lm-eval task names, in the column order of the paper's tables.
 PAPER6: list[str] = [PREFIX + task for task in EVAL_TASKS]
 DOMAINS6: list[str] = [PREFIX + task for task in CLOZE_TASKS]
+GENERATIVE: list[str] = [PREFIX + task for task in GENERATIVE_SOURCES]
 # Each group's tasks in column order; a group's average is the mean of its tasks' metrics.
-GROUPS: dict[str, list[str]] = {GROUP: PAPER6, "domains6": DOMAINS6}
+GROUPS: dict[str, list[str]] = {GROUP: PAPER6, "domains6": DOMAINS6, "generative": GENERATIVE}
 # The metric the paper reports per task: length-normalised accuracy, except plain accuracy on winogrande.
 PAPER_METRIC: dict[str, str] = {name: "acc" if name.endswith("winogrande") else "acc_norm" for name in PAPER6}
-# The metric every task is reported in.
-METRIC: dict[str, str] = {**PAPER_METRIC, **dict.fromkeys(DOMAINS6, "acc_bytes")}
+# The metric every task is reported in, and the lm-eval filter whose output it is scored on ("none": no filter).
+# GSM8K: flexible-extract, the reply's last number (lm-eval's strict-match needs "The answer is N." verbatim).
+METRIC: dict[str, str] = {**PAPER_METRIC, **dict.fromkeys(DOMAINS6, "acc_bytes"), PREFIX + "mbpp": "pass_at_1",
+                          PREFIX + "humaneval": "pass_at_1", PREFIX + "gsm8k": "exact_match"}
+FILTER: dict[str, str] = {PREFIX + "mbpp": "extract_code", PREFIX + "humaneval": "create_test",
+                          PREFIX + "gsm8k": "flexible-extract"}
 
 
 def lm_eval_tasks_dir() -> Path:
