@@ -29,7 +29,6 @@ from igprune import load_model  # noqa: E402
 from igprune.data import load_calibration  # noqa: E402
 from igprune.evaluation.perplexity import perplexity  # noqa: E402
 from igprune.files import write_json  # noqa: E402
-from igprune.finders.l0 import TrainConfig  # noqa: E402
 from igprune.pruner import IGPruner  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -60,10 +59,10 @@ def main() -> None:
               "dense_perplexity": perplexity(model, tokenizer, **score)["perplexity"], "runs": {}}
     fig, ax = plt.subplots(figsize=(7, 4))
     for lr in (float(x) for x in args.lrs.split(",")):
-        train = TrainConfig(shared_steps=args.steps, cluster_steps=0, batch_size=args.batch_size,
-                            seq_len=args.seq_len, lr=lr, lagrangian_lr=lr)
+        train = {"shared_steps": args.steps, "cluster_steps": 0, "batch_size": args.batch_size,
+                 "seq_len": args.seq_len, "lr": lr, "lagrangian_lr": lr}
         started = time.perf_counter()
-        pruner = IGPruner(model, tokenizer, n_clusters=1, sparsity=sparsity, seed=SEED, train=train)
+        pruner = IGPruner(model, tokenizer, "paper", config={"l0": train}, n_clusters=1, sparsity=sparsity, seed=SEED)
         bundle = pruner.fit(texts).to_bundle()
         seconds = time.perf_counter() - started
         log = bundle.logs["train"]

@@ -176,14 +176,14 @@ class IGPruner:
         return self.to_bundle().save(path)
 
 
-def fit_texts(config: FitConfig, seed: int | None = None) -> list[str]:
-    """The calibration passages a fit reads: `data.samples` training passages of `data.source`, each about as long
-    as a calibration row (4 x seq_len characters) unless `data.max_chars` says otherwise."""
+def fit_texts(source: str, samples: int | None, seq_len: int, seed: int = 0,
+              max_chars: int | None = None) -> list[str]:
+    """The calibration passages a fit reads: `samples` training passages of `source`, each about as long as a
+    calibration row (4 x seq_len characters) unless `max_chars` says otherwise."""
     from igprune.data import MIN_CHARS, load_calibration
 
-    data = config.data
-    return load_calibration(data.source, split="train", max_chars=data.max_chars or max(MIN_CHARS, 4 * config.seq_len),
-                            limit=data.samples, seed=config.seed if seed is None else seed)
+    return load_calibration(source, split="train", max_chars=max_chars or max(MIN_CHARS, 4 * seq_len), limit=samples,
+                            seed=seed)
 
 
 def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: FitConfig,
@@ -192,7 +192,8 @@ def fit_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, confi
     """What `igprune fit` runs: the config's calibration passages and the user's own `extra` texts (inputs a
     deployment expects that no source holds; a Request is clustered by its prompt and scored on its response),
     then IGPruner.fit. The bundle records where its calibration text came from."""
-    texts = [*fit_texts(config), *extra]
+    data = config.data
+    texts = [*fit_texts(data.source, data.samples, config.seq_len, config.seed, data.max_chars), *extra]
     pruner = IGPruner(model, tokenizer, config, checkpoint_dir=checkpoint_dir, shared_dir=shared_dir,
                       progress=progress).fit(texts)
     bundle = pruner.to_bundle()
