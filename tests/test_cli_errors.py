@@ -192,8 +192,10 @@ CASES = [
     Case("unknown recipe", ["fit", "-m", "MODEL_A", "-o", "out", "--recipe", "magic"], 2, "unknown recipe 'magic'"),
     Case("config file missing", ["fit", "-m", "MODEL_A", "-o", "out", "--config", "nope.yaml"], 2,
          "no config file at nope.yaml"),
-    Case("config not YAML", FIT, 2, "config.yaml is not valid yaml", config="finder: [\n"),
+    Case("config not YAML", FIT, 2, "config.yaml is not valid UTF-8 yaml", config="finder: [\n"),
     Case("config not a mapping", FIT, 2, "must hold a mapping", config="- 1\n"),
+    Case("config not UTF-8", FIT, 2, "config.yaml is not valid UTF-8 yaml", config="finder: \udcff\n"),
+    Case("config with a format that is no text", FIT, 2, "config has no option format", config="format: 3\n"),
     Case("config and recipe disagree", [*FIT, "--recipe", "fast"], 2, "starts from recipe 'paper'",
          config="recipe: paper\n"),
     Case("unknown config option", FIT, 2, "config.l0 has no option steps", config="l0: {steps: 3}\n"),
@@ -306,7 +308,7 @@ def _prepare(case: Case, originals: dict[str, Path], work: Path) -> list[str]:
     if case.texts is not None:
         (work / "texts.jsonl").write_text(case.texts)
     if case.config is not None:
-        (work / "config.yaml").write_text(case.config)
+        (work / "config.yaml").write_text(case.config, errors="surrogateescape")  # \udcff: the byte 0xff
     names = {"BUNDLE": str(work / "bundle"), "MODEL_A": str(originals["model_a"]),
              "MODEL_B": str(originals["model_b"]), "TEXTS": str(work / "texts.jsonl"),
              "CONFIG": str(work / "config.yaml")}

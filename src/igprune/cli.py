@@ -194,7 +194,7 @@ def fit(
     _join_ranks()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     if blocks is not None:
-        base = fit_config(base, sparsity=_sparsity(0.0, blocks, lm))
+        base = fit_config(base, sparsity=_sparsity(base.sparsity, blocks, lm))
     checkpoint = out.with_name(out.name + ".checkpoint")
     _on_main(tidy, checkpoint)  # what a killed run left half-written
     RESUME.append(f"rerun the same command to resume from {checkpoint}")

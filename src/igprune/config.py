@@ -177,14 +177,14 @@ def read_config(path: str | Path) -> dict[str, Any]:
         path = path / "bundle.json"
     if not path.is_file():
         raise IGPruneError(f"no config file at {path}; give a YAML or JSON file, or a bundle folder")
-    text = path.read_text(encoding="utf-8")
     import yaml
 
-    try:
+    try:  # a UnicodeDecodeError is a ValueError too
+        text = path.read_text(encoding="utf-8")
         values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise IGPruneError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
-    if isinstance(values, dict) and values.get("format", "").startswith("igprune-bundle"):
+        raise IGPruneError(f"{path} is not valid UTF-8 {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    if isinstance(values, dict) and str(values.get("format", "")).startswith("igprune-bundle"):
         if "fit" not in values:
             raise IGPruneError(f"{path} was written before bundles recorded their fit config; give a config file")
         return values["fit"]
