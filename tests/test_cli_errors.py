@@ -205,7 +205,7 @@ CASES = [
     Case("unknown finder", FIT, 2, "config.finder must be 'l0' or 'search'", config="finder: magic\n"),
     Case("gate without the search", FIT, 2,
          "a gate falls back to the global mask each cluster chooses against: use finder 'search'",
-         config="route: {gate: 0.95}\n"),
+         config="finder: l0\nroute: {gate: 0.95}\n"),
     Case("gate quantile above one", FIT, 2, "the gate quantile must be in (0, 1]",
          config="finder: search\nroute: {gate: 1.5}\n"),
     Case("shared fraction above one", FIT, 2, "shared_fraction must be in",
@@ -219,7 +219,7 @@ CASES = [
     Case("unknown packing", FIT, 2, "packing must be 'joined' or 'texts'", config="search: {packing: windows}\n"),
     Case("unknown search metric", FIT, 2, "metric must be 'ppl' or 'kl'", config="search: {metric: nll}\n"),
     Case("candidate without the search", FIT, 2, "search.candidates and search.global_order are used by finder "
-         "'search'", config="search: {candidates: [[attn1, ffn2]]}\n"),
+         "'search'", config="finder: l0\nsearch: {candidates: [[attn1, ffn2]]}\n"),
     Case("candidate without choosing", FIT, 2, "set choose.samples > 0",
          config="finder: search\nsearch: {candidates: [[attn1, ffn2]]}\nchoose: {samples: 0}\n"),
     Case("global at another sparsity", [*FIT, "--clusters", "2", "--blocks", "1"], 2, "the global mask skips",

@@ -199,6 +199,25 @@ def test_packing_texts_reaches_every_search_and_the_choice(setup, monkeypatch):
         IGPruner(model, tok, config={"search": {"packing": "windows"}})
 
 
+def test_pooled_rows_are_half_of_each_clusters_search_and_come_from_the_others(setup):
+    model, tok, groups = setup
+    found = search(model, tok, groups, samples=4, pooled=0.5)
+    own = [make_calibration(tok, texts, 4, 16, 0) for texts in groups]
+    for i in range(3):
+        others = [own[j].input_ids for j in range(3) if j != i]
+        rows = torch.stack([own[i].input_ids[0], own[i].input_ids[1], others[0][0], others[1][0]])
+        info = found.log["clusters"][i]["calibration"]
+        assert info["sha256"] == sha256_tensors(rows) and info["sequences"] == 4 and "0.5 pooled" in info["source"]
+        alone = find_mask("sleb", model, tok, [], 0.5, "block", progress=False, start=found.log["shared_order"],
+                          calibration=type(own[i])(rows, info))
+        assert torch.equal(found.masks[i], alone.masks[0])
+    assert found.scored == [c.texts for c in own]  # the choice still judges on texts no search scored
+    unpooled = search(model, tok, groups, samples=4)
+    assert all(c["calibration"]["sha256"] == own[i].info["sha256"] for i, c in enumerate(unpooled.log["clusters"]))
+    with pytest.raises(IGPruneError, match="search.pooled must be in"):
+        search(model, tok, groups, pooled=1.0)
+
+
 def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setup, tmp_path):
     model, tok, groups = setup
     found = search(model, tok, groups, with_global=True, shared_fraction=1.0)

@@ -5,6 +5,7 @@ Every greedy answer is checked token for token against DynamicPrunedModel.genera
 
 import asyncio
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -310,6 +311,8 @@ def test_metrics_count_requests_and_tokens_per_cluster(server, client):
     assert 'igprune_completion_tokens_total{cluster="1"}' in text and 'igprune_queue_depth{cluster="2"}' in text
     assert "igprune_time_to_first_token_seconds_bucket" in text and "igprune_batch_size_bucket" in text
     assert 'igprune_batch_size_count{mask="1"}' in text and "igprune_batch_masks_bucket" in text
+    routed = re.search(r"^igprune_route_seconds_count (\S+)$", text, re.M)  # every request routed, timed
+    assert routed and float(routed.group(1)) >= 1
 
 
 def test_a_request_queued_too_long_times_out(dynamic):

@@ -5,8 +5,12 @@ small budget a cluster mask barely leaves the shared one (benchmarks/RESULTS.md)
 every candidate mask exactly, on the cluster's own calibration tokens, so a cluster's mask moves where its
 text asks. To keep the cost near one search per cluster's share of the steps, every cluster continues one
 global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences, then each
-cluster's SLEB removes the rest on that cluster's sequences alone (SLEB's `start`). The pruner then
-chooses each cluster's mask among all of them, the global one and any extra `candidates` (igprune.choosing).
+cluster's SLEB removes the rest on that cluster's sequences (SLEB's `start`). A search on one cluster's text
+alone finds a specialist, which can lose a third or more of its perplexity on other text (research/disjoint);
+an input from a source the fit never read that lands in that cluster pays for it. So with `pooled` > 0 a
+cluster's rows are partly its own and partly equal shares of the other clusters': the mask it finds must serve
+its own text without giving up the rest. The pruner then chooses each cluster's mask among all of them, the
+global one and any extra `candidates` (igprune.choosing).
 
     found = search_cluster_masks(model, tokenizer, groups, sparsity=0.25)   # groups: texts per cluster
 """
@@ -49,6 +53,7 @@ class SearchConfig:
     from it and only chooses among it and the candidates.
     candidates: more masks to choose among, each as the blocks it skips (a static bundle's, `candidate_blocks`).
     metric: what every search minimises, "ppl" or "kl" (to the dense model); the choice is always by perplexity.
+    pooled: the share of each cluster's `samples` rows taken from the other clusters' text (0: its own only).
     """
 
     samples: int = 8
@@ -60,6 +65,7 @@ class SearchConfig:
     global_order: list[str] | None = None
     candidates: list[list[str]] | None = None
     metric: Metric = "ppl"
+    pooled: float = 0.0
 
     def validate(self) -> None:
         if not 0.0 <= self.shared_fraction <= 1.0:
@@ -68,6 +74,8 @@ class SearchConfig:
             raise IGPruneError(f"search.packing must be 'joined' or 'texts', got {self.packing!r}")
         if self.metric not in ("ppl", "kl"):
             raise IGPruneError(f"search.metric must be 'ppl' or 'kl', got {self.metric!r}")
+        if not 0.0 <= self.pooled < 1.0:
+            raise IGPruneError(f"search.pooled must be in [0, 1), got {self.pooled}")
         if self.samples < 1 or self.shared_samples < 1 or self.seq_len < 2:
             raise IGPruneError("search.samples and search.shared_samples must be >= 1 and search.seq_len >= 2")
 
@@ -115,7 +123,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         global_order = sleb(pooled, k, prefix, "global")
         bar.update(1)
     masks = []
-    for i, calibration in enumerate(own):
+    for i, calibration in enumerate(_with_pooled(own, config.pooled)):
         order = sleb(calibration, k, prefix, f"cluster{i}")
         masks.append(find_order_mask(model, order, granularity))
         log["clusters"].append({"order": order, "calibration": calibration.info})
@@ -158,14 +166,38 @@ def find_order_mask(model: PreTrainedModel, order: list[str], granularity: Granu
     return space.mask([space.unit(name) for name in order])
 
 
+def _with_pooled(own: list[Calibration], pooled: float) -> list[Calibration]:
+    """Each cluster's search rows: its first (1 - pooled) share of its own rows, then equal shares of the others'
+    (the same number of rows in all)."""
+    if pooled == 0.0 or len(own) == 1:
+        return own
+    out = []
+    for i, mine in enumerate(own):
+        alike = [c for j, c in enumerate(own) if j != i and c.seq_len == mine.seq_len]
+        if not alike:
+            out.append(mine)
+            continue
+        taken = max(1, round(pooled * mine.n_sequences))
+        kept = mine.n_sequences - taken
+        others = _equal_shares(alike, taken)
+        out.append(_stacked([(mine, j) for j in range(kept)] + [(others, j) for j in range(others.n_sequences)],
+                            {**mine.info, "source": f"{mine.info['source']} and {pooled:g} pooled"}))
+    return out
+
+
 def _equal_shares(calibrations: list[Calibration], rows: int) -> Calibration:
     """`rows` sequences taken round-robin from the calibrations (their first rows first): equal shares."""
     full = [c for c in calibrations if c.seq_len == calibrations[0].seq_len]  # a too-short text gives one short row
     per = math.ceil(rows / len(full))
     picked = [(c, j) for j in range(per) for c in full if j < c.n_sequences][:rows]
+    return _stacked(picked, {"source": f"equal shares of {len(calibrations)} clusters"})
+
+
+def _stacked(picked: list[tuple[Calibration, int]], info: dict[str, Any]) -> Calibration:
+    """One calibration of the given (calibration, row) pairs, in order."""
     tensor = torch.stack([c.input_ids[j] for c, j in picked])
-    info = {"source": f"equal shares of {len(calibrations)} clusters", "sequences": len(picked),
-            "seq_len": tensor.shape[1], "tokens": tensor.numel(), "sha256": sha256_tensors(tensor)}
+    info = {**info, "sequences": len(picked), "seq_len": tensor.shape[1], "tokens": tensor.numel(),
+            "sha256": sha256_tensors(tensor)}
     if all(c.scored is None for c, _ in picked):
         return Calibration(tensor, info)
     scored = torch.stack([torch.ones_like(c.input_ids[j], dtype=torch.bool) if c.scored is None else c.scored[j]

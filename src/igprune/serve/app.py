@@ -58,6 +58,9 @@ class RequestMetrics:
         self.completion_tokens = Counter("igprune_completion_tokens", "Generated tokens", ["cluster"], registry=r)
         self.latency = Histogram("igprune_request_latency_seconds", "Arrival to last token", ["cluster"], registry=r)
         self.ttft = Histogram("igprune_time_to_first_token_seconds", "Arrival to first text", ["cluster"], registry=r)
+        self.route = Histogram("igprune_route_seconds", "Arrival to routed: the wait for the routing thread, the "
+                               "encoder and the nearest centroid", registry=r,
+                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
 
 
 class Metrics(RequestMetrics):
@@ -251,6 +254,7 @@ def create_app(dynamic: DynamicPrunedModel, name: str, settings: ServeSettings |
         except BaseException:
             scheduler.withdraw()
             raise
+        metrics.route.observe(time.monotonic() - arrived)
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         job = Job(ids, want, cluster, loop, rid)
         scheduler.submit(job)

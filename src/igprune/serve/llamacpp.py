@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Gauge
 
 from igprune.bundle import Bundle
 from igprune.files import IGPruneError
@@ -269,14 +269,11 @@ class EnginePool:
 
 
 class ProxyMetrics(RequestMetrics):
-    """The HF server's request metrics (same names), routing time, and each engine's state."""
+    """The HF server's request metrics (same names, routing time included) and each engine's state."""
 
     def __init__(self, pool: EnginePool):
         super().__init__()
         r = self.registry
-        self.route = Histogram("igprune_route_seconds", "Arrival to routed: the wait for the routing thread, the "
-                               "encoder and the nearest centroid", registry=r,
-                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
         gauges = {"up": Gauge("igprune_engine_up", "1 while the engine answers", ["mask"], registry=r),
                   "restarts": Gauge("igprune_engine_restarts", "Times the engine was restarted", ["mask"], registry=r),
                   "in_flight": Gauge("igprune_engine_in_flight", "Requests at the engine", ["mask"], registry=r),
