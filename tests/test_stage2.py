@@ -95,6 +95,11 @@ def test_a_gated_bundle_round_trips_and_runs_the_fallback_beyond_the_radii(fitte
     with patch(model).masked(fallback):
         expected = model(**tokenizer([TEXTS[0]], return_tensors="pt")).logits
     assert torch.allclose(dynamic(**tokenizer([TEXTS[0]], return_tensors="pt")).logits, expected, atol=1e-5)
+    alone = Bundle.load(again.global_bundle().save(tmp_path / "global"))  # the fallback as a static bundle
+    assert alone.static and torch.equal(alone.masks[0], fallback) and alone.config["method"] == "global"
+    assert DynamicPrunedModel.from_bundle(model, alone, tokenizer).clusters(TEXTS[:2]) == [0, 0]
+    with pytest.raises(IGPruneError, match="no global mask"):
+        bundle.global_bundle()
     with pytest.raises(IGPruneError, match="fallback mask skips 3 blocks"):
         bundle.with_gate(torch.zeros(3), fallback.logical_and(torch.arange(len(fallback)) != 5), 0.95)
     with pytest.raises(IGPruneError, match="not 3 finite distances"):

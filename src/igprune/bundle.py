@@ -185,6 +185,20 @@ class Bundle:
         bundle.validate()
         return bundle
 
+    def global_bundle(self) -> Bundle:
+        """The gate's fallback, the fit's global mask, as a one-cluster (static) bundle: what every input gets when
+        the router cannot tell, to deploy or compare on its own."""
+        if self.fallback is None:
+            raise IGPruneError(f"{self} has no global mask: only a fit with a gate keeps one (route.gate)")
+        keep = ("model", "fingerprint", "sparsity", "granularity", "blocks_total", "blocks_skipped", "seed",
+                "calibration", "recipe", "fit")
+        config = {**{k: self.config[k] for k in keep if k in self.config}, "method": "global", "n_clusters": 1,
+                  "global_of": self.config.get("method", "?")}
+        bundle = Bundle(self.fallback.clone(), torch.zeros(1, 0), config,
+                        logs={"search": {"order": self.logs.get("search", {}).get("global_order")}})
+        bundle.validate()
+        return bundle
+
     def __str__(self) -> str:
         """Its folder: messages name a bundle by where it is, never by its tensors."""
         return str(self.source) if self.source is not None else "(unsaved bundle)"

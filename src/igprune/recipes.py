@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from igprune.choosing import ChooseConfig
 from igprune.clustering import ClusterConfig
 from igprune.config import DataConfig, FitConfig
 from igprune.files import IGPruneError
 from igprune.finders.l0 import TrainConfig
+from igprune.finders.search import SearchConfig
+from igprune.routing import RouteConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,16 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("guided", "the global mask is SLEB on equal shares of 6 K-means clusters of 1,536 mixed passages; each "
+           "cluster continues its last quarter on rows half its own, half the other clusters' (no specialists); a "
+           "cluster leaves the global mask only for a mask clearly better on its fresh text; inputs far from every "
+           "cluster keep the global mask",
+           "GUIDED_COST",
+           "GUIDED_MEASURED",
+           FitConfig(recipe="guided", finder="search", data=DataConfig(samples=1536),
+                     clusters=ClusterConfig(n_clusters=6),
+                     search=SearchConfig(shared_fraction=0.75, pooled=0.5), choose=ChooseConfig(samples=8),
+                     route=RouteConfig(gate=None))),
     Recipe("paper", "the paper's recipe: 16 K-means clusters, one hard-concrete (L0) mask per cluster trained with a "
            "Lagrangian sparsity constraint, nearest-centroid routing",
            "about 20 min on 2 CPU threads for smollm2-135m (4,096 passages, 264 steps of 16 x 64 tokens); linear in "
@@ -37,7 +50,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            FitConfig(recipe="fast", finder="l0", data=DataConfig(samples=400), clusters=ClusterConfig(n_clusters=4),
                      l0=TrainConfig(shared_steps=30, cluster_steps=40, batch_size=8, seq_len=64))),
 ]}
-DEFAULT_RECIPE = "paper"
+DEFAULT_RECIPE = "guided"
 
 
 def recipe(name: str) -> FitConfig:
