@@ -8,9 +8,10 @@ tables), then replays, paired per text:
     fit's own calibration passages, rebuilt from the bundle's recorded fit config);
   - the oracle: each text under the best of the bundle's masks on its scored tokens;
   - every static mask.
-Against the bundle's global mask and against the best static mask of each set. The gate quantile is chosen on
-dev (the largest whose dev gain and every dev domain's are >= 0), then reported on test and in-distribution as
-chosen. Scoring is cached per (set, mask) and resumes.
+Each router runs twice: with each cluster's chosen mask (the bundle's) and with each cluster's own search mask (its
+logs, before the choice). Against the bundle's global mask and against the best static mask of each set. The gate
+quantile is chosen on dev (the largest whose dev gain and every dev domain's are >= 0), then reported on test and
+in-distribution as chosen. Scoring is cached per (set, mask) and resumes.
 
     PYTHONPATH=src python research/disjoint/evaluate_bundle.py BUNDLE [--out research/disjoint/default-b15.json]
 """
@@ -79,6 +80,7 @@ def main() -> None:
     from igprune.blocks import masked
     from igprune.bundle import Bundle
     from igprune.encoder import SentenceEncoder
+    from igprune.finders.search import find_order_mask
     from igprune.routing import gate_radii
 
     model, tokenizer = load_model(MODEL)
@@ -86,15 +88,19 @@ def main() -> None:
     bundle = Bundle.load(args.bundle)
     g_mask = global_mask(bundle, model)
     statics = {name: Bundle.load(REPO / "benchmarks/bundles" / MODEL / name).masks[0] for name in STATIC}
-    masks = {mask_key(g_mask): g_mask, **{mask_key(m): m for m in bundle.masks}}
-    cand = list(masks)  # the global mask first, then the bundle's other distinct masks
+    own = [find_order_mask(model, c["order"], bundle.config["granularity"]) for c in bundle.logs["search"]["clusters"]]
+    masks = {mask_key(g_mask): g_mask, **{mask_key(m): m for m in [*bundle.masks, *own]}}
+    cand = list(masks)  # the global mask first, then the bundle's other distinct masks, then its searches'
     static_keys = {name: mask_key(m) for name, m in statics.items()}
     everything = {**masks, **{k: statics[n] for n, k in static_keys.items()}}
-    cluster_mask = np.array([cand.index(mask_key(m)) for m in bundle.masks])
+    routes = {"chosen": np.array([cand.index(mask_key(m)) for m in bundle.masks]),  # each cluster's choice
+              "own": np.array([cand.index(mask_key(m)) for m in own])}  # each cluster's own search
 
     sets = {s: load_set(s, tokenizer) for s in ("dev", "test")}
-    for s, rows in sets.items():  # the bundle's masks first, then the statics
-        for key in [*cand, *(k for k in static_keys.values() if k not in cand)]:
+    for s, rows in sets.items():  # the bundle's masks first, then the statics (on dev: those scored already)
+        statics_here = [k for k in static_keys.values()
+                        if k not in cand and (s == "test" or nll_path(s, rows, k).is_file())]
+        for key in [*cand, *statics_here]:
             path = nll_path(s, rows, key)
             if path.is_file():
                 continue
@@ -117,31 +123,34 @@ def main() -> None:
     radii = {q: gate_radii(bundle.centroids.float(), fit_emb, q).numpy() for q in GATES}
 
     E.GLOBAL_KEY = cand[0]
-    all_keys = list(dict.fromkeys([*cand, *static_keys.values()]))
     report = {"bundle": str(args.bundle), "model": MODEL, "global": cand[0], "candidates": cand,
-              "cluster_to_candidate": cluster_mask.tolist(), "statics": static_keys, "sets": {}}
+              "cluster_to_candidate": {k: v.tolist() for k, v in routes.items()}, "statics": static_keys, "sets": {}}
     for s in ("dev", "test", "indist"):
-        scores = E.Scores("indist", indist_rows, all_keys, totals) if s == "indist" else E.Scores(s, sets[s], all_keys)
+        here = {n: k for n, k in static_keys.items() if s != "dev" or nll_path(s, sets[s], k).is_file()}
+        keys = list(dict.fromkeys([*cand, *here.values()]))
+        scores = E.Scores("indist", indist_rows, keys, totals) if s == "indist" else E.Scores(s, sets[s], keys)
         n = len(scores.domains)
-        ppl = {k: float(np.exp(scores.cont_sum[:, i].sum() / scores.cont_n.sum())) for i, k in enumerate(all_keys)}
-        best_static = min(static_keys, key=lambda name: ppl[static_keys[name]])
+        ppl = {k: float(np.exp(scores.cont_sum[:, i].sum() / scores.cont_n.sum())) for i, k in enumerate(keys)}
+        best_static = min(here, key=lambda name: ppl[here[name]])
         refs = {"global": scores.picked(np.zeros(n, int)),
-                "best_static": scores.picked(np.full(n, all_keys.index(static_keys[best_static])))}
-        methods = {"nearest centroid": R.nearest_centroid(emb[s], centroids, cluster_mask)}
-        for q in GATES:
-            methods[f"radius gate {q}"] = R.radius_gate(emb[s], centroids, cluster_mask, radii[q], 0)
+                "best_static": scores.picked(np.full(n, keys.index(here[best_static])))}
+        methods = {}
+        for which, cluster_mask in routes.items():
+            methods[f"{which}, nearest centroid"] = R.nearest_centroid(emb[s], centroids, cluster_mask)
+            for q in GATES:
+                methods[f"{which}, radius gate {q}"] = R.radius_gate(emb[s], centroids, cluster_mask, radii[q], 0)
         methods["oracle"] = R.oracle(scores.cont_sum[:, :len(cand)] / scores.cont_n[:, None])
-        for name, key in static_keys.items():
-            methods[f"static {name}"] = np.full(n, all_keys.index(key))
+        for name, key in here.items():
+            methods[f"static {name}"] = np.full(n, keys.index(key))
         report["sets"][s] = {"texts": n, "best_static": best_static, "ppl": {k: round(v, 3) for k, v in ppl.items()},
                              "methods": {m: E.summary(scores, r, refs) for m, r in methods.items()}}
     dev = report["sets"]["dev"]["methods"]
-    safe = [q for q in GATES if dev[f"radius gate {q}"]["vs_global"]["all"][0] >= 0
-            and all(v[0] >= 0 for v in dev[f"radius gate {q}"]["vs_global"].values())]
-    report["gate_chosen_on_dev"] = max(safe) if safe else None
+    for which in routes:
+        safe = [q for q in GATES if all(v[0] >= 0 for v in dev[f"{which}, radius gate {q}"]["vs_global"].values())]
+        report[f"{which}: gate chosen on dev"] = max(safe) if safe else None
     out = args.out or HERE / f"{args.bundle.name}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}; gate chosen on dev: {report['gate_chosen_on_dev']}")
+    print(f"wrote {out}; gates chosen on dev: {[report[f'{w}: gate chosen on dev'] for w in routes]}")
     for s, rep in report["sets"].items():
         print(f"\n{s} (best static: {rep['best_static']})")
         for m, v in rep["methods"].items():
