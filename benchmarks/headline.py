@@ -87,6 +87,8 @@ RUNS: list[Run] = [
     Run("ig16-b15-first", SMOL, "ig-pruning", 15, 500, options=FIRST_FIT, label="IG-Pruning (N=16), first fit"),
     # `igprune fit --recipe paper --blocks 15` as committed (ig16-b15's settings, refit; RESULTS.md, reproduction)
     Run("paper-b15", SMOL, "ig-pruning", 15, 500, table="reproduce", label="IG-Pruning (paper recipe, refit)"),
+    # `igprune fit --blocks 15` (the default recipe, guided) as committed; evaluated, never refitted here
+    Run("default-b15", SMOL, "ig-pruning", 15, 500, table="reproduce", label="IG-Pruning (guided recipe, default)"),
     *_table1(SMOL, 8, 500, STATIC),
     # ablations at 15 of 60 (paper Figure 5, Figure 3, Tables 3 and 4); percentages against dense at limit 250.
     # N = 1 runs IG-Pruning's own shared phase (bit for bit the same for every N) and one mask in the cluster phase:

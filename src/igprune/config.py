@@ -89,7 +89,7 @@ class FitConfig:
                                "set choose.samples > 0")
         if self.route.gate is not None and (self.finder != "search" or not self.choose.samples):
             raise IGPruneError("a gate falls back to the global mask each cluster chooses against: use finder "
-                               "'search' with choose.samples > 0")
+                               "'search' with choose.samples > 0, or set route.gate to null")
         return self
 
     def train_config(self) -> TrainConfig:
