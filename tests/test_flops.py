@@ -30,6 +30,7 @@ from igprune.evaluation.flops import (
 )
 from igprune.evaluation.speed import SpeedSettings, bench_speed, build_prompt, order_candidates, table_rows
 from igprune.files import IGPruneError
+from igprune.routing import Router
 
 N_BLOCKS = 8  # tiny models have 4 layers
 MASKS = {  # "mixed" has every layer case: attention off, FFN off, both off, both on
@@ -176,11 +177,22 @@ def test_speed_benchmark_runs_and_pairs_flops(tmp_path):
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     ids, text = build_prompt(tokenizer, ["The quick brown fox jumps over the lazy dog. " * 2], 24)
     assert ids.shape == (1, 24)
-    candidates = order_candidates(8, [2], ["keep", "drop"])
+    candidates = [*order_candidates(8, [2], ["keep", "drop"]), *order_candidates(8, [2], ["keep"], router="r")]
     settings = SpeedSettings(prompt_tokens=24, new_tokens=3, batch_size=2, repeats=2, warmup=1, threads=1)
-    report = bench_speed(model, ids, text, candidates, settings=settings, progress=False)
+
+    class Encoder:  # a router's cost without loading a sentence encoder
+        name, max_tokens = "stand-in", 8
+
+        def encode(self, texts):
+            return torch.ones(len(texts), 4)
+
+    routers = {"r": Router(torch.eye(4)[:3], Encoder())}
+    report = bench_speed(model, ids, text, candidates, routers, settings=settings, progress=False)
     labels = [(r["label"], r["kv_policy"]) for r in report["results"]]
-    assert labels == [("dense", "keep"), ("2/8 attention-first", "keep"), ("2/8 attention-first", "drop")]
+    assert labels == [("dense", "keep"), *[("2/8 attention-first", kv) for kv in ("keep", "drop", "keep")]]
+    routed = report["results"][3]  # its routing time is a share of the prefill and of the whole request
+    assert 0 < routed["routing_percent_of_request"] < routed["routing_percent_of_prefill"]
+    assert report["results"][1]["routing_percent_of_request"] == 0
     keep = report["results"][1]
     ideal = flops(model.config, None, 24, batch=2, logits="last")["total"] / flops(
         model.config, candidates[0].mask, 24, "keep", batch=2, logits="last")["total"]
@@ -189,6 +201,6 @@ def test_speed_benchmark_runs_and_pairs_flops(tmp_path):
     assert report["results"][2]["decode"]["flops_speedup"] > keep["decode"]["flops_speedup"] > 1
     json.dumps(report)
     header, rows = table_rows(report)
-    assert len(rows) == 3 and all(len(r) == len(header) for r in rows)
+    assert len(rows) == 4 and all(len(r) == len(header) for r in rows)
     with pytest.raises(IGPruneError, match="tokens"):
         build_prompt(tokenizer, ["short"], 24)

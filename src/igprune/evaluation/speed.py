@@ -320,6 +320,8 @@ def _report(model: PreTrainedModel, candidates: Sequence[Candidate], routers: di
                 "flops_speedup": ideal[dense][phase] / ideal[i][phase],
             }
         entry["routing_percent_of_prefill"] = 100 * statistics.median(route) / statistics.median(phases["prefill"])
+        entry["routing_percent_of_request"] = 100 * statistics.median(route) / statistics.median(
+            [p + d for p, d in zip(phases["prefill"], phases["decode"], strict=True)])  # prefill + new_tokens
         results.append(entry)
     return {"model": model.name_or_path, "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(model.device),
@@ -333,7 +335,8 @@ def _report(model: PreTrainedModel, candidates: Sequence[Candidate], routers: di
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows for printing a report: tok/s, measured and FLOPs-ideal speedups, spread, routing."""
     header = ["config", "kv", "off (attn/ffn)", "prefill tok/s", "x dense", "(CPU)", "x FLOPs-ideal", "decode tok/s",
-              "x dense", "(CPU)", "x FLOPs-ideal", "end-to-end x", "routing % of prefill", "spread % (p/d)"]
+              "x dense", "(CPU)", "x FLOPs-ideal", "end-to-end x", "routing % of prefill", "routing % of request",
+              "spread % (p/d)"]
     rows = []
     for r in report["results"]:
         p, d, e = r["prefill"], r["decode"], r["end_to_end"]
@@ -343,6 +346,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      f"{p['flops_speedup']:.3f}", f"{d['tokens_per_s']:.1f}", f"{d['speedup']:.3f}",
                      f"{d['cpu_speedup']:.3f}", f"{d['flops_speedup']:.3f}",
                      f"{e['speedup']:.3f}", f"{r['routing_percent_of_prefill']:.1f}",
+                     f"{r['routing_percent_of_request']:.1f}",
                      f"{p['seconds']['spread_percent']:.0f}/{d['seconds']['spread_percent']:.0f}"])
     return header, rows
 
