@@ -111,7 +111,7 @@ def test_igpruner_clusters_requests_by_their_prompts(finder, monkeypatch):
 
     monkeypatch.setattr(IGPruner, "_embed", topics)
     texts = [*[f"{t} ({i})" for i, t in enumerate(CODE * 3)], *REQUESTS]
-    config = {"finder": finder, "clusters": {"min_cluster_size": 1}, "choose": {"samples": 0},
+    config = {"finder": finder, "clusters": {"min_cluster_size": 1}, "choose": {"samples": 0}, "route": {"gate": None},
               "l0": {"shared_steps": 2, "cluster_steps": 2, "batch_size": 4, "seq_len": 128},
               "search": {"samples": 2, "seq_len": 128, "shared_samples": 2}}
     pruner = IGPruner(model, tok, config=config, n_clusters=2, sparsity=0.5, progress=False).fit(texts)
