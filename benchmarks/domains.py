@@ -5,18 +5,18 @@ stories (TinyStories), non-English text and QA-style science prose (SciQ). Masks
 each domain's training passages; everything is scored on held-out passages, from documents that no search,
 clustering or fit passage comes from (igprune.data.is_heldout), by token-weighted perplexity.
 
-    python benchmarks/domains.py search --blocks 15   # per-domain SLEB masks from a shared global prefix
-    python benchmarks/domains.py wide --source code   # SLEB on 8 x 128 tokens of one source, same prefix
-    python benchmarks/domains.py wide --source code --packing texts  # the same, rows cut as held-out passages
-    python benchmarks/domains.py wide --source code --packing texts --prefix 0  # the same from no shared prefix
-    python benchmarks/domains.py fit --blocks 15      # IG-Pruning fits on the domains pool (FITS below)
-    python benchmarks/domains.py choose --blocks 15   # ig-sleb-n6 with masks chosen on fresh cluster text
-    python benchmarks/domains.py score --blocks 15    # the cross-domain matrix and every bundle, routed
-    python benchmarks/domains.py gold --blocks 15     # GSM8K / MBPP reference solutions: bits per byte
-    python benchmarks/domains.py fragments --blocks 15  # do short fit passages favour other masks?
-    python benchmarks/domains.py tasks --blocks 15    # the fits on the paper's six tasks (limit TASK_LIMIT)
-    python benchmarks/domains.py tasks --suite domains6  # dense, static masks and fits on the domain cloze tasks
-    python benchmarks/domains.py tasks --blocks 8 --limit 500  # the six tasks at the headline's limit 500
+    python benchmarks/run.py domains search --blocks 15  # per-domain SLEB masks from a shared global prefix
+    python benchmarks/run.py domains wide --source code  # SLEB on 8 x 128 tokens of one source, same prefix
+    python benchmarks/run.py domains wide --source code --packing texts  # rows cut as held-out passages
+    python benchmarks/run.py domains wide --source code --packing texts --prefix 0  # from no shared prefix
+    python benchmarks/run.py domains fit --blocks 15     # IG-Pruning fits on the domains pool (`fits`)
+    python benchmarks/run.py domains choose --blocks 15  # fits' masks chosen on fresh cluster text (`chosen`)
+    python benchmarks/run.py domains score --blocks 15   # the cross-domain matrix and every bundle, routed
+    python benchmarks/run.py domains gold --blocks 15    # GSM8K / MBPP reference solutions: bits per byte
+    python benchmarks/run.py domains fragments --blocks 15  # do short fit passages favour other masks?
+    python benchmarks/run.py domains tasks --blocks 15   # the fits on the paper's six tasks (`task_limit`)
+    python benchmarks/run.py domains tasks --suite domains6  # dense, static masks and fits on the domain cloze tasks
+    python benchmarks/run.py domains tasks --blocks 8 --limit 500  # the six tasks at the headline's limit 500
     python benchmarks/report.py                       # then the tables in RESULTS.md
 
 `search` gives the ceiling of input guidance: the mask of domain i, searched on domain i's text, scored on
@@ -39,176 +39,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from igprune.texts import Request
 
 HERE = Path(__file__).parent
 BUNDLES = HERE / "bundles"
 RESULTS = HERE / "results" / "domains"
-SEED = 0
-# Every domain's (or cluster's) SLEB scores 4 x 64 tokens of its own text (SLEB's registry default), rows cut from
-# EOS-joined passages, and continues the first half of the global SLEB search on the mixed pool (the headline's
-# sleb-b<blocks>-mixed, 8 x 128 tokens); each keeps its own result (no choice on fresh text, no global search).
-SEARCH = {"samples": 4, "seq_len": 64, "packing": "joined", "choose_samples": 0}
-GLOBAL = "sleb-b{blocks}-mixed"
-# qwen2.5-0.5b has no SLEB search on the mixed pool (81 minutes at 8 x 128 tokens here): its domains continue
-# the headline's SLEB on wiki, found at the same budget.
-GLOBAL_BY_MODEL = {"qwen2.5-0.5b": "sleb-b{blocks}"}
-HELDOUT = {"seq_len": 128, "limit": 24}  # held-out passages per domain, each scored on its first 128 tokens
-GOLD = {"limit": 32, "max_tokens": 512}  # held-out GSM8K and MBPP records per task, prompt + solution at most 512
-TASK_LIMIT = 250  # documents per task, as the headline's ablations (dense and SLEB results at this limit exist)
-TASK_LIMIT_BY_MODEL = {"qwen2.5-0.5b": 200}  # the limit of qwen2.5-0.5b's headline (its dense, SLEB, EvoPress runs)
-# The domain cloze tasks run whole (459 documents, about 7 minutes a configuration for smollm2-135m on 2 threads);
-# qwen2.5-0.5b is about four times slower, so it scores each task's first 50 (282 documents).
-CLOZE_LIMIT_BY_MODEL = {"qwen2.5-0.5b": 50}
-FIT_PASSAGES = 256  # training passages per domain for clustering and the fits
-STATIC = ["sleb-b{blocks}", GLOBAL, "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
-# The static masks found without any domain label (on wiki or the mixed pool) that a cluster may choose instead of
-# its own or the global one (`igprune fit --candidate`); those that exist for the model.
-POOL = ["sleb-b{blocks}", "evopress-b{blocks}", "shortened-ppl-b{blocks}", "static-l0-b{blocks}"]
-# IG-Pruning fits on the domains pool: the search finder (one SLEB per cluster), and the paper's L0 trainer
-# with the headline's budget (benchmarks/headline.py FIT).
-# ig-sleb-n6 is the first search recipe: each cluster's own SLEB result, on 4 x 64 tokens. ig-sleb-n6-wide
-# searches each cluster on 8 x 128 tokens (the global mask's budget) and then chooses each cluster's mask
-# among all six and the global one on 16 x 128 tokens of cluster text no search scored (igprune/finders/search.py).
-# ig-sleb-n6-texts is ig-sleb-n6-wide with its text cut and scored as the held-out passages are: passages of up
-# to 1,024 characters (perplexity.CHARS_PER_TOKEN x 128), and every search and choice row one passage from its
-# first token (packing "texts"), where the wide fit's rows were EOS-joined 256-character passages.
-# ig-sleb-n1-texts is the same recipe with one cluster: a static mask found exactly as each of the six cluster
-# masks is, so the gap between the two is what input guidance adds and nothing else.
-# ig-sleb-n7-texts is ig-sleb-n6-texts with seven clusters: at six K-means puts code and wiki in one cluster
-# (ig-sleb-n6-texts routes all held-out code and 20 of 24 wiki passages to it), at seven code has its own.
-FITS: dict[str, dict[str, Any]] = {
-    "ig-sleb-n6": {"finder": "sleb", "n_clusters": 6, "search": SEARCH},
-    "ig-sleb-n6-wide": {"finder": "sleb", "n_clusters": 6,
-                        "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "joined"}},
-    "ig-sleb-n6-texts": {"finder": "sleb", "n_clusters": 6, "max_chars": 8 * HELDOUT["seq_len"],
-                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
-    "ig-sleb-n1-texts": {"finder": "sleb", "n_clusters": 1, "max_chars": 8 * HELDOUT["seq_len"],
-                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
-    "ig-sleb-n7-texts": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"],
-                         "search": {"samples": 8, "seq_len": 128, "choose_samples": 16, "packing": "texts"}},
-    # `igprune fit --finder sleb --shared-fraction 0 --candidate ...` as a user runs it: the library's search
-    # settings (8 x 64 tokens, packing texts), every cluster's search from the dense model (`prefix`: 0 units of the
-    # global order), as the wide --prefix 0 searches whose masks gained 21.5% on code and 16.6% on maths where the
-    # prefixed ones gained 4.7 and 13.9; seven clusters, so that code has its own; each cluster's mask then chosen
-    # among all of them, the global mask and every other finder's static mask (`pool`), leaving the global mask only
-    # for one better by more than 3 paired standard errors on 32 fresh rows.
-    "ig-sleb-n7-texts64-p0-pool-m3": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"],
-                                      "pool": POOL, "prefix": 0,
-                                      "search": {"samples": 8, "seq_len": 64, "choose_samples": 32,
-                                                 "choose_margin": 3.0, "packing": "texts"}},
-    # No cluster searches: the seven clusters of ig-sleb-n7-texts, every one starting with the global mask (`prefix`
-    # "all": the global order's every unit), so a CHOSEN run below gives each cluster a mask found elsewhere. For a
-    # model where a fit's cluster searches cost hours of CPU (qwen2.5-0.5b: about 3.5), the domain searches it
-    # already has are the candidates.
-    "ig-global-n7-texts": {"finder": "sleb", "n_clusters": 7, "max_chars": 8 * HELDOUT["seq_len"], "prefix": "all",
-                           "search": {"samples": 8, "seq_len": 128, "choose_samples": 0, "packing": "texts"}},
-    # ig-global-n7-texts with MBPP's training records beside the pool's passages (`requests`), and eight clusters:
-    # held-out MBPP records routed to the code cluster, whose mask, chosen for code files, lost 3.9% on their
-    # solutions; with the records in the pool, K-means gives code requests a cluster of their own.
-    "ig-global-n8-texts-requests": {"finder": "sleb", "n_clusters": 8, "max_chars": 8 * HELDOUT["seq_len"],
-                                    "prefix": "all", "requests": "mbpp",
-                                    "search": {"samples": 8, "seq_len": 128, "choose_samples": 0, "packing": "texts"}},
-    "ig-l0-n16": {"finder": "l0", "n_clusters": 16, "train": {"shared_steps": 200, "cluster_steps": 64,
-                                                              "batch_size": 16, "seq_len": 64, "cluster_batch": 1}},
-}
-
-
-# A fit's cluster searches chosen afresh on unsearched cluster text (no new search), with the fit's own search
-# settings: ig-sleb-n6's among its six cluster masks, and among those and the global static mask;
-# ig-sleb-n6-texts-pool's among ig-sleb-n6-texts's six, the global mask and the other static finders' masks
-# (`pool`: bundles found without any domain label, on wiki or the mixed pool; `igprune fit --candidate`);
-# ig-sleb-n7-texts-pool the same for ig-sleb-n7-texts. ig-sleb-n6-texts-pool-m3 is ig-sleb-n6-texts-pool where
-# a cluster leaves the global mask only for a candidate better on its 16 fresh rows by more than 3 paired
-# standard errors (`margin`; about a one-sided t-test at 5% over ten candidates): a cluster whose gain is within
-# the noise of its few rows keeps the mask that every input does well with. ig-sleb-n6-texts-pool-m3-64 makes
-# the same choice on 64 fresh rows per cluster, whose standard errors are half as wide.
-# ig-sleb-n7-texts64-p0-domains-m3 adds to ig-sleb-n7-texts64-p0-pool-m3's candidates every domain's own search
-# from the dense model (`domains`: the wide searches of that variant, 8 x 128 tokens of one calibration source):
-# masks found WITH domain labels, on calibration text, offered to clusters that know nothing of domains. Routing
-# stays by nearest centroid; each cluster picks on 64 fresh rows that neither its search nor any domain search
-# scored. It asks how near the ceiling a fit gets once its candidates are as good as the domains' own masks.
-# ig-sleb-n7-texts64-p0-domains-m3-128 chooses on 32 rows of 128 tokens, as long as the held-out passages (`seq_len`;
-# the same tokens per cluster): on 64-token rows code's own mask was not clearly better than the global one.
-# ig-sleb-n7-texts64-p0-domains-m3-128x64 chooses on 64 rows of 128 tokens, twice the tokens: at 32 rows code's
-# own mask was 14.7% better than the global one at z = 2.7, just under the margin.
-# ig-global-n7-texts-domains-m3 gives ig-global-n7-texts's clusters (no cluster search) the choice among the global
-# mask, the static pool and the six domains' own 8 x 128-token searches (`domains` "texts": on qwen2.5-0.5b the
-# searches continuing the global prefix), on 32 fresh 128-token rows per cluster: the cheapest way to the ceiling.
-# ig-sleb-n7-texts64-p0-domains-auto-fresh repeats the 128x64 choice with two changes fixed before it ran: the
-# margin "auto" (search.bonferroni_margin: the one-sided paired t at 5% over the distinct candidates, where a fixed
-# 3 ignores how many rows and candidates there are), and rows from `texts` "fresh": the domains pool's training
-# passages that the fit never clustered (routed to their nearest centroid), so no earlier choice scored them. The
-# rule came after 128x64's code cluster missed the margin of 3 at z = 3.0; new rows judge it afresh.
-# ig-sleb-n7-texts64-p0-domains-auto-unscored chooses on those passages and on the fit's own that no search and no
-# earlier choice of that fit scored (scored_rows): the multilingual source is small, so fresh rows alone leave the
-# non-English clusters 18 and about 30 rows.
-# ig-global-n7-texts-domains-auto-unscored is ig-global-n7-texts-domains-m3 with the auto margin and the unscored
-# rows: on qwen2.5-0.5b too the multilingual source leaves too few fresh passages alone.
-# ig-global-n8-texts-requests-auto gives ig-global-n8-texts-requests's clusters the auto-unscored choice among the
-# global mask, the static pool and the six domains' own searches from the dense model. Its rows are 128 tokens, and
-# an MBPP record's prompt alone is a median of about 110, so the requests cluster chose on prompts; -256 chooses
-# that cluster's mask again (`again`: only the clusters that are mostly requests) on rows of 256 tokens, which hold
-# most records whole, solutions too, and keeps every other cluster's mask. -responses chooses it again on those
-# rows with each request's prompt read and only its solution scored (texts.Request), as the gold step scores a
-# held-out record: on whole records the prompts still outweigh the solutions. The -prefixed pair is the same two
-# choices with the domains' searches that continue the global prefix ("texts"), the ones that exist at 8 and 22
-# blocks, where no search from the dense model was run.
-CHOSEN: dict[str, dict[str, Any]] = {
-    "ig-sleb-n6-chosen": {"from": "ig-sleb-n6", "global": False, "samples": 8},
-    "ig-sleb-n6-chosen-global": {"from": "ig-sleb-n6", "global": True, "samples": 16},
-    "ig-sleb-n6-texts-pool": {"from": "ig-sleb-n6-texts", "global": True, "samples": 16, "pool": POOL},
-    "ig-sleb-n7-texts-pool": {"from": "ig-sleb-n7-texts", "global": True, "samples": 16, "pool": POOL},
-    "ig-sleb-n6-texts-pool-m3": {"from": "ig-sleb-n6-texts", "global": True, "samples": 16, "pool": POOL,
-                                 "margin": 3.0},
-    "ig-sleb-n6-texts-pool-m3-64": {"from": "ig-sleb-n6-texts", "global": True, "samples": 64, "pool": POOL,
-                                    "margin": 3.0},
-    "ig-sleb-n7-texts64-p0-domains-m3": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True, "samples": 64,
-                                         "pool": POOL, "margin": 3.0, "domains": "texts-p0"},
-    "ig-sleb-n7-texts64-p0-domains-m3-128": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True, "samples": 32,
-                                             "seq_len": 128, "pool": POOL, "margin": 3.0, "domains": "texts-p0"},
-    "ig-sleb-n7-texts64-p0-domains-m3-128x64": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True,
-                                                "samples": 64, "seq_len": 128, "pool": POOL, "margin": 3.0,
-                                                "domains": "texts-p0"},
-    "ig-global-n7-texts-domains-m3": {"from": "ig-global-n7-texts", "global": True, "samples": 32, "seq_len": 128,
-                                      "pool": POOL, "margin": 3.0, "domains": "texts"},
-    "ig-sleb-n7-texts64-p0-domains-auto-fresh": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True,
-                                                 "samples": 64, "seq_len": 128, "pool": POOL, "margin": "auto",
-                                                 "domains": "texts-p0", "texts": "fresh"},
-    "ig-sleb-n7-texts64-p0-domains-auto-unscored": {"from": "ig-sleb-n7-texts64-p0-pool-m3", "global": True,
-                                                    "samples": 64, "seq_len": 128, "pool": POOL, "margin": "auto",
-                                                    "domains": "texts-p0", "texts": "unscored"},
-    "ig-global-n7-texts-domains-auto-unscored": {"from": "ig-global-n7-texts", "global": True, "samples": 32,
-                                                 "seq_len": 128, "pool": POOL, "margin": "auto", "domains": "texts",
-                                                 "texts": "unscored"},
-    "ig-global-n8-texts-requests-auto": {"from": "ig-global-n8-texts-requests", "global": True, "samples": 64,
-                                         "seq_len": 128, "pool": POOL, "margin": "auto", "domains": "texts-p0",
-                                         "texts": "unscored"},
-    "ig-global-n8-texts-requests-auto-256": {"from": "ig-global-n8-texts-requests", "global": True, "samples": 64,
-                                             "seq_len": 256, "pool": POOL, "margin": "auto", "domains": "texts-p0",
-                                             "texts": "unscored", "again": "ig-global-n8-texts-requests-auto"},
-    "ig-global-n8-texts-requests-prefixed-auto": {"from": "ig-global-n8-texts-requests", "global": True,
-                                                  "samples": 64, "seq_len": 128, "pool": POOL, "margin": "auto",
-                                                  "domains": "texts", "texts": "unscored"},
-    "ig-global-n8-texts-requests-prefixed-auto-responses": {
-        "from": "ig-global-n8-texts-requests", "global": True, "samples": 64, "seq_len": 256, "pool": POOL,
-        "margin": "auto", "domains": "texts", "texts": "unscored", "responses": True,
-        "again": "ig-global-n8-texts-requests-prefixed-auto"},
-    "ig-global-n8-texts-requests-auto-responses": {"from": "ig-global-n8-texts-requests", "global": True,
-                                                   "samples": 64, "seq_len": 256, "pool": POOL, "margin": "auto",
-                                                   "domains": "texts-p0", "texts": "unscored", "responses": True,
-                                                   "again": "ig-global-n8-texts-requests-auto"},
-}
-
-
-# A fit with a gate (`igprune fit --gate Q`, Bundle.with_gate): the CHOSEN bundle's clusters and masks, with each
-# cluster's radius the Q-quantile of its own passages' distances to its centroid; an input beyond its nearest
-# cluster's radius runs under the global mask, which every cluster's choice started from. 0.95 was picked from
-# benchmarks/radius_gate.py's replay of per-document results (0.9 to 1.0 there).
-GATED: dict[str, dict[str, Any]] = {
-    f"{run}-gate95": {"from": run, "quantile": 0.95}
-    for run in ("ig-global-n8-texts-requests-prefixed-auto-responses", "ig-sleb-n7-texts64-p0-domains-auto-unscored")}
+CONFIG = yaml.safe_load((HERE / "configs" / "domains.yaml").read_text())  # the runs and settings, as data
+SEED = CONFIG["seed"]
+SEARCH, GLOBAL, GLOBAL_BY_MODEL = CONFIG["search"], CONFIG["global"], CONFIG["global_by_model"]
+HELDOUT, GOLD, FIT_PASSAGES = CONFIG["heldout"], CONFIG["gold"], CONFIG["fit_passages"]
+TASK_LIMIT, TASK_LIMIT_BY_MODEL = CONFIG["task_limit"], CONFIG["task_limit_by_model"]
+CLOZE_LIMIT_BY_MODEL = CONFIG["cloze_limit_by_model"]
+STATIC, POOL = CONFIG["static"], CONFIG["pool"]
+FITS: dict[str, dict[str, Any]] = CONFIG["fits"]
+CHOSEN: dict[str, dict[str, Any]] = CONFIG["chosen"]
+GATED: dict[str, dict[str, Any]] = CONFIG["gated"]
 RUN_NAMES = [*FITS, *CHOSEN, *GATED]  # every IG bundle this script makes, in the order they are made
 
 
@@ -333,7 +180,7 @@ def wide_variant(packing: str, metric: str, prefix: int | None = None) -> list[s
 
 def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None:
     """Each FITS entry with igprune fit's recipe (igprune.pruner.fit_bundle) on the domains pool; under torchrun
-    (`torchrun --nproc-per-node 2 benchmarks/domains.py fit ...`) the ranks split every search's masks."""
+    (`torchrun --nproc-per-node 2 benchmarks/run.py domains fit ...`) the ranks split every search's masks."""
     from igprune import distributed
     from igprune.data import DOMAIN_SOURCES
     from igprune.files import remove_tree
@@ -389,7 +236,7 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
         source, settings = fit_dir(name, spec["from"], blocks), FITS[spec["from"]]["search"]
         bundle = Bundle.load(source)
         texts = fit_passages(bundle, spec["from"])  # each in the cluster its embedding is nearest to
-        router = Router.from_bundle(bundle)
+        router = Router.from_bundle(bundle, always_embed=True)
         labels = [r.cluster for r in router.route(texts)]
         if labels and [labels.count(k) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:
             raise SystemExit("routing the fit's passages does not give its clusters; refit")
@@ -466,7 +313,7 @@ def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
         if (only and run not in only) or (out / "bundle.json").is_file() or not (source / "bundle.json").is_file():
             continue
         bundle = Bundle.load(source)
-        embeddings = Router.from_bundle(bundle).encoder.encode(fit_passages(bundle, spec["from"]))
+        embeddings = Router.from_bundle(bundle, always_embed=True).encoder.encode(fit_passages(bundle, spec["from"]))
         radii = gate_radii(bundle.centroids, embeddings, spec["quantile"])
         gated = bundle.with_gate(radii, find_order_mask(model, global_order(name, blocks), "block"), spec["quantile"])
         gated.config["gated_from"] = spec["from"]
@@ -730,7 +577,7 @@ def _bundle_report(path: Path, nll, route_texts: dict[str, list[str]],
     from igprune.routing import Router
 
     bundle = Bundle.load(path)
-    router = Router.from_bundle(bundle)
+    router = Router.from_bundle(bundle, always_embed=True)
     per_cluster = [nll(m) for m in bundle.route_masks]  # a gate's fallback last
     routed, oracle, table = {}, {}, {}
     for d, texts in route_texts.items():
@@ -765,11 +612,11 @@ def tasks(model, tokenizer, name: str, blocks: int, only: set[str] | None, suite
         limit = limit or task_limit(name)
         dense_run = next((r for r in RUNS if r.model == name and r.method == "dense" and r.limit == limit), None)
         if dense_run is None:
-            raise SystemExit(f"domains.py: error: the headline has no dense run of {name} at limit {limit}; "
+            raise SystemExit(f"run.py domains: error: the headline has no dense run of {name} at limit {limit}; "
                              "use its limit or add one to headline.RUNS")
         dense, runs = load_results(result_path(dense_run)), []
     elif limit is not None:
-        raise SystemExit("domains.py: error: --limit is for --suite paper6; domains6 runs CLOZE_LIMIT_BY_MODEL")
+        raise SystemExit("run.py domains: error: --limit is for --suite paper6; domains6 runs cloze_limit_by_model")
     else:
         limit, dense_path = CLOZE_LIMIT_BY_MODEL.get(name), folder(name) / f"{suite}-dense.json"
         if not dense_path.is_file():  # seeded, so a saved dense run is the run this would repeat
@@ -890,8 +737,8 @@ def _paired(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
     return {"lower_percent": 100 * (1 - math.exp(rate)), "stderr_percent": 100 * math.exp(rate) * se}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="run.py domains", description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["search", "wide", "fit", "choose", "gate", "score", "gold", "fragments",
                                          "tasks"])
     parser.add_argument("--source", default="domains", help="wide: calibration source")
@@ -904,7 +751,7 @@ def main() -> None:
     parser.add_argument("--suite", default="paper6", choices=["paper6", "domains6"], help="tasks: which tasks")
     parser.add_argument("--limit", type=int, help="tasks, paper6: documents per task (default: the model's task limit)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from igprune import distributed, load_model
@@ -933,6 +780,3 @@ def main() -> None:
     else:
         tasks(model, tokenizer, args.model, args.blocks, only, args.suite, args.limit)
 
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@
    8 samples of every cluster (125 x 8 = 1,000 per cluster), the LM loss on every position. The calibration
    corpus holds fewer passages of up to 512 tokens than 16,000 (the count is recorded), so the trainer draws them
    with replacement, as it always does. Reported: wall time, peak GPU memory, the masks.
-2. The CPU-budget fit (benchmarks/headline.py FIT: 200 + 64 steps of 64-token samples) of the same model, for
+2. The CPU-budget fit (benchmarks/configs/headline.yaml `fit`: 200 + 64 steps of 64-token samples) of the same model, for
    comparison; then held-out perplexity (256 passages of 512 tokens) of dense, the paper-budget and the
    CPU-budget bundles, each passage under its routed cluster's mask.
 3. bench-speed (run first, being quick; the report is written after each part): prefill (512 tokens) and
@@ -46,7 +46,7 @@ SEED = 0
 PAPER_FIT = {"shared_steps": 125, "batch_size": 16, "cluster_steps": 125, "cluster_batch": 8, "seq_len": 512,
              "loss_positions": None}
 CPU_FIT = {"shared_steps": 200, "batch_size": 16, "cluster_steps": 64, "cluster_batch": 1, "seq_len": 64}
-CPU_SAMPLES = 4096  # headline.py FIT["samples"]
+CPU_SAMPLES = 4096  # configs/headline.yaml fit.samples
 PARTS = ("speed", "fit")
 
 
@@ -121,7 +121,7 @@ def fits(args: argparse.Namespace) -> dict[str, Any]:
     if args.random_weights:  # masks from random weights say nothing, and there is nothing to compare them with
         del out["paper_budget"]["masks"], out["paper_budget"]["final_loss"]
         return out
-    cpu, out["cpu_budget"] = fit(model, tokenizer, "CPU budget (headline.py FIT)", CPU_FIT, CPU_SAMPLES,
+    cpu, out["cpu_budget"] = fit(model, tokenizer, "CPU budget (the headline fit)", CPU_FIT, CPU_SAMPLES,
                                  args.clusters, args.sparsity, False, args.encoder)
     if distributed.is_main():  # perplexity is one process's job
         out["heldout_perplexity"] = {

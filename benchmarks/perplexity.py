@@ -51,7 +51,7 @@ def main() -> None:
     runs = [r for r in RUNS if r.model == args.model and not r.bundle]  # each bundle once
     masks = [("dense", None)] + [(r.name, bundle_dir(r)) for r in runs if (bundle_dir(r) / "bundle.json").is_file()]
     if args.router not in dict(masks):
-        raise SystemExit(f"no bundle for the router run {args.router}; make it with benchmarks/headline.py")
+        raise SystemExit(f"no bundle for the router run {args.router}; make it with benchmarks/run.py headline")
     router = Bundle.load(dict(masks)[args.router])
     settings = {"model": args.model, "data": args.data, "split": "heldout", "seq_len": args.seq_len,
                 "passages": len(texts), "router": args.router, "seed": SEED,

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from headline import QWEN, RUNS, SMOL, STATIC, Run, bundle_dir, result_path
+from headline import RUNS, STATIC, Run, bundle_dir, result_path
 
 from igprune.evaluation import figures
 from igprune.evaluation.results import (
@@ -41,6 +41,7 @@ HERE = Path(__file__).parent
 REPORT = HERE / "RESULTS.md"
 RESEARCH = HERE.parent / "research"  # investigations: their scripts, results and logs
 FIGURES = HERE / "figures"
+SMOL, QWEN = "smollm2-135m", "qwen2.5-0.5b"
 PICK_REPEATS = 200  # seeded half splits behind each "picked on the other half" bound
 
 
@@ -523,9 +524,9 @@ def six_task_floor() -> str:
     return (_rows(["Blocks", "Documents per task", "Fit", "Fit, % of dense", "Best static there, % of dense",
                    "Fit minus best static, points of dense (paired)", "Net documents by cluster",
                    "Fit minus its global mask (paired)"], rows)
-            + "\n\nsmollm2-135m. The static masks are the headline's at the same limit (`headline.py`); the default "
+            + "\n\nsmollm2-135m. The static masks are the headline's at the same limit (`run.py headline`); the default "
             "rows are the headline's own IG-Pruning fits (`igprune fit` as shipped: L0, 16 clusters of the mixed "
-            "pool), the others the domain fits' runs `domains.py tasks --blocks B [--limit 500]`; fits whose results "
+            "pool), the others the domain fits' runs `run.py domains tasks --blocks B [--limit 500]`; fits whose results "
             "predate per-document scores are left out. Paired: the mean per-document difference and its stderr, task "
             "by task, as `igprune table FIT --against STATIC`. Net documents by cluster: how many more documents of "
             "all six tasks the fit gets right than the best static mask, per cluster they route to "

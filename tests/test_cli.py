@@ -100,7 +100,8 @@ def test_every_command_runs_on_a_tiny_model(tiny_folder, tmp_path, prepared_data
     assert fitted.config["calibration"]["extra"] == 12 and sum(fitted.config["cluster_sizes"]) == 52
     assert fitted.config["calibration"]["extra_sha256"] == digest([*own[4:], *answered])
     assert fitted.config["calibration"]["extra_requests"] == 4
-    assert len({r.cluster for r in Router.from_bundle(fitted).route(own)}) == 1  # alike requests share a cluster
+    routes = Router.from_bundle(fitted, always_embed=True).route(own)
+    assert len({r.cluster for r in routes}) == 1  # alike requests share a cluster
     scores = tmp_path / "eval.json"
     invoke("eval", "--bundle", bundle, "--model", model, "--tasks", "arc_easy", "--limit", "2", "--out", scores)
     assert "|" in invoke("table", scores)

@@ -53,3 +53,24 @@ def test_relative_links_point_to_files(doc: Path):
         if not path.exists():
             broken.append(target)
     assert not broken, f"{doc.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_benchmark_configs_name_known_methods_and_runs_that_exist():
+    import yaml
+
+    from igprune.finders import METHODS
+
+    configs = ROOT / "benchmarks" / "configs"
+    headline = yaml.safe_load((configs / "headline.yaml").read_text())
+    names = {(r["model"], r["name"]) for r in headline["runs"]}
+    assert len(names) == len(headline["runs"])  # each run's results file is its own
+    for run in headline["runs"]:
+        assert run["method"] in {"dense", "ig-pruning", *METHODS}, run["name"]
+        assert isinstance(run.get("options", {}), dict) or run["options"] in headline["options"], run["name"]
+        for other in (run.get("bundle"), run.get("extends")):
+            assert other is None or (run["model"], other) in names, (run["name"], other)
+    domains = yaml.safe_load((configs / "domains.yaml").read_text())
+    for name, spec in domains["chosen"].items():
+        assert spec["from"] in domains["fits"] and spec.get("again", spec["from"]) in {*domains["chosen"],
+                                                                                         spec["from"]}, name
+    assert all(spec["from"] in domains["chosen"] for spec in domains["gated"].values())

@@ -79,6 +79,23 @@ def test_a_gated_router_sends_inputs_beyond_a_clusters_radius_to_the_fallback():
         gate_radii(centroids, members, 0.0)
 
 
+def test_a_bundle_whose_routes_all_carry_one_mask_routes_without_embedding(fitted, tmp_path):
+    model, tokenizer, _, path = fitted
+    bundle = Bundle.load(path)
+    one = bundle.masks[:1].clone()
+    same = Bundle(one.repeat(3, 1), bundle.centroids, bundle.config, radii=None).with_gate(
+        torch.ones(3), one[0], 1.0)  # every cluster and the fallback: one mask, as when every cluster kept it
+    assert same.one_mask and not bundle.with_gate(torch.ones(3), one[0].roll(1), 1.0).one_mask
+    dynamic = DynamicPrunedModel.from_bundle(model, same, tokenizer)
+    assert dynamic.router.encoder is None and dynamic.clusters(TEXTS) == [0] * len(TEXTS)
+    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    with patch(model).masked(one[0]):
+        expected = model(**batch).logits
+    assert torch.allclose(dynamic(**batch).logits, expected, atol=1e-5)
+    shown = Router.from_bundle(same, always_embed=True)  # `igprune route` still shows where inputs fall
+    assert shown.encoder is not None and len({r.cluster for r in shown.route(TEXTS)}) > 1
+
+
 def test_a_gated_bundle_round_trips_and_runs_the_fallback_beyond_the_radii(fitted, tmp_path):
     model, tokenizer, _, path = fitted
     bundle = Bundle.load(path)
@@ -134,11 +151,11 @@ def test_not_a_bundle_is_a_clear_error(tmp_path):
 def three_mask_model(fitted) -> DynamicPrunedModel:
     """The fitted bundle with a visibly different mask per cluster (cluster k skips the FFN of layer k)."""
     model, tokenizer, _, path = fitted
-    dynamic = DynamicPrunedModel.from_bundle(model, path, tokenizer)
-    dynamic.masks = torch.ones_like(dynamic.masks)
+    bundle = Bundle.load(path)
+    masks = torch.ones_like(bundle.masks)
     for k in range(3):
-        dynamic.masks[k, 2 * k + 1] = False
-    return dynamic
+        masks[k, 2 * k + 1] = False
+    return DynamicPrunedModel(model, tokenizer, Router.from_bundle(bundle, always_embed=True), masks, bundle=bundle)
 
 
 def test_a_mixed_batch_runs_each_row_under_its_mask_in_one_forward(fitted):

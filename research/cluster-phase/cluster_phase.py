@@ -69,7 +69,7 @@ def main() -> None:
     encoder = SentenceEncoder(ig.config["encoder"], max_tokens=ig.config["encoder_tokens"])
     clustering = cluster(encoder.encode(texts), ig.n_clusters, SEED)
     assert torch.allclose(clustering.centroids, ig.centroids, atol=1e-4), "not ig16-b15-first's clustering"
-    router = Router.from_bundle(ig)
+    router = Router.from_bundle(ig, always_embed=True)
     ids, mask = tokenize(tokenizer, texts, FIT["seq_len"])
     heldout = load_calibration("mixed", split="heldout", max_chars=CHARS_PER_TOKEN * 128, limit=args.heldout,
                                seed=SEED)

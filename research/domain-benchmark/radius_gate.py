@@ -47,7 +47,7 @@ RUNS = [(8, "ig-global-n8-texts-requests-prefixed-auto-responses"), (8, "ig-sleb
 
 def embed_members(bundle: Bundle, run: str) -> tuple[Router, torch.Tensor]:
     """The bundle's router and the embeddings of the passages its fit clustered (domains.fit_passages)."""
-    router = Router.from_bundle(bundle)
+    router = Router.from_bundle(bundle, always_embed=True)
     embeddings = router.encoder.encode(fit_passages(bundle, run))
     clusters, _ = router.route_embeddings(embeddings)
     if [int((clusters == k).sum()) for k in range(bundle.n_clusters)] != bundle.config["cluster_sizes"]:

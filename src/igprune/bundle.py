@@ -176,6 +176,12 @@ class Bundle:
         """The mask of every route: the clusters', then the fallback's when the bundle has a gate."""
         return self.masks if self.fallback is None else torch.cat([self.masks, self.fallback])
 
+    @property
+    def one_mask(self) -> bool:
+        """Whether every route carries the same mask: routing then changes nothing."""
+        masks = self.route_masks
+        return bool((masks == masks[0]).all())
+
     def with_gate(self, radii: torch.Tensor, fallback: torch.Tensor, quantile: float) -> Bundle:
         """A copy that sends inputs beyond a cluster's radius (the `quantile` of its members' distances) to
         `fallback`, the mask every cluster starts from, instead of a mask chosen on text unlike them."""

@@ -268,7 +268,7 @@ def route(
     _at_least(route_tokens=(route_tokens, 1))
     loaded = Bundle.load(bundle)
     table = Table("text", "cluster", "distance", "mask (per layer: A/F run, . skipped)")
-    for text, r in zip(texts, Router.from_bundle(loaded, route_tokens).route(texts), strict=True):
+    for text, r in zip(texts, Router.from_bundle(loaded, route_tokens, always_embed=True).route(texts), strict=True):
         table.add_row(text if len(text) <= 40 else text[:37] + "...",
                       "fallback" if r.cluster == loaded.n_clusters else str(r.cluster), f"{r.distance:.3f}",
                       mask_row(loaded.route_masks[r.cluster]))

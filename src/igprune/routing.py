@@ -30,7 +30,8 @@ class Route:
 
 
 class Router:
-    """Nearest-centroid routing over an embedding pool; a pool of one routes everything to cluster 0.
+    """Nearest-centroid routing over an embedding pool; a pool of one, or a router without an encoder, routes
+    everything to cluster 0.
 
     With `radii` (a gate) an input farther from its nearest centroid than that cluster's radius takes route
     n_clusters, the fallback mask: a cluster's mask was chosen on its members' text, and an input unlike all but a
@@ -43,12 +44,14 @@ class Router:
         self.radii = None if radii is None else radii.float()
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, route_tokens: int | None = None,
-                    device: str | torch.device | None = "auto") -> Router:
+    def from_bundle(cls, bundle: Bundle, route_tokens: int | None = None, device: str | torch.device | None = "auto",
+                    always_embed: bool = False) -> Router:
         """The bundle's centroids with its encoder; `route_tokens` overrides how much of an input is read
-        (default: as many tokens as the calibration texts were embedded from)."""
-        if bundle.static:
-            return cls(bundle.centroids)
+        (default: as many tokens as the calibration texts were embedded from). Where every route carries the same
+        mask (every cluster kept the global one) the router does not embed, since that would decide nothing, and
+        routes everything to cluster 0, unless `always_embed` (to show where inputs fall)."""
+        if bundle.static or (bundle.one_mask and not always_embed):
+            return cls(bundle.centroids, radii=bundle.radii)
         encoder = SentenceEncoder(bundle.config["encoder"], device=device,
                                   max_tokens=route_tokens or bundle.config.get("encoder_tokens"))
         return cls(bundle.centroids, encoder, bundle.radii)
@@ -72,7 +75,7 @@ class Router:
         return torch.where(outside, self.n_clusters, best.indices), best.values
 
     def route(self, texts: list[str]) -> list[Route]:
-        if self.n_clusters == 1:
+        if self.encoder is None or self.n_clusters == 1:
             return [Route(0, 0.0) for _ in texts]
         clusters, distances = self.route_embeddings(self.encoder.encode(texts))
         return [Route(int(c), float(d)) for c, d in zip(clusters, distances, strict=True)]

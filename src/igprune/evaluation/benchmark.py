@@ -71,10 +71,11 @@ def resolve_tasks(tasks: Sequence[str]) -> list[str]:
 
 
 def _task_key(model: PreTrainedModel, bundle_content: str | None, task: str, limit: int | None,
-              seed: int, chat: bool = False, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """Everything that decides one task's result; the results cache is keyed by it."""
-    generative = {"chat_template": chat, "max_new_tokens": max_new_tokens,
-                  "execution": [TIMEOUT, MEMORY]} if task in GENERATIVE else {}
+              seed: int, generation: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides one task's result; the results cache is keyed by it. A generative task's result
+    also depends on how it generates (chat template, max_new_tokens, and the batch size: greedy rows padded into
+    a batch can differ from the same rows alone in the last bits) and on the limits its code runs under."""
+    generative = {**generation, "execution": [TIMEOUT, MEMORY]} if task in GENERATIVE else {}
     return {**generative, "model": model.name_or_path, "fingerprint": fingerprint(model), "bundle": bundle_content,
             "task": task, "task_sha256": config_hash([definition(task), sha256_file(eval_dataset_path(
                 task.removeprefix(PREFIX)))]),
@@ -127,8 +128,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
     if any(task in GENERATIVE for task in names):
         results["generation"] = {"chat_template": chat, "decoding": "greedy", "max_new_tokens": max_new_tokens
                                  or "the task's", "execution": isolation()}
+    generation = {"chat_template": chat, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     for task in tqdm(names, desc="tasks", unit="task", disable=not distributed.shows_progress(progress) or None):
-        key = _task_key(model, config.content_sha256, task, limit, seed, chat, max_new_tokens)
+        key = _task_key(model, config.content_sha256, task, limit, seed, generation)
         entry = cache.get(key) if use_cache else None
         if entry is not None:
             entry["cached"] = True
@@ -143,7 +145,8 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
             results["routing"][short] = routing
         results["tasks"][short] = entry
     results["average"], results["average_stderr"] = task_average(results["tasks"])
-    results["dense_average"], results["percentage"] = _compare(results, dense, model, names, limit, seed, cache)
+    results["dense_average"], results["percentage"] = _compare(results, dense, model, names, limit, seed, cache,
+                                                               generation)
     results["provenance"] = {**provenance(seed, str(model.device), str(model.dtype).removeprefix("torch.")),
                              "bundle": config.identity(), "bootstrap_iters": BOOTSTRAP_ITERS,
                              "seconds": {"total": round(time.perf_counter() - started, 1),
@@ -152,12 +155,13 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bundle:
 
 
 def _compare(results: dict[str, Any], dense: dict[str, Any] | None, model: PreTrainedModel, names: list[str],
-             limit: int | None, seed: int, cache: ResultCache) -> tuple[float | None, float | None]:
+             limit: int | None, seed: int, cache: ResultCache,
+             generation: dict[str, Any]) -> tuple[float | None, float | None]:
     """(dense average, percentage of it) from `dense`, the result itself if dense, or the cache; else Nones."""
     if results["method"] == "dense":
         return results["average"], 100.0
     if dense is None:
-        entries = [cache.get(_task_key(model, None, task, limit, seed)) for task in names]
+        entries = [cache.get(_task_key(model, None, task, limit, seed, generation)) for task in names]
         if any(e is None for e in entries):
             return None, None
         dense = {"method": "dense", "model": results["model"], "limit": limit,

@@ -54,7 +54,7 @@ class TrainConfig:
 
     sparsity: float = 0.25
     # Phase 1 fits one mask on all data and must converge before phase 2 (one mask per cluster, all clusters
-    # batched) starts from it; defaults: the headline fit (benchmarks/headline.py FIT).
+    # batched) starts from it; defaults: the headline fit (benchmarks/configs/headline.yaml).
     shared_steps: int = 200
     cluster_steps: int = 64
     batch_size: int = 16  # samples per forward/backward (and per shared-phase update)
