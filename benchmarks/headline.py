@@ -23,10 +23,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from igprune.config import FitConfig
 
 HERE = Path(__file__).parent
 BUNDLES = HERE / "bundles"
@@ -55,6 +58,7 @@ class Run:
     label: str | None = None
     bundle: str | None = None
     extends: str | None = None
+    encoder: str | None = None
 
     @property
     def calibration(self) -> str:
@@ -88,7 +92,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     from igprune.bundle import Bundle
     from igprune.data import load_calibration
     from igprune.finders import find_mask, get_method, make_calibration
-    from igprune.pruner import fit_bundle, fit_config
+    from igprune.pruner import fit_bundle
 
     path = bundle_dir(run)
     if (path / "bundle.json").is_file():
@@ -98,11 +102,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     started = time.perf_counter()
     if run.method == "ig-pruning":
         fit = {**FIT, **run.options}
-        config = fit_config("paper", {"granularity": run.granularity,
-                                      "data": {"source": run.calibration, "samples": fit["samples"]},
-                                      "l0": {k: v for k, v in fit.items() if k != "samples"}},
-                            n_clusters=run.clusters, sparsity=sparsity, seed=SEED)
-        bundle = fit_bundle(model, tokenizer, config, checkpoint_dir=checkpoint,
+        bundle = fit_bundle(model, tokenizer, paper_config(run, sparsity), checkpoint_dir=checkpoint,
                             shared_dir=shared_dir(run, fit))  # `igprune fit --recipe paper`
         bundle.config["calibration"].update(fit)
     else:
@@ -121,6 +121,18 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
                                   "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
     bundle.save(path)
     return path
+
+
+def paper_config(run: Run, sparsity: float) -> FitConfig:
+    """An IG-Pruning run's fit: the paper recipe with the headline's budget and the run's options."""
+    from igprune.pruner import fit_config
+
+    fit = {**FIT, **run.options}
+    changes = {"granularity": run.granularity, "data": {"source": run.calibration, "samples": fit["samples"]},
+               "l0": {k: v for k, v in fit.items() if k != "samples"}}
+    if run.encoder:
+        changes["clusters"] = {"encoder": run.encoder}
+    return fit_config("paper", changes, n_clusters=run.clusters, sparsity=sparsity, seed=SEED)
 
 
 def shared_dir(run: Run, fit: dict[str, Any]) -> Path:
