@@ -142,10 +142,12 @@ def print_kills_survived():
 
 def interrupt(args: list[str], cwd: Path, ready) -> tuple[int, str]:
     """Start `igprune ARGS`, wait until `ready(child)` returns, then SIGINT it as Ctrl-C would: its exit code and
-    stderr."""
+    stderr. The child starts with SIGINT's default disposition, as a command in a terminal's foreground does: a
+    test run in the background (`pytest &`) ignores SIGINT, and its children would inherit that."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.Popen([sys.executable, "-m", "igprune", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ready(child)
         assert child.poll() is None, f"finished before its interrupt: {child.stderr.read()}"
