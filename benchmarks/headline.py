@@ -59,6 +59,7 @@ class Run:
     bundle: str | None = None
     extends: str | None = None
     encoder: str | None = None
+    recipe: str = "paper"
 
     @property
     def calibration(self) -> str:
@@ -102,7 +103,7 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     started = time.perf_counter()
     if run.method == "ig-pruning":
         fit = {**FIT, **run.options}
-        bundle = fit_bundle(model, tokenizer, paper_config(run, sparsity), checkpoint_dir=checkpoint,
+        bundle = fit_bundle(model, tokenizer, fit_config_of(run, sparsity), checkpoint_dir=checkpoint,
                             shared_dir=shared_dir(run, fit))  # `igprune fit --recipe paper`
         bundle.config["calibration"].update(fit)
     else:
@@ -123,15 +124,17 @@ def make_bundle(run: Run, model, tokenizer) -> Path:
     return path
 
 
-def paper_config(run: Run, sparsity: float) -> FitConfig:
-    """An IG-Pruning run's fit: the paper recipe with the headline's budget and the run's options."""
+def fit_config_of(run: Run, sparsity: float) -> FitConfig:
+    """An IG-Pruning run's fit: the paper recipe with the headline's budget and the run's options, or another
+    recipe as it is (`igprune fit --recipe NAME`)."""
     from igprune.pruner import fit_config
 
+    changes: dict[str, Any] = {"clusters": {"encoder": run.encoder}} if run.encoder else {}
+    if run.recipe != "paper":
+        return fit_config(run.recipe, changes, sparsity=sparsity, seed=SEED)
     fit = {**FIT, **run.options}
-    changes = {"granularity": run.granularity, "data": {"source": run.calibration, "samples": fit["samples"]},
-               "l0": {k: v for k, v in fit.items() if k != "samples"}}
-    if run.encoder:
-        changes["clusters"] = {"encoder": run.encoder}
+    changes.update({"granularity": run.granularity, "data": {"source": run.calibration, "samples": fit["samples"]},
+                    "l0": {k: v for k, v in fit.items() if k != "samples"}})
     return fit_config("paper", changes, n_clusters=run.clusters, sparsity=sparsity, seed=SEED)
 
 

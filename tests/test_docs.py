@@ -59,13 +59,14 @@ def test_benchmark_configs_name_known_methods_and_runs_that_exist():
     import yaml
 
     from igprune.finders import METHODS
+    from igprune.recipes import RECIPES
 
     configs = ROOT / "benchmarks" / "configs"
     headline = yaml.safe_load((configs / "headline.yaml").read_text())
     names = {(r["model"], r["name"]) for r in headline["runs"]}
     assert len(names) == len(headline["runs"])  # each run's results file is its own
     for run in headline["runs"]:
-        assert run["method"] in {"dense", "ig-pruning", *METHODS}, run["name"]
+        assert run["method"] in {"dense", "ig-pruning", *METHODS} and run.get("recipe", "paper") in RECIPES, run["name"]
         assert isinstance(run.get("options", {}), dict) or run["options"] in headline["options"], run["name"]
         for other in (run.get("bundle"), run.get("extends")):
             assert other is None or (run["model"], other) in names, (run["name"], other)
