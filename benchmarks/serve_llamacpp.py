@@ -61,7 +61,8 @@ def resident(pids: list[int]) -> int:
             text = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        total += next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("VmRSS:"))
+        # a process just killed (a zombie until reaped) has no VmRSS line: it holds no memory
+        total += next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("VmRSS:")), 0)
     return total
 
 
