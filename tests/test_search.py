@@ -309,16 +309,3 @@ def test_choose_masks_judges_every_candidate_on_text_the_searches_did_not_score(
     assert log["chosen"] == [0, 1, 2]  # a tie keeps each cluster's own mask
     with pytest.raises(IGPruneError, match="no text beyond what its search scored"):
         choose_masks(model, tok, [groups[0][:1]], masks[:1], samples=2, seq_len=16, exclude=[groups[0][:1]])
-
-
-def test_pool_shared_rows_are_the_whole_pools_rows_as_a_static_search_reads_them(setup):
-    model, tok, groups = setup
-    found = search(model, tok, groups, with_global=True, shared_rows="pool", shared_samples=3)
-    pool = make_calibration(tok, [t for texts in groups for t in texts], 3, 16, 0, "pool", "joined")
-    assert found.log["shared_calibration"]["sha256"] == pool.info["sha256"]
-    alone = find_mask("sleb", model, tok, [], 0.5, "block", progress=False, calibration=pool)
-    assert found.log["global_order"] == alone.logs["search"]["order"]  # the global mask: SLEB alone on those rows
-    shares = search(model, tok, groups, with_global=True, shared_samples=3).log["shared_calibration"]
-    assert shares["sha256"] != pool.info["sha256"] and shares["source"] == "equal shares of 3 clusters"
-    with pytest.raises(IGPruneError, match="search.shared_rows must be"):
-        search(model, tok, groups, shared_rows="all")

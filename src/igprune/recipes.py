@@ -27,8 +27,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("guided", "6 K-means clusters of 1,536 mixed passages; the global mask is SLEB on 8 x 128 tokens of "
-           "the whole pool, as a static search reads it; each cluster continues its last quarter on rows half its own, "
+    Recipe("guided", "6 K-means clusters of 1,536 mixed passages; the global mask is SLEB on equal shares of "
+           "every cluster's text (8 x 128 tokens); each cluster continues its last quarter on rows half its own, "
            "half the other clusters' (no specialists), and leaves the global mask only for a mask clearly better "
            "on 16 fresh rows of its text; an input beyond every member of its nearest cluster keeps the global mask",
            "36 min on 2 CPU threads for smollm2-135m at 15 of 60; SLEB scores every remaining block at each step, so "
@@ -39,7 +39,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            FitConfig(recipe="guided", finder="search", data=DataConfig(samples=1536),
                      clusters=ClusterConfig(n_clusters=6),
                      search=SearchConfig(samples=4, seq_len=128, packing="joined", shared_samples=8,
-                                         shared_rows="pool", shared_fraction=0.75, pooled=0.5),
+                                         shared_fraction=0.75, pooled=0.5),
                      choose=ChooseConfig(samples=16), route=RouteConfig(gate=1.0))),
     Recipe("paper", "the paper's recipe: 16 K-means clusters, one hard-concrete (L0) mask per cluster trained with a "
            "Lagrangian sparsity constraint, nearest-centroid routing",

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -44,10 +44,7 @@ class SearchConfig:
     samples, seq_len: rows of each cluster's text every search scores masks on.
     packing: how rows are cut from texts (scoring.make_calibration); "texts" starts every row at a text's first
     token, as evaluation scores an input.
-    shared_samples: rows of the shared and the global search.
-    shared_rows: where those rows come from: "clusters", equal shares of every cluster's rows; "pool", cut from all
-    the clusters' texts together, as a static SLEB search on the pool reads them. The global mask is what every
-    input keeps unless its cluster clearly does better, so "pool" rows weigh each kind of text as the pool does.
+    shared_samples: rows, in equal shares of every cluster's, of the shared and the global search.
     shared_fraction: the share of the units to remove that the shared search removes before each cluster's search
     continues on its own rows (0: independent searches; 1: one mask for all).
     prefix: the shared units given instead of searched (an earlier SLEB bundle's first `logs.search.order`).
@@ -63,7 +60,6 @@ class SearchConfig:
     seq_len: int = 64
     packing: Packing = "texts"
     shared_samples: int = 16
-    shared_rows: Literal["clusters", "pool"] = "clusters"
     shared_fraction: float = 0.5
     prefix: list[str] | None = None
     global_order: list[str] | None = None
@@ -74,8 +70,6 @@ class SearchConfig:
     def validate(self) -> None:
         if not 0.0 <= self.shared_fraction <= 1.0:
             raise IGPruneError(f"search.shared_fraction must be in [0, 1], got {self.shared_fraction}")
-        if self.shared_rows not in ("clusters", "pool"):
-            raise IGPruneError(f"search.shared_rows must be 'clusters' or 'pool', got {self.shared_rows!r}")
         if self.packing not in ("joined", "texts"):
             raise IGPruneError(f"search.packing must be 'joined' or 'texts', got {self.packing!r}")
         if self.metric not in ("ppl", "kl"):
@@ -108,11 +102,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     own = [make_calibration(tokenizer, texts, config.samples, config.seq_len, seed, f"cluster{i}", config.packing)
            for i, texts in enumerate(groups)]
     search_global = with_global and global_order is None
-    pooled = None
-    if prefix is None or search_global:
-        pooled = (make_calibration(tokenizer, [t for texts in groups for t in texts], config.shared_samples,
-                                   config.seq_len, seed, "pool", config.packing) if config.shared_rows == "pool"
-                  else _equal_shares(own, config.shared_samples))
+    pooled = _equal_shares(own, config.shared_samples) if prefix is None or search_global else None
 
     def sleb(calibration: Calibration, units: int, start: list[str], name: str) -> list[str]:
         if units == len(start):
