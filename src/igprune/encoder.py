@@ -53,15 +53,16 @@ def distill_static(source: str, out: Path, dim: int = STATIC_DIM, batch_size: in
     from tqdm.auto import tqdm
 
     teacher = SentenceTransformer(source, device="cpu", local_files_only=True)
-    tokenizer, bert = teacher.tokenizer, teacher[0].auto_model
-    vocab = bert.config.vocab_size
+    tokenizer = teacher.tokenizer
+    vocab = len(tokenizer.get_vocab())
     rows = []
     with torch.inference_mode():
         for start in tqdm(range(0, vocab, batch_size), desc=f"distilling a static encoder into {out}", unit="batch"):
             ids = torch.arange(start, min(start + batch_size, vocab)).unsqueeze(1)
             edges = torch.full_like(ids, tokenizer.cls_token_id), torch.full_like(ids, tokenizer.sep_token_id)
-            hidden = bert(input_ids=torch.cat([edges[0], ids, edges[1]], dim=1)).last_hidden_state
-            rows.append(hidden.mean(dim=1))
+            ids = torch.cat([edges[0], ids, edges[1]], dim=1)
+            tokens = teacher({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["token_embeddings"]
+            rows.append(tokens.mean(dim=1))
     vectors = torch.cat(rows).numpy()
     reduced = PCA(n_components=dim, svd_solver="full").fit_transform(vectors)
     zipf = 1.0 / np.arange(1, vocab + 1)
