@@ -2,18 +2,16 @@
 
 import pytest
 import torch
-from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+from tiny_models import TOPICS, three_mask_model, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, pipeline
 
 import igprune
 from igprune.blocks import ATTN, FFN, masked, patch, unpatch
-from igprune.bundle import Bundle
 from igprune.dynamic import DynamicPrunedModel, encode_prompts
 from igprune.evaluation.perplexity import score_texts
 from igprune.export import prune_model
 from igprune.finders import find_mask
 from igprune.pruner import IGPruner
-from igprune.routing import Router
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 FIT = {"clusters": {"min_cluster_size": 1},
@@ -160,11 +158,7 @@ def test_dynamic_model_looks_like_an_hf_model(fitted):
 
 def test_mixed_batch_generate_keeps_num_return_sequences_rows_per_prompt_in_order(fitted):
     model, tokenizer, _, path = fitted
-    bundle = Bundle.load(path)
-    masks = torch.ones_like(bundle.masks)
-    for k in range(3):  # a visibly different mask per cluster: cluster k skips layer k's FFN
-        masks[k, 2 * k + FFN] = False
-    pruned = DynamicPrunedModel(model, tokenizer, Router.from_bundle(bundle, always_embed=True), masks, bundle=bundle)
+    pruned = three_mask_model(model, tokenizer, path)
     prompts = [TEXTS[6], TEXTS[0], TEXTS[3]]
     assert len({r.cluster for r in pruned.route(prompts)}) > 1
     beams = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2)

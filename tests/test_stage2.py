@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import TOPICS, tiny_model, tiny_tokenizer
+from tiny_models import TOPICS, three_mask_model, tiny_model, tiny_tokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from igprune.blocks import patch
@@ -148,18 +148,8 @@ def test_not_a_bundle_is_a_clear_error(tmp_path):
         Bundle.load(tmp_path)
 
 
-def three_mask_model(fitted) -> DynamicPrunedModel:
-    """The fitted bundle with a visibly different mask per cluster (cluster k skips the FFN of layer k)."""
-    model, tokenizer, _, path = fitted
-    bundle = Bundle.load(path)
-    masks = torch.ones_like(bundle.masks)
-    for k in range(3):
-        masks[k, 2 * k + 1] = False
-    return DynamicPrunedModel(model, tokenizer, Router.from_bundle(bundle, always_embed=True), masks, bundle=bundle)
-
-
 def test_a_mixed_batch_runs_each_row_under_its_mask_in_one_forward(fitted):
-    dynamic = three_mask_model(fitted)
+    dynamic = three_mask_model(fitted[0], fitted[1], fitted[3])
     model, tokenizer = dynamic.model, dynamic.tokenizer
     texts = [TEXTS[0], TEXTS[3], TEXTS[6], TEXTS[1]]
     routes = dynamic.clusters(texts)
@@ -207,7 +197,7 @@ class Collect(BaseStreamer):
 def test_a_mixed_batch_is_one_generate_with_everything_it_returns(fitted, kv_policy):
     """Prompts of three clusters: one HF generate returns what it returns for one mask (dicts with scores,
     streamers, repeated sequences), and each row equals its prompt generated alone under its mask."""
-    dynamic = three_mask_model(fitted)
+    dynamic = three_mask_model(fitted[0], fitted[1], fitted[3])
     dynamic.kv_policy = kv_policy
     prompts = [TEXTS[6], TEXTS[0], TEXTS[3]]
     assert sorted(dynamic.clusters(prompts)) == [0, 1, 2]

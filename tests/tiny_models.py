@@ -128,3 +128,18 @@ def saved_bundle(folder, model, tokenizer, mask: torch.Tensor, **config):
     Bundle(mask, torch.zeros(1, 0), bundle_config(mask, model, model=str(folder / "model"), **config)).save(
         folder / "bundle")
     return folder / "model", folder / "bundle"
+
+
+def three_mask_model(model, tokenizer, path):
+    """A fitted 3-cluster bundle's router over a visibly different mask per cluster (cluster k skips layer k's
+    FFN): a tiny fit's clusters often find one mask, and then routing would decide nothing."""
+    from igprune.blocks import FFN
+    from igprune.bundle import Bundle
+    from igprune.dynamic import DynamicPrunedModel
+    from igprune.routing import Router
+
+    bundle = Bundle.load(path)
+    masks = torch.ones_like(bundle.masks)
+    for k in range(3):
+        masks[k, 2 * k + FFN] = False
+    return DynamicPrunedModel(model, tokenizer, Router.from_bundle(bundle, always_embed=True), masks, bundle=bundle)
