@@ -80,6 +80,7 @@ class SentenceEncoder:
     def __init__(self, name_or_path: str = DEFAULT_ENCODER, device: str | torch.device | None = "auto",
                  max_tokens: int | None = None, batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
+        from sentence_transformers.models import StaticEmbedding
 
         self.name = name_or_path
         path = encoder_path(name_or_path)
@@ -92,7 +93,7 @@ class SentenceEncoder:
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim: int = dimension()
         first = self.model[0]
-        if hasattr(first, "tokenizer") and not hasattr(first, "auto_model"):  # a static model: no length limit
+        if isinstance(first, StaticEmbedding):  # no length limit of its own: its tokenizer truncates
             self.max_tokens = max_tokens or 0
             if max_tokens:
                 first.tokenizer.enable_truncation(max_tokens)
