@@ -30,6 +30,7 @@ has done (searches in a checkpoint folder, scores per distinct mask), so an inte
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -65,6 +66,28 @@ def global_order(name: str, blocks: int) -> list[str]:
 
     pattern = GLOBAL_BY_MODEL.get(name, GLOBAL)
     return Bundle.load(BUNDLES / name / pattern.format(blocks=blocks)).logs["search"]["order"]
+
+
+def made_by(run: str, blocks: int) -> dict[str, Any]:
+    """The whole recipe of a domain bundle, as data for its bundle.json ("reproduce"): every step from its FITS
+    entry to `run` (an `again` choice's earlier run first) with the settings configs/domains.yaml gives it, and the
+    commands that remake it. The static and wide masks a step reads come from `run.py headline` and this script's
+    `search` and `wide` steps."""
+    tables = {"fit": FITS, "choose": CHOSEN, "gate": GATED}
+    steps: list[dict[str, Any]] = []
+    pending = [run]
+    while pending:
+        name = pending.pop()
+        step = next(s for s, table in tables.items() if name in table)
+        spec = tables[step][name]
+        if not any(s["run"] == name for s in steps):
+            steps.insert(0, {"step": step, "run": name, **spec})
+        pending += [spec[k] for k in ("from", "again") if k in spec]
+    steps.sort(key=lambda s: RUN_NAMES.index(s["run"]))  # the order the script makes them in
+    steps = json.loads(json.dumps(steps).replace("{blocks}", str(blocks)))  # pool names as the bundles read them
+    return {"by": "benchmarks/run.py domains", "config": "benchmarks/configs/domains.yaml", "seed": SEED,
+            "steps": steps, "commands": [f"python benchmarks/run.py domains {s['step']} --blocks {blocks} "
+                                         f"--only {s['run']}" for s in steps]}
 
 
 def requests(fit: dict[str, Any]) -> list[str]:
@@ -212,6 +235,7 @@ def fit(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> None
         bundle.config["benchmark"] = {"run": run, "seconds": round(time.perf_counter() - started, 1),
                                       "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
                                       "ranks": distributed.world_size()}
+        bundle.config["reproduce"] = made_by(run, blocks)
         with distributed.main_writes() as write:
             if write:
                 bundle.save(path)
@@ -285,7 +309,8 @@ def choose(model, tokenizer, name: str, blocks: int, only: set[str] | None) -> N
                     log[key][k] = again[key][j]
         config = {k: v for k, v in bundle.config.items() if k not in ("sha256",)}
         Bundle(masks, bundle.centroids, {**config, "chosen_from": source.name, "chosen_with_global": spec["global"],
-                                         "chosen_with_pool": pool, "chosen_on_responses": bool(spec.get("responses"))},
+                                         "chosen_with_pool": pool, "chosen_on_responses": bool(spec.get("responses")),
+                                         "reproduce": made_by(run, blocks)},
                None, {**bundle.logs, "choose": log}).save(out)
         print(f"wrote {out}: chosen {log['chosen']}", flush=True)
 
@@ -316,7 +341,7 @@ def gate(model, name: str, blocks: int, only: set[str] | None) -> None:
         embeddings = Router.from_bundle(bundle, always_embed=True).encoder.encode(fit_passages(bundle, spec["from"]))
         radii = gate_radii(bundle.centroids, embeddings, spec["quantile"])
         gated = bundle.with_gate(radii, find_order_mask(model, global_order(name, blocks), "block"), spec["quantile"])
-        gated.config["gated_from"] = spec["from"]
+        gated.config.update(gated_from=spec["from"], reproduce=made_by(run, blocks))
         gated.save(out)
         print(f"wrote {out}: radii {[round(r, 3) for r in radii.tolist()]}", flush=True)
 

@@ -75,3 +75,29 @@ def test_benchmark_configs_name_known_methods_and_runs_that_exist():
         assert spec["from"] in domains["fits"] and spec.get("again", spec["from"]) in {*domains["chosen"],
                                                                                          spec["from"]}, name
     assert all(spec["from"] in domains["chosen"] for spec in domains["gated"].values())
+
+
+def test_every_committed_bundle_records_what_made_it():
+    """The whole config of a published bundle is in its bundle.json: igprune fit's ("fit", which `fit --config`
+    reruns), igprune baseline's ("options"), or the domain benchmark's steps ("reproduce", runs its config has)."""
+    import json
+
+    import yaml
+
+    from igprune.config import read_config
+    from igprune.files import IGPruneError
+
+    domains = yaml.safe_load((ROOT / "benchmarks" / "configs" / "domains.yaml").read_text())
+    runs = {**domains["fits"], **domains["chosen"], **domains["gated"]}
+    folders = sorted(p.parent for p in (ROOT / "benchmarks" / "bundles").rglob("bundle.json"))
+    assert len(folders) > 40
+    for folder in folders:
+        record = json.loads((folder / "bundle.json").read_text())
+        assert [k for k in ("fit", "options", "reproduce") if k in record], folder.name
+        if "reproduce" in record:
+            steps = record["reproduce"]["steps"]
+            assert steps[0]["step"] == "fit" and steps[-1]["run"] == folder.name.rsplit("-b", 1)[0], folder.name
+            assert all(step["run"] in runs for step in steps), folder.name
+            if "fit" not in record:
+                with pytest.raises(IGPruneError, match="not made by igprune fit; remake it with: python benchmarks"):
+                    read_config(folder)

@@ -185,6 +185,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     except (ValueError, yaml.YAMLError) as e:
         raise IGPruneError(f"{path} is not valid UTF-8 {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
     if isinstance(values, dict) and str(values.get("format", "")).startswith("igprune-bundle"):
+        if "fit" not in values and "reproduce" in values:  # a benchmark's bundle made by steps igprune fit lacks
+            raise IGPruneError(f"{path} was not made by igprune fit; remake it with: "
+                               + " && ".join(values["reproduce"]["commands"]))
         if "fit" not in values:
             raise IGPruneError(f"{path} was written before bundles recorded their fit config; give a config file")
         return values["fit"]
