@@ -112,12 +112,15 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=BUNDLES / "ig16-b15")
     parser.add_argument("--static", type=Path, default=BUNDLES / "sleb-b15-mixed")
     parser.add_argument("--gguf-type", default="f16")
-    parser.add_argument("--threads", type=int, default=1, help="threads of each llama-server and of torch (HF server, "
-                        "router); 1 suits a shared machine, where more threads than free cores stall ggml")
+    parser.add_argument("--threads", type=int, help="threads of each llama-server and of torch (HF server, router); "
+                        "default as igprune serve: cores // engines per llama-server, all cores for torch, so every "
+                        "method has the whole machine. 1 suits a shared machine, where more threads than free cores "
+                        "stall ggml, but gives a routed bundle's several engines more cores than dense's one")
     parser.add_argument("--no-hf", action="store_true", help="leave out igprune's HF server")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve_llamacpp.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     texts = prompts(args.requests, args.prompt_chars)
     model, tokenizer = load_model("smollm2-135m")
     settings = ServeSettings(max_batch=8, max_queue=4 * args.requests, request_timeout=600)
@@ -135,7 +138,8 @@ def main() -> None:
             for c in args.concurrency:
                 row, answers = run(client, method, texts, c, args.max_tokens,
                                    lambda pool=pool: [e.process.pid for e in pool.engines])
-                rows.append({"method": method, **row})
+                rows.append({"method": method, "engines": len(pool.engines), "threads_each": pool.options.threads,
+                             **row})
                 answers_of.setdefault(method, answers)
                 load_avg.append(os.getloadavg()[0])
                 print(f"{method} C={c}: {row['tokens_per_second']} tok/s, failed {row['failed']}", flush=True)
@@ -153,7 +157,7 @@ def main() -> None:
             one_request(client, method, texts[0], 2)
             for c in args.concurrency:
                 row, answers = run(client, method, texts, c, args.max_tokens, lambda: [os.getpid()])
-                rows.append({"method": method, **row})
+                rows.append({"method": method, "engines": 1, "threads_each": torch.get_num_threads(), **row})
                 answers_of.setdefault(method, answers)
                 load_avg.append(os.getloadavg()[0])
                 print(f"{method} C={c}: {row['tokens_per_second']} tok/s, failed {row['failed']}", flush=True)
@@ -225,12 +229,35 @@ def summarise(args, model, tokenizer, bundles, texts, rows, answers_of, fault, l
         agreement = {"equal": sum(same), "of": len(pairs),
                      "same_cluster": sum(a.get("cluster") == b.get("cluster") for a, b in pairs),
                      "differ_at_char": [first_difference(a.get("text", ""), b.get("text", "")) for a, b in pairs
-                                        if a.get("text") != b.get("text")]}
+                                        if a.get("text") != b.get("text")],
+                     "differences": [near_tie(model, tokenizer, bundles[routed_name], prompt, a, b)
+                                     for prompt, (a, b) in zip(texts, pairs, strict=True)
+                                     if a.get("text") != b.get("text")]}
     router = prepare_router_timing(bundles[routed_name], texts)
     return {"machine": machine_info(), "model": "smollm2-135m", "settings": {**vars(args), "out": str(args.out),
             "bundle": str(args.bundle), "static": str(args.static)},
             "load_average_during_run": load_avg, "rows": rows, "flops_ideal_speedup": ideal, "ratios": ratios,
             "greedy_agreement_llamacpp_vs_hf": agreement, "router_seconds_per_prompt": router, "fault_run": fault}
+
+
+@torch.no_grad()
+def near_tie(model, tokenizer, bundle: Bundle, prompt: str, llamacpp: dict, hf: dict) -> dict:
+    """Where llama.cpp's greedy answer leaves the HF masked model's: the HF model's log-probability gap between
+    its own next token and its runner-up there (a near-tie when small), and whether llama.cpp took the runner-up."""
+    from igprune.blocks import masked
+
+    ours, theirs = hf.get("text", ""), llamacpp.get("text", "")
+    answer = tokenizer(ours, add_special_tokens=False).input_ids
+    k = max((j for j in range(len(answer) + 1) if theirs.startswith(tokenizer.decode(answer[:j]))), default=0)
+    ids = torch.tensor([tokenizer(prompt).input_ids + answer[:k]])
+    with masked(model, bundle.route_masks[hf.get("cluster") or 0]):
+        logp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+    top = logp.topk(2)
+    said = tokenizer.decode(answer[:k])
+    runner_up = tokenizer.decode(top.indices[1:2])
+    return {"char": first_difference(theirs, ours), "token": k, "hf_next": tokenizer.decode(top.indices[:1]),
+            "runner_up": runner_up, "gap_nats": round(float(top.values[0] - top.values[1]), 4),
+            "llamacpp_took_runner_up": theirs[len(said):].startswith(runner_up)}
 
 
 def first_difference(a: str, b: str) -> int:
@@ -252,10 +279,12 @@ def prepare_router_timing(bundle: Bundle, texts: list[str]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    head = ["method", "C", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99", "failed", "peak RSS"]
+    head = ["method", "engines x threads", "C", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99",
+            "failed", "peak RSS"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in report["rows"]:
-        print(f"| {r['method']} | {r['concurrency']} | {r['tokens_per_second']:.1f} | {r['ttft_p50'] * 1000:.0f} ms | "
+        print(f"| {r['method']} | {r['engines']} x {r['threads_each']} | {r['concurrency']} | "
+              f"{r['tokens_per_second']:.1f} | {r['ttft_p50'] * 1000:.0f} ms | "
               f"{r['ttft_p99'] * 1000:.0f} ms | {r['latency_p50'] * 1000:.0f} ms | {r['latency_p99'] * 1000:.0f} ms | "
               f"{r['failed']} | {r['peak_resident_mb']:.0f} MB |")
     ideal = report["flops_ideal_speedup"]
