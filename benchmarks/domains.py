@@ -70,20 +70,17 @@ def global_order(name: str, blocks: int) -> list[str]:
 
 def made_by(run: str, blocks: int) -> dict[str, Any]:
     """The whole recipe of a domain bundle, as data for its bundle.json ("reproduce"): every step from its FITS
-    entry to `run` (an `again` choice's earlier run first) with the settings configs/domains.yaml gives it, and the
+    entry to `run` with the settings configs/domains.yaml gives it, in the order they are made, and the
     commands that remake it. The static and wide masks a step reads come from `run.py headline` and this script's
     `search` and `wide` steps."""
-    tables = {"fit": FITS, "choose": CHOSEN, "gate": GATED}
-    steps: list[dict[str, Any]] = []
-    pending = [run]
-    while pending:
+    specs = {**FITS, **CHOSEN, **GATED}
+    step_of = {**dict.fromkeys(FITS, "fit"), **dict.fromkeys(CHOSEN, "choose"), **dict.fromkeys(GATED, "gate")}
+    needed, pending = set(), [run]
+    while pending:  # the run, what it was made from, and an `again` choice's earlier run
         name = pending.pop()
-        step = next(s for s, table in tables.items() if name in table)
-        spec = tables[step][name]
-        if not any(s["run"] == name for s in steps):
-            steps.insert(0, {"step": step, "run": name, **spec})
-        pending += [spec[k] for k in ("from", "again") if k in spec]
-    steps.sort(key=lambda s: RUN_NAMES.index(s["run"]))  # the order the script makes them in
+        needed.add(name)
+        pending += [specs[name][k] for k in ("from", "again") if k in specs[name]]
+    steps = [{"step": step_of[name], "run": name, **specs[name]} for name in RUN_NAMES if name in needed]
     steps = json.loads(json.dumps(steps).replace("{blocks}", str(blocks)))  # pool names as the bundles read them
     return {"by": "benchmarks/run.py domains", "config": "benchmarks/configs/domains.yaml", "seed": SEED,
             "steps": steps, "commands": [f"python benchmarks/run.py domains {s['step']} --blocks {blocks} "
