@@ -33,7 +33,7 @@ TASKS = ["mbpp", "gsm8k"]
 RUNS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"blocks": "8 of 60", "static": ["static-l0-b8", "evopress-b8", "sleb-b8", "shortened-ppl-b8",
                                                      "shortened-taylor-b8"], "ig": "ig16-b8"},
-    "qwen2.5-0.5b": {"blocks": "12 of 48", "static": ["evopress-b12", "sleb-b12"], "ig": "ig16-b12"},
+    "qwen2.5-0.5b": {"blocks": "12 of 48", "static": ["sleb-b12", "evopress-b12"], "ig": "ig16-b12"},
 }
 
 
