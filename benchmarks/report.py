@@ -663,6 +663,9 @@ def fill(path: Path, blocks: dict[str, Callable[[], str]]) -> None:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says so
     for path in [REPORT, *sorted(RESEARCH.glob("*/LOG.md"))]:
         fill(path, BLOCKS)
 
