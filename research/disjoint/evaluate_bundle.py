@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import evaluate as E  # noqa: E402
 import routers as R  # noqa: E402
-from score import MODEL, REPO, STATIC, cache_dir, load_set, mask_key, nll_path, token_nll  # noqa: E402
+from score import MODEL, REPO, STATIC, cache_dir, load_set, mask_key, nll_path, scored  # noqa: E402
 
 GATES = (0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 
@@ -77,7 +77,6 @@ def main() -> None:
     from domains import _cached_nll, heldout_ids
 
     from igprune import load_model
-    from igprune.blocks import masked
     from igprune.bundle import Bundle
     from igprune.encoder import SentenceEncoder
     from igprune.finders.search import find_order_mask
@@ -101,16 +100,9 @@ def main() -> None:
         statics_here = [k for k in static_keys.values()
                         if k not in cand and (s == "test" or nll_path(s, rows, k).is_file())]
         for key in [*cand, *statics_here]:
-            path = nll_path(s, rows, key)
-            if path.is_file():
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
-            with masked(model, everything[key]):
-                arr = token_nll(model, rows)
-            np.save(path.with_suffix(".tmp.npy"), arr)
-            os.replace(path.with_suffix(".tmp.npy"), path)
-            print(f"{s} {key}: {time.time() - start:.0f}s", flush=True)
+            if scored(model, s, rows, everything[key])[1]:
+                print(f"{s} {key}: {time.time() - start:.0f}s", flush=True)
     nll = _cached_nll(model, REPO / "benchmarks/results/domains" / MODEL / "passages-b15.json", heldout_ids(tokenizer))
     totals = {k: nll(everything[k]) for k in [*cand, *static_keys.values()]}
 

@@ -128,6 +128,22 @@ def nll_path(set_name: str, rows: list[dict], key: str) -> Path:
     return cache_dir() / "nll" / f"{set_name}-{set_digest(rows)}" / f"{key}.npy"
 
 
+def scored(model, set_name: str, rows: list[dict], mask: torch.Tensor | None) -> tuple[np.ndarray, bool]:
+    """The per-token NLL of `rows` under `mask` from the cache, computed and saved (atomically) if it is not there;
+    and whether it was computed now."""
+    from igprune.blocks import masked
+
+    path = nll_path(set_name, rows, mask_key(mask))
+    if path.is_file():
+        return np.load(path), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with masked(model, mask):
+        arr = token_nll(model, rows)
+    np.save(path.with_suffix(".tmp.npy"), arr)
+    os.replace(path.with_suffix(".tmp.npy"), path)
+    return arr, True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sets", default="dev,test,indist,calib")
@@ -137,7 +153,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from igprune import load_model
-    from igprune.blocks import masked
 
     model, tokenizer = load_model(MODEL)
     model.eval()
@@ -166,14 +181,10 @@ def main() -> None:
         if set_name not in sets:
             continue
         rows, label = sets[set_name], labels[key]
-        path = nll_path(set_name, rows, key)
-        if path.is_file():
-            continue
         start = time.time()
-        with masked(model, masks[label]):
-            arr = token_nll(model, rows)
-        np.save(path.with_suffix(".tmp.npy"), arr)
-        os.replace(path.with_suffix(".tmp.npy"), path)
+        arr, computed = scored(model, set_name, rows, masks[label])
+        if not computed:
+            continue
         print(f"{set_name} {label}: {len(rows)} texts, {time.time() - start:.0f}s, "
               f"mean nll {np.nanmean(arr[:, CONTEXT - 1:]):.3f}", flush=True)
 

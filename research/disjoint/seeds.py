@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from evaluate import paired, rate  # noqa: E402
-from score import CONTEXT, MODEL, REPO, load_set, mask_key, nll_path, token_nll  # noqa: E402
+from score import CONTEXT, MODEL, REPO, load_set, scored  # noqa: E402
 
 REFERENCE = REPO / "benchmarks/bundles" / MODEL / "sleb-b15-mixed"
 
@@ -44,7 +44,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from igprune import load_model
-    from igprune.blocks import masked
     from igprune.bundle import Bundle
 
     model, tokenizer = load_model(MODEL)
@@ -56,14 +55,7 @@ def main() -> None:
         domains = [r["domain"] for r in rows]
         scores = {}
         for name, bundle in bundles.items():
-            path = nll_path(set_name, rows, mask_key(bundle.masks[0]))
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with masked(model, bundle.masks[0]):
-                    arr = token_nll(model, rows)
-                np.save(path.with_suffix(".tmp.npy"), arr)
-                os.replace(path.with_suffix(".tmp.npy"), path)
-            scores[name] = continuation(np.load(path))
+            scores[name] = continuation(scored(model, set_name, rows, bundle.masks[0])[0])
         ref = scores[REFERENCE.name]
         report[set_name] = {
             name: {"ppl": round(float(np.exp(rate(s)[0])), 3), "vs_sleb-b15-mixed": {
