@@ -128,15 +128,46 @@ def test_sleb_by_kl_removes_the_unit_whose_removal_is_closest_to_dense(llama):
         run("sleb", model, tokenizer, metric="nll")
 
 
+def test_lazy_sleb_scores_only_the_candidates_whose_last_cost_could_still_win():
+    """Costs that compound (each removal costs at least what it did a step before) make the lazy step exact."""
+    from igprune.finders.sleb import _step
+
+    now = {"a": 5.0, "b": 2.0, "c": 1.5, "d": 9.0, "e": 7.0, "f": 1.2}  # cost of removing each unit now
+    last = {"a": 0.1, "b": 0.2, "c": 1.4, "d": 3.0, "e": 6.0, "f": float("-inf")}  # f was never scored
+    scored = []
+
+    def score(unit):
+        scored.append(unit)
+        return 10.0 + now[unit]
+
+    scores = _step(list(now), score, 10.0, last, chunk=2)
+    assert min(scores, key=scores.get) == min(now, key=now.get) == "f"  # the full step's choice
+    # f, a (never / cheapest), then b, c: the best fresh cost 1.2 is below d's last cost 3.0, so d and e never run
+    assert scored == ["f", "a", "b", "c"]
+    assert _step(list(now), score, 10.0, None).keys() == now.keys()  # without costs every candidate is scored
+
+
+def test_lazy_sleb_scores_fewer_masks_and_records_how_many_each_step(llama):
+    model, tokenizer = llama
+    full = run("sleb", model, tokenizer, sparsity=0.5)  # 6 of 12 blocks
+    lazy = run("sleb", model, tokenizer, sparsity=0.5, lazy=True)
+    steps = lazy.logs["search"]["steps"]
+    assert len(lazy.logs["search"]["order"]) == 6 and skipped_blocks(lazy.masks[0])["total"] == 6
+    assert steps[0]["scored"] == 12 and all(s["scored"] <= 12 - i for i, s in enumerate(steps))
+    assert lazy.logs["search"]["masks_scored"] < full.logs["search"]["masks_scored"]
+    assert lazy.logs["search"]["order"][0] == full.logs["search"]["order"][0]  # the first step scores every unit
+    assert lazy.config["options"]["lazy"] is True
+
+
 class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["sleb", "evopress"])
-def test_an_interrupted_search_continues_from_its_checkpoint_to_the_same_result(llama, method, tmp_path,
+@pytest.mark.parametrize("method, options", [("sleb", {}), ("sleb", {"lazy": True}), ("evopress", {})])
+def test_an_interrupted_search_continues_from_its_checkpoint_to_the_same_result(llama, method, options, tmp_path,
                                                                                 monkeypatch):
     model, tokenizer = llama
-    uninterrupted = run(method, model, tokenizer, sparsity=0.34, checkpoint=tmp_path / "uninterrupted")
+    uninterrupted = run(method, model, tokenizer, sparsity=0.34, checkpoint=tmp_path / "uninterrupted", **options)
     checkpoint, scored = tmp_path / "interrupted", []
     real_score = Scorer._score
 
@@ -148,10 +179,10 @@ def test_an_interrupted_search_continues_from_its_checkpoint_to_the_same_result(
 
     monkeypatch.setattr(Scorer, "_score", stop_midway)
     with pytest.raises(Interrupted):
-        run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint)
+        run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint, **options)
     monkeypatch.undo()
     assert (checkpoint / "search.json").is_file()
-    resumed = run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint)
+    resumed = run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint, **options)
     assert torch.equal(resumed.masks, uninterrupted.masks)
     log, full = resumed.logs["search"], uninterrupted.logs["search"]
     assert log["order"] == full["order"] and log["resumed"] and not full["resumed"]
@@ -161,7 +192,7 @@ def test_an_interrupted_search_continues_from_its_checkpoint_to_the_same_result(
     # the whole saved state agrees too: evopress's fitness cache and random stream
     assert read_json(checkpoint / "search.json") == read_json(tmp_path / "uninterrupted" / "search.json")
     with pytest.raises(IGPruneError, match="another search"):  # other settings never reuse the progress
-        run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint, samples=3)
+        run(method, model, tokenizer, sparsity=0.34, checkpoint=checkpoint, samples=3, **options)
 
 
 def test_evopress_same_seed_same_result_and_best_fitness_never_worsens(llama):
