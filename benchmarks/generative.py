@@ -4,14 +4,15 @@ For each model, dense, each static baseline at the same sparsity and the best pu
 bundles in benchmarks/bundles/<model>/), on the first N problems of each task, through `igprune eval`'s generative
 path: greedy, the model's chat template (both zoo models are instruct models), each task's stop sequences and max
 tokens, every prompt routed by its own text, batches of mixed masks, code run in igprune's isolated child process.
-Per configuration it writes benchmarks/results/generative/<model>/n<N>/<run>.json (igprune's results file: each
-problem's score, reply and cluster), then a summary: value ± stderr, the paired difference per problem against
-dense and against the best static mask (igprune.evaluation.results.paired_gain), seconds per problem, and the masks
-the prompts got. Per-task results are cached by igprune, so an interrupted run resumes.
+Per configuration it writes benchmarks/results/generative/<model>/b<blocks>-n<N>/<run>.json (igprune's results
+file: each problem's score, reply and cluster), then a summary: value ± stderr, the paired difference per problem
+against dense and against the best static mask (igprune.evaluation.results.paired_gain), seconds per problem, and
+the masks the prompts got. Per-task results are cached by igprune, so an interrupted run resumes.
 
     python benchmarks/generative.py --model smollm2-135m --limit 20 --only dense,static-l0-b8,ig16-b8   # the slice
     python benchmarks/generative.py --model smollm2-135m --limit 200                                    # full
     python benchmarks/generative.py --model qwen2.5-0.5b --limit 200
+    python benchmarks/generative.py --model qwen2.5-0.5b --blocks 6 --limit 30 --threads 1   # where dense survives
     python benchmarks/generative.py --model smollm2-135m --limit 20 --summary-only    # tabulate what is written
 """
 
@@ -29,16 +30,19 @@ HERE = Path(__file__).parent
 BUNDLES = HERE / "bundles"
 RESULTS = HERE / "results" / "generative"
 TASKS = ["mbpp", "gsm8k"]
-# Per model: the sparsity, its static baselines (the first is the best on paper6, RESULTS.md) and the IG fit.
-RUNS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"blocks": "8 of 60", "static": ["static-l0-b8", "evopress-b8", "sleb-b8", "shortened-ppl-b8",
-                                                     "shortened-taylor-b8"], "ig": "ig16-b8"},
-    "qwen2.5-0.5b": {"blocks": "12 of 48", "static": ["sleb-b12", "evopress-b12"], "ig": "ig16-b12"},
+# Per model and blocks skipped (the first is the issue's): its static baselines (the first is the best on paper6,
+# RESULTS.md) and the IG fit. qwen2.5-0.5b at 6 of 48 is where dense's solutions survive: sleb-b6 is sleb-b12's
+# first 6 units (its greedy steps do not depend on how many follow), default-b6 the default recipe.
+RUNS: dict[str, dict[int, dict[str, Any]]] = {
+    "smollm2-135m": {8: {"of": 60, "static": ["static-l0-b8", "evopress-b8", "sleb-b8", "shortened-ppl-b8",
+                                              "shortened-taylor-b8"], "ig": "ig16-b8"}},
+    "qwen2.5-0.5b": {12: {"of": 48, "static": ["sleb-b12", "evopress-b12"], "ig": "ig16-b12"},
+                     6: {"of": 48, "static": ["sleb-b6"], "ig": "default-b6"}},
 }
 
 
-def run_names(model: str) -> list[str]:
-    return ["dense", RUNS[model]["ig"], *RUNS[model]["static"]]
+def run_names(spec: dict[str, Any]) -> list[str]:
+    return ["dense", spec["ig"], *spec["static"]]
 
 
 def evaluate_runs(model: str, names: list[str], limit: int, batch_size: int, out: Path) -> None:
@@ -65,15 +69,16 @@ def _one_task(results: dict[str, Any], task: str) -> dict[str, Any]:
     return {**results, "tasks": {task: results["tasks"][task]}}
 
 
-def summary(model: str, names: list[str], limit: int, out: Path) -> str:
+def summary(model: str, blocks: int, names: list[str], limit: int, out: Path) -> str:
     """A markdown table per task: value, paired differences, time per problem, masks the prompts got."""
     from igprune.evaluation.results import load_results, paired_gain
 
     runs = {n: load_results(out / f"{n}.json") for n in names if (out / f"{n}.json").is_file()}
     if not runs:
         raise SystemExit(f"no results in {out} yet")
-    static = [n for n in RUNS[model]["static"] if n in runs]
-    lines = [f"## {model}, {RUNS[model]['blocks']} blocks skipped, first {limit} problems", ""]
+    spec = RUNS[model][blocks]
+    static = [n for n in spec["static"] if n in runs]
+    lines = [f"## {model}, {blocks} of {spec['of']} blocks skipped, first {limit} problems", ""]
     for task in TASKS:
         best = max(static, key=lambda n: runs[n]["tasks"][task]["value"]) if static else None
         lines += [f"### {task} ({runs['dense']['tasks'][task]['metric'] if 'dense' in runs else ''}, %)", "",
@@ -95,7 +100,7 @@ def summary(model: str, names: list[str], limit: int, out: Path) -> str:
             lines.append(f"| {name} | {entry['value']:.1f} ± {entry['stderr']:.1f} | {diffs[0]} | {diffs[1]} | "
                          f"{per} | {routed} |")
         lines.append("")
-    ig = RUNS[model]["ig"]
+    ig = spec["ig"]
     if ig in runs:
         lines += [f"Mask of each problem's prompt under {ig} (cluster per problem, in problem order):", ""]
         lines += [f"- {task}: {runs[ig]['tasks'][task].get('clusters')}" for task in TASKS]
@@ -105,6 +110,7 @@ def summary(model: str, names: list[str], limit: int, out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(RUNS), default="smollm2-135m")
+    parser.add_argument("--blocks", type=int, help="blocks skipped (default: the model's first in RUNS)")
     parser.add_argument("--limit", type=int, default=200, help="first N problems of each task")
     parser.add_argument("--only", help="runs, with commas (default: all of the model's)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -114,14 +120,18 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    names = args.only.split(",") if args.only else run_names(args.model)
-    out = RESULTS / args.model / f"n{args.limit}"
+    blocks = args.blocks or next(iter(RUNS[args.model]))
+    if blocks not in RUNS[args.model]:
+        raise SystemExit(f"no runs for {args.model} at {blocks} blocks; known: {', '.join(map(str, RUNS[args.model]))}")
+    names = args.only.split(",") if args.only else run_names(RUNS[args.model][blocks])
+    out = RESULTS / args.model / f"b{blocks}-n{args.limit}"
     out.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         evaluate_runs(args.model, names, args.limit, args.batch_size, out)
-    table = summary(args.model, names, args.limit, out)
+    table = summary(args.model, blocks, names, args.limit, out)
     (out / "summary.md").write_text(table)
-    (out / "runs.json").write_text(json.dumps({"model": args.model, "limit": args.limit, "runs": names}, indent=1))
+    (out / "runs.json").write_text(json.dumps({"model": args.model, "blocks": blocks, "limit": args.limit,
+                                               "runs": names}, indent=1))
     print(table)
 
 

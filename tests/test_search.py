@@ -72,6 +72,20 @@ def test_each_cluster_mask_is_its_own_sleb_continuing_the_shared_prefix(setup):
     assert log["shared_calibration"]["sha256"] == sha256_tensors(expected)
 
 
+def test_lazy_searches_are_lazy_sleb_continuing_the_same_prefix(setup, tmp_path):
+    model, tok, groups = setup
+    found = search(model, tok, groups, with_global=True, shared_fraction=0.25, lazy=True, checkpoint=tmp_path)
+    assert found.log["lazy"] is True
+    shared = found.log["shared_order"]
+    for i, texts in enumerate(groups):
+        alone = find_mask("sleb", model, tok, texts, 0.5, "block", progress=False, samples=2, seq_len=16,
+                          start=shared, lazy=True)
+        assert torch.equal(found.masks[i], alone.masks[0])
+        assert alone.logs["search"]["steps"][0]["scored"] == 8 - len(shared)  # a continued search's first step is full
+    saved = (tmp_path / "cluster0" / "search.json").read_text()
+    assert '"lazy": true' in saved and '"costs"' in saved
+
+
 def test_a_choice_margin_keeps_the_global_mask_unless_another_wins_clearly(setup):
     model, tok, groups = setup
     masks = search(model, tok, groups, samples=1).masks
