@@ -58,8 +58,8 @@ class Method:
 # on two shared CPU cores (research/baseline-cost/baseline_cost.py); on a GPU raise them towards the published ones.
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("sleb", sleb.search, "greedy: remove the unit whose removal gives the lowest perplexity, repeat",
-           "Song et al. 2024, SLEB", "layer", {"samples": 4, "seq_len": 64, "start": [], "metric": "ppl", "lazy": False},
-           resumes=True),
+           "Song et al. 2024, SLEB", "layer",
+           {"samples": 4, "seq_len": 64, "start": [], "metric": "ppl", "lazy": False}, resumes=True),
     Method("shortened-ppl", shortened.search_ppl, "one shot: remove the units whose lone removal hurts ppl least",
            "Kim et al. 2024, Shortened LLaMA (PPL)", "layer", {"samples": 8}),
     Method("shortened-taylor", shortened.search_taylor, "one shot: remove the units with the lowest sum |w * dL/dw|",
