@@ -6,6 +6,8 @@ sleb-b15-mixed, paired per text (LOG section 12).
         --seq-len 128 --seed S --out runs/sleb-b15-mixed-sS
     PYTHONPATH=src python research/disjoint/seeds.py runs/sleb-b15-mixed-s1 ... [--out research/disjoint/seeds.json]
 
+`--reference` names another static bundle to pair against (e.g. sleb-b8-mixed for masks at 8 of 60).
+
 Scoring is cached per (set, mask) as score.py caches it, so a rerun only scores new masks.
 """
 
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "seeds.json")
+    parser.add_argument("--reference", type=Path, default=REFERENCE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +51,7 @@ def main() -> None:
 
     model, tokenizer = load_model(MODEL)
     model.eval()
-    bundles = {path.name: Bundle.load(path) for path in [REFERENCE, *args.bundles]}
+    bundles = {path.name: Bundle.load(path) for path in [args.reference, *args.bundles]}
     report = {}
     for set_name in ("dev", "test", "indist"):
         rows = load_set(set_name, tokenizer)
@@ -56,13 +59,13 @@ def main() -> None:
         scores = {}
         for name, bundle in bundles.items():
             scores[name] = continuation(scored(model, set_name, rows, bundle.masks[0])[0])
-        ref = scores[REFERENCE.name]
+        ref, versus = scores[args.reference.name], f"vs_{args.reference.name}"
         report[set_name] = {
-            name: {"ppl": round(float(np.exp(rate(s)[0])), 3), "vs_sleb-b15-mixed": {
+            name: {"ppl": round(float(np.exp(rate(s)[0])), 3), versus: {
                 "all": paired(s, ref),
                 **{d: paired(s[np.array(domains) == d], ref[np.array(domains) == d]) for d in dict.fromkeys(domains)}}}
             for name, s in scores.items()}
-        print(set_name, {n: (r["ppl"], r["vs_sleb-b15-mixed"]["all"]) for n, r in report[set_name].items()}, flush=True)
+        print(set_name, {n: (r["ppl"], r[versus]["all"]) for n, r in report[set_name].items()}, flush=True)
     report["bundles"] = {name: {"order": b.logs.get("search", {}).get("order"), "seed": b.config.get("seed"),
                                 "calibration": b.config.get("calibration")} for name, b in bundles.items()}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
