@@ -157,6 +157,8 @@ def test_lazy_sleb_scores_fewer_masks_and_records_how_many_each_step(llama):
     assert lazy.logs["search"]["masks_scored"] < full.logs["search"]["masks_scored"]
     assert lazy.logs["search"]["order"][0] == full.logs["search"]["order"][0]  # the first step scores every unit
     assert lazy.config["options"]["lazy"] is True
+    with pytest.raises(IGPruneError, match="lazy must be true or false"):  # `--option lazy=yes` is a string
+        run("sleb", model, tokenizer, lazy="yes")
 
 
 class Interrupted(Exception):

@@ -35,6 +35,8 @@ from igprune.scoring import Metric
 def search(problem: Problem, start: Sequence[str] = (), metric: Metric = "ppl", lazy: bool = False) -> SearchResult:
     if metric not in ("ppl", "kl"):
         raise IGPruneError(f"SLEB's metric must be 'ppl' or 'kl', not {metric!r}")
+    if not isinstance(lazy, bool):
+        raise IGPruneError(f"SLEB's lazy must be true or false, not {lazy!r}")
     space, scorer, k = problem.space, problem.scorer, problem.k
     candidates = space.candidates()
     saved = problem.saved("sleb", start=list(start), metric=metric, **({"lazy": True} if lazy else {}))
