@@ -45,7 +45,7 @@ def search(problem: Problem, start: Sequence[str] = (), metric: Metric = "ppl", 
     if len(set(off)) < len(off) or len(off) > k:
         raise IGPruneError(f"start names {len(off)} units ({len(set(off))} distinct); it must name at most the "
                            f"{k} to remove, each once")
-    total = sum(len(candidates) - i for i in range(len(off), k))
+    total = None if lazy else sum(len(candidates) - i for i in range(len(off), k))  # lazy: unknown in advance
     bar = tqdm(total=total, desc="sleb", unit="mask", disable=not problem.progress)
     for _ in range(len(off), k):
         with scorer.prefix(space.mask(off), metric=metric) as base:
