@@ -2,16 +2,18 @@
 server on the same bundle, in one run on the same prompts.
 
 Methods (smollm2-135m, CPU): llama.cpp dense (every block, exported as deci like the others), llama.cpp static
-(--static, one mask), llama.cpp routed (--bundle, one llama-server per distinct mask), each behind igprune's
+(--static, one mask), llama.cpp routed (--bundle: per distinct mask a shared llama-server and a solo one with
+every core, serve/llamacpp.Lanes; --shared adds the run without solo engines), each behind igprune's
 llama.cpp front end (serve/llamacpp.py: the same tokenization, routing and OpenAI surface), and igprune's HF
 server on --bundle (fp32). Prompts: --requests held-out items of several domains (code, math, QA, Wikipedia and
 multilingual cloze contexts; ARC, HellaSwag and PIQA questions; not calibration passages), cut to --prompt-chars,
 sent by the openai client, streamed and greedy, from C threads at once. Per (method, C): generated tokens/s,
-TTFT and latency p50/p99, failed requests, and the peak resident memory of the serving processes (all
+TTFT and latency p50/p99, failed requests, and the peak memory (PSS) of the serving processes (all
 llama-servers together; for HF the benchmark process, which holds the model). Beside them: the FLOPs-ideal
 speedup over dense (serve_load.flops_per_token), how many greedy answers of the routed llama.cpp path equal the
 HF server's (the first differing character named), whether both routed every prompt alike, the router's time
-per prompt, and a fault run: the busiest engine killed mid-load at the highest C, every request's outcome.
+per prompt, and a fault run: the busiest mask's shared engine killed mid-load at the highest C (its requests
+fall back to the mask's solo engine until it is back), every request's outcome.
 
     nice -n 5 python benchmarks/serve_llamacpp.py [--requests 32 --max-tokens 32 --gguf-type f16]
 """
@@ -19,6 +21,7 @@ per prompt, and a fault run: the busiest engine killed mid-load at the highest C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -40,7 +43,7 @@ from igprune.evaluation.speed import machine_info
 from igprune.files import write_json
 from igprune.models import load_model
 from igprune.serve import BackgroundServer, ServeSettings, create_app
-from igprune.serve.llamacpp import EngineOptions, create_llamacpp_app, prepare
+from igprune.serve.llamacpp import EngineOptions, create_llamacpp_app, prepare, proportional_bytes
 
 ROOT = Path(__file__).parent
 SOURCES = {"cloze_code": "context", "cloze_math": "context", "cloze_qa": "context", "cloze_wiki": "context",
@@ -55,15 +58,8 @@ def prompts(n: int, chars: int) -> list[str]:
 
 
 def resident(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        # a process just killed (a zombie until reaped) has no VmRSS line: it holds no memory
-        total += next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("VmRSS:")), 0)
-    return total
+    """The processes' memory together: PSS, so a GGUF mapped by both engines of a mask counts once."""
+    return sum(proportional_bytes(pid) for pid in pids)
 
 
 def run(client: openai.OpenAI, name: str, texts: list[str], concurrency: int, max_tokens: int,
@@ -92,6 +88,7 @@ def run(client: openai.OpenAI, name: str, texts: list[str], concurrency: int, ma
     ok = [a for a in answers if "error" not in a]
     ttft, latency = [a["ttft"] for a in ok] or [0.0], [a["latency"] for a in ok] or [0.0]
     return {"concurrency": concurrency, "requests": len(texts), "failed": len(answers) - len(ok),
+            "errors": [a["error"] for a in answers if "error" in a][:8],
             "wall_seconds": round(wall, 2), "tokens_per_second": round(sum(a["tokens"] for a in ok) / wall, 2),
             "ttft_p50": round(percentile(ttft, 50), 4), "ttft_p99": round(percentile(ttft, 99), 4),
             "latency_p50": round(percentile(latency, 50), 4), "latency_p99": round(percentile(latency, 99), 4),
@@ -113,9 +110,11 @@ def main() -> None:
     parser.add_argument("--static", type=Path, default=BUNDLES / "sleb-b15-mixed")
     parser.add_argument("--gguf-type", default="f16")
     parser.add_argument("--threads", type=int, help="threads of each llama-server and of torch (HF server, router); "
-                        "default as igprune serve: cores // engines per llama-server, all cores for torch, so every "
-                        "method has the whole machine. 1 suits a shared machine, where more threads than free cores "
-                        "stall ggml, but gives a routed bundle's several engines more cores than dense's one")
+                        "default as igprune serve: cores // masks per shared llama-server (every core for a "
+                        "mask's solo one), all cores for torch, so every method has the whole machine")
+    parser.add_argument("--shared", action="store_true", help="also the routed bundle without solo engines "
+                        "(EngineOptions(solo=False)): each mask's one engine has cores // masks threads")
+    parser.add_argument("--rounds", type=int, default=3, help="sweeps of every method; medians are reported")
     parser.add_argument("--no-hf", action="store_true", help="leave out igprune's HF server")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve_llamacpp.json")
     args = parser.parse_args()
@@ -125,42 +124,50 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     settings = ServeSettings(max_batch=8, max_queue=4 * args.requests, request_timeout=600)
     options = EngineOptions(threads=args.threads, slots=max(args.concurrency))
+    routed = Bundle.load(args.bundle)
     bundles = {"llama.cpp dense": dense_bundle(model), f"llama.cpp {args.static.name}": Bundle.load(args.static),
-               f"llama.cpp {args.bundle.name} routed": Bundle.load(args.bundle)}
+               f"llama.cpp {args.bundle.name} routed": routed}
+    options_of = {method: options for method in bundles}
+    if args.shared:
+        method = f"llama.cpp {args.bundle.name} routed, shared cores"
+        bundles[method], options_of[method] = routed, dataclasses.replace(options, solo=False)
+    dynamic = None if args.no_hf else DynamicPrunedModel.from_bundle(model, routed, tokenizer)
     rows, answers_of, load_avg, fault = [], {}, [os.getloadavg()[0]], {}
-    for method, bundle in bundles.items():
-        router, tok, pool, skipped = prepare(bundle, "smollm2-135m", args.gguf_type, options, model, tokenizer)
-        pool.start()
-        app = create_llamacpp_app(router, tok, pool, skipped, method, settings)
-        with BackgroundServer(app).running() as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-            one_request(client, method, texts[0], 2)  # warm-up
-            for c in args.concurrency:
-                row, answers = run(client, method, texts, c, args.max_tokens,
-                                   lambda pool=pool: [e.process.pid for e in pool.engines])
-                rows.append({"method": method, "engines": len(pool.engines), "threads_each": pool.options.threads,
-                             **row})
-                answers_of.setdefault(method, answers)
-                load_avg.append(os.getloadavg()[0])
-                print(f"{method} C={c}: {row['tokens_per_second']} tok/s, failed {row['failed']}", flush=True)
-            if method.endswith("routed"):
-                fault = kill_mid_load(client, method, texts, max(args.concurrency), args.max_tokens, pool,
-                                      [a.get("cluster") for a in answers_of[method]])
-                print(f"fault run: {fault['summary']}", flush=True)
-                fault["metrics_route_seconds"] = route_metric(url)
-        pool.stop()
-    if not args.no_hf:
-        dynamic = DynamicPrunedModel.from_bundle(model, Bundle.load(args.bundle), tokenizer)
-        method = f"hf {args.bundle.name}"
-        with BackgroundServer(create_app(dynamic, method, settings)).running() as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-            one_request(client, method, texts[0], 2)
-            for c in args.concurrency:
-                row, answers = run(client, method, texts, c, args.max_tokens, lambda: [os.getpid()])
-                rows.append({"method": method, "engines": 1, "threads_each": torch.get_num_threads(), **row})
-                answers_of.setdefault(method, answers)
-                load_avg.append(os.getloadavg()[0])
-                print(f"{method} C={c}: {row['tokens_per_second']} tok/s, failed {row['failed']}", flush=True)
+
+    def sweep(method: str, url: str, pids, shape: dict, round_: int) -> openai.OpenAI:
+        """One method's rows at every C, its server started."""
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        one_request(client, method, texts[0], 2)  # warm-up
+        for c in args.concurrency:
+            row, answers = run(client, method, texts, c, args.max_tokens, pids)
+            rows.append({"method": method, "round": round_, **shape, **row})
+            answers_of.setdefault(method, answers)
+            load_avg.append(os.getloadavg()[0])
+            print(f"round {round_} {method} C={c}: {row['tokens_per_second']} tok/s, failed {row['failed']}",
+                  flush=True)
+        return client
+
+    for round_ in range(args.rounds):  # every method once per round, so drifting load hits them alike
+        for method, bundle in bundles.items():
+            router, tok, pool, skipped = prepare(bundle, "smollm2-135m", args.gguf_type, options_of[method], model,
+                                                 tokenizer)
+            pool.start()
+            app = create_llamacpp_app(router, tok, pool, skipped, method, settings)
+            shape = {"engines": len(pool.engines), "threads_each": pool.options.threads,
+                     "solo_threads": pool.solo[0].options.threads if pool.solo else None}
+            with BackgroundServer(app).running() as url:
+                client = sweep(method, url, lambda pool=pool: [e.process.pid for e in pool.all], shape, round_)
+                if method == f"llama.cpp {args.bundle.name} routed" and round_ == args.rounds - 1:
+                    fault = kill_mid_load(client, method, texts, max(args.concurrency), args.max_tokens, pool,
+                                          [a.get("cluster") for a in answers_of[method]])
+                    print(f"fault run: {fault['summary']}", flush=True)
+                    fault["metrics_route_seconds"] = route_metric(url)
+            pool.stop()
+        if dynamic is not None:
+            method = f"hf {args.bundle.name}"
+            with BackgroundServer(create_app(dynamic, method, settings)).running() as url:
+                sweep(method, url, lambda: [os.getpid()], {"engines": 1, "threads_each": torch.get_num_threads()},
+                      round_)
     report = summarise(args, model, tokenizer, bundles, texts, rows, answers_of, fault, load_avg)
     write_json(args.out, report)
     print_table(report)
@@ -177,7 +184,7 @@ def kill_mid_load(client, name: str, texts: list[str], concurrency: int, max_tok
     killer = threading.Timer(1.5, lambda: (killed.append(time.monotonic()), os.kill(victim.process.pid,
                                                                                    signal.SIGKILL)))
     killer.start()
-    row, answers = run(client, name, texts, concurrency, max_tokens, lambda: [e.process.pid for e in pool.engines])
+    row, answers = run(client, name, texts, concurrency, max_tokens, lambda: [e.process.pid for e in pool.all])
     deadline = time.monotonic() + 120
     while victim.state != "ready" and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -216,12 +223,19 @@ def summarise(args, model, tokenizer, bundles, texts, rows, answers_of, fault, l
     per_token = {m: flops_per_token(model.config, masks, lengths, args.max_tokens) for m, masks in masks_of.items()}
     dense = per_token["llama.cpp dense"]
     ideal = {m: dense / v for m, v in per_token.items()}
-    speed = {(r["method"], r["concurrency"]): r["tokens_per_second"] for r in rows}
+    speed = {(r["method"], r["concurrency"], r["round"]): r["tokens_per_second"] for r in rows}
+    static_name, dense_name = f"llama.cpp {args.static.name}", "llama.cpp dense"
+    pairs = {"static / dense": (static_name, dense_name), "routed / dense": (routed_name, dense_name),
+             "routed, shared cores / dense": (routed_name + ", shared cores", dense_name),
+             "routed / static": (routed_name, static_name), "routed / hf": (routed_name, hf_name)}
     ratios = {}
-    for c in args.concurrency:
-        ratios[f"routed / dense, C={c}"] = speed[routed_name, c] / speed["llama.cpp dense", c]
-        if (hf_name, c) in speed:
-            ratios[f"routed / hf, C={c}"] = speed[routed_name, c] / speed[hf_name, c]
+    for label, (a, b) in pairs.items():
+        for c in args.concurrency:
+            per_round = [speed[a, c, k] / speed[b, c, k] for k in range(args.rounds)
+                         if (a, c, k) in speed and (b, c, k) in speed]
+            if per_round:  # each round's ratio pairs two runs minutes apart; the median over rounds
+                ratios[f"{label}, C={c}"] = {"median": round(statistics.median(per_round), 3),
+                                             "min": round(min(per_round), 3), "max": round(max(per_round), 3)}
     agreement = {}
     if hf_name in answers_of:
         pairs = list(zip(answers_of[routed_name], answers_of[hf_name], strict=True))
@@ -236,7 +250,8 @@ def summarise(args, model, tokenizer, bundles, texts, rows, answers_of, fault, l
     router = prepare_router_timing(bundles[routed_name], texts)
     return {"machine": machine_info(), "model": "smollm2-135m", "settings": {**vars(args), "out": str(args.out),
             "bundle": str(args.bundle), "static": str(args.static)},
-            "load_average_during_run": load_avg, "rows": rows, "flops_ideal_speedup": ideal, "ratios": ratios,
+            "load_average_during_run": load_avg, "rows": rows, "medians": medians(rows),
+            "flops_ideal_speedup": ideal, "ratios": ratios,
             "greedy_agreement_llamacpp_vs_hf": agreement, "router_seconds_per_prompt": router, "fault_run": fault}
 
 
@@ -278,18 +293,36 @@ def prepare_router_timing(bundle: Bundle, texts: list[str]) -> dict:
     return {"p50": statistics.median(times), "p99": percentile(times, 99), "threads": torch.get_num_threads()}
 
 
+MEASURES = ["tokens_per_second", "ttft_p50", "ttft_p99", "latency_p50", "latency_p99", "peak_resident_mb"]
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """Per (method, C): the median over rounds of each measure, the tokens/s range, failures summed."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["method"], r["concurrency"]), []).append(r)
+    return [{**{k: v for k, v in group[0].items() if k not in MEASURES and k not in ("round", "failed", "errors")},
+             **{m: statistics.median(g[m] for g in group) for m in MEASURES},
+             "tokens_per_second_range": [min(g["tokens_per_second"] for g in group),
+                                         max(g["tokens_per_second"] for g in group)],
+             "failed": sum(g["failed"] for g in group), "rounds": len(group)} for group in out.values()]
+
+
 def print_table(report: dict) -> None:
-    head = ["method", "engines x threads", "C", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99",
-            "failed", "peak RSS"]
+    head = ["method", "masks x threads", "solo engines", "C", "tok/s (range)", "TTFT p50", "TTFT p99",
+            "latency p50", "latency p99", "failed", "peak PSS"]
+    print(f"medians over {report['settings']['rounds']} rounds")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in report["rows"]:
-        print(f"| {r['method']} | {r['engines']} x {r['threads_each']} | {r['concurrency']} | "
-              f"{r['tokens_per_second']:.1f} | {r['ttft_p50'] * 1000:.0f} ms | "
-              f"{r['ttft_p99'] * 1000:.0f} ms | {r['latency_p50'] * 1000:.0f} ms | {r['latency_p99'] * 1000:.0f} ms | "
-              f"{r['failed']} | {r['peak_resident_mb']:.0f} MB |")
+    for r in report["medians"]:
+        low, high = r["tokens_per_second_range"]
+        print(f"| {r['method']} | {r['engines']} x {r['threads_each']} | {r.get('solo_threads') or '-'} | "
+              f"{r['concurrency']} | {r['tokens_per_second']:.1f} ({low:.0f}-{high:.0f}) | "
+              f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p99'] * 1000:.0f} ms | {r['latency_p50'] * 1000:.0f} ms | "
+              f"{r['latency_p99'] * 1000:.0f} ms | {r['failed']} | {r['peak_resident_mb']:.0f} MB |")
     ideal = report["flops_ideal_speedup"]
     print("FLOPs-ideal speedup over dense: " + ", ".join(f"{m} {v:.3f}" for m, v in ideal.items()))
-    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
+    print("ratios, median over rounds (range): " + ", ".join(f"{k} {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+                                                           for k, v in report["ratios"].items()))
     print(f"greedy agreement: {report['greedy_agreement_llamacpp_vs_hf']}")
     print(f"router per prompt: {report['router_seconds_per_prompt']}")
     print(f"fault run: {report['fault_run'].get('summary')}; load average {report['load_average_during_run']}")

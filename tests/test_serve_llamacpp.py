@@ -90,6 +90,25 @@ def test_completions_and_chat_equal_the_hf_masked_model_streamed_or_not(routed, 
     assert chat.model_extra["igprune"]["blocks_skipped"] == 1
 
 
+def test_concurrent_requests_of_both_masks_equal_one_at_a_time(routed, client):
+    """Six clients at once over both masks (solo and shared engines): every answer equals its lone one, and the
+    lanes end idle."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, pool, *_ = routed
+    assert pool.lanes is not None and len(pool.all) == 4
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
+    alone = [ask(p) for p in PROMPTS]
+    with ThreadPoolExecutor(6) as workers:
+        together = list(workers.map(ask, PROMPTS * 2))
+    assert together == alone * 2
+    assert (pool.lanes.running, pool.lanes.waiting) == (0, [])
+    assert sum(e.in_flight for e in pool.all) == 0
+
+
 def get(url: str) -> tuple[int, dict | str, object]:
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
@@ -108,29 +127,44 @@ def post(url: str, body: dict) -> tuple[int, dict, object]:
         return err.code, json.loads(err.read()), err.headers
 
 
+def kill(engines: list) -> None:
+    """SIGKILL each engine's process (its restart held off 3 s, long enough to be asked meanwhile)."""
+    for engine in engines:
+        engine.options = dataclasses.replace(engine.options, restart_delay=3.0)
+        os.kill(engine.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(e.state == "ready" for e in engines) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def back(engines: list) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while any(e.state != "ready" for e in engines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_a_killed_engine_answers_503_meanwhile_others_serve_and_it_comes_back(routed, server):
     _, pool, *_ = routed
-    engine = pool.engines[1]  # cluster 1's mask only
-    engine.options = dataclasses.replace(engine.options, restart_delay=3.0)  # down long enough to be asked
-    restarts = engine.restarts
-    os.kill(engine.process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while engine.state == "ready" and time.monotonic() < deadline:
-        time.sleep(0.02)
     ask = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    kill([pool.solo[1]])  # a lone request of mask 1 runs on its shared engine meanwhile
+    assert post(server + "/v1/completions", {**ask, "prompt": PROMPTS[1]})[0] == 200
+    back([pool.solo[1]])
+    engines = [e for e in pool.all if e.index == 1]  # cluster 1's mask, both engines
+    restarts = [e.restarts for e in engines]
+    kill(engines)
     status, body, headers = post(server + "/v1/completions", {**ask, "prompt": PROMPTS[1]})
     assert status == 503 and body["error"]["code"] == "engine_unavailable" and headers["Retry-After"]
     assert get(server + "/health")[0] == 503
     assert post(server + "/v1/completions", {**ask, "prompt": PROMPTS[0]})[0] == 200  # the other mask's engine
-    deadline = time.monotonic() + TIMEOUT
-    while engine.state != "ready" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert engine.restarts == restarts + 1
+    back(engines)
+    assert [e.restarts for e in engines] == [r + 1 for r in restarts]
     assert post(server + "/v1/completions", {**ask, "prompt": PROMPTS[1]})[0] == 200
     status, health, _ = get(server + "/health")
-    assert status == 200 and [e["state"] for e in health["engines"]] == ["ready", "ready"]
+    assert status == 200 and [(e["lane"], e["state"]) for e in health["engines"]] == \
+        [("shared", "ready")] * 2 + [("solo", "ready")] * 2
     metrics = get(server + "/metrics")[1]
-    assert 'igprune_engine_restarts{mask="1"} 1.0' in metrics and "igprune_route_seconds_count" in metrics
+    assert 'igprune_engine_restarts{lane="solo",mask="1"} 2.0' in metrics
+    assert 'igprune_engine_restarts{lane="shared",mask="1"} 1.0' in metrics and "igprune_route_seconds_count" in metrics
     assert 'igprune_requests_total{cluster="1",endpoint="completions",status="503"}' in metrics
 
 
@@ -197,6 +231,7 @@ def test_cli_serve_engine_llama_cpp_refuses_other_families_and_auto_says_why(tmp
 
 def test_more_engines_than_cores_is_said_at_start_up():
     """Engines outnumbering the cores each get fewer threads than a dense engine would: serve says so."""
-    assert crowding(engines=2, threads=1, cores=2) is None
-    note = crowding(engines=5, threads=1, cores=2)
+    assert crowding(engines=2, threads=1, cores=2, solo=False) is None
+    note = crowding(engines=5, threads=1, cores=2, solo=False)
     assert note is not None and "5 engines on 2 cores" in note and "\n" not in note
+    assert crowding(engines=5, threads=1, cores=2, solo=True) is None  # a lone request has every core

@@ -1,17 +1,19 @@
-"""`igprune serve --engine llama.cpp`: igprune's router in front of one llama-server per distinct mask.
+"""`igprune serve --engine llama.cpp`: igprune's router in front of llama-servers, two per distinct mask.
 
 Each distinct mask of a bundle (its clusters' and its gate's fallback, Bundle.route_masks) is exported once as a
 deci GGUF (igprune.gguf_export; skipped blocks absent) into a cache keyed by the bundle's digest, and served by
-its own llama-server on 127.0.0.1. A request is checked and tokenized here with the HF tokenizer (so the engine
+llama-servers on 127.0.0.1. A request is checked and tokenized here with the HF tokenizer (so the engine
 sees exactly the token ids the HF server would run), routed by its prompt as `igprune serve` routes it, and its
-token ids are forwarded to its mask's engine; the reply comes back in the same OpenAI shape, `igprune` field,
+token ids are forwarded to an engine of its mask; the reply comes back in the same OpenAI shape, `igprune` field,
 headers and metrics as the HF server's.
 
-Why one process per mask: llama.cpp holds one model per context, and a mask is a model here (a different
-layer list); a process per mask keeps a crash to that mask's requests and lets it be restarted alone. The
-engines share the CPU: by default each gets cores // engines threads (at least one). More threads than cores
-in all is the one thing to avoid: ggml's threads meet at a barrier after every operation, and a preempted
-thread stalls the others (measured on a 2-core machine under load: one thread 36-52 tok/s, two 1-7 tok/s).
+Why processes per mask: llama.cpp holds one model per context, and a mask is a model here (a different layer
+list); a process per mask keeps a crash to that mask's requests and lets it be restarted alone. More threads
+computing than cores is the one thing to avoid: ggml's threads meet at a barrier after every operation, and a
+preempted thread stalls the others (measured on a 2-core machine under load: one thread 36-52 tok/s, two 1-7
+tok/s). So each mask has two engines on the same file (its pages shared through mmap): a shared one with
+cores // masks threads, and a solo one with every core, used while the mask's requests are alone on the
+machine (`Lanes`). A one-mask bundle has one engine with every core.
 
 Faults: a supervisor thread restarts an engine whose process died; while it is down its requests get 503 with
 Retry-After (never a hang); other engines are untouched. /health and /metrics report every engine.
@@ -112,7 +114,8 @@ def cached_paths(bundle: Bundle, model_name: str, dtype: str, cache: Path | None
 
 @dataclass
 class EngineOptions:
-    threads: int | None = None  # per engine; None: cores // engines, at least 1 (see the module doc)
+    solo: bool = True  # with several masks, each also has an engine with every core for requests alone (Lanes)
+    threads: int | None = None  # per shared engine; None: cores // masks, at least 1
     slots: int = 8  # requests one engine decodes together (llama-server --parallel)
     ctx: int = 4096  # KV cache tokens per engine, shared by its slots (--kv-unified)
     start_timeout: float = 120.0
@@ -127,8 +130,10 @@ class Engine:
     state: "starting", "ready", "restarting" (requests get 503 + Retry-After), "failed" (gave up; 503), "stopped".
     """
 
-    def __init__(self, gguf: Path, index: int, options: EngineOptions, binary: Path | None = None):
+    def __init__(self, gguf: Path, index: int, options: EngineOptions, binary: Path | None = None,
+                 lane: str = "shared"):
         self.binary, self.gguf, self.index, self.options = binary or _require(), Path(gguf), index, options
+        self.lane = lane
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state, self.restarts, self.in_flight = "starting", 0, 0
@@ -137,7 +142,8 @@ class Engine:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, for one-line errors; closed in stop
         self.stopping = threading.Event()
         self.deaths: list[float] = []
-        self.supervisor = threading.Thread(target=self._supervise, name=f"igprune-engine-{index}", daemon=True)
+        self.supervisor = threading.Thread(target=self._supervise, name=f"igprune-engine-{index}-{lane}",
+                                           daemon=True)
 
     def args(self) -> list[str]:
         o = self.options
@@ -222,47 +228,118 @@ class Engine:
         return ""
 
     def resident_bytes(self) -> int:
-        """The process's resident memory (VmRSS), 0 when it is not running."""
+        """The process's share of resident memory (PSS: a page mapped by n processes, such as a GGUF served by
+        both engines of a mask, counts 1/n in each), 0 when it is not running."""
         if self.process is None or self.process.poll() is not None:
             return 0
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return proportional_bytes(self.process.pid)
 
     def report(self) -> dict[str, Any]:
-        return {"mask": self.index, "state": self.state, "pid": self.process and self.process.pid,
+        return {"mask": self.index, "lane": self.lane, "state": self.state, "pid": self.process and self.process.pid,
                 "restarts": self.restarts, "in_flight": self.in_flight, "gguf": str(self.gguf),
                 "resident_mb": round(self.resident_bytes() / 2**20, 1)}
 
 
+def proportional_bytes(pid: int) -> int:
+    """A process's proportional set size (Pss in smaps_rollup), 0 when it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class EnginePool:
-    """The engines of a bundle's distinct masks; route r is served by engines[of[r]]."""
+    """The engines of a bundle's distinct masks: mask q (route r's is of[r]) is served by engines[q], and by
+    solo[q] while its requests are alone on the machine (lanes decides)."""
 
     def __init__(self, paths: list[Path], of: list[int], options: EngineOptions | None = None,
                  binary: Path | None = None):
         options = options or EngineOptions()
-        if options.threads is None:
-            options = dataclasses.replace(options, threads=max(1, (os.cpu_count() or 1) // len(paths)))
-        self.engines = [Engine(p, q, options, binary) for q, p in enumerate(paths)]
-        self.of, self.options = of, options
+        cores = os.cpu_count() or 1
+        self.options = dataclasses.replace(options, threads=options.threads or max(1, cores // len(paths)))
+        self.engines = [Engine(p, q, self.options, binary) for q, p in enumerate(paths)]
+        solo = dataclasses.replace(self.options, threads=cores)
+        self.solo = [Engine(p, q, solo, binary, "solo") for q, p in enumerate(paths)] \
+            if options.solo and len(paths) > 1 else []
+        self.lanes = Lanes() if self.solo else None
+        self.of = of
+
+    @property
+    def all(self) -> list[Engine]:
+        return self.engines + self.solo
 
     def start(self) -> None:
         """Start every engine; on any failure stop those started and raise its one-line error."""
         try:
-            for engine in self.engines:
+            for engine in self.all:
                 engine.start()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        for engine in self.engines:
+        for engine in self.all:
             engine.stop()
 
-    def for_route(self, route: int) -> Engine:
-        return self.engines[self.of[route]]
+    def ready(self, mask: int) -> Engine | None:
+        """A ready engine of the mask, the shared one first; None while none is."""
+        return next((e for e in self.all if e.index == mask and e.state == "ready"), None)
+
+    def lane(self, mask: int, solo: bool) -> Engine:
+        """The engine of the mask's lane, or its other engine while that one is down (restarting)."""
+        engine = self.solo[mask] if solo else self.engines[mask]
+        return engine if engine.state == "ready" else self.ready(mask) or engine
+
+    def in_flight(self, mask: int) -> int:
+        return sum(e.in_flight for e in self.all if e.index == mask)
+
+
+class Lanes:
+    """Which engine of its mask each request runs on, so that threads computing never outnumber the cores.
+
+    A request arriving at an idle machine runs on its mask's solo engine (every core), and later requests of
+    that mask join it there. A request of another mask waits until the solo engine's requests are done; then
+    every waiting request runs on its mask's shared engine (cores // masks threads), all masks at once, and so
+    do arrivals while any request runs. When the machine is idle again, or the waiting requests are all of one
+    mask, that mask goes solo. A lone request thus runs as fast as on a one-mask server, and under load the
+    masks decode side by side; the price is that a request of another mask can wait for a solo generation to
+    finish. No request overtakes one that waits."""
+
+    def __init__(self) -> None:
+        self.solo: int | None = None  # the mask running alone; None while shared or idle
+        self.running = 0
+        self.waiting: list[tuple[int, asyncio.Future]] = []
+
+    async def enter(self, mask: int) -> bool:
+        """Wait for the request's turn; True to run on the mask's solo engine, False on its shared one."""
+        if not self.waiting:
+            if self.running == 0:
+                self.solo = mask
+            if self.solo in (mask, None):
+                self.running += 1
+                return self.solo is not None
+        entry = (mask, asyncio.get_running_loop().create_future())
+        self.waiting.append(entry)
+        try:
+            return await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():
+                self.leave()  # admitted as it was cancelled: give the place back
+            else:
+                self.waiting.remove(entry)
+            raise
+
+    def leave(self) -> None:
+        self.running -= 1
+        if self.running > 0:
+            return
+        masks = {mask for mask, _ in self.waiting}
+        self.solo = masks.pop() if len(masks) == 1 else None
+        admitted, self.waiting = self.waiting, []
+        self.running = len(admitted)
+        for _, future in admitted:
+            future.set_result(self.solo is not None)
 
 
 # ---- the HTTP side ---------------------------------------------------------------------------------------
@@ -274,16 +351,18 @@ class ProxyMetrics(RequestMetrics):
     def __init__(self, pool: EnginePool):
         super().__init__()
         r = self.registry
-        gauges = {"up": Gauge("igprune_engine_up", "1 while the engine answers", ["mask"], registry=r),
-                  "restarts": Gauge("igprune_engine_restarts", "Times the engine was restarted", ["mask"], registry=r),
-                  "in_flight": Gauge("igprune_engine_in_flight", "Requests at the engine", ["mask"], registry=r),
-                  "resident": Gauge("igprune_engine_resident_bytes", "Engine process RSS", ["mask"], registry=r)}
-        for e in pool.engines:
-            label = str(e.index)
-            gauges["up"].labels(label).set_function(lambda e=e: float(e.state == "ready"))
-            gauges["restarts"].labels(label).set_function(lambda e=e: e.restarts)
-            gauges["in_flight"].labels(label).set_function(lambda e=e: e.in_flight)
-            gauges["resident"].labels(label).set_function(e.resident_bytes)
+        names = {"up": ("igprune_engine_up", "1 while the engine answers"),
+                 "restarts": ("igprune_engine_restarts", "Times the engine was restarted"),
+                 "in_flight": ("igprune_engine_in_flight", "Requests at the engine"),
+                 "resident": ("igprune_engine_resident_bytes", "Engine process PSS (pages shared between processes "
+                              "split among them)")}
+        gauges = {key: Gauge(name, doc, ["mask", "lane"], registry=r) for key, (name, doc) in names.items()}
+        for e in pool.all:
+            labels = (str(e.index), e.lane)
+            gauges["up"].labels(*labels).set_function(lambda e=e: float(e.state == "ready"))
+            gauges["restarts"].labels(*labels).set_function(lambda e=e: e.restarts)
+            gauges["in_flight"].labels(*labels).set_function(lambda e=e: e.in_flight)
+            gauges["resident"].labels(*labels).set_function(e.resident_bytes)
 
 
 def _sampling(body: CompletionRequest | ChatRequest, ids: list[int], default_tokens: int, context: int) -> dict:
@@ -331,7 +410,7 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        engines = [e.report() for e in pool.engines]
+        engines = [e.report() for e in pool.all]
         ok = all(e["state"] == "ready" for e in engines)
         return JSONResponse({"status": "ok" if ok else "degraded", "model": name, "engine": "llama.cpp",
                              "clusters": router.n_clusters, "engines": engines}, status_code=200 if ok else 503)
@@ -356,47 +435,53 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
         loop = asyncio.get_running_loop()
         cluster = (await loop.run_in_executor(routing, router.route, [route_text]))[0].cluster
         metrics.route.observe(time.monotonic() - arrived)
-        engine, label = pool.for_route(cluster), str(cluster)
-        if engine.state != "ready":
+        mask, label = pool.of[cluster], str(cluster)
+        if pool.ready(mask) is None:
             metrics.requests.labels(endpoint, label, "503").inc()
-            raise APIError(503, f"the engine of mask {engine.index} (cluster {cluster}) is {engine.state}; retry "
-                           "shortly", type="engine_unavailable", code="engine_unavailable",
+            raise APIError(503, f"the engine of mask {mask} (cluster {cluster}) is {pool.engines[mask].state}; "
+                           "retry shortly", type="engine_unavailable", code="engine_unavailable",
                            headers={"Retry-After": RETRY_AFTER})
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         extra = {"cluster": cluster, "blocks_skipped": skipped[cluster], "engine": "llama.cpp",
-                 "batch_size": engine.in_flight + 1}  # requests at its engine, this one included
+                 "batch_size": pool.in_flight(mask) + 1}  # the mask's requests at its engines, this one included
         headers = {"x-igprune-cluster": label, "x-igprune-blocks-skipped": str(skipped[cluster])}
         reply = Reply(endpoint, rid, name, extra, len(ids), tokenizer, params["stop"], body.stream)
         deadline = arrived + settings.request_timeout
 
         async def pieces() -> AsyncIterator[str]:
             """The new text of each engine stream event; APIError 503 if the engine fails under it, 504 past time."""
-            engine.in_flight += 1
+            engine, admitted, counted = pool.engines[mask], False, False
             try:
-                async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())), \
-                        session["http"].post(engine.url + "/completion", json=params) as r:
-                    if r.status != 200:
-                        raise APIError(502 if r.status < 500 else 503, f"engine {engine.index}: "
-                                       f"{(await r.text())[:200]}", type="engine_error",
-                                       headers={"Retry-After": RETRY_AFTER})
-                    if not body.stream:
-                        yield reply.take(await r.json())
-                        return
-                    async for line in r.content:
-                        if not line.startswith(b"data: "):
-                            continue
-                        event = json.loads(line[6:])
-                        if "error" in event:  # the engine refused or failed mid-stream
-                            raise APIError(502, f"engine {engine.index}: {json.dumps(event['error'])[:200]}",
-                                           type="engine_error")
-                        text = reply.take(event)
-                        if reply.first is None and text:
-                            reply.first = time.monotonic()
-                            metrics.ttft.labels(label).observe(reply.first - arrived)
-                        yield text
-                        if reply.finish:
+                async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                    if pool.lanes is not None:
+                        solo = await pool.lanes.enter(mask)
+                        admitted = True
+                        engine = pool.lane(mask, solo)
+                    engine.in_flight += 1
+                    counted = True
+                    async with session["http"].post(engine.url + "/completion", json=params) as r:
+                        if r.status != 200:
+                            raise APIError(502 if r.status < 500 else 503, f"engine {engine.index}: "
+                                           f"{(await r.text())[:200]}", type="engine_error",
+                                           headers={"Retry-After": RETRY_AFTER})
+                        if not body.stream:
+                            yield reply.take(await r.json())
                             return
-                    raise aiohttp.ClientPayloadError("the stream ended before its last event")
+                        async for line in r.content:
+                            if not line.startswith(b"data: "):
+                                continue
+                            event = json.loads(line[6:])
+                            if "error" in event:  # the engine refused or failed mid-stream
+                                raise APIError(502, f"engine {engine.index}: {json.dumps(event['error'])[:200]}",
+                                               type="engine_error")
+                            text = reply.take(event)
+                            if reply.first is None and text:
+                                reply.first = time.monotonic()
+                                metrics.ttft.labels(label).observe(reply.first - arrived)
+                            yield text
+                            if reply.finish:
+                                return
+                        raise aiohttp.ClientPayloadError("the stream ended before its last event")
             except TimeoutError:
                 raise APIError(504, f"request timed out after {settings.request_timeout:g} s", type="timeout",
                                code="timeout") from None
@@ -405,7 +490,10 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
                                f"({type(err).__name__}); retry shortly", type="engine_unavailable",
                                code="engine_unavailable", headers={"Retry-After": RETRY_AFTER}) from None
             finally:
-                engine.in_flight -= 1
+                if counted:
+                    engine.in_flight -= 1
+                if admitted:
+                    pool.lanes.leave()
 
         def finished(status: str) -> None:
             metrics.requests.labels(endpoint, label, status).inc()
@@ -528,11 +616,11 @@ def prepare(bundle: Bundle, model_name: str, dtype: str = "f16", options: Engine
     return router, tokenizer, EnginePool(paths, of, options, binary), skipped
 
 
-def crowding(engines: int, threads: int, cores: int) -> str | None:
-    """A warning when the engines outnumber the cores: each engine then has fewer threads than one dense engine
-    would, and a request alone on the machine runs slower than dense (docs/serving.md measured 0.85x at C=1 with 5
-    engines on 2 cores, 1.05x at C=8)."""
-    if engines <= cores:
+def crowding(engines: int, threads: int, cores: int, solo: bool) -> str | None:
+    """A warning when masks without solo engines outnumber the cores: each engine then has fewer threads than one
+    dense engine would, and a request alone on the machine runs slower than dense (docs/serving.md measured 0.85x
+    at C=1 with 5 engines on 2 cores). With solo engines a lone request has every core."""
+    if solo or engines <= cores:
         return None
     return (f"note: {engines} engines on {cores} cores, {threads} thread(s) each; with fewer cores than masks, "
             "routed serving can be slower than the dense model, and a one-mask bundle (a static baseline's, or "
@@ -574,9 +662,10 @@ def serve_llamacpp(bundle_path: Path, model: str | None, name: str, host: str, p
     if settings.request_log:
         raise IGPruneError("--log-requests is not supported with --engine llama.cpp yet; use --engine hf")
     router, tokenizer, pool, skipped = prepare(bundle, model_name, dtype, log=log)
-    log(f"engine: llama.cpp, {len(pool.engines)} llama-server(s) for {len(pool.of)} routes ({dtype}): "
-        + ", ".join(str(e.gguf) for e in pool.engines))
-    note = crowding(len(pool.engines), pool.options.threads or 1, os.cpu_count() or 1)
+    solo = f", and a solo engine each with {pool.solo[0].options.threads}" if pool.solo else ""
+    log(f"engine: llama.cpp, {len(pool.engines)} mask(s) for {len(pool.of)} routes ({dtype}), a llama-server of "
+        f"{pool.options.threads} thread(s) each{solo}: " + ", ".join(str(e.gguf) for e in pool.engines))
+    note = crowding(len(pool.engines), pool.options.threads or 1, os.cpu_count() or 1, bool(pool.solo))
     if note:
         log(note)
     pool.start()
