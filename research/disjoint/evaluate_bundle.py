@@ -1,9 +1,9 @@
 """One bundle on the source-disjoint benchmark and the in-distribution domain passages: routed, gated, oracle.
 
 For a search-finder bundle (its global mask in logs.search.global_order, or its gate's fallback) this scores each
-of its distinct masks, and the static masks of score.STATIC, on the dev and test sets (build.py) and on
-benchmarks/domains.py's held-out passages (24 per domain, 128 tokens; its own cache, so the numbers match its
-tables), then replays, paired per text:
+of its distinct masks, and the static masks of score.STATIC (at the bundle's block count), on the dev and test
+sets (build.py) and on benchmarks/domains.py's held-out passages (24 per domain, 128 tokens; its own cache, so the
+numbers match its tables), then replays, paired per text:
   - nearest centroid (the paper's router) and a radius gate at each quantile of GATES (routing.gate_radii on the
     fit's own calibration passages, rebuilt from the bundle's recorded fit config);
   - the oracle: each text under the best of the bundle's masks on its scored tokens;
@@ -86,7 +86,9 @@ def main() -> None:
     model.eval()
     bundle = Bundle.load(args.bundle)
     g_mask = global_mask(bundle, model)
-    statics = {name: Bundle.load(REPO / "benchmarks/bundles" / MODEL / name).masks[0] for name in STATIC}
+    blocks = bundle.config["blocks_skipped"]
+    statics = {name: Bundle.load(REPO / "benchmarks/bundles" / MODEL / name).masks[0]
+               for name in (n.replace("-b15", f"-b{blocks}") for n in STATIC)}
     own = [find_order_mask(model, c["order"], bundle.config["granularity"]) for c in bundle.logs["search"]["clusters"]]
     masks = {mask_key(g_mask): g_mask, **{mask_key(m): m for m in [*bundle.masks, *own]}}
     cand = list(masks)  # the global mask first, then the bundle's other distinct masks, then its searches'
@@ -103,7 +105,8 @@ def main() -> None:
             start = time.time()
             if scored(model, s, rows, everything[key])[1]:
                 print(f"{s} {key}: {time.time() - start:.0f}s", flush=True)
-    nll = _cached_nll(model, REPO / "benchmarks/results/domains" / MODEL / "passages-b15.json", heldout_ids(tokenizer))
+    nll = _cached_nll(model, REPO / "benchmarks/results/domains" / MODEL / f"passages-b{blocks}.json",
+                      heldout_ids(tokenizer))
     totals = {k: nll(everything[k]) for k in [*cand, *static_keys.values()]}
 
     encoder = SentenceEncoder(bundle.config["encoder"], device="cpu", max_tokens=bundle.config.get("encoder_tokens"))
