@@ -31,9 +31,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "every cluster's text (8 x 128 tokens); each cluster continues its last quarter on rows half its own, "
            "half the other clusters' (no specialists), and leaves the global mask only for a mask clearly better "
            "on 16 fresh rows of its text; an input beyond every member of its nearest cluster keeps the global mask",
-           "17 min on one CPU thread for smollm2-135m at 15 of 60, 48 min for qwen2.5-0.5b at 6 of 48 (beside other "
-           "jobs); a lazy search scores every block once, then a few per step, so time grows with (clusters + 2) x "
-           "2L x FLOPs per token, little with blocks removed",
+           "17 min on one CPU thread for smollm2-135m at 15 of 60, 48 min for qwen2.5-0.5b at 6 of 48 and about 70 "
+           "at 12 of 48 (beside other jobs); a lazy search scores every block once, then a few per step, so time "
+           "grows with (clusters + 2) x 2L x FLOPs per token, little with blocks removed",
            "smollm2-135m at 15 of 60: every cluster kept the global mask; on source-disjoint text 11.6 ± 1.7% worse "
            "than sleb-b15-mixed, 17-31% better than the other static baselines; level with sleb-b15-mixed "
            "in-distribution (RESULTS.md)",
