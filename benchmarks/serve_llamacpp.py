@@ -225,11 +225,11 @@ def summarise(args, model, tokenizer, bundles, texts, rows, answers_of, fault, l
     ideal = {m: dense / v for m, v in per_token.items()}
     speed = {(r["method"], r["concurrency"], r["round"]): r["tokens_per_second"] for r in rows}
     static_name, dense_name = f"llama.cpp {args.static.name}", "llama.cpp dense"
-    pairs = {"static / dense": (static_name, dense_name), "routed / dense": (routed_name, dense_name),
-             "routed, shared cores / dense": (routed_name + ", shared cores", dense_name),
-             "routed / static": (routed_name, static_name), "routed / hf": (routed_name, hf_name)}
+    compared = {"static / dense": (static_name, dense_name), "routed / dense": (routed_name, dense_name),
+                "routed, shared cores / dense": (routed_name + ", shared cores", dense_name),
+                "routed / static": (routed_name, static_name), "routed / hf": (routed_name, hf_name)}
     ratios = {}
-    for label, (a, b) in pairs.items():
+    for label, (a, b) in compared.items():
         for c in args.concurrency:
             per_round = [speed[a, c, k] / speed[b, c, k] for k in range(args.rounds)
                          if (a, c, k) in speed and (b, c, k) in speed]

@@ -15,8 +15,9 @@ tok/s). So each mask has two engines on the same file (its pages shared through 
 cores // masks threads, and a solo one with every core, used while the mask's requests are alone on the
 machine (`Lanes`). A one-mask bundle has one engine with every core.
 
-Faults: a supervisor thread restarts an engine whose process died; while it is down its requests get 503 with
-Retry-After (never a hang); other engines are untouched. /health and /metrics report every engine.
+Faults: a supervisor thread restarts an engine whose process died; while it is down its mask's requests run on
+the mask's other engine, and get 503 with Retry-After (never a hang) only while both are down; other masks'
+engines are untouched. /health and /metrics report every engine.
 """
 
 from __future__ import annotations
