@@ -38,7 +38,10 @@ ENCODER_SHARE = COST["encoder_64"]
 
 
 def embeddings(set_name: str, rows: list[dict], encoder) -> np.ndarray:
-    path = cache_dir() / "emb" / f"{set_name}-{len(rows)}-{hash_ids(rows)}.npy"
+    from igprune.encoder import DEFAULT_ENCODER
+
+    tag = "" if encoder.name == DEFAULT_ENCODER else f"-{Path(encoder.name).name}"  # MiniLM's files predate the tag
+    path = cache_dir() / "emb" / f"{set_name}-{len(rows)}-{hash_ids(rows)}{tag}.npy"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         prompts = [encoder_tokenizer_decode(r) for r in rows]
