@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 import torch
+from ranks import free_port
 from tiny_models import TOPICS, tiny_bpe_tokenizer, tiny_model
 
 openai = pytest.importorskip("openai")
@@ -166,6 +167,30 @@ def test_a_killed_engine_answers_503_meanwhile_others_serve_and_it_comes_back(ro
     assert 'igprune_engine_restarts{lane="solo",mask="1"} 2.0' in metrics
     assert 'igprune_engine_restarts{lane="shared",mask="1"} 1.0' in metrics and "igprune_route_seconds_count" in metrics
     assert 'igprune_requests_total{cluster="1",endpoint="completions",status="503"}' in metrics
+
+
+def test_a_refused_connection_is_answered_by_the_masks_other_engine(routed, server):
+    """An engine that died a moment ago still reads "ready" until its supervisor looks (a tenth of a second): a
+    request it refuses goes to the mask's other engine, or is a 503 when that one refuses too."""
+    _, pool, *_ = routed
+    ask = {"model": "tiny", "max_tokens": 4, "temperature": 0, "prompt": PROMPTS[1]}
+    engines = [e for e in pool.all if e.index == 1]
+    urls = [e.url for e in engines]
+    before = [e.restarts for e in engines]
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in engines]  # nothing listens there: connection refused
+    try:
+        pool.solo[1].url = dead[0]  # a lone request runs on the solo engine
+        status, body, _ = post(server + "/v1/completions", ask)
+        assert status == 200 and body["choices"][0]["text"]
+        for engine, url in zip(engines, dead, strict=True):
+            engine.url = url
+        status, body, headers = post(server + "/v1/completions", ask)
+        assert status == 503 and body["error"]["code"] == "engine_unavailable" and headers["Retry-After"]
+    finally:
+        for engine, url in zip(engines, urls, strict=True):
+            engine.url = url
+    assert [e.in_flight for e in pool.all] == [0] * 4 and [e.restarts for e in engines] == before
+    assert post(server + "/v1/completions", ask)[0] == 200
 
 
 def test_bad_requests_are_openai_errors(server):

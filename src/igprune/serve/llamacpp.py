@@ -16,8 +16,9 @@ cores // masks threads, and a solo one with every core, used while the mask's re
 machine (`Lanes`). A one-mask bundle has one engine with every core.
 
 Faults: a supervisor thread restarts an engine whose process died; while it is down its mask's requests run on
-the mask's other engine, and get 503 with Retry-After (never a hang) only while both are down; other masks'
-engines are untouched. /health and /metrics report every engine.
+the mask's other engine (as does a request whose connection it refused before the supervisor noticed), and get
+503 with Retry-After (never a hang) only while both are down; other masks' engines are untouched. /health and
+/metrics report every engine.
 """
 
 from __future__ import annotations
@@ -292,6 +293,10 @@ class EnginePool:
         engine = self.solo[mask] if solo else self.engines[mask]
         return engine if engine.state == "ready" else self.ready(mask) or engine
 
+    def other(self, engine: Engine) -> Engine | None:
+        """A ready engine of the same mask besides `engine`; None if there is none."""
+        return next((e for e in self.all if e.index == engine.index and e is not engine and e.state == "ready"), None)
+
     def in_flight(self, mask: int) -> int:
         return sum(e.in_flight for e in self.all if e.index == mask)
 
@@ -462,7 +467,18 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
                         engine = pool.lane(mask, solo)
                     engine.in_flight += 1
                     counted = True
-                    async with session["http"].post(engine.url + "/completion", json=params) as r:
+                    try:
+                        response = await session["http"].post(engine.url + "/completion", json=params)
+                    except aiohttp.ClientConnectorError:
+                        # nothing was sent: the process died before its supervisor noticed (a tenth of a second);
+                        # the mask's other engine answers instead
+                        if (other := pool.other(engine)) is None:
+                            raise
+                        engine.in_flight -= 1
+                        engine = other
+                        engine.in_flight += 1
+                        response = await session["http"].post(engine.url + "/completion", json=params)
+                    async with response as r:
                         if r.status != 200:
                             raise APIError(502 if r.status < 500 else 503, f"engine {engine.index}: "
                                            f"{(await r.text())[:200]}", type="engine_error",
