@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import evaluate as E  # noqa: E402
+from evaluate_bundle import global_mask  # noqa: E402
 from score import MODEL, REPO, load_set, mask_key, nll_path  # noqa: E402
 
 BUNDLES = REPO / "benchmarks/bundles" / MODEL
@@ -34,7 +35,6 @@ def named_globals(blocks: int, model) -> dict[str, str]:
     """Mask key of each committed bundle's global mask (a static bundle's one mask; a fit's gate fallback or
     search global order) and of the seed searches kept under runs/."""
     from igprune.bundle import Bundle
-    from igprune.finders.search import find_order_mask
 
     names = {}
     folders = [*BUNDLES.glob(f"*-b{blocks}*"), *(p.parent for p in RUNS.glob("**/bundle.json"))]
@@ -44,10 +44,8 @@ def named_globals(blocks: int, model) -> dict[str, str]:
             continue
         if b.static:
             mask = b.masks[0]
-        elif b.fallback is not None:
-            mask = b.fallback[0]
-        elif "global_order" in b.logs.get("search", {}):
-            mask = find_order_mask(model, b.logs["search"]["global_order"], b.config["granularity"])
+        elif b.fallback is not None or "global_order" in b.logs.get("search", {}):
+            mask = global_mask(b, model)
         else:
             continue
         names.setdefault(mask_key(mask), str(folder.relative_to(REPO)))

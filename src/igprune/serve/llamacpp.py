@@ -284,18 +284,14 @@ class EnginePool:
         for engine in self.all:
             engine.stop()
 
-    def ready(self, mask: int) -> Engine | None:
-        """A ready engine of the mask, the shared one first; None while none is."""
-        return next((e for e in self.all if e.index == mask and e.state == "ready"), None)
+    def ready(self, mask: int, besides: Engine | None = None) -> Engine | None:
+        """A ready engine of the mask other than `besides`, the shared one first; None while none is."""
+        return next((e for e in self.all if e.index == mask and e is not besides and e.state == "ready"), None)
 
     def lane(self, mask: int, solo: bool) -> Engine:
         """The engine of the mask's lane, or its other engine while that one is down (restarting)."""
         engine = self.solo[mask] if solo else self.engines[mask]
         return engine if engine.state == "ready" else self.ready(mask) or engine
-
-    def other(self, engine: Engine) -> Engine | None:
-        """A ready engine of the same mask besides `engine`; None if there is none."""
-        return next((e for e in self.all if e.index == engine.index and e is not engine and e.state == "ready"), None)
 
     def in_flight(self, mask: int) -> int:
         return sum(e.in_flight for e in self.all if e.index == mask)
@@ -472,7 +468,7 @@ def create_llamacpp_app(router: Router, tokenizer: Any, pool: EnginePool, skippe
                     except aiohttp.ClientConnectorError:
                         # nothing was sent: the process died before its supervisor noticed (a tenth of a second);
                         # the mask's other engine answers instead
-                        if (other := pool.other(engine)) is None:
+                        if (other := pool.ready(mask, besides=engine)) is None:
                             raise
                         engine.in_flight -= 1
                         engine = other
