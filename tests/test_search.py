@@ -232,37 +232,6 @@ def test_pooled_rows_are_half_of_each_clusters_search_and_come_from_the_others(s
         search(model, tok, groups, pooled=1.0)
 
 
-def test_draws_keep_the_global_mask_with_the_lowest_perplexity_on_text_no_draw_scored(setup, tmp_path):
-    from igprune.finders import Calibration, Scorer
-
-    model, tok, groups = setup
-    found = search(model, tok, groups, with_global=True, shared_fraction=0.5, draws=3, checkpoint=tmp_path)
-    judged = found.log["draws"]
-    for j, draw in enumerate(judged["draws"]):  # draw j is the one-draw search with seed j
-        alone = search_cluster_masks(model, tok, groups, 0.5, seed=j, config=SearchConfig(**OPTIONS), progress=False)
-        assert draw["seed"] == j and draw["global_order"] == alone.log["global_order"]
-        assert draw["shared_order"] == alone.log["shared_order"]
-    assert (tmp_path / "global-draw2" / "search.json").is_file()
-    # judged on rows of every cluster that no draw read, each from a text's first token as an input is scored
-    read = [{t for j in range(3) for t in make_calibration(tok, texts, 2, 16, j).texts} for texts in groups]
-    judges = [make_calibration(tok, [t for t in texts if t not in seen], 3, 16, 0, packing="texts")
-              for texts, seen in zip(groups, read, strict=True)]
-    scorer = Scorer(model, Calibration(torch.cat([c.input_ids for c in judges]), {}))
-    ppl = [scorer.perplexity(find_order_mask(model, d["global_order"], "block")) for d in judged["draws"]]
-    assert [d["perplexity"] for d in judged["draws"]] == pytest.approx(ppl, rel=1e-5)
-    kept = judged["draws"][judged["kept"]]
-    assert kept["perplexity"] == min(d["perplexity"] for d in judged["draws"])
-    assert found.log["global_order"] == kept["global_order"]
-    assert torch.equal(found.global_mask, find_order_mask(model, kept["global_order"], "block"))
-    assert all(c["order"][:2] == kept["shared_order"] for c in found.log["clusters"])
-    for i in range(3):  # the choice judges on texts that neither a draw nor the judging read
-        assert set(found.scored[i]) == read[i] | set(judges[i].texts)
-    with pytest.raises(IGPruneError, match="search.draws must be a whole number"):
-        search(model, tok, groups, draws=0)
-    given = search(model, tok, groups, with_global=True, draws=2, prefix=["attn3"], checkpoint=tmp_path / "given")
-    assert "draws" not in given.log and not (tmp_path / "given" / "global-draw1").exists()  # a given prefix: one draw
-
-
 def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setup, tmp_path):
     model, tok, groups = setup
     found = search(model, tok, groups, with_global=True, shared_fraction=1.0)

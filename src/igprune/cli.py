@@ -238,11 +238,6 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> No
         if key in cfg:
             console.print(f"{key:>16}: {cfg[key]}", highlight=False)
     sizes = cfg.get("cluster_sizes", [None] * loaded.n_clusters)
-    draws = (loaded.logs.get("search") or {}).get("draws")
-    if draws:
-        judged = ", ".join(f"{d['perplexity']:.2f}" for d in draws["draws"])
-        console.print(f"{'global mask':>16}: draw {draws['kept']} of {len(draws['draws'])} kept (perplexity on "
-                      f"fresh rows: {judged})", highlight=False)
     choice = loaded.logs.get("choose") or (loaded.logs.get("search") or {}).get("choose")  # the search finder
     chosen = describe_choice(choice, loaded.n_clusters) if choice and loaded.n_clusters > 1 else None
     gated = loaded.radii is not None

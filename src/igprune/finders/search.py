@@ -12,12 +12,6 @@ cluster's rows are partly its own and partly equal shares of the other clusters'
 its own text without giving up the rest. The pruner then chooses each cluster's mask among all of them, the
 global one and any extra `candidates` (igprune.choosing).
 
-One greedy search on a thousand tokens is a draw: another seed's rows give a global mask 10-45% worse on text of
-other sources (research/disjoint LOG 12, 16), and held-out text of the calibration sources ranks such draws as
-that text does. With `draws` > 1 the shared and global searches run once per draw, each on its own rows (seed,
-seed + 1, ...), every global mask is judged on rows of every cluster that no draw scored, and the best draw's
-rows, prefix and global mask are the fit's.
-
     found = search_cluster_masks(model, tokenizer, groups, sparsity=0.25)   # groups: texts per cluster
 """
 
@@ -39,7 +33,7 @@ from igprune.files import IGPruneError, sha256_tensors
 from igprune.finders import Calibration, find_mask, make_calibration
 from igprune.finders.base import Found, SearchSpace
 from igprune.masks import Granularity, units_off
-from igprune.scoring import Metric, Packing, Scorer
+from igprune.scoring import Metric, Packing
 from igprune.texts import Text
 
 
@@ -62,8 +56,6 @@ class SearchConfig:
     pooled: the share of each cluster's `samples` rows taken from the other clusters' text (0: its own only).
     lazy: every search is SLEB's lazy step (finders.sleb): the same greedy path where removal costs compound, with
     about a fifth of the masks scored, so the same time buys more rows.
-    draws: global searches, each on its own rows, of which the one with the lowest perplexity on `shared_samples`
-    fresh rows per cluster is kept (1: one search, no judging); a given prefix or global_order is one draw.
     """
 
     samples: int = 8
@@ -77,7 +69,6 @@ class SearchConfig:
     metric: Metric = "ppl"
     pooled: float = 0.0
     lazy: bool = False
-    draws: int = 1
 
     def validate(self) -> None:
         if not 0.0 <= self.shared_fraction <= 1.0:
@@ -90,8 +81,6 @@ class SearchConfig:
             raise IGPruneError(f"search.pooled must be in [0, 1), got {self.pooled}")
         if self.samples < 1 or self.shared_samples < 1 or self.seq_len < 2:
             raise IGPruneError("search.samples and search.shared_samples must be >= 1 and search.seq_len >= 2")
-        if not isinstance(self.draws, int) or isinstance(self.draws, bool) or self.draws < 1:
-            raise IGPruneError(f"search.draws must be a whole number >= 1, got {self.draws!r}")
 
 
 def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[Text]],
@@ -113,12 +102,10 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if shared > k:
         raise IGPruneError(f"the prefix names {shared} units but only {k} are to be switched off")
     folder = Path(checkpoint) if checkpoint else None
+    own = [make_calibration(tokenizer, texts, config.samples, config.seq_len, seed, f"cluster{i}", config.packing)
+           for i, texts in enumerate(groups)]
     search_global = with_global and global_order is None
-    n_draws = config.draws if search_global and prefix is None else 1  # a given mask is drawn once
-
-    def rows(draw: int) -> list[Calibration]:
-        return [make_calibration(tokenizer, texts, config.samples, config.seq_len, seed + draw, f"cluster{i}",
-                                 config.packing) for i, texts in enumerate(groups)]
+    pooled = _equal_shares(own, config.shared_samples) if prefix is None or search_global else None
 
     def sleb(calibration: Calibration, units: int, start: list[str], name: str) -> list[str]:
         if units == len(start):
@@ -128,28 +115,17 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                            metric=config.metric, lazy=config.lazy)
         return bundle.logs["search"]["order"]
 
-    bar = tqdm(total=len(groups) + n_draws * (1 + search_global), desc="mask searches", unit="search",
+    bar = tqdm(total=len(groups) + 1 + search_global, desc="mask searches", unit="search",
                disable=not distributed.shows_progress(progress))
-    draws = []  # per draw: its clusters' rows, the shared rows, the shared prefix and the global order
-    for draw in range(n_draws):
-        own = rows(draw)
-        pooled = _equal_shares(own, config.shared_samples) if prefix is None or search_global else None
-        suffix = f"-draw{draw}" if draw else ""
-        shared_order = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared" + suffix)
+    prefix = list(prefix) if prefix is not None else sleb(pooled, shared, [], "shared")
+    bar.update(1)
+    log: dict[str, Any] = {"finder": "search", "units_off": k, "shared_units": shared, "samples": config.samples,
+                           "seq_len": config.seq_len, "packing": config.packing, "metric": config.metric,
+                           "lazy": config.lazy,
+                           "shared_calibration": pooled and pooled.info, "shared_order": prefix, "clusters": []}
+    if search_global:
+        global_order = sleb(pooled, k, prefix, "global")
         bar.update(1)
-        if search_global:
-            global_order = sleb(pooled, k, shared_order, "global" + suffix)
-            bar.update(1)
-        draws.append((own, pooled, shared_order, global_order))
-    own, pooled, prefix, global_order = draws[0]
-    scored = [c.texts for c in own]
-    log: dict[str, Any] = {}
-    if n_draws > 1:
-        kept, scored, log["draws"] = _judge_draws(model, tokenizer, groups, draws, granularity, config, seed)
-        own, pooled, prefix, global_order = draws[kept]
-    log.update({"finder": "search", "units_off": k, "shared_units": shared, "samples": config.samples,
-                "seq_len": config.seq_len, "packing": config.packing, "metric": config.metric, "lazy": config.lazy,
-                "shared_calibration": pooled and pooled.info, "shared_order": prefix, "clusters": []})
     masks = []
     for i, calibration in enumerate(_with_pooled(own, config.pooled)):
         order = sleb(calibration, k, prefix, f"cluster{i}")
@@ -164,33 +140,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         log["global_order"] = list(global_order)
         log["candidates"] = [list(blocks) for blocks in config.candidates or []]
         global_mask = find_order_mask(model, global_order, granularity)
-    return Found(torch.stack(masks), global_mask, extra, scored, log)
-
-
-def _judge_draws(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[Text]],
-                 draws: list[tuple[list[Calibration], Calibration, list[str], list[str]]], granularity: Granularity,
-                 config: SearchConfig, seed: int) -> tuple[int, list[list[Text]], dict[str, Any]]:
-    """The draw whose global mask has the lowest perplexity on `shared_samples` rows of every cluster's text that
-    no draw scored (equal shares), the texts each cluster's draws and judging read (the choice judges on others),
-    and the log. Every judging row starts at a text's first token, as an input is scored: on rows cut mid-text the
-    draws rank unlike they do on other sources' text (research/disjoint LOG 17)."""
-    scored = [list(dict.fromkeys(t for own, *_ in draws for t in own[i].texts)) for i in range(len(groups))]
-    fresh = [[t for t in texts if t not in seen] for texts, seen in zip(groups, map(set, scored), strict=True)]
-    judges = [make_calibration(tokenizer, texts, config.shared_samples, config.seq_len, seed, f"cluster{i} judge",
-                               "texts") for i, texts in enumerate(fresh) if texts]
-    if not judges:
-        raise IGPruneError("no calibration text is left beyond what the draws scored to judge them on; give more "
-                           "calibration text, or set search.draws to 1")
-    judge = _equal_shares(judges, sum(c.n_sequences for c in judges))
-    scorer = Scorer(model, judge)
-    perplexity = [scorer.score(find_order_mask(model, order, granularity)) for *_, order in draws]
-    kept = min(range(len(draws)), key=lambda j: (perplexity[j], j))
-    read = {t for c in judges for t in c.texts}
-    scored = [[*seen, *(t for t in texts if t in read)] for texts, seen in zip(fresh, scored, strict=True)]
-    log = {"kept": kept, "judge_calibration": judge.info,
-           "draws": [{"seed": seed + j, "shared_order": shared, "global_order": order, "perplexity": ppl}
-                     for j, ((_, _, shared, order), ppl) in enumerate(zip(draws, perplexity, strict=True))]}
-    return kept, scored, log
+    return Found(torch.stack(masks), global_mask, extra, [c.texts for c in own], log)
 
 
 def check_given_masks(model: PreTrainedModel, sparsity: float, granularity: Granularity,
