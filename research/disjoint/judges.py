@@ -1,7 +1,7 @@
 """Does held-out calibration-pool text rank global masks as source-disjoint text does? (LOG section 17)
 
 Every 15-block static mask the draw studies scored (seeds.json, draws-b15.json, lazy.json, draws-long-b15.json:
-13 distinct SLEB draws) is scored on 48 rows of long train passages of the mixed pool (max_chars 2048, a seeded
+13 distinct masks) is scored on 48 rows of long train passages of the mixed pool (max_chars 2048, a seeded
 sample no fit of those files read from first token), cut four ways, and each ranking is compared with the masks'
 perplexity on dev, test and the in-distribution set (Spearman's rho).
 
@@ -42,7 +42,8 @@ def main() -> None:
     orders, ppl = {}, {"dev": {}, "test": {}, "indist": {}}
     for study in (json.loads((HERE / name).read_text()) for name in STUDIES):
         for name, bundle in study["bundles"].items():
-            if len(bundle.get("order") or []) == 15 and bundle["order"] not in orders.values():
+            blocks = sorted(bundle.get("order") or [])
+            if len(blocks) == 15 and blocks not in [sorted(o) for o in orders.values()]:  # one entry per mask
                 orders[name] = bundle["order"]
                 for split in ppl:
                     ppl[split][name] = study[split][name]["ppl"]
