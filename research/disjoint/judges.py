@@ -39,14 +39,16 @@ def main() -> None:
 
     model, tokenizer = load_model("smollm2-135m")
     model.eval()
-    orders, ppl = {}, {"dev": {}, "test": {}, "indist": {}}
+    orders, seen, ppl = {}, set(), {"dev": {}, "test": {}, "indist": {}}
     for study in (json.loads((HERE / name).read_text()) for name in STUDIES):
         for name, bundle in study["bundles"].items():
-            blocks = sorted(bundle.get("order") or [])
-            if len(blocks) == 15 and blocks not in [sorted(o) for o in orders.values()]:  # one entry per mask
+            blocks = frozenset(bundle.get("order") or [])
+            if len(blocks) == 15 and blocks not in seen:  # one entry per mask, whatever the order it was found in
+                seen.add(blocks)
                 orders[name] = bundle["order"]
                 for split in ppl:
                     ppl[split][name] = study[split][name]["ppl"]
+    masks = {name: find_order_mask(model, order, "block") for name, order in orders.items()}
     report = {"masks": orders, "perplexity": ppl, "judges": {}}
     for seed in args.seeds:
         texts = load_calibration("mixed", split="train", limit=200, seed=seed)
@@ -55,7 +57,7 @@ def main() -> None:
             scored = torch.ones_like(rows.input_ids, dtype=torch.bool)
             scored[:, :context] = False
             scorer = Scorer(model, Calibration(rows.input_ids, rows.info, scored=scored))
-            judged = {name: scorer.score(find_order_mask(model, order, "block")) for name, order in orders.items()}
+            judged = {name: scorer.score(mask) for name, mask in masks.items()}
             rho = {split: float(spearmanr([judged[n] for n in orders], [ppl[split][n] for n in orders]).correlation)
                    for split in ppl}
             report["judges"][f"{cut}, sample {seed}"] = {"perplexity": judged, "spearman": rho}
