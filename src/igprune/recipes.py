@@ -27,20 +27,20 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("guided", "6 K-means clusters of 1,536 mixed passages; the global mask is SLEB on equal shares of "
-           "every cluster's text (8 x 128 tokens); each cluster continues its last quarter on rows half its own, "
-           "half the other clusters' (no specialists), and leaves the global mask only for a mask clearly better "
-           "on 16 fresh rows of its text; an input beyond every member of its nearest cluster keeps the global mask",
-           "17 min on one CPU thread for smollm2-135m at 15 of 60, 48 min for qwen2.5-0.5b at 6 of 48 and about 70 "
-           "at 12 of 48 (beside other jobs); a lazy search scores every block once, then a few per step, so time "
-           "grows with (clusters + 2) x 2L x FLOPs per token, little with blocks removed",
-           "smollm2-135m at 15 of 60: every cluster kept the global mask; on source-disjoint text 11.6 ± 1.7% worse "
-           "than sleb-b15-mixed, 17-31% better than the other static baselines; level with sleb-b15-mixed "
-           "in-distribution (RESULTS.md)",
+    Recipe("guided", "6 K-means clusters of 1,536 mixed passages; the global mask is SLEB on 16 x 128 tokens of the "
+           "varied pool (fourteen other projects' code, docstrings and translations); each cluster continues its "
+           "last quarter on rows half its own, half the other clusters' (no specialists), and leaves the global mask "
+           "only for a mask clearly better on 16 fresh rows of its text; an input beyond every member of its nearest "
+           "cluster keeps the global mask",
+           "18 min on two CPU threads for smollm2-135m at 15 of 60; a lazy search scores every block once, then a "
+           "few per step, so time grows with (clusters + 4) x 2L x FLOPs per token, little with blocks removed (the "
+           "first recipe, 8 rows for the global search: 48 min for qwen2.5-0.5b at 6 of 48 on one thread)",
+           "smollm2-135m at 15 of 60: on source-disjoint text 7.1 ± 2.3% lower perplexity than sleb-b15-mixed, the "
+           "best static mask (non-English 24% higher); level with it in-distribution (RESULTS.md)",
            FitConfig(recipe="guided", finder="search", data=DataConfig(samples=1536),
                      clusters=ClusterConfig(n_clusters=6),
-                     search=SearchConfig(samples=4, seq_len=128, packing="joined", shared_samples=8,
-                                         shared_fraction=0.75, pooled=0.5, lazy=True),
+                     search=SearchConfig(samples=4, seq_len=128, packing="joined", shared_samples=16,
+                                         shared_fraction=0.75, pooled=0.5, lazy=True, shared_source="varied"),
                      choose=ChooseConfig(samples=16), route=RouteConfig(gate=1.0))),
     Recipe("paper", "the paper's recipe: 16 K-means clusters, one hard-concrete (L0) mask per cluster trained with a "
            "Lagrangian sparsity constraint, nearest-centroid routing",

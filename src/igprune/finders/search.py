@@ -4,8 +4,9 @@ The L0 trainer's cluster phase estimates each cluster's gradient from a few pass
 small budget a cluster mask barely leaves the shared one (benchmarks/RESULTS.md). A search instead scores
 every candidate mask exactly, on the cluster's own calibration tokens, so a cluster's mask moves where its
 text asks. To keep the cost near one search per cluster's share of the steps, every cluster continues one
-global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences, then each
-cluster's SLEB removes the rest on that cluster's sequences (SLEB's `start`). A search on one cluster's text
+global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences (or on passages of
+another source, `shared_source`), then each cluster's SLEB removes the rest on that cluster's sequences (SLEB's
+`start`). A search on one cluster's text
 alone finds a specialist, which can lose a third or more of its perplexity on other text (research/disjoint);
 an input from a source the fit never read that lands in that cluster pays for it. So with `pooled` > 0 a
 cluster's rows are partly its own and partly equal shares of the other clusters': the mask it finds must serve
@@ -56,6 +57,10 @@ class SearchConfig:
     pooled: the share of each cluster's `samples` rows taken from the other clusters' text (0: its own only).
     lazy: every search is SLEB's lazy step (finders.sleb): the same greedy path where removal costs compound, with
     about a fifth of the masks scored, so the same time buys more rows.
+    shared_source: a calibration source (igprune.data) whose training passages the shared and global searches score
+    on instead of the clusters' rows: `shared_samples` rows, each from a passage's first token. With "varied" (many
+    sources no cluster is drawn from) the global mask holds on text of sources the fit never read (research/disjoint
+    LOG 18); null: equal shares of the clusters' rows.
     """
 
     samples: int = 8
@@ -69,6 +74,7 @@ class SearchConfig:
     metric: Metric = "ppl"
     pooled: float = 0.0
     lazy: bool = False
+    shared_source: str | None = None
 
     def validate(self) -> None:
         if not 0.0 <= self.shared_fraction <= 1.0:
@@ -81,6 +87,12 @@ class SearchConfig:
             raise IGPruneError(f"search.pooled must be in [0, 1), got {self.pooled}")
         if self.samples < 1 or self.shared_samples < 1 or self.seq_len < 2:
             raise IGPruneError("search.samples and search.shared_samples must be >= 1 and search.seq_len >= 2")
+        if self.shared_source is not None:
+            from igprune.data import CALIBRATION_SOURCES
+
+            if self.shared_source not in CALIBRATION_SOURCES:
+                raise IGPruneError(f"search.shared_source {self.shared_source!r} is not a calibration source; known: "
+                                   f"{', '.join(CALIBRATION_SOURCES)}")
 
 
 def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, groups: Sequence[list[Text]],
@@ -105,7 +117,7 @@ def search_cluster_masks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     own = [make_calibration(tokenizer, texts, config.samples, config.seq_len, seed, f"cluster{i}", config.packing)
            for i, texts in enumerate(groups)]
     search_global = with_global and global_order is None
-    pooled = _equal_shares(own, config.shared_samples) if prefix is None or search_global else None
+    pooled = _shared_rows(tokenizer, own, config, seed) if prefix is None or search_global else None
 
     def sleb(calibration: Calibration, units: int, start: list[str], name: str) -> list[str]:
         if units == len(start):
@@ -187,6 +199,18 @@ def _with_pooled(own: list[Calibration], pooled: float) -> list[Calibration]:
         out.append(_stacked([(mine, j) for j in range(kept)] + [(others, j) for j in range(others.n_sequences)],
                             {**mine.info, "source": f"{mine.info['source']} and {pooled:g} pooled"}))
     return out
+
+
+def _shared_rows(tokenizer: PreTrainedTokenizerBase, own: list[Calibration], config: SearchConfig,
+                 seed: int) -> Calibration:
+    """The shared and global searches' rows: equal shares of the clusters', or passages of config.shared_source."""
+    if config.shared_source is None:
+        return _equal_shares(own, config.shared_samples)
+    from igprune.data import load_calibration
+
+    texts = load_calibration(config.shared_source, limit=4 * config.shared_samples, seed=seed)  # short ones join
+    return make_calibration(tokenizer, texts, config.shared_samples, config.seq_len, seed, config.shared_source,
+                            "texts")
 
 
 def _equal_shares(calibrations: list[Calibration], rows: int) -> Calibration:
