@@ -33,9 +33,7 @@ decoding). Candidates:
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import inspect
 import json
 import random
 import re
@@ -45,8 +43,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from igprune.data import docstrings, split_pieces
 from igprune.data import po_messages as data_po_messages
-from igprune.data import split_pieces
 from igprune.files import cache_root
 
 SEED = 0
@@ -154,19 +152,10 @@ def maths_candidates(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
             continue
         if name.startswith("sympy/") and not name.startswith(SYMPY_MATHS):
             continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
-                doc = ast.get_docstring(node, clean=False)
-                if not doc:
-                    continue
-                doc = inspect.cleandoc(doc)
-                maths = sum(doc.count(c) for c in "=^*/()\\")
-                if len(doc) >= MIN_DOC_CHARS and (maths >= MIN_MATH or ">>>" in doc):
-                    out.append((f"{name}:{getattr(node, 'name', '<module>')}", doc[:4 * CHUNK_CHARS]))
+        for node, doc in docstrings(text):
+            maths = sum(doc.count(c) for c in "=^*/()\\")
+            if len(doc) >= MIN_DOC_CHARS and (maths >= MIN_MATH or ">>>" in doc):
+                out.append((f"{name}:{node}", doc[:4 * CHUNK_CHARS]))
     return out
 
 

@@ -7,12 +7,17 @@ text's first token. Prints the order; `igprune baseline sleb --option 'start=[..
 that seeds.py scores on dev and test.
 
     PYTHONPATH=src python research/disjoint/varied_search.py --rows 16 --seed 1 [--threads 1]
+    PYTHONPATH=src python research/disjoint/varied_search.py --rows 16 --seed 0 --kinds   # igprune's pool by kind
+
+With --kinds the rows come from igprune's varied pool (training documents), 2 x rows passages of each kind of
+text, shuffled together: a third translations, where the pool balanced per wheel gives them 2 of 14 shares.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -29,25 +34,36 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--blocks", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kinds", action="store_true",
+                        help="igprune's varied pool balanced per kind of text instead of varied.py's local files")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from igprune import load_model
+    from igprune.data import VARIED, documents, is_heldout, passages
     from igprune.finders import find_mask, make_calibration
 
     model, tokenizer = load_model("smollm2-135m")
     model.eval()
-    judged = {t["where"] for t in json.loads((HERE / "varied.json").read_text())["texts"]}
-    texts = [tokenizer.decode(r["ids"]) for d, found in varied.candidates().items()
-             for r in varied.select(tokenizer, d, found, 4 * args.rows, args.seed) if r["where"] not in judged]
+    if args.kinds:  # igprune's varied pool, equal shares per kind of text (code, docstrings, translations)
+        kinds: dict[str, list[str]] = {}
+        for source, (*_, kind) in VARIED.items():
+            kinds.setdefault(kind, []).extend(p for doc in documents(source) if not is_heldout(doc)
+                                              for p in passages(doc, 2048))
+        rng = random.Random(args.seed)
+        texts = [t for found in kinds.values() for t in rng.sample(found, 2 * args.rows)]
+    else:  # varied.py's local files, the judge's texts left out
+        judged = {t["where"] for t in json.loads((HERE / "varied.json").read_text())["texts"]}
+        texts = [tokenizer.decode(r["ids"]) for d, found in varied.candidates().items()
+                 for r in varied.select(tokenizer, d, found, 4 * args.rows, args.seed) if r["where"] not in judged]
     rows = make_calibration(tokenizer, texts, args.rows, 128, args.seed, "varied", "texts")
     bundle = find_mask("sleb", model, tokenizer, [], args.blocks / 60, "block", seed=args.seed, calibration=rows,
                        lazy=True)
     order = bundle.logs["search"]["order"]
-    report = {"rows": args.rows, "seed": args.seed, "texts": len(texts), "order": order,
+    report = {"rows": args.rows, "seed": args.seed, "kinds": args.kinds, "texts": len(texts), "order": order,
               "seconds": bundle.logs["search"].get("seconds")}
     print(json.dumps(report))
-    out = args.out or HERE / f"varied-search-r{args.rows}-s{args.seed}.json"
+    out = args.out or HERE / f"varied-search{'-kinds' if args.kinds else ''}-r{args.rows}-s{args.seed}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -423,20 +423,24 @@ def build_code(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
     return [{"id": name, "text": text} for name, text in python_files(zf) if len(text) >= MIN_CHARS]
 
 
+def docstrings(source: str) -> Iterator[tuple[str, str]]:
+    """(name, docstring) of a module ("<module>") and of every class and function in it, in ast.walk order,
+    cleaned as inspect.cleandoc does; nothing for a module that does not parse."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield getattr(node, "name", "<module>"), doc
+
+
 def build_docstrings(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
     """Every docstring of at least 3 x MIN_CHARS characters of a wheel's modules, one document each."""
-    out = []
-    for name, text in python_files(zf):
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 3 * MIN_CHARS:
-                    out.append({"id": f"{name}:{getattr(node, 'name', '')}", "text": doc})
-    return out
+    return [{"id": f"{name}:{node}", "text": doc} for name, text in python_files(zf)
+            for node, doc in docstrings(text) if len(doc) >= 3 * MIN_CHARS]
 
 
 def po_messages(text: str) -> list[str]:
