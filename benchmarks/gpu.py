@@ -59,7 +59,7 @@ def need_cuda() -> None:
 def make_kit(model: str, encoder: str, kit: Path) -> None:
     """What a machine without the weights needs to build them at random: the model's and the encoder's folders
     without their weights, and the calibration text (as IGPRUNE_HOME's data)."""
-    from igprune.data import CALIBRATION_SOURCES, POOLS, calibration_path
+    from igprune.data import FILE_SOURCES, calibration_path
     from igprune.encoder import encoder_path
     from igprune.models import model_source
 
@@ -68,7 +68,7 @@ def make_kit(model: str, encoder: str, kit: Path) -> None:
     shutil.copytree(encoder_path(encoder), kit / "encoder", ignore=weights, dirs_exist_ok=True)
     data = kit / "home" / "data" / "calibration"
     data.mkdir(parents=True, exist_ok=True)
-    for source in {*CALIBRATION_SOURCES, *(s for members in POOLS.values() for s in members)}:
+    for source in FILE_SOURCES:
         if calibration_path(source).is_file():
             shutil.copy2(calibration_path(source), data / calibration_path(source).name)
     print(f"wrote {kit}: set IGPRUNE_HOME={kit / 'home'} and pass --random-weights {kit} on the GPU machine")

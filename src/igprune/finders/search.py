@@ -4,14 +4,13 @@ The L0 trainer's cluster phase estimates each cluster's gradient from a few pass
 small budget a cluster mask barely leaves the shared one (benchmarks/RESULTS.md). A search instead scores
 every candidate mask exactly, on the cluster's own calibration tokens, so a cluster's mask moves where its
 text asks. To keep the cost near one search per cluster's share of the steps, every cluster continues one
-global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences (or on passages of
-another source, `shared_source`), then each cluster's SLEB removes the rest on that cluster's sequences (SLEB's
-`start`). A search on one cluster's text
-alone finds a specialist, which can lose a third or more of its perplexity on other text (research/disjoint);
-an input from a source the fit never read that lands in that cluster pays for it. So with `pooled` > 0 a
-cluster's rows are partly its own and partly equal shares of the other clusters': the mask it finds must serve
-its own text without giving up the rest. The pruner then chooses each cluster's mask among all of them, the
-global one and any extra `candidates` (igprune.choosing).
+global search: SLEB removes its first `shared` units on equal shares of every cluster's sequences (or on passages
+of another source, `shared_source`), then each cluster's SLEB removes the rest on that cluster's sequences (SLEB's
+`start`). A search on one cluster's text alone finds a specialist, which can lose a third or more of its perplexity
+on other text (research/disjoint); an input from a source the fit never read that lands in that cluster pays for
+it. So with `pooled` > 0 a cluster's rows are partly its own and partly equal shares of the other clusters': the
+mask it finds must serve its own text without giving up the rest. The pruner then chooses each cluster's mask among
+all of them, the global one and any extra `candidates` (igprune.choosing).
 
     found = search_cluster_masks(model, tokenizer, groups, sparsity=0.25)   # groups: texts per cluster
 """
@@ -208,7 +207,8 @@ def _shared_rows(tokenizer: PreTrainedTokenizerBase, own: list[Calibration], con
         return _equal_shares(own, config.shared_samples)
     from igprune.data import load_calibration
 
-    texts = load_calibration(config.shared_source, limit=4 * config.shared_samples, seed=seed)  # short ones join
+    # four passages per row: a passage shorter than a row is continued by the next, and the rows still fill
+    texts = load_calibration(config.shared_source, limit=4 * config.shared_samples, seed=seed)
     return make_calibration(tokenizer, texts, config.shared_samples, config.seq_len, seed, config.shared_source,
                             "texts")
 
