@@ -15,7 +15,8 @@ in-distribution as chosen. Scoring is cached per (set, mask) and resumes.
 
     PYTHONPATH=src python research/disjoint/evaluate_bundle.py BUNDLE [--out research/disjoint/default-b15.json]
 
---chosen-only leaves the clusters' own search masks out ("own" then repeats "chosen"): a third of the scoring.
+--chosen-only leaves the clusters' own search masks out ("own" then repeats "chosen"): a third of the scoring;
+--statics sleb-b15-mixed scores only that static mask (renamed to the bundle's block count).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chosen-only", action="store_true",
                         help="leave out the clusters' own search masks (only the bundle's and the global one)")
+    parser.add_argument("--statics", default=",".join(STATIC),
+                        help="the static masks to score, comma-separated, named at 15 of 60 (default: all five)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,7 +95,7 @@ def main() -> None:
     g_mask = global_mask(bundle, model)
     blocks = bundle.config["blocks_skipped"]
     statics = {name: Bundle.load(REPO / "benchmarks/bundles" / MODEL / name).masks[0]
-               for name in (n.replace("-b15", f"-b{blocks}") for n in STATIC)}
+               for name in (n.replace("-b15", f"-b{blocks}") for n in args.statics.split(","))}
     own = [find_order_mask(model, c["order"], bundle.config["granularity"]) for c in bundle.logs["search"]["clusters"]]
     own = list(bundle.masks) if args.chosen_only else own
     masks = {mask_key(g_mask): g_mask, **{mask_key(m): m for m in [*bundle.masks, *own]}}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from igprune.choosing import ChooseConfig
 from igprune.clustering import ClusterConfig
 from igprune.config import DataConfig, FitConfig
+from igprune.encoder import STATIC_ENCODER
 from igprune.files import IGPruneError
 from igprune.finders.l0 import TrainConfig
 from igprune.finders.search import SearchConfig
@@ -27,7 +28,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("guided", "6 K-means clusters of 1,536 mixed passages; the global mask is SLEB on 16 x 128 tokens of the "
+    Recipe("guided", "6 K-means clusters of 1,536 mixed passages, embedded by the static distillation of MiniLM "
+           "(routing in half a millisecond); the global mask is SLEB on 16 x 128 tokens of the "
            "varied pool (fourteen other projects' code, docstrings and translations); each cluster continues its "
            "last quarter on rows half its own, half the other clusters' (no specialists), and leaves the global mask "
            "only for a mask clearly better on 16 fresh rows of its text; an input beyond every member of its nearest "
@@ -35,10 +37,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "18 min on two CPU threads for smollm2-135m at 15 of 60; a lazy search scores every block once, then a "
            "few per step, so time grows with (clusters + 4) x 2L x FLOPs per token, little with blocks removed (the "
            "first recipe, 8 rows for the global search: 48 min for qwen2.5-0.5b at 6 of 48 on one thread)",
-           "smollm2-135m at 15 of 60: on source-disjoint text 7.1 ± 2.3% lower perplexity than sleb-b15-mixed, the "
-           "best static mask (non-English 24% higher); level with it in-distribution (RESULTS.md)",
+           "smollm2-135m at 15 of 60: on source-disjoint text 8.0 ± 2.2% lower perplexity than sleb-b15-mixed, the "
+           "best static mask, 1.0 ± 0.5% of it from routing (non-English 19% higher); level with it in-distribution "
+           "(RESULTS.md)",
            FitConfig(recipe="guided", finder="search", data=DataConfig(samples=1536),
-                     clusters=ClusterConfig(n_clusters=6),
+                     clusters=ClusterConfig(n_clusters=6, encoder=STATIC_ENCODER),
                      search=SearchConfig(samples=4, seq_len=128, packing="joined", shared_samples=16,
                                          shared_fraction=0.75, pooled=0.5, lazy=True, shared_source="varied"),
                      choose=ChooseConfig(samples=16), route=RouteConfig(gate=1.0))),
