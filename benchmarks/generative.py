@@ -38,7 +38,7 @@ TASKS = ["mbpp", "gsm8k"]
 # (its greedy steps do not depend on how many follow), default-b6 the default recipe.
 RUNS: dict[str, dict[int, dict[str, Any]]] = {
     "smollm2-135m": {8: {"of": 60, "static": ["sleb-b8-mixed", "static-l0-b8", "evopress-b8", "sleb-b8",
-                                              "shortened-ppl-b8", "shortened-taylor-b8"], "ig": ["default-b8"]}},
+                                              "shortened-ppl-b8", "shortened-taylor-b8"], "ig": ["default-b8-first"]}},
     "qwen2.5-0.5b": {12: {"of": 48, "static": ["sleb-b12", "evopress-b12"], "ig": ["default-b12", "ig16-b12"]},
                      6: {"of": 48, "static": ["sleb-b6"], "ig": ["default-b6"]}},
 }
