@@ -29,11 +29,11 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("guided", "6 K-means clusters of 1,536 mixed passages, embedded by the static distillation of MiniLM "
-           "(routing in half a millisecond); the global mask is SLEB on 16 x 128 tokens of the "
-           "varied pool (fourteen other projects' code, docstrings and translations); each cluster continues its "
-           "last quarter on rows half its own, half the other clusters' (no specialists), and leaves the global mask "
-           "only for a mask clearly better on 16 fresh rows of its text; an input beyond every member of its nearest "
-           "cluster keeps the global mask",
+           "(routing in half a millisecond); the global mask is SLEB on 16 x 128 tokens of the varied pool (fourteen "
+           "other projects' code, docstrings and translations); each cluster continues its last quarter on rows half "
+           "its own, half the other clusters' (no specialists), and leaves the global mask only for a mask clearly "
+           "better on 16 fresh rows of its text; an input beyond every member of its nearest cluster keeps the "
+           "global mask",
            "18 min on two CPU threads for smollm2-135m at 15 of 60; a lazy search scores every block once, then a "
            "few per step, so time grows with (clusters + 4) x 2L x FLOPs per token, little with blocks removed (the "
            "first recipe, 8 rows for the global search: 48 min for qwen2.5-0.5b at 6 of 48 on one thread)",
