@@ -35,12 +35,12 @@ TASKS = ["mbpp", "gsm8k"]
 # of 60: the best static mask on source-disjoint text (sleb-b8-mixed, research/disjoint LOG 14) and on the paper's
 # six tasks (static-l0-b8, RESULTS.md) first, and the default recipe's fit. qwen2.5-0.5b at 12: the best on six
 # tasks first. qwen2.5-0.5b at 6 of 48 is where dense's solutions survive: sleb-b6 is sleb-b12's first 6 units
-# (its greedy steps do not depend on how many follow), default-b6 the default recipe.
+# (its greedy steps do not depend on how many follow), default-b6-first the first default recipe.
 RUNS: dict[str, dict[int, dict[str, Any]]] = {
     "smollm2-135m": {8: {"of": 60, "static": ["sleb-b8-mixed", "static-l0-b8", "evopress-b8", "sleb-b8",
                                               "shortened-ppl-b8", "shortened-taylor-b8"], "ig": ["default-b8-first"]}},
-    "qwen2.5-0.5b": {12: {"of": 48, "static": ["sleb-b12", "evopress-b12"], "ig": ["default-b12", "ig16-b12"]},
-                     6: {"of": 48, "static": ["sleb-b6"], "ig": ["default-b6"]}},
+    "qwen2.5-0.5b": {12: {"of": 48, "static": ["sleb-b12", "evopress-b12"], "ig": ["default-b12-first", "ig16-b12"]},
+                     6: {"of": 48, "static": ["sleb-b6"], "ig": ["default-b6-first"]}},
 }
 
 

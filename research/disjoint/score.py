@@ -8,6 +8,8 @@ Sets (each text at most 192 tokens; the first CONTEXT = 64 are the "prompt" a ro
   calib      training passages of the same six sources (the bundle's "domains" pool), CALIB per source, seeded:
              the learned router's training data (never scored by any report as a benchmark)
 
+DISJOINT_MODEL=qwen2.5-0.5b scores another zoo model: dev and test are the same texts in its tokens.
+
 Masks: dense, the project's static b15 bundles, each domain's wide-texts-p0 SLEB search (the candidates the
 bundle chose among), and every mask of the bundle. Each (set, mask) is one file
 <cache>/data/disjoint/nll/<set>-<sha of the set's ids>/<mask_row>.npy: float32 [texts, 191], per-token NLL of
@@ -34,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-MODEL = "smollm2-135m"
+MODEL = os.environ.get("DISJOINT_MODEL", "smollm2-135m")  # another zoo model re-tokenises dev/test's text
 BLOCKS = 15
 SEED = 0
 TOKENS = 192
@@ -56,13 +58,16 @@ def cache_dir() -> Path:
 
 def load_set(name: str, tokenizer=None) -> list[dict]:
     """Records {"id", "domain", "ids", "text"} of one set, deterministic."""
-    if name in ("dev", "test"):
-        return [json.loads(line) for line in (cache_dir() / f"{name}.jsonl").open(encoding="utf-8")]
-    from igprune.data import load_calibration
-
     if tokenizer is None:
         from igprune.models import load_tokenizer
         tokenizer = load_tokenizer(MODEL)
+    if name in ("dev", "test"):
+        rows = [json.loads(line) for line in (cache_dir() / f"{name}.jsonl").open(encoding="utf-8")]
+        if MODEL != "smollm2-135m":  # the same text (smollm2's first TOKENS tokens), in this model's tokens
+            rows = [{**r, "ids": tokenizer(r["text"], add_special_tokens=False)["input_ids"][:TOKENS]} for r in rows]
+        return rows
+    from igprune.data import load_calibration
+
     split, limit = ("heldout", INDIST) if name == "indist" else ("train", CALIB)
     rows = []
     for d in DOMAINS:
