@@ -16,7 +16,8 @@ in-distribution as chosen. Scoring is cached per (set, mask) and resumes.
     PYTHONPATH=src python research/disjoint/evaluate_bundle.py BUNDLE [--out research/disjoint/default-b15.json]
 
 --chosen-only leaves the clusters' own search masks out ("own" then repeats "chosen"): a third of the scoring;
---statics sleb-b15-mixed scores only that static mask (renamed to the bundle's block count).
+--statics sleb-b15-mixed scores only that static mask (renamed to the bundle's block count); --sets test leaves
+dev out (a report, nothing chosen). DISJOINT_MODEL=qwen2.5-0.5b for another zoo model (score.py).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chosen-only", action="store_true",
                         help="leave out the clusters' own search masks (only the bundle's and the global one)")
+    parser.add_argument("--sets", default="dev,test",
+                        help="the source-disjoint sets to score (the gate is chosen on dev when it is scored)")
     parser.add_argument("--statics", default=",".join(STATIC),
                         help="the static masks to score, comma-separated, named at 15 of 60 (default: all five)")
     args = parser.parse_args()
@@ -105,7 +108,7 @@ def main() -> None:
     routes = {"chosen": np.array([cand.index(mask_key(m)) for m in bundle.masks]),  # each cluster's choice
               "own": np.array([cand.index(mask_key(m)) for m in own])}  # each cluster's own search
 
-    sets = {s: load_set(s, tokenizer) for s in ("dev", "test")}
+    sets = {s: load_set(s, tokenizer) for s in args.sets.split(",")}
     for s, rows in sets.items():  # the bundle's masks first, then the statics (on dev: those scored already)
         statics_here = [k for k in static_keys.values()
                         if k not in cand and (s == "test" or nll_path(s, rows, k).is_file())]
@@ -128,7 +131,7 @@ def main() -> None:
     E.GLOBAL_KEY = cand[0]
     report = {"bundle": str(args.bundle), "model": MODEL, "global": cand[0], "candidates": cand,
               "cluster_to_candidate": {k: v.tolist() for k, v in routes.items()}, "statics": static_keys, "sets": {}}
-    for s in ("dev", "test", "indist"):
+    for s in [*sets, "indist"]:
         here = {n: k for n, k in static_keys.items() if s != "dev" or nll_path(s, sets[s], k).is_file()}
         keys = list(dict.fromkeys([*cand, *here.values()]))
         scores = E.Scores("indist", indist_rows, keys, totals) if s == "indist" else E.Scores(s, sets[s], keys)
@@ -147,13 +150,13 @@ def main() -> None:
             methods[f"static {name}"] = np.full(n, keys.index(key))
         report["sets"][s] = {"texts": n, "best_static": best_static, "ppl": {k: round(v, 3) for k, v in ppl.items()},
                              "methods": {m: E.summary(scores, r, refs) for m, r in methods.items()}}
-    dev = report["sets"]["dev"]["methods"]
-    for which in routes:
+    dev = report["sets"]["dev"]["methods"] if "dev" in sets else None
+    for which in routes if dev else ():
         safe = [q for q in GATES if all(v[0] >= 0 for v in dev[f"{which}, radius gate {q}"]["vs_global"].values())]
         report[f"{which}: gate chosen on dev"] = max(safe) if safe else None
     out = args.out or HERE / f"{args.bundle.name}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}; gates chosen on dev: {[report[f'{w}: gate chosen on dev'] for w in routes]}")
+    print(f"wrote {out}; gates chosen on dev: {[report.get(f'{w}: gate chosen on dev') for w in routes]}")
     for s, rep in report["sets"].items():
         print(f"\n{s} (best static: {rep['best_static']})")
         for m, v in rep["methods"].items():

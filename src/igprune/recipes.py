@@ -34,9 +34,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "its own, half the other clusters' (no specialists), and leaves the global mask only for a mask clearly "
            "better on 16 fresh rows of its text; an input beyond every member of its nearest cluster keeps the "
            "global mask",
-           "18 min on two CPU threads for smollm2-135m at 15 of 60; a lazy search scores every block once, then a "
-           "few per step, so time grows with (clusters + 4) x 2L x FLOPs per token, little with blocks removed (the "
-           "first recipe, 8 rows for the global search: 48 min for qwen2.5-0.5b at 6 of 48 on one thread)",
+           "18 min for smollm2-135m at 15 of 60 and 45 min for qwen2.5-0.5b at 12 of 48, each alone on two CPU "
+           "threads; a lazy search scores every block once, then a few per step, so time grows with (clusters + 4) "
+           "x 2L x FLOPs per token, little with blocks removed",
            "smollm2-135m at 15 of 60: on source-disjoint text 8.0 ± 2.2% lower perplexity than sleb-b15-mixed, the "
            "best static mask, 1.0 ± 0.5% of it from routing (non-English 19% higher); level with it in-distribution "
            "(RESULTS.md)",
