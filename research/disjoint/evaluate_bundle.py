@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import evaluate as E  # noqa: E402
 import routers as R  # noqa: E402
-from score import MODEL, REPO, STATIC, cache_dir, load_set, mask_key, nll_path, scored  # noqa: E402
+from score import MODEL, REPO, STATIC, cache_dir, load_set, mask_key, scored  # noqa: E402
 
 GATES = (0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 
@@ -109,10 +109,8 @@ def main() -> None:
               "own": np.array([cand.index(mask_key(m)) for m in own])}  # each cluster's own search
 
     sets = {s: load_set(s, tokenizer) for s in args.sets.split(",")}
-    for s, rows in sets.items():  # the bundle's masks first, then the statics (on dev: those scored already)
-        statics_here = [k for k in static_keys.values()
-                        if k not in cand and (s == "test" or nll_path(s, rows, k).is_file())]
-        for key in [*cand, *statics_here]:
+    for s, rows in sets.items():  # the bundle's masks first, then the statics
+        for key in [*cand, *(k for k in static_keys.values() if k not in cand)]:
             start = time.time()
             if scored(model, s, rows, everything[key])[1]:
                 print(f"{s} {key}: {time.time() - start:.0f}s", flush=True)
@@ -132,21 +130,20 @@ def main() -> None:
     report = {"bundle": str(args.bundle), "model": MODEL, "global": cand[0], "candidates": cand,
               "cluster_to_candidate": {k: v.tolist() for k, v in routes.items()}, "statics": static_keys, "sets": {}}
     for s in [*sets, "indist"]:
-        here = {n: k for n, k in static_keys.items() if s != "dev" or nll_path(s, sets[s], k).is_file()}
-        keys = list(dict.fromkeys([*cand, *here.values()]))
+        keys = list(dict.fromkeys([*cand, *static_keys.values()]))
         scores = E.Scores("indist", indist_rows, keys, totals) if s == "indist" else E.Scores(s, sets[s], keys)
         n = len(scores.domains)
         ppl = {k: float(np.exp(scores.cont_sum[:, i].sum() / scores.cont_n.sum())) for i, k in enumerate(keys)}
-        best_static = min(here, key=lambda name: ppl[here[name]])
+        best_static = min(static_keys, key=lambda name: ppl[static_keys[name]])
         refs = {"global": scores.picked(np.zeros(n, int)),
-                "best_static": scores.picked(np.full(n, keys.index(here[best_static])))}
+                "best_static": scores.picked(np.full(n, keys.index(static_keys[best_static])))}
         methods = {}
         for which, cluster_mask in routes.items():
             methods[f"{which}, nearest centroid"] = R.nearest_centroid(emb[s], centroids, cluster_mask)
             for q in GATES:
                 methods[f"{which}, radius gate {q}"] = R.radius_gate(emb[s], centroids, cluster_mask, radii[q], 0)
         methods["oracle"] = R.oracle(scores.cont_sum[:, :len(cand)] / scores.cont_n[:, None])
-        for name, key in here.items():
+        for name, key in static_keys.items():
             methods[f"static {name}"] = np.full(n, keys.index(key))
         report["sets"][s] = {"texts": n, "best_static": best_static, "ppl": {k: round(v, 3) for k, v in ppl.items()},
                              "methods": {m: E.summary(scores, r, refs) for m, r in methods.items()}}
