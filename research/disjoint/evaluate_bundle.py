@@ -129,8 +129,8 @@ def main() -> None:
     E.GLOBAL_KEY = cand[0]
     report = {"bundle": str(args.bundle), "model": MODEL, "global": cand[0], "candidates": cand,
               "cluster_to_candidate": {k: v.tolist() for k, v in routes.items()}, "statics": static_keys, "sets": {}}
+    keys = list(dict.fromkeys([*cand, *static_keys.values()]))
     for s in [*sets, "indist"]:
-        keys = list(dict.fromkeys([*cand, *static_keys.values()]))
         scores = E.Scores("indist", indist_rows, keys, totals) if s == "indist" else E.Scores(s, sets[s], keys)
         n = len(scores.domains)
         ppl = {k: float(np.exp(scores.cont_sum[:, i].sum() / scores.cont_n.sum())) for i, k in enumerate(keys)}
