@@ -47,6 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from igprune import load_model
     from igprune.bundle import Bundle
+    from igprune.choosing import describe_choice
     from igprune.config import FitConfig
     from igprune.finders import find_mask, make_calibration
     from igprune.finders.base import Found
@@ -89,8 +90,6 @@ def main() -> None:
     pruner.radii_ = gate_radii(pruner.clustering_.centroids, embeddings, cfg.route.gate)
     pruner.seconds_ = time.perf_counter() - started
     pruner.save(args.out)
-    from igprune.choosing import describe_choice
-
     print(json.dumps({"kinds": kinds, "choice": describe_choice(found.log["choose"], len(groups)),
                       "seconds": round(pruner.seconds_)}))
 
